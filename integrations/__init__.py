@@ -1,0 +1,9 @@
+"""Framework adapters, installed as ``nbce_rag.integrations``; each needs its extra:
+
+- ``nbce_rag.integrations.langchain``   (``pip install nbce-rag[langchain]``)
+- ``nbce_rag.integrations.llama_index`` (``pip install nbce-rag[llamaindex]``)
+- ``nbce_rag.integrations.server``      (``pip install nbce-rag[server]``)
+
+Adapters are thin: every one calls ``NBCEDecoder.stream`` / ``.generate`` (through
+``RAGPipeline``), so streaming, stops, token accounting and attribution are written once.
+"""

@@ -1,0 +1,31 @@
+"""One small exception hierarchy. Every message says what was wrong and what to do."""
+
+from __future__ import annotations
+
+
+class NBCERagError(Exception):
+    """Base class of every error raised on purpose by nbce-rag."""
+
+
+class ModelLoadError(NBCERagError):
+    """A model or tokenizer could not be found or loaded."""
+
+
+class PromptTooLongError(NBCERagError, ValueError):
+    """The question (with the prompt template) leaves no room in the model's context window."""
+
+
+class EncoderMismatchError(NBCERagError, ValueError):
+    """Stored data (an index, a calibration) was made with another encoder than the one given."""
+
+
+class CorruptFileError(NBCERagError):
+    """A stored file is missing, truncated or inconsistent."""
+
+
+class CalibrationError(NBCERagError, ValueError):
+    """Calibration data is insufficient or malformed."""
+
+
+class ConfigError(NBCERagError, ValueError):
+    """An option has a value outside its documented range."""
