@@ -1,0 +1,959 @@
+"""Margin-calibrated passage filter: which retrieved candidates reach the NBCE decoder.
+
+Retrieval always returns ``k`` hits, relevant or not, and NBCE fuses whatever it is given.
+:class:`MarginThreshold` decides, per query, which candidates to keep, with every number
+*calibrated from labelled data* (a hand-picked cut-off is all LangChain's
+``EmbeddingsFilter`` and LlamaIndex's ``SimilarityPostprocessor`` offer).
+
+Scores are the canonical cosine of the CoSENT encoder, ``s = cos(E(q), E(p))``. Candidates
+from an external store (which may report a distance or a transformed "relevance") are
+re-scored with :meth:`MarginThreshold.rescore` first.
+
+Calibration (:meth:`MarginThreshold.calibrate`), from cosine scores ``s``, 0/1 labels ``y``
+and the query id of every score (the candidates of a query, e.g. its top-k):
+
+* ``threshold`` ``t*`` -- the best-F1 threshold, found by an exact scan of the sorted scores
+  (every distinct cut is evaluated, ties are never split; the threshold sits halfway between
+  the two adjacent distinct scores that define the best cut, as in sentence-transformers'
+  ``find_best_f1_and_threshold``). The decision is ``keep iff s >= t``.
+* the uncertainty band ``[lower, upper]`` --
+  ``upper`` = the lowest threshold whose precision is >= ``precision_target`` (scores above it
+  are relevant with confidence), ``lower`` = the highest threshold whose recall is >=
+  ``recall_target`` (scores below it are irrelevant with confidence). The band is widened to
+  contain ``t*``: ``lower <- min(lower, t*)``, ``upper <- max(upper, t*)``.
+* ``margin`` ``m`` -- the relative margin to the best candidate of the same query. Triangle
+  inequality argument (Su, "From the triangle inequality to Margin Softmax"): the relevant
+  passages of one query lie in a ball around its intent, so their scores lie within a
+  "class diameter" of each other; a candidate scoring further than that below the query's
+  best candidate is outside the ball of whatever the best candidate is about. Estimated as
+  the ``margin_quantile`` quantile of the within-query spread of relevant scores,
+  ``s_top_rel(q) - s_rel(q, j)``, over the non-top relevant candidates of queries with at
+  least two relevant candidates.
+* bootstrap over queries (``n_bootstrap`` resamples of whole queries): percentile confidence
+  intervals of all four numbers and of the in-sample precision/recall/F1 of the rule.
+
+The filter rule (for one query's candidates ``s_1..s_k``, ``s_max = max_j s_j``)::
+
+    keep i  iff  s_i >= t*  and  s_i >= s_max - m           (m = +inf when no margin)
+
+i.e. the calibrated global cut, tightened per query by the margin to the best candidate.
+The band does not change the decision: it labels the kept and dropped hits
+(``confident`` / ``uncertain``), which is what a reranker or a monitor consumes, and is
+reported with the calibration. Why this rule and not another (the band as the decision
+boundary, the margin alone, ...): the cross-validated comparison on SciFact in
+``benchmarks/RESULTS_filter.md``.
+
+When nothing passes the result is empty (``FilterResult.kept == []``): the pipeline answers
+closed-book and flags the answer as unsupported; there is no fall-back to top-k.
+
+The calibration records the encoder identity; :meth:`MarginThreshold.filter`,
+:meth:`MarginThreshold.check_encoder` and :meth:`MarginThreshold.for_index` refuse another
+encoder with :class:`~nbce_rag.errors.EncoderMismatchError`. It is saved as
+``calibration.json`` (:data:`CALIBRATION_FILENAME`) inside an index directory, where the
+pipeline picks it up.
+
+The core is plain numpy; the plot (``plot_distributions``) imports matplotlib lazily.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from ._io import read_json, write_json
+from .errors import CalibrationError, CorruptFileError, EncoderMismatchError
+from .types import Passage, as_passage
+
+logger = logging.getLogger(__name__)
+
+#: File name of a calibration inside an index directory (found by :meth:`MarginThreshold.for_index`).
+CALIBRATION_FILENAME = "calibration.json"
+FORMAT_NAME = "nbce-rag/margin-threshold"
+FORMAT_VERSION = 1
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+__all__ = [
+    "CALIBRATION_FILENAME",
+    "MarginThreshold",
+    "FilterResult",
+    "DroppedHit",
+    "CalibrationWarning",
+    "best_f1_threshold",
+    "precision_target_threshold",
+    "recall_target_threshold",
+    "within_query_spreads",
+    "margin_from_spreads",
+    "apply_rule",
+    "prf",
+    "read_queries",
+    "read_qrels",
+    "plot_distributions",
+]
+
+
+class CalibrationWarning(UserWarning):
+    """Calibration data is usable but thin (few queries, no margin, unreachable target)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Pure numpy core
+# --------------------------------------------------------------------------------------------
+
+
+def _cuts(scores: np.ndarray, labels: np.ndarray):
+    """Sort descending and return, for every distinct-score cut "keep s >= d_j":
+    the distinct scores ``d`` (descending), true positives ``tp`` and kept count ``n`` at each cut."""
+    order = np.argsort(-scores, kind="mergesort")
+    s = scores[order]
+    y = labels[order].astype(np.int64)
+    ctp = np.cumsum(y)
+    # last index of each run of equal scores (ties are kept or dropped together)
+    last = np.flatnonzero(np.r_[s[1:] != s[:-1], True])
+    return s[last], ctp[last], last + 1
+
+
+def _cut_threshold(d: np.ndarray, j: int) -> float:
+    """Threshold that keeps the distinct scores d[0..j]: halfway to the next lower distinct
+    score (the score itself for the last cut, or when the midpoint rounds onto the lower one)."""
+    if j >= len(d) - 1:
+        return float(d[j])
+    hi, lo = float(d[j]), float(d[j + 1])
+    mid = (hi + lo) / 2.0
+    return hi if mid <= lo else mid
+
+
+def _above_all(d: np.ndarray) -> float:
+    """A threshold that keeps nothing."""
+    return float(np.nextafter(d[0], np.inf))
+
+
+def _as_arrays(scores: Any, labels: Any) -> Tuple[np.ndarray, np.ndarray]:
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    y = np.asarray(labels).ravel()
+    if s.shape != y.shape:
+        raise CalibrationError(f"scores and labels differ in length ({s.size} vs {y.size})")
+    return s, (y > 0).astype(np.int8)
+
+
+def best_f1_threshold(scores: Any, labels: Any) -> Tuple[float, float, float, float]:
+    """Exact best-F1 threshold by a scan of the sorted scores.
+
+    Returns ``(threshold, f1, precision, recall)`` for the rule ``keep iff s >= threshold``.
+    Every distinct cut is evaluated (O(n log n)); among equal F1 the highest threshold wins.
+    With no positive at all, returns a threshold above every score and F1 = 0.
+    """
+    s, y = _as_arrays(scores, labels)
+    if s.size == 0:
+        raise CalibrationError("no scores given")
+    d, tp, n = _cuts(s, y)
+    P = int(y.sum())
+    if P == 0:
+        return _above_all(d), 0.0, 0.0, 0.0
+    f1 = 2.0 * tp / (n + P)  # 2TP / (2TP + FP + FN) with FP = n - TP, FN = P - TP
+    j = int(np.argmax(f1))
+    return _cut_threshold(d, j), float(f1[j]), float(tp[j] / n[j]), float(tp[j] / P)
+
+
+def precision_target_threshold(scores: Any, labels: Any, target: float) -> Optional[float]:
+    """The lowest threshold whose kept set has precision >= ``target``; ``None`` if no cut reaches it."""
+    s, y = _as_arrays(scores, labels)
+    d, tp, n = _cuts(s, y)
+    ok = np.flatnonzero(tp / n >= target - 1e-12)
+    if ok.size == 0:
+        return None
+    return _cut_threshold(d, int(ok[-1]))
+
+
+def recall_target_threshold(scores: Any, labels: Any, target: float) -> Optional[float]:
+    """The highest threshold whose kept set has recall >= ``target``; ``None`` without positives."""
+    s, y = _as_arrays(scores, labels)
+    d, tp, n = _cuts(s, y)
+    P = int(y.sum())
+    if P == 0:
+        return None
+    ok = np.flatnonzero(tp / P >= target - 1e-12)
+    return _cut_threshold(d, int(ok[0]))
+
+
+def _group_index(groups: Any, n: int) -> Tuple[np.ndarray, int]:
+    """Map arbitrary query ids to 0..G-1 (each score its own group when ``groups`` is None)."""
+    if groups is None:
+        return np.arange(n), n
+    g = np.asarray(groups, dtype=object).ravel() if not isinstance(groups, np.ndarray) else groups.ravel()
+    if g.size != n:
+        raise CalibrationError(f"groups has {g.size} entries but there are {n} scores; give one query id per score")
+    _, inv = np.unique(g.astype(str), return_inverse=True)
+    return inv.astype(np.int64), int(inv.max()) + 1 if n else 0
+
+
+def _group_max(s: np.ndarray, gi: np.ndarray, G: int) -> np.ndarray:
+    m = np.full(G, -np.inf)
+    np.maximum.at(m, gi, s)
+    return m
+
+
+def within_query_spreads(scores: Any, labels: Any, groups: Any) -> np.ndarray:
+    """``s_top_rel(q) - s_rel(q, j)`` for every non-top relevant candidate of every query with
+    at least two relevant candidates (the within-query spread of relevant scores)."""
+    s, y = _as_arrays(scores, labels)
+    gi, G = _group_index(groups, s.size)
+    pos = y > 0
+    if not pos.any():
+        return np.zeros(0)
+    top = _group_max(np.where(pos, s, -np.inf), gi, G)
+    cnt = np.bincount(gi[pos], minlength=G)
+    sel = pos & (cnt[gi] >= 2)
+    sp = top[gi[sel]] - s[sel]
+    # drop exactly one zero per group: the top relevant itself
+    out: List[float] = []
+    gsel = gi[sel]
+    for g in np.unique(gsel):
+        v = np.sort(sp[gsel == g])
+        out.extend(v[1:].tolist())
+    return np.asarray(out, dtype=np.float64)
+
+
+def margin_from_spreads(spreads: np.ndarray, quantile: float) -> Optional[float]:
+    if spreads.size == 0:
+        return None
+    return float(np.quantile(spreads, quantile))
+
+
+def apply_rule(
+    scores: np.ndarray, group_max: np.ndarray, threshold: float, margin: Optional[float]
+) -> np.ndarray:
+    """Vectorised filter rule: ``s >= t*  and  s >= s_max(query) - m``."""
+    keep = scores >= threshold
+    if margin is not None:
+        keep &= scores >= group_max - margin
+    return keep
+
+
+def prf(keep: np.ndarray, labels: np.ndarray) -> Tuple[float, float, float]:
+    """Micro precision, recall, F1 of a keep mask (precision of an empty set is 0)."""
+    y = np.asarray(labels) > 0
+    tp = float(np.sum(keep & y))
+    nk = float(np.sum(keep))
+    P = float(np.sum(y))
+    p = tp / nk if nk else 0.0
+    r = tp / P if P else 0.0
+    f = 2 * tp / (nk + P) if (nk + P) else 0.0
+    return p, r, f
+
+
+# --------------------------------------------------------------------------------------------
+# Results of filtering
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DroppedHit:
+    """A candidate the filter dropped, and why."""
+
+    hit: Passage
+    reason: str  #: human-readable, with the numbers that decided it
+    code: str  #: machine-readable: "below_threshold" | "outside_margin" | "no_score"
+    zone: str = "uncertain"  #: "confident" (below ``lower``) or "uncertain" (inside the band)
+
+    @property
+    def score(self) -> Optional[float]:
+        return self.hit.score
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {
+            "hit": self.hit.to_dict(),
+            "score": self.hit.score,
+            "reason": self.reason,
+            "code": self.code,
+            "zone": self.zone,
+        }
+
+
+@dataclass
+class FilterResult:
+    """What :meth:`MarginThreshold.filter` decided for one query's candidates.
+
+    ``kept`` keeps the input order. An empty ``kept`` means *no relevant context*: answer
+    closed-book and flag the answer unsupported (never fall back to top-k).
+    """
+
+    kept: List[Passage]
+    dropped: List[DroppedHit]
+    threshold: float
+    margin: Optional[float]
+    best_score: Optional[float]  #: s_max of the candidates (None when there were none)
+    confident: List[bool] = field(default_factory=list)  #: per kept hit: score >= upper
+
+    @property
+    def empty(self) -> bool:
+        return not self.kept
+
+    @property
+    def supported(self) -> bool:
+        """True when at least one passage survived (the answer can be grounded)."""
+        return bool(self.kept)
+
+    def __len__(self) -> int:
+        return len(self.kept)
+
+    def __iter__(self):
+        return iter(self.kept)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {
+            "kept": [h.to_dict() for h in self.kept],
+            "dropped": [d.to_dict() for d in self.dropped],
+            "threshold": self.threshold,
+            "margin": self.margin,
+            "best_score": self.best_score,
+            "confident": list(self.confident),
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# The calibrated filter
+# --------------------------------------------------------------------------------------------
+
+
+def _identity_of(obj: Any) -> Optional[str]:
+    """Encoder identity of an encoder (``.identity``), an index (``.encoder_identity``) or a str."""
+    if obj is None:
+        return None
+    if isinstance(obj, str):
+        return obj
+    for attr in ("encoder_identity", "identity"):
+        v = getattr(obj, attr, None)
+        if isinstance(v, str):
+            return v
+    enc = getattr(obj, "encoder", None)
+    if enc is not None and enc is not obj:
+        return _identity_of(enc)
+    raise TypeError(
+        f"expected an encoder (with .identity), an index (with .encoder_identity) or an identity "
+        f"string; got {type(obj).__name__}"
+    )
+
+
+def _ci(values: np.ndarray, level: float) -> Optional[Tuple[float, float]]:
+    v = np.asarray([x for x in values if x is not None and np.isfinite(x)], dtype=np.float64)
+    if v.size == 0:
+        return None
+    a = (1.0 - level) / 2.0
+    return float(np.quantile(v, a)), float(np.quantile(v, 1.0 - a))
+
+
+@dataclass
+class MarginThreshold:
+    """A calibrated filter: global best-F1 threshold + relative margin, with an uncertainty band.
+
+    Build it with :meth:`calibrate` (scores + labels + query ids) or
+    :meth:`calibrate_from_qrels` (an index + labelled queries); apply it with :meth:`filter`.
+    See the module docstring for the rule and how each number is derived.
+    """
+
+    threshold: float  #: t*: best-F1 global cosine threshold (keep iff s >= t*)
+    lower: float  #: below: irrelevant with confidence (recall target met above it)
+    upper: float  #: at/above: relevant with confidence (precision target met)
+    margin: Optional[float]  #: m: drop s < s_max(query) - m; None disables the margin
+    encoder_identity: Optional[str] = None
+    ci: Dict[str, Optional[Tuple[float, float]]] = field(default_factory=dict)
+    stats: Dict[str, Any] = field(default_factory=dict)  #: counts, targets, in-sample metrics
+    #: calibration data (scores, labels, group ids) of the last calibrate(); not saved
+    data: Optional[Dict[str, np.ndarray]] = field(default=None, repr=False, compare=False)
+
+    # ---------------- confidence intervals ----------------
+    @property
+    def threshold_ci(self) -> Optional[Tuple[float, float]]:
+        return self.ci.get("threshold")
+
+    @property
+    def lower_ci(self) -> Optional[Tuple[float, float]]:
+        return self.ci.get("lower")
+
+    @property
+    def upper_ci(self) -> Optional[Tuple[float, float]]:
+        return self.ci.get("upper")
+
+    @property
+    def margin_ci(self) -> Optional[Tuple[float, float]]:
+        return self.ci.get("margin")
+
+    # ---------------- calibration ----------------
+    @classmethod
+    def calibrate(
+        cls,
+        scores: Any,
+        labels: Any,
+        groups: Any = None,
+        *,
+        encoder_identity: Any = None,
+        precision_target: float = 0.9,
+        recall_target: float = 0.9,
+        margin_quantile: float = 0.9,
+        use_margin: bool = True,
+        n_bootstrap: int = 1000,
+        ci_level: float = 0.95,
+        min_positives: int = 10,
+        min_negatives: int = 10,
+        min_margin_queries: int = 5,
+        seed: int = 0,
+    ) -> "MarginThreshold":
+        """Calibrate from cosine ``scores``, 0/1 relevance ``labels`` and the query id of every
+        score (``groups``; the candidates of one query share an id).
+
+        Without ``groups`` every score is its own query: no margin can be estimated and the
+        bootstrap resamples single scores. ``encoder_identity`` may be an identity string, an
+        encoder or an index. Raises :class:`CalibrationError` when the data cannot support a
+        calibration (NaN scores, too few positives/negatives, all scores equal) and warns
+        (:class:`CalibrationWarning`) when it is thin.
+        """
+        s, y = _validate(scores, labels, min_positives, min_negatives)
+        for name, v in (("precision_target", precision_target), ("recall_target", recall_target),
+                        ("margin_quantile", margin_quantile), ("ci_level", ci_level)):
+            if not 0.0 < float(v) <= 1.0:
+                raise CalibrationError(f"{name} must be in (0, 1], got {v}")
+        gi, G = _group_index(groups, s.size)
+        if groups is None:
+            _warn("no query ids (groups) given: the relative margin is disabled and the bootstrap "
+                  "resamples single scores; pass the query id of every score to calibrate the margin")
+
+        est = _estimate(s, y, gi, G, precision_target, recall_target, margin_quantile,
+                        use_margin and groups is not None, min_margin_queries, warn=True)
+        n_pos = int(y.sum())
+        stats: Dict[str, Any] = {
+            "n_scores": int(s.size),
+            "n_positives": n_pos,
+            "n_negatives": int(s.size - n_pos),
+            "n_queries": int(G) if groups is not None else None,
+            "n_queries_with_positive": int(np.unique(gi[y > 0]).size) if groups is not None else None,
+            "n_margin_spreads": est["n_spreads"],
+            "precision_target": float(precision_target),
+            "recall_target": float(recall_target),
+            "margin_quantile": float(margin_quantile),
+            "precision_at_upper_reached": est["upper_reached"],
+            "ci_level": float(ci_level),
+            "n_bootstrap": int(n_bootstrap),
+            "seed": int(seed),
+            "score_range": [float(s.min()), float(s.max())],
+            # in-sample quality of t* alone and of the full rule
+            "threshold_only": dict(zip(("precision", "recall", "f1"), est["prf_t"])),
+            "rule": dict(zip(("precision", "recall", "f1"), est["prf_rule"])),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+
+        ci: Dict[str, Optional[Tuple[float, float]]] = {}
+        if n_bootstrap > 0:
+            if G < 20:
+                _warn(f"only {G} queries to bootstrap over: the confidence intervals are unreliable; "
+                      "calibrate on 50+ labelled queries")
+            rng = np.random.default_rng(seed)
+            members = _members(gi, G)
+            keys = ("threshold", "lower", "upper", "margin", "precision", "recall", "f1")
+            boot: Dict[str, List[Any]] = {k: [] for k in keys}
+            for _ in range(int(n_bootstrap)):
+                pick = rng.integers(0, G, size=G)
+                idx = np.concatenate([members[g] for g in pick])
+                # relabel groups so duplicated queries stay distinct resampled queries
+                new_gi = np.repeat(np.arange(G), [members[g].size for g in pick])
+                ys = y[idx]
+                if ys.sum() == 0 or ys.sum() == ys.size:
+                    continue
+                b = _estimate(s[idx], ys, new_gi, G, precision_target, recall_target,
+                              margin_quantile, use_margin and groups is not None,
+                              min_margin_queries, warn=False)
+                boot["threshold"].append(b["threshold"])
+                boot["lower"].append(b["lower"])
+                boot["upper"].append(b["upper"])
+                boot["margin"].append(b["margin"])
+                # in-sample metrics of the *calibrated* rule on the resample
+                gmax = _group_max(s[idx], new_gi, G)[new_gi]
+                keep = apply_rule(s[idx], gmax, est["threshold"], est["margin"])
+                p, r, f = prf(keep, ys)
+                boot["precision"].append(p)
+                boot["recall"].append(r)
+                boot["f1"].append(f)
+            ci = {k: _ci(np.asarray([np.nan if v is None else v for v in boot[k]], dtype=np.float64),
+                         ci_level) for k in keys}
+        th = cls(
+            threshold=est["threshold"],
+            lower=est["lower"],
+            upper=est["upper"],
+            margin=est["margin"],
+            encoder_identity=_identity_of(encoder_identity),
+            ci=ci,
+            stats=stats,
+        )
+        th.data = {"scores": s, "labels": y, "groups": gi}
+        return th
+
+    @classmethod
+    def calibrate_from_qrels(
+        cls,
+        index: Any,
+        queries: Union[Mapping[str, str], Iterable[Tuple[str, str]], PathLike],
+        qrels: Union[Mapping[str, Mapping[str, Any]], Iterable[Tuple[str, str, Any]], PathLike],
+        k: int = 20,
+        *,
+        show_progress: bool = False,
+        **kwargs: Any,
+    ) -> "MarginThreshold":
+        """Calibrate on an index's own top-``k`` candidates of labelled queries.
+
+        ``queries``: ``{query_id: text}``, ``(id, text)`` pairs, or a BEIR ``queries.jsonl`` path.
+        ``qrels``: ``{query_id: {doc_id: relevance}}``, ``(qid, doc_id, rel)`` triples, or a
+        BEIR/TREC qrels TSV path. Only queries that have qrels are used; a candidate is relevant
+        when its ``hit.id`` has relevance > 0. Queries whose relevant passages were not retrieved
+        stay in (all their candidates are negatives), so "nothing relevant" is calibrated too.
+        ``index.search(text, k)`` must return hits scored with the canonical cosine (as
+        :class:`~nbce_rag.index.VectorIndex` does). Other keyword arguments go to :meth:`calibrate`.
+        """
+        qmap = read_queries(queries) if isinstance(queries, (str, os.PathLike)) else _as_query_map(queries)
+        rmap = read_qrels(qrels) if isinstance(qrels, (str, os.PathLike)) else _as_qrels_map(qrels)
+        qids = [q for q in rmap if q in qmap]
+        if not qids:
+            raise CalibrationError(
+                "no query id in qrels matches a query; check that the queries file and the qrels "
+                "use the same ids (BEIR: queries.jsonl '_id', qrels 'query-id')"
+            )
+        missing = len(rmap) - len(qids)
+        if missing:
+            _warn(f"{missing} qrels queries have no text in the queries given; they are skipped")
+        scores: List[float] = []
+        labels: List[int] = []
+        groups: List[str] = []
+        it: Iterable[str] = qids
+        if show_progress:
+            from tqdm.auto import tqdm
+
+            it = tqdm(qids, desc="calibrate: search", unit="query")
+        for qid in it:
+            rel = rmap[qid]
+            for h in index.search(qmap[qid], k):
+                if h.score is None:
+                    raise CalibrationError("index.search returned hits without scores; cannot calibrate")
+                scores.append(float(h.score))
+                labels.append(1 if float(rel.get(str(h.id), 0) or 0) > 0 else 0)
+                groups.append(qid)
+        kwargs.setdefault("encoder_identity", _identity_of(index))
+        th = cls.calibrate(scores, labels, groups, **kwargs)
+        th.stats["k"] = int(k)
+        return th
+
+    # ---------------- applying ----------------
+    def check_encoder(self, encoder: Any) -> None:
+        """Raise :class:`EncoderMismatchError` unless ``encoder`` (an encoder, an index or an
+        identity string) is the encoder this calibration was made with."""
+        other = _identity_of(encoder)
+        if other is None or self.encoder_identity is None:
+            return
+        if other != self.encoder_identity:
+            raise EncoderMismatchError(
+                f"this calibration was made with encoder {self.encoder_identity!r}, but it is applied "
+                f"with {other!r}; cosine levels differ between encoders, so recalibrate with "
+                "`nbce-rag calibrate` (or MarginThreshold.calibrate_from_qrels) for this encoder"
+            )
+
+    def filter(self, hits: Sequence[Any], encoder: Any = None, *, query: Optional[str] = None) -> FilterResult:
+        """Keep the candidates of one query that pass the rule; the rest go to ``dropped`` with a reason.
+
+        ``hits``: :class:`~nbce_rag.types.Passage`/``Hit`` objects (or anything
+        :func:`~nbce_rag.types.as_passage` accepts) scored with the canonical cosine, e.g. as
+        returned by ``VectorIndex.search``. ``encoder`` (an encoder or an index) is checked
+        against the calibration's encoder identity. With ``query`` and an ``encoder`` that can
+        encode, the hits are first re-scored with the canonical cosine (:meth:`rescore`) --
+        use that for candidates from an external store.
+        """
+        if encoder is not None:
+            self.check_encoder(encoder)
+        ps = [as_passage(h, where="hits") for h in hits]
+        if query is not None:
+            if encoder is None:
+                raise ValueError("filter(query=...) re-scores the hits and needs the encoder")
+            ps = self.rescore(encoder, query, ps)
+        dropped: List[DroppedHit] = []
+        scored: List[Tuple[int, Passage, float]] = []
+        for i, p in enumerate(ps):
+            s = None if p.score is None else float(p.score)
+            if s is None or not math.isfinite(s):
+                dropped.append(DroppedHit(p, reason=(
+                    "no finite cosine score; re-score candidates from an external store with "
+                    "MarginThreshold.rescore(encoder, query, hits)"), code="no_score", zone="confident"))
+            else:
+                scored.append((i, p, s))
+        best = max((s for _, _, s in scored), default=None)
+        kept: List[Passage] = []
+        confident: List[bool] = []
+        for _, p, s in scored:
+            zone = "confident" if s < self.lower else "uncertain"
+            if s < self.threshold:
+                dropped.append(DroppedHit(p, reason=(
+                    f"score {s:.4f} < threshold {self.threshold:.4f}"
+                    + (" (below the band's lower edge {:.4f}: irrelevant with confidence)".format(self.lower)
+                       if zone == "confident" else " (inside the uncertainty band)")),
+                    code="below_threshold", zone=zone))
+            elif self.margin is not None and best is not None and s < best - self.margin:
+                dropped.append(DroppedHit(p, reason=(
+                    f"score {s:.4f} is {best - s:.4f} below the best candidate {best:.4f}, more than "
+                    f"the margin {self.margin:.4f}"), code="outside_margin", zone="uncertain"
+                    if s < self.upper else "confident"))
+            else:
+                kept.append(p)
+                confident.append(s >= self.upper)
+        return FilterResult(kept=kept, dropped=dropped, threshold=self.threshold, margin=self.margin,
+                            best_score=best, confident=confident)
+
+    def keep_mask(self, scores: Any, groups: Any = None) -> np.ndarray:
+        """Vectorised rule over many queries' scores (``groups``: query id per score)."""
+        s = np.asarray(scores, dtype=np.float64).ravel()
+        gi, G = _group_index(groups, s.size) if groups is not None else (np.zeros(s.size, dtype=np.int64), 1)
+        gmax = _group_max(s, gi, G)[gi] if s.size else s
+        return apply_rule(s, gmax, self.threshold, self.margin)
+
+    @staticmethod
+    def rescore(encoder: Any, query: str, hits: Sequence[Any]) -> List[Passage]:
+        """Recompute the canonical cosine of ``hits`` against ``query`` with ``encoder``.
+
+        Vector stores report scores their own way (a distance, ``1 - d``, ``1 - d/sqrt 2``, an
+        inner product, ...); thresholds are only valid on the encoder's cosine. Returns new
+        passages with ``score`` = cosine; a previous score is kept in
+        ``metadata["store_score"]``. Order and the other fields are unchanged.
+        """
+        ps = [as_passage(h, where="hits") for h in hits]
+        if not ps:
+            return []
+        q = np.asarray(encoder.encode([query]), dtype=np.float32).reshape(1, -1)
+        P = np.asarray(encoder.encode([p.text for p in ps]), dtype=np.float32).reshape(len(ps), -1)
+        q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+        P = P / np.maximum(np.linalg.norm(P, axis=1, keepdims=True), 1e-12)
+        cos = (P @ q[0]).astype(np.float64)
+        out = []
+        for p, c in zip(ps, cos):
+            meta = dict(p.metadata)
+            if p.score is not None:
+                meta.setdefault("store_score", p.score)
+            out.append(Passage(text=p.text, score=float(c), id=p.id, metadata=meta))
+        return out
+
+    # ---------------- persistence ----------------
+    def to_dict(self) -> Dict[str, Any]:
+        return {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "encoder_identity": self.encoder_identity,
+            "threshold": self.threshold,
+            "lower": self.lower,
+            "upper": self.upper,
+            "margin": self.margin,
+            "rule": "keep iff s >= threshold and s >= s_max - margin",
+            "ci": {k: (list(v) if v is not None else None) for k, v in self.ci.items()},
+            "stats": self.stats,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], *, source: str = "calibration") -> "MarginThreshold":
+        if not isinstance(d, Mapping) or d.get("format") != FORMAT_NAME:
+            raise CorruptFileError(f"{source} is not an nbce-rag calibration (format {FORMAT_NAME!r} expected)")
+        if int(d.get("version", 0)) > FORMAT_VERSION:
+            raise CorruptFileError(f"{source} has calibration format version {d.get('version')}, newer than "
+                                   f"this nbce-rag supports ({FORMAT_VERSION}); upgrade nbce-rag")
+        try:
+            t, lo, up = float(d["threshold"]), float(d["lower"]), float(d["upper"])
+            m = None if d.get("margin") is None else float(d["margin"])
+            ci = {k: (None if v is None else (float(v[0]), float(v[1]))) for k, v in dict(d.get("ci") or {}).items()}
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise CorruptFileError(f"{source} is missing or has a malformed field ({e!r}); recalibrate") from None
+        if not all(math.isfinite(x) for x in (t, lo, up)) or (m is not None and not math.isfinite(m)):
+            raise CorruptFileError(f"{source} holds non-finite thresholds; recalibrate")
+        return cls(threshold=t, lower=lo, upper=up, margin=m, encoder_identity=d.get("encoder_identity"),
+                   ci=ci, stats=dict(d.get("stats") or {}))
+
+    def save(self, path: PathLike) -> Path:
+        """Write the calibration as JSON (atomically). A directory (e.g. an index directory)
+        gets ``calibration.json`` inside it. Returns the file written."""
+        p = Path(path)
+        if p.is_dir():
+            p = p / CALIBRATION_FILENAME
+        write_json(p, self.to_dict())
+        return p
+
+    @classmethod
+    def load(cls, path: PathLike, encoder: Any = None) -> "MarginThreshold":
+        """Read a calibration file (or ``calibration.json`` inside a directory); with ``encoder``
+        (an encoder, an index or an identity string) check that it matches."""
+        p = Path(path)
+        if p.is_dir():
+            p = p / CALIBRATION_FILENAME
+        th = cls.from_dict(read_json(p), source=str(p))
+        if encoder is not None:
+            th.check_encoder(encoder)
+        return th
+
+    @classmethod
+    def for_index(cls, index_dir: PathLike, encoder: Any = None) -> Optional["MarginThreshold"]:
+        """The calibration saved inside an index directory, or ``None`` when there is none.
+        With ``encoder`` (or the loaded index) the encoder identity is checked."""
+        p = Path(index_dir) / CALIBRATION_FILENAME
+        if not p.exists():
+            return None
+        return cls.load(p, encoder=encoder)
+
+    # ---------------- reporting ----------------
+    def report(self) -> str:
+        """A plain-text summary: numbers, band, margin, metrics with confidence intervals."""
+
+        def f(x: Optional[float]) -> str:
+            return "none" if x is None else f"{x:.4f}"
+
+        def c(key: str) -> str:
+            v = self.ci.get(key)
+            return "" if not v else f"  [{v[0]:.4f}, {v[1]:.4f}]"
+
+        st = self.stats
+        lvl = st.get("ci_level", 0.95)
+        lines = [
+            f"encoder:    {self.encoder_identity}",
+            f"data:       {st.get('n_scores')} scores, {st.get('n_positives')} relevant, "
+            f"{st.get('n_negatives')} irrelevant, {st.get('n_queries')} queries"
+            + (f" (top-{st['k']})" if st.get("k") else ""),
+            f"rule:       keep iff s >= threshold and s >= s_max(query) - margin",
+            f"            (intervals: {int(lvl * 100)}% bootstrap over queries, {st.get('n_bootstrap')} resamples)",
+            f"threshold:  {f(self.threshold)}{c('threshold')}   best-F1, exact sorted scan",
+            f"lower:      {f(self.lower)}{c('lower')}   recall >= {st.get('recall_target')} above it",
+            f"upper:      {f(self.upper)}{c('upper')}   precision >= {st.get('precision_target')} above it"
+            + ("" if st.get("precision_at_upper_reached", True) else " (target never reached)"),
+            f"margin:     {f(self.margin)}{c('margin')}   q{st.get('margin_quantile')} of within-query "
+            f"relevant spread ({st.get('n_margin_spreads')} spreads)",
+        ]
+        r = st.get("rule") or {}
+        t = st.get("threshold_only") or {}
+        if r:
+            lines.append(
+                f"in-sample:  precision {r['precision']:.4f}{c('precision')}  recall {r['recall']:.4f}{c('recall')}"
+                f"  F1 {r['f1']:.4f}{c('f1')}"
+            )
+        if t:
+            lines.append(f"t* alone:   precision {t['precision']:.4f}  recall {t['recall']:.4f}  F1 {t['f1']:.4f}")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _warn(msg: str) -> None:
+    warnings.warn(msg, CalibrationWarning, stacklevel=3)
+    logger.warning(msg)
+
+
+def _validate(scores: Any, labels: Any, min_pos: int, min_neg: int) -> Tuple[np.ndarray, np.ndarray]:
+    try:
+        s = np.asarray(scores, dtype=np.float64).ravel()
+    except (TypeError, ValueError) as e:
+        raise CalibrationError(f"scores must be numbers ({e})") from None
+    yr = np.asarray(labels).ravel()
+    if s.size != yr.size:
+        raise CalibrationError(f"scores and labels differ in length ({s.size} vs {yr.size})")
+    if s.size == 0:
+        raise CalibrationError("no scores given: calibration needs scored, labelled query-passage pairs")
+    bad = np.flatnonzero(~np.isfinite(s))
+    if bad.size:
+        raise CalibrationError(
+            f"{bad.size} scores are NaN or infinite (first at position {int(bad[0])}); every candidate "
+            "needs a finite cosine score -- re-score with the encoder (MarginThreshold.rescore)"
+        )
+    try:
+        yf = yr.astype(np.float64)
+    except (TypeError, ValueError):
+        raise CalibrationError("labels must be 0/1 relevance (or graded numbers, > 0 = relevant)") from None
+    if not np.all(np.isfinite(yf)):
+        raise CalibrationError("labels contain NaN; give 0 (irrelevant) or 1 (relevant) for every score")
+    y = (yf > 0).astype(np.int8)
+    n_pos, n_neg = int(y.sum()), int(y.size - y.sum())
+    if n_pos < min_pos or n_neg < min_neg:
+        raise CalibrationError(
+            f"calibration needs at least {min_pos} relevant and {min_neg} irrelevant scored pairs; got "
+            f"{n_pos} relevant and {n_neg} irrelevant. Label more queries (with qrels: more queries, or a "
+            "larger k so irrelevant candidates are included), or lower min_positives/min_negatives"
+        )
+    if float(s.max()) == float(s.min()):
+        raise CalibrationError(
+            f"all {s.size} scores are equal ({s[0]:.6g}): no threshold can separate relevant from "
+            "irrelevant; check that the scores are the encoder's cosine of each query with each passage"
+        )
+    if s.min() < -1.0 - 1e-4 or s.max() > 1.0 + 1e-4:
+        _warn(f"scores span [{s.min():.4g}, {s.max():.4g}], outside the cosine range [-1, 1]: they look like "
+              "a store's distance or raw inner product; re-score with the encoder's cosine")
+    return s, y
+
+
+def _members(gi: np.ndarray, G: int) -> List[np.ndarray]:
+    order = np.argsort(gi, kind="mergesort")
+    bounds = np.searchsorted(gi[order], np.arange(G + 1))
+    return [order[bounds[g]:bounds[g + 1]] for g in range(G)]
+
+
+def _estimate(s, y, gi, G, p_target, r_target, m_quantile, use_margin, min_margin_queries, warn):
+    t, _, _, _ = best_f1_threshold(s, y)
+    up = precision_target_threshold(s, y, p_target)
+    upper_reached = up is not None
+    if up is None:
+        up = float(np.nextafter(s.max(), np.inf))
+        if warn:
+            _warn(f"no threshold reaches precision {p_target}: upper is set above every score "
+                  "(nothing is relevant with confidence); lower precision_target or improve the encoder")
+    lo = recall_target_threshold(s, y, r_target)
+    lower, upper = min(lo, t), max(up, t)
+    margin: Optional[float] = None
+    n_spreads = 0
+    if use_margin:
+        spreads = within_query_spreads(s, y, gi)
+        n_spreads = int(spreads.size)
+        pos = y > 0
+        n_multi = int(np.sum(np.bincount(gi[pos], minlength=G) >= 2))
+        if n_multi < min_margin_queries:
+            if warn:
+                _warn(f"only {n_multi} queries have two or more relevant candidates (need "
+                      f"{min_margin_queries}): the relative margin is disabled; label queries with "
+                      "several relevant passages to calibrate it")
+        else:
+            margin = margin_from_spreads(spreads, m_quantile)
+    gmax = _group_max(s, gi, G)[gi]
+    return {
+        "threshold": t,
+        "lower": lower,
+        "upper": upper,
+        "margin": margin,
+        "upper_reached": upper_reached,
+        "n_spreads": n_spreads,
+        "prf_t": prf(s >= t, y),
+        "prf_rule": prf(apply_rule(s, gmax, t, margin), y),
+    }
+
+
+def _as_query_map(q: Any) -> Dict[str, str]:
+    if isinstance(q, Mapping):
+        return {str(k): str(v) for k, v in q.items()}
+    return {str(a): str(b) for a, b in q}
+
+
+def _as_qrels_map(r: Any) -> Dict[str, Dict[str, float]]:
+    if isinstance(r, Mapping):
+        return {str(q): {str(d): float(v) for d, v in dict(docs).items()} for q, docs in r.items()}
+    out: Dict[str, Dict[str, float]] = {}
+    for q, d, v in r:
+        out.setdefault(str(q), {})[str(d)] = float(v)
+    return out
+
+
+def read_queries(path: PathLike) -> Dict[str, str]:
+    """Queries from a BEIR ``queries.jsonl`` (``_id``/``id`` + ``text``) or a ``id<TAB>text`` TSV."""
+    import json
+
+    p = Path(path)
+    out: Dict[str, str] = {}
+    try:
+        with open(p, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                line = line.rstrip("\n")
+                if not line.strip():
+                    continue
+                if line.lstrip().startswith("{"):
+                    o = json.loads(line)
+                    qid = o.get("_id", o.get("id"))
+                    if qid is None or "text" not in o:
+                        raise CalibrationError(f"{p}:{n}: a query line needs '_id' (or 'id') and 'text'")
+                    out[str(qid)] = str(o["text"])
+                else:
+                    parts = line.split("\t", 1)
+                    if len(parts) != 2:
+                        raise CalibrationError(f"{p}:{n}: expected JSONL or 'id<TAB>text'")
+                    out[parts[0]] = parts[1]
+    except FileNotFoundError:
+        raise CalibrationError(f"queries file {p} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise CalibrationError(f"{p}: invalid JSON line ({e})") from None
+    return out
+
+
+def read_qrels(path: PathLike) -> Dict[str, Dict[str, float]]:
+    """Qrels from a BEIR TSV (``query-id corpus-id score``, header optional) or a TREC file
+    (``qid 0 docid rel``)."""
+    p = Path(path)
+    out: Dict[str, Dict[str, float]] = {}
+    try:
+        with open(p, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                parts = line.split()
+                if not parts:
+                    continue
+                if len(parts) == 4:
+                    q, _, d, v = parts
+                elif len(parts) == 3:
+                    q, d, v = parts
+                else:
+                    raise CalibrationError(f"{p}:{n}: expected 'query-id corpus-id score' or TREC 'qid 0 docid rel'")
+                try:
+                    val = float(v)
+                except ValueError:
+                    if n == 1:
+                        continue  # header
+                    raise CalibrationError(f"{p}:{n}: relevance {v!r} is not a number") from None
+                out.setdefault(q, {})[d] = val
+    except FileNotFoundError:
+        raise CalibrationError(f"qrels file {p} does not exist") from None
+    return out
+
+
+def plot_distributions(
+    th: MarginThreshold,
+    path: PathLike,
+    scores: Any = None,
+    labels: Any = None,
+    *,
+    title: Optional[str] = None,
+) -> Path:
+    """Write a PNG of the relevant and irrelevant score distributions with ``lower``,
+    ``threshold`` and ``upper`` drawn (and the margin below the median best candidate)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if scores is None:
+        if th.data is None:
+            raise CalibrationError("no calibration data to plot: pass scores and labels")
+        scores, labels = th.data["scores"], th.data["labels"]
+    s, y = _as_arrays(scores, labels)
+    fig, ax = plt.subplots(figsize=(7.5, 4.2), dpi=120)
+    bins = np.linspace(float(s.min()), float(s.max()), 50)
+    ax.hist(s[y == 0], bins=bins, density=True, alpha=0.55, color="tab:gray",
+            label=f"irrelevant (n={int((y == 0).sum())})")
+    ax.hist(s[y > 0], bins=bins, density=True, alpha=0.55, color="tab:green",
+            label=f"relevant (n={int((y > 0).sum())})")
+    ax.axvspan(th.lower, th.upper, color="tab:orange", alpha=0.12, label="uncertainty band")
+    ax.axvline(th.lower, color="tab:orange", ls="--", lw=1.2, label=f"lower {th.lower:.3f}")
+    ax.axvline(th.threshold, color="tab:red", lw=1.8, label=f"t* (best F1) {th.threshold:.3f}")
+    ax.axvline(th.upper, color="tab:orange", ls="-.", lw=1.2, label=f"upper {th.upper:.3f}")
+    if th.threshold_ci:
+        ax.axvspan(*th.threshold_ci, color="tab:red", alpha=0.15, label="t* 95% CI")
+    ax.set_xlabel("cosine score")
+    ax.set_ylabel("density")
+    m = "none" if th.margin is None else f"{th.margin:.3f}"
+    ax.set_title(title or f"Calibration: relevant vs irrelevant scores (margin m = {m})", fontsize=10)
+    ax.legend(fontsize=7.5, loc="upper left")
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out

@@ -1,0 +1,482 @@
+"""Tests of the margin-calibrated filter (nbce_rag.threshold). Pure numpy, no models."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+
+import numpy as np
+import pytest
+
+from nbce_rag.errors import CalibrationError, CorruptFileError, EncoderMismatchError
+from nbce_rag.threshold import (
+    CALIBRATION_FILENAME,
+    CalibrationWarning,
+    DroppedHit,
+    FilterResult,
+    MarginThreshold,
+    best_f1_threshold,
+    precision_target_threshold,
+    read_qrels,
+    read_queries,
+    recall_target_threshold,
+    within_query_spreads,
+)
+from nbce_rag.types import Passage
+
+# --------------------------------------------------------------------------- brute-force references
+
+
+def _prf_at(s, y, t):
+    keep = s >= t
+    tp = int(np.sum(keep & (y > 0)))
+    nk = int(keep.sum())
+    P = int((y > 0).sum())
+    p = tp / nk if nk else 0.0
+    r = tp / P if P else 0.0
+    f = 2 * tp / (nk + P) if nk + P else 0.0
+    return p, r, f
+
+
+def _brute_best_f1(s, y):
+    """Try every score as the threshold (keep s >= t): the best achievable F1."""
+    return max(_prf_at(s, y, t)[2] for t in np.unique(s))
+
+
+def _synthetic(rng, n_q=60, k=10, n_rel_max=3):
+    """Grouped candidates: relevant ~N(0.7, 0.08), irrelevant ~N(0.45, 0.1), some queries with none."""
+    s, y, g = [], [], []
+    for q in range(n_q):
+        n_rel = rng.integers(0, n_rel_max + 1)
+        lab = np.zeros(k, dtype=int)
+        lab[:n_rel] = 1
+        sc = np.where(lab > 0, rng.normal(0.7, 0.08, k), rng.normal(0.45, 0.1, k))
+        s.extend(sc.tolist())
+        y.extend(lab.tolist())
+        g.extend([f"q{q}"] * k)
+    return np.array(s), np.array(y), np.array(g)
+
+
+# --------------------------------------------------------------------------- exact scan
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_exact_scan_matches_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(2, 120))
+    # rounded scores create ties, which must never be split
+    s = np.round(rng.normal(0.5, 0.2, n), int(rng.integers(1, 4)))
+    y = (rng.random(n) < rng.uniform(0.1, 0.7)).astype(int)
+    if y.sum() == 0:
+        y[0] = 1
+    t, f1, p, r = best_f1_threshold(s, y)
+    assert f1 == pytest.approx(_brute_best_f1(s, y), abs=1e-12)
+    # the returned threshold reproduces the reported numbers under "keep iff s >= t"
+    assert _prf_at(s, y, t) == pytest.approx((p, r, f1), abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_band_thresholds_match_brute_force(seed):
+    rng = np.random.default_rng(100 + seed)
+    n = int(rng.integers(5, 80))
+    s = np.round(rng.random(n), 2)
+    y = (rng.random(n) < 0.4).astype(int)
+    y[0] = 1
+    cuts = np.unique(s)
+    for target in (0.5, 0.8, 0.95):
+        # upper: lowest cut with precision >= target
+        ok = [t for t in cuts if _prf_at(s, y, t)[0] >= target]
+        up = precision_target_threshold(s, y, target)
+        if not ok:
+            assert up is None
+        else:
+            assert (s >= up).tolist() == (s >= min(ok)).tolist()
+        # lower: highest cut with recall >= target
+        ok = [t for t in cuts if _prf_at(s, y, t)[1] >= target]
+        lo = recall_target_threshold(s, y, target)
+        assert (s >= lo).tolist() == (s >= max(ok)).tolist()
+
+
+def test_known_answer_separable():
+    s = [0.9, 0.8, 0.7, 0.3, 0.2, 0.1]
+    y = [1, 1, 1, 0, 0, 0]
+    t, f1, p, r = best_f1_threshold(s, y)
+    assert (f1, p, r) == (1.0, 1.0, 1.0)
+    assert t == pytest.approx(0.5)  # halfway between 0.7 and 0.3
+
+
+def test_known_answer_overlap():
+    # desc: 0.9(1) 0.8(0) 0.7(1) 0.6(1) 0.5(0) 0.4(0); P = 3
+    # cut after 0.6: tp=3, kept=4 -> F1 = 6/7 (best); threshold halfway 0.6..0.5
+    t, f1, p, r = best_f1_threshold([0.4, 0.9, 0.6, 0.5, 0.8, 0.7], [0, 1, 1, 0, 0, 1])
+    assert f1 == pytest.approx(6 / 7)
+    assert (p, r) == (pytest.approx(0.75), 1.0)
+    assert t == pytest.approx(0.55)
+    # precision 1.0 only at the top; recall >= 2/3 first reached at 0.7
+    assert precision_target_threshold([0.4, 0.9, 0.6, 0.5, 0.8, 0.7], [0, 1, 1, 0, 0, 1], 1.0) == pytest.approx(0.85)
+    assert recall_target_threshold([0.4, 0.9, 0.6, 0.5, 0.8, 0.7], [0, 1, 1, 0, 0, 1], 0.6) == pytest.approx(0.65)
+
+
+def test_ties_are_not_split():
+    s = [0.5, 0.5, 0.5, 0.2]
+    y = [1, 0, 1, 0]
+    t, f1, p, r = best_f1_threshold(s, y)
+    assert f1 == pytest.approx(0.8)  # keep the three 0.5s: tp=2, kept=3, P=2
+    assert 0.2 < t <= 0.5
+
+
+def test_within_query_spreads_known():
+    s = [0.9, 0.8, 0.5, 0.7, 0.6, 0.65]
+    y = [1, 1, 1, 1, 0, 0]
+    g = ["a", "a", "a", "b", "b", "b"]
+    # query a: top rel 0.9 -> spreads 0.1, 0.4; query b has one relevant -> none
+    assert sorted(within_query_spreads(s, y, g).round(6).tolist()) == [0.1, 0.4]
+
+
+# --------------------------------------------------------------------------- calibrate
+
+
+def test_calibrate_synthetic_band_contains_threshold_and_cis():
+    rng = np.random.default_rng(0)
+    s, y, g = _synthetic(rng)
+    th = MarginThreshold.calibrate(s, y, g, encoder_identity="enc-A", n_bootstrap=200)
+    assert th.lower <= th.threshold <= th.upper
+    assert th.margin is not None and th.margin > 0
+    for key in ("threshold", "lower", "upper", "margin", "precision", "recall", "f1"):
+        lo, hi = th.ci[key]
+        assert lo <= hi
+    lo, hi = th.threshold_ci
+    assert lo - 0.05 <= th.threshold <= hi + 0.05
+    # the in-sample t* F1 equals the exact scan
+    assert th.stats["threshold_only"]["f1"] == pytest.approx(best_f1_threshold(s, y)[1])
+    assert th.encoder_identity == "enc-A"
+    assert "threshold" in th.report() and "margin" in th.report()
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_band_contains_best_f1_threshold_random(seed):
+    rng = np.random.default_rng(seed)
+    s, y, g = _synthetic(rng, n_q=30)
+    for pt, rt in ((0.5, 0.5), (0.9, 0.9), (0.99, 0.6), (0.6, 0.99)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CalibrationWarning)
+            th = MarginThreshold.calibrate(s, y, g, precision_target=pt, recall_target=rt, n_bootstrap=0)
+        assert th.lower <= th.threshold <= th.upper
+
+
+def test_calibrate_margin_is_quantile_of_spreads():
+    rng = np.random.default_rng(1)
+    s, y, g = _synthetic(rng)
+    th = MarginThreshold.calibrate(s, y, g, margin_quantile=0.75, n_bootstrap=0)
+    assert th.margin == pytest.approx(np.quantile(within_query_spreads(s, y, g), 0.75))
+
+
+def test_calibrate_without_groups_warns_and_disables_margin():
+    rng = np.random.default_rng(2)
+    s, y, _ = _synthetic(rng)
+    with pytest.warns(CalibrationWarning, match="groups"):
+        th = MarginThreshold.calibrate(s, y, n_bootstrap=20)
+    assert th.margin is None
+
+
+def test_bootstrap_is_reproducible():
+    rng = np.random.default_rng(3)
+    s, y, g = _synthetic(rng)
+    a = MarginThreshold.calibrate(s, y, g, n_bootstrap=50, seed=7)
+    b = MarginThreshold.calibrate(s, y, g, n_bootstrap=50, seed=7)
+    assert a.ci == b.ci
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_nan_scores_refused():
+    s = np.linspace(0, 1, 40)
+    s[5] = np.nan
+    y = np.r_[np.zeros(20), np.ones(20)]
+    with pytest.raises(CalibrationError, match="NaN"):
+        MarginThreshold.calibrate(s, y, n_bootstrap=0)
+
+
+def test_too_few_positives_says_what_is_needed():
+    s = np.linspace(0, 1, 40)
+    y = np.zeros(40)
+    y[-3:] = 1
+    with pytest.raises(CalibrationError, match=r"at least 10 relevant.*got 3 relevant"):
+        MarginThreshold.calibrate(s, y, n_bootstrap=0)
+
+
+def test_too_few_negatives():
+    s = np.linspace(0, 1, 40)
+    y = np.ones(40)
+    y[:2] = 0
+    with pytest.raises(CalibrationError, match="2 irrelevant"):
+        MarginThreshold.calibrate(s, y, n_bootstrap=0)
+
+
+def test_all_equal_scores_refused():
+    with pytest.raises(CalibrationError, match="all 40 scores are equal"):
+        MarginThreshold.calibrate(np.full(40, 0.5), np.r_[np.zeros(20), np.ones(20)], n_bootstrap=0)
+
+
+def test_length_mismatch_and_bad_targets():
+    with pytest.raises(CalibrationError, match="differ in length"):
+        MarginThreshold.calibrate([0.1, 0.2], [1], n_bootstrap=0)
+    rng = np.random.default_rng(4)
+    s, y, g = _synthetic(rng)
+    with pytest.raises(CalibrationError, match="precision_target"):
+        MarginThreshold.calibrate(s, y, g, precision_target=1.5)
+    with pytest.raises(CalibrationError, match="groups has"):
+        MarginThreshold.calibrate(s, y, g[:-1])
+
+
+def test_scores_outside_cosine_range_warn():
+    rng = np.random.default_rng(5)
+    s, y, g = _synthetic(rng)
+    with pytest.warns(CalibrationWarning, match="outside the cosine range"):
+        MarginThreshold.calibrate(s * 10, y, g, n_bootstrap=0)
+
+
+def test_no_multi_relevant_queries_disables_margin_with_warning():
+    rng = np.random.default_rng(6)
+    s, y, g = _synthetic(rng, n_rel_max=1)
+    with pytest.warns(CalibrationWarning, match="two or more relevant"):
+        th = MarginThreshold.calibrate(s, y, g, n_bootstrap=0)
+    assert th.margin is None
+
+
+def test_unreachable_precision_target_warns():
+    rng = np.random.default_rng(7)
+    s = rng.random(200)
+    y = (rng.random(200) < 0.5).astype(int)
+    y[np.argmax(s)] = 0  # the top score is irrelevant: precision 1.0 is unreachable
+    with pytest.warns(CalibrationWarning, match="precision"):
+        th = MarginThreshold.calibrate(s, y, n_bootstrap=0, precision_target=1.0)
+    assert th.upper > s.max()
+
+
+# --------------------------------------------------------------------------- filter
+
+
+def _th(**kw):
+    d = dict(threshold=0.5, lower=0.4, upper=0.7, margin=0.1, encoder_identity="enc-A")
+    d.update(kw)
+    return MarginThreshold(**d)
+
+
+def test_filter_rule_and_reasons():
+    th = _th()
+    hits = [Passage("a", 0.80, "a"), Passage("b", 0.72, "b"), Passage("c", 0.65, "c"),
+            Passage("d", 0.45, "d"), Passage("e", 0.30, "e")]
+    res = th.filter(hits)
+    assert isinstance(res, FilterResult)
+    assert [h.id for h in res.kept] == ["a", "b"]
+    assert res.confident == [True, True]
+    by = {d.hit.id: d for d in res.dropped}
+    assert by["c"].code == "outside_margin" and "margin" in by["c"].reason
+    assert by["d"].code == "below_threshold" and by["d"].zone == "uncertain"
+    assert by["e"].code == "below_threshold" and by["e"].zone == "confident"
+    for d in res.dropped:
+        assert isinstance(d, DroppedHit)
+        dd = d.to_dict()
+        assert dd["reason"] and dd["hit"]["id"] == d.hit.id
+    json.dumps(res.to_dict())
+    assert res.supported and not res.empty
+
+
+def test_filter_matches_vectorised_rule():
+    rng = np.random.default_rng(8)
+    th = _th(margin=0.12)
+    for _ in range(50):
+        sc = rng.uniform(0.2, 0.9, 10)
+        res = th.filter([Passage(str(i), float(x), str(i)) for i, x in enumerate(sc)])
+        mask = th.keep_mask(sc)
+        assert sorted(h.id for h in res.kept) == sorted(str(i) for i in np.flatnonzero(mask))
+
+
+def test_filter_without_margin():
+    th = _th(margin=None)
+    res = th.filter([Passage("a", 0.9), Passage("b", 0.51), Passage("c", 0.49)])
+    assert [h.text for h in res.kept] == ["a", "b"]
+
+
+def test_empty_result_path():
+    th = _th()
+    res = th.filter([Passage("a", 0.45), Passage("b", 0.2)])
+    assert res.kept == [] and res.empty and not res.supported and len(res) == 0
+    assert len(res.dropped) == 2
+    assert th.filter([]).empty  # no candidates at all
+
+
+def test_filter_accepts_dicts_and_missing_scores():
+    th = _th()
+    res = th.filter([{"text": "a", "score": 0.9, "id": "x"}, {"text": "b"}, Passage("c", float("nan"))])
+    assert [h.id for h in res.kept] == ["x"]
+    assert [d.code for d in res.dropped] == ["no_score", "no_score"]
+
+
+class _FakeEncoder:
+    """Duck-typed encoder: bag-of-letters vectors, L2-normalised."""
+
+    def __init__(self, identity="enc-A"):
+        self.identity = identity
+
+    def encode(self, texts):
+        out = np.zeros((len(texts), 26), dtype=np.float32)
+        for i, t in enumerate(texts):
+            for ch in t.lower():
+                if "a" <= ch <= "z":
+                    out[i, ord(ch) - 97] += 1
+        n = np.linalg.norm(out, axis=1, keepdims=True)
+        return out / np.maximum(n, 1e-12)
+
+
+def test_encoder_mismatch_refused():
+    th = _th()
+    with pytest.raises(EncoderMismatchError, match="enc-A"):
+        th.filter([Passage("a", 0.9)], encoder=_FakeEncoder("enc-B"))
+    with pytest.raises(EncoderMismatchError):
+        th.check_encoder(type("Idx", (), {"encoder_identity": "other"})())
+    th.filter([Passage("a", 0.9)], encoder=_FakeEncoder("enc-A"))  # same encoder: fine
+
+
+def test_rescore_recomputes_canonical_cosine():
+    enc = _FakeEncoder()
+    hits = [Passage("abc", 0.1, "1"), Passage("xyz", 0.99, "2")]  # store scores are meaningless
+    out = MarginThreshold.rescore(enc, "abc", hits)
+    assert out[0].score == pytest.approx(1.0, abs=1e-6)
+    assert out[1].score == pytest.approx(0.0, abs=1e-6)
+    assert out[1].metadata["store_score"] == 0.99
+    assert hits[1].score == 0.99  # inputs untouched
+    res = _th().filter(hits, encoder=enc, query="abc")
+    assert [h.id for h in res.kept] == ["1"]
+
+
+# --------------------------------------------------------------------------- persistence
+
+
+def test_save_load_round_trip(tmp_path):
+    rng = np.random.default_rng(9)
+    s, y, g = _synthetic(rng)
+    th = MarginThreshold.calibrate(s, y, g, encoder_identity="enc-A", n_bootstrap=30)
+    p = th.save(tmp_path / "cal.json")
+    back = MarginThreshold.load(p)
+    assert (back.threshold, back.lower, back.upper, back.margin) == (th.threshold, th.lower, th.upper, th.margin)
+    assert back.encoder_identity == "enc-A"
+    assert back.ci == th.ci
+    assert back.stats["n_scores"] == th.stats["n_scores"]
+    # same decisions
+    hits = [Passage(str(i), float(x)) for i, x in enumerate(s[:10])]
+    assert [h.text for h in back.filter(hits).kept] == [h.text for h in th.filter(hits).kept]
+    # no temp files left behind
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["cal.json"]
+
+
+def test_save_into_index_dir_and_for_index(tmp_path):
+    th = _th()
+    assert MarginThreshold.for_index(tmp_path) is None
+    p = th.save(tmp_path)
+    assert p.name == CALIBRATION_FILENAME
+    got = MarginThreshold.for_index(tmp_path, encoder=_FakeEncoder("enc-A"))
+    assert got.threshold == th.threshold
+    with pytest.raises(EncoderMismatchError):
+        MarginThreshold.for_index(tmp_path, encoder=_FakeEncoder("enc-B"))
+    with pytest.raises(EncoderMismatchError):
+        MarginThreshold.load(tmp_path, encoder="enc-C")
+
+
+def test_load_corrupt(tmp_path):
+    p = tmp_path / "cal.json"
+    p.write_text("{not json")
+    with pytest.raises(CorruptFileError):
+        MarginThreshold.load(p)
+    p.write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(CorruptFileError, match="not an nbce-rag calibration"):
+        MarginThreshold.load(p)
+    d = _th().to_dict()
+    del d["threshold"]
+    p.write_text(json.dumps(d))
+    with pytest.raises(CorruptFileError, match="malformed"):
+        MarginThreshold.load(p)
+
+
+# --------------------------------------------------------------------------- calibrate_from_qrels
+
+
+class _FakeIndex:
+    """Duck-typed VectorIndex over the fake encoder."""
+
+    def __init__(self, docs, identity="enc-A"):
+        self.encoder = _FakeEncoder(identity)
+        self.encoder_identity = identity
+        self.docs = docs  # {id: text}
+        self.ids = list(docs)
+        self.emb = self.encoder.encode([docs[i] for i in self.ids])
+
+    def search(self, query, k):
+        q = self.encoder.encode([query])[0]
+        sc = self.emb @ q
+        order = np.argsort(-sc)[:k]
+        return [Passage(self.docs[self.ids[i]], float(sc[i]), self.ids[i]) for i in order]
+
+
+def _qrels_fixture(rng, n_q=40, n_docs=120):
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+    docs = {f"d{i}": "".join(rng.choice(letters, 12)) for i in range(n_docs)}
+    queries, qrels = {}, {}
+    ids = list(docs)
+    for q in range(n_q):
+        rel = rng.choice(ids, size=int(rng.integers(1, 4)), replace=False)
+        base = docs[rel[0]]
+        queries[f"q{q}"] = base[:8] + "".join(rng.choice(letters, 3))
+        qrels[f"q{q}"] = {d: 1 for d in rel}
+    return docs, queries, qrels
+
+
+def test_calibrate_from_qrels_with_fake_index(tmp_path):
+    rng = np.random.default_rng(10)
+    docs, queries, qrels = _qrels_fixture(rng)
+    idx = _FakeIndex(docs)
+    th = MarginThreshold.calibrate_from_qrels(idx, queries, qrels, k=10, n_bootstrap=50)
+    assert th.encoder_identity == "enc-A"
+    assert th.stats["k"] == 10 and th.stats["n_scores"] == 400
+    assert th.lower <= th.threshold <= th.upper
+    # the same through files (BEIR layout) and triples
+    qf = tmp_path / "queries.jsonl"
+    qf.write_text("".join(json.dumps({"_id": k, "text": v}) + "\n" for k, v in queries.items()))
+    rf = tmp_path / "qrels.tsv"
+    rf.write_text("query-id\tcorpus-id\tscore\n" + "".join(
+        f"{q}\t{d}\t1\n" for q, ds in qrels.items() for d in ds))
+    assert read_queries(qf) == queries
+    assert read_qrels(rf) == {q: {d: 1.0 for d in ds} for q, ds in qrels.items()}
+    th2 = MarginThreshold.calibrate_from_qrels(idx, qf, rf, k=10, n_bootstrap=50)
+    assert th2.threshold == th.threshold and th2.margin == th.margin
+    triples = [(q, d, 1) for q, ds in qrels.items() for d in ds]
+    th3 = MarginThreshold.calibrate_from_qrels(idx, list(queries.items()), triples, k=10, n_bootstrap=0)
+    assert th3.threshold == th.threshold
+
+
+def test_calibrate_from_qrels_id_mismatch():
+    rng = np.random.default_rng(11)
+    docs, queries, qrels = _qrels_fixture(rng)
+    with pytest.raises(CalibrationError, match="no query id"):
+        MarginThreshold.calibrate_from_qrels(_FakeIndex(docs), {"zz": "x"}, qrels, k=5)
+
+
+def test_plot_written(tmp_path):
+    pytest.importorskip("matplotlib")
+    from nbce_rag.threshold import plot_distributions
+
+    rng = np.random.default_rng(12)
+    s, y, g = _synthetic(rng)
+    th = MarginThreshold.calibrate(s, y, g, n_bootstrap=20)
+    out = plot_distributions(th, tmp_path / "cal.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_public_export():
+    import nbce_rag
+
+    assert nbce_rag.MarginThreshold is MarginThreshold
+    assert nbce_rag.FilterResult is FilterResult
