@@ -68,7 +68,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ._io import read_json, write_json
+from ._io import atomic_write, read_json, write_json
 from .errors import CalibrationError, CorruptFileError, EncoderMismatchError
 from .types import Passage, as_passage
 
@@ -343,6 +343,14 @@ def _identity_of(obj: Any) -> Optional[str]:
     )
 
 
+def _identities_match(a: str, b: str) -> bool:
+    """Same weights? Identities are ``"<name>@sha256:<hex>"`` (nbce_rag.encoder): the digest after
+    the last ``@`` decides, the name is informational. Identities without ``@`` compare whole."""
+    if "@" in a and "@" in b:
+        return a.rsplit("@", 1)[-1] == b.rsplit("@", 1)[-1]
+    return a == b
+
+
 def _ci(values: np.ndarray, level: float) -> Optional[Tuple[float, float]]:
     v = np.asarray([x for x in values if x is not None and np.isfinite(x)], dtype=np.float64)
     if v.size == 0:
@@ -555,7 +563,7 @@ class MarginThreshold:
         other = _identity_of(encoder)
         if other is None or self.encoder_identity is None:
             return
-        if other != self.encoder_identity:
+        if not _identities_match(other, self.encoder_identity):
             raise EncoderMismatchError(
                 f"this calibration was made with encoder {self.encoder_identity!r}, but it is applied "
                 f"with {other!r}; cosine levels differ between encoders, so recalibrate with "
@@ -953,7 +961,8 @@ def plot_distributions(
     ax.legend(fontsize=7.5, loc="upper left")
     fig.tight_layout()
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
+    try:
+        atomic_write(out, lambda tmp: fig.savefig(tmp, format="png"))
+    finally:
+        plt.close(fig)
     return out

@@ -480,3 +480,10 @@ def test_public_export():
 
     assert nbce_rag.MarginThreshold is MarginThreshold
     assert nbce_rag.FilterResult is FilterResult
+
+
+def test_identity_digest_decides_not_the_name():
+    th = _th(encoder_identity="all-MiniLM-L6-v2@sha256:0123456789abcdef")
+    th.check_encoder("renamed-copy@sha256:0123456789abcdef")  # same weights, other name: fine
+    with pytest.raises(EncoderMismatchError):
+        th.check_encoder("all-MiniLM-L6-v2@sha256:fedcba9876543210")
