@@ -1,0 +1,831 @@
+"""The embedded vector index: chunk, embed, search by cosine, add and delete, persist.
+
+:class:`VectorIndex` keeps one L2-normalised float32 row per chunk. Search is exact cosine
+(one matrix product and a partial sort) by default; ``backend="faiss"`` (the ``faiss`` extra)
+serves candidates from a FAISS index built from the same rows (``faiss_factory="Flat"`` is
+exact, ``"HNSW32"`` or ``"IVF1024,Flat"`` approximate), and every returned score is
+recomputed as the exact cosine, so scores mean the same with every backend.
+
+Storage (``save(dir)``) is a directory::
+
+    manifest.json                 format, version, encoder identity, dim, count, chunking,
+                                  backend, and the names, sizes and sha256 of:
+    vectors-<generation>.npy      float32 (count, dim), ``np.save`` without pickle
+    records-<generation>.jsonl    one {"id", "text", "metadata"} per row, same order
+
+A save writes a new generation of data files (each temp file + rename), then atomically
+replaces ``manifest.json``, which is the commit point, then removes the files of older
+generations. A crash at any moment leaves either the old or the new index complete. Loading
+checks the manifest, sizes, checksums, shapes, dtype and record count, raises
+:class:`~nbce_rag.errors.CorruptFileError` on any mismatch, and never writes.
+
+The FAISS structure is not stored: the vectors are the single source of truth and the FAISS
+index is rebuilt from them on load (instant for ``Flat``; minutes for HNSW over millions).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from ._io import atomic_write, read_json, write_json
+from .chunking import DEFAULT_CHUNK_TOKENS, DEFAULT_OVERLAP, chunk_text
+from .errors import ConfigError, CorruptFileError, EncoderMismatchError
+from .types import Hit, Passage, as_passage
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .encoder import CoSENTEncoder
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "nbce-rag-index"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+BACKENDS = ("exact", "faiss")
+_DATA_FILE = re.compile(r"^(vectors|records)-[0-9a-f]+-[0-9a-f]+\.(npy|jsonl)$")
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def faiss_available() -> bool:
+    """True when the optional ``faiss`` module can be imported."""
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _import_faiss() -> Any:
+    try:
+        import faiss
+    except ImportError:
+        raise ConfigError(
+            "backend='faiss' needs FAISS: pip install 'nbce-rag[faiss]' (or use backend='exact')"
+        ) from None
+    return faiss
+
+
+@dataclass
+class AddReport:
+    """What :meth:`VectorIndex.add` did."""
+
+    documents: int = 0  #: documents given
+    added_documents: int = 0
+    chunks: int = 0  #: rows added
+    skipped_empty: int = 0  #: documents with no text (whitespace only)
+    skipped_duplicate: int = 0  #: documents skipped by ``on_duplicate="skip"``
+    replaced: int = 0  #: documents replaced by ``on_duplicate="replace"``
+    oversized_chunks: int = 0  #: chunks made of one word longer than ``chunk_tokens``
+    ids: List[str] = field(default_factory=list)  #: ids of the rows added
+
+
+class VectorIndex:
+    """Chunks with their embeddings, searchable by cosine. See the module docstring."""
+
+    def __init__(
+        self,
+        dim: int,
+        encoder_identity: str,
+        *,
+        encoder: Optional["CoSENTEncoder"] = None,
+        encoder_source: Optional[str] = None,
+        chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+        overlap: int = DEFAULT_OVERLAP,
+        backend: str = "exact",
+        faiss_factory: str = "Flat",
+        faiss_params: str = "",
+    ) -> None:
+        if backend not in BACKENDS:
+            raise ConfigError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if backend == "faiss":
+            _import_faiss()
+        if not 0 <= overlap < chunk_tokens:
+            raise ConfigError(f"overlap must be in [0, chunk_tokens={chunk_tokens}), got {overlap}")
+        self.dim = int(dim)
+        self._encoder_identity = encoder_identity
+        self._encoder = encoder
+        self.encoder_source = encoder_source
+        self.chunk_tokens = int(chunk_tokens)
+        self.overlap = int(overlap)
+        self.backend = backend
+        self.faiss_factory = faiss_factory
+        self.faiss_params = faiss_params
+        self._vectors = np.zeros((0, self.dim), dtype=np.float32)
+        self._ids: List[str] = []
+        self._texts: List[str] = []
+        self._metas: List[Dict[str, Any]] = []
+        self._row: Dict[str, int] = {}
+        self._faiss: Any = None
+        #: report of the last :meth:`build`/:meth:`add`
+        self.last_report: Optional[AddReport] = None
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def build(
+        cls,
+        encoder: "CoSENTEncoder",
+        documents: Iterable[Any],
+        *,
+        chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+        overlap: int = DEFAULT_OVERLAP,
+        backend: str = "exact",
+        faiss_factory: str = "Flat",
+        faiss_params: str = "",
+        batch_size: int = 32,
+        show_progress_bar: Optional[bool] = None,
+    ) -> "VectorIndex":
+        """Chunk and embed ``documents`` (strings, :class:`Passage`, or dicts with ``text``
+        and optional ``id``/``metadata``) into a new index. ``chunk_tokens`` and ``overlap``
+        count encoder tokens; see :mod:`nbce_rag.chunking` for the rules."""
+        max_content = encoder.max_seq_length - encoder.num_special_tokens
+        if chunk_tokens > max_content:
+            raise ConfigError(
+                f"chunk_tokens={chunk_tokens} does not fit the encoder: max_seq_length "
+                f"{encoder.max_seq_length} leaves {max_content} tokens per chunk"
+            )
+        index = cls(
+            encoder.dim,
+            encoder.identity,
+            encoder=encoder,
+            encoder_source=encoder.source,
+            chunk_tokens=chunk_tokens,
+            overlap=overlap,
+            backend=backend,
+            faiss_factory=faiss_factory,
+            faiss_params=faiss_params,
+        )
+        index.add(documents, batch_size=batch_size, show_progress_bar=show_progress_bar)
+        return index
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def encoder_identity(self) -> str:
+        """Identity of the encoder the vectors were made with (see ``CoSENTEncoder.identity``)."""
+        return self._encoder_identity
+
+    @property
+    def encoder(self) -> "CoSENTEncoder":
+        """The encoder for queries and new documents. After :meth:`load` without one, the
+        encoder recorded in the manifest is loaded on first use and its identity checked."""
+        if self._encoder is None:
+            from .encoder import CoSENTEncoder
+
+            if not self.encoder_source:
+                raise ConfigError(
+                    f"this index was built with an encoder that was never saved (identity "
+                    f"{self._encoder_identity}); pass encoder= to VectorIndex.load()"
+                )
+            enc = CoSENTEncoder.from_pretrained(self.encoder_source, local_files_only=True)
+            self._check_encoder(enc, where=f"the recorded encoder {self.encoder_source}")
+            self._encoder = enc
+        return self._encoder
+
+    @encoder.setter
+    def encoder(self, enc: "CoSENTEncoder") -> None:
+        self._check_encoder(enc, where="the given encoder")
+        self._encoder = enc
+
+    def _check_encoder(self, enc: "CoSENTEncoder", *, where: str, path: Any = None) -> None:
+        from .encoder import identities_match
+
+        if enc.dim != self.dim or not identities_match(enc.identity, self._encoder_identity):
+            at = f" at {path}" if path else ""
+            raise EncoderMismatchError(
+                f"the index{at} was built with encoder {self._encoder_identity} (dim {self.dim}), "
+                f"but {where} is {enc.identity} (dim {enc.dim}); load it with the same encoder, "
+                f"or rebuild the index with this one (nbce-rag index ... --encoder ...)"
+            )
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    @property
+    def ids(self) -> List[str]:
+        """Row ids in storage order."""
+        return list(self._ids)
+
+    @property
+    def vectors(self) -> np.ndarray:
+        """The (count, dim) float32 matrix (read-only view)."""
+        v = self._vectors.view()
+        v.flags.writeable = False
+        return v
+
+    def __contains__(self, chunk_id: object) -> bool:
+        return chunk_id in self._row
+
+    def get(self, chunk_id: str) -> Hit:
+        """The stored chunk ``chunk_id`` (``score`` is ``None``). ``KeyError`` if absent."""
+        r = self._row[chunk_id]
+        return Hit(text=self._texts[r], score=None, id=chunk_id, metadata=dict(self._metas[r]))
+
+    def document_ids(self) -> List[str]:
+        """Ids of the documents in the index, in first-seen order."""
+        return list(dict.fromkeys(m.get("doc_id", i) for i, m in zip(self._ids, self._metas)))
+
+    def __repr__(self) -> str:
+        return (
+            f"VectorIndex(count={len(self)}, dim={self.dim}, backend={self.backend!r}, "
+            f"encoder={self._encoder_identity!r})"
+        )
+
+    # ------------------------------------------------------------------ add / delete
+
+    def add(
+        self,
+        documents: Iterable[Any],
+        *,
+        on_duplicate: str = "error",
+        batch_size: int = 32,
+        show_progress_bar: Optional[bool] = None,
+    ) -> List[str]:
+        """Chunk, embed and append ``documents``; return the ids of the new rows.
+
+        A document's id is its ``id`` (or ``metadata["id"]``), else a hash of its text, so
+        ids are stable across rebuilds; chunk ids are ``"<doc id>#<n>"``. Each row's metadata
+        is the document's plus ``doc_id``, ``chunk``, ``start``/``end`` (character offsets
+        in the document text) and ``n_tokens``. Empty documents are skipped and counted
+        (:attr:`last_report`). ``on_duplicate`` decides what a document id already present
+        does: ``"error"`` (default, nothing is added), ``"replace"`` or ``"skip"``. Nothing
+        changes if embedding fails.
+        """
+        if on_duplicate not in ("error", "replace", "skip"):
+            raise ConfigError(f"on_duplicate must be 'error', 'replace' or 'skip', got {on_duplicate!r}")
+        enc = self.encoder
+        report = AddReport()
+        existing_docs = set(self.document_ids()) if len(self) else set()
+        docs: List[Tuple[str, Passage]] = []
+        seen: set = set()
+        for i, obj in enumerate(documents):
+            report.documents += 1
+            p = as_passage(obj, where=f"documents[{i}]")
+            if not p.text.strip():
+                report.skipped_empty += 1
+                continue
+            doc_id = p.id or (p.metadata.get("id") if isinstance(p.metadata.get("id"), str) else None)
+            doc_id = doc_id or "doc-" + hashlib.sha1(p.text.encode("utf-8")).hexdigest()[:16]
+            if doc_id in seen:
+                raise ConfigError(f"document id {doc_id!r} appears twice in this batch")
+            seen.add(doc_id)
+            if doc_id in existing_docs:
+                if on_duplicate == "error":
+                    raise ConfigError(
+                        f"document {doc_id!r} is already in the index; delete it first or pass on_duplicate='replace'"
+                    )
+                if on_duplicate == "skip":
+                    report.skipped_duplicate += 1
+                    continue
+                report.replaced += 1
+            try:
+                json.dumps(p.metadata)
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"metadata of document {doc_id!r} is not JSON-serialisable: {e}") from None
+            docs.append((doc_id, p))
+        if report.skipped_empty:
+            logger.warning("skipped %d empty document(s)", report.skipped_empty)
+
+        ids: List[str] = []
+        texts: List[str] = []
+        metas: List[Dict[str, Any]] = []
+        tok = enc.tokenizer
+        for doc_id, p in docs:
+            chunks = chunk_text(p.text, tok, chunk_tokens=self.chunk_tokens, overlap=self.overlap)
+            for c in chunks:
+                ids.append(f"{doc_id}#{c.index}")
+                texts.append(c.text)
+                meta = dict(p.metadata)
+                meta.update(doc_id=doc_id, chunk=c.index, start=c.start, end=c.end, n_tokens=c.n_tokens)
+                if c.oversized:
+                    meta["oversized"] = True
+                    report.oversized_chunks += 1
+                metas.append(meta)
+        vecs = enc.encode(texts, batch_size=batch_size, show_progress_bar=show_progress_bar)
+        # all work that can fail is done: mutate
+        replaced = [d for d, _ in docs if d in existing_docs]
+        if replaced:
+            self.delete(replaced)
+        self._append(vecs, ids, texts, metas)
+        report.added_documents = len(docs)
+        report.chunks = len(ids)
+        report.ids = ids
+        self.last_report = report
+        return ids
+
+    def add_vectors(
+        self,
+        vectors: np.ndarray,
+        texts: Sequence[str],
+        ids: Sequence[str],
+        metadatas: Optional[Sequence[Dict[str, Any]]] = None,
+    ) -> None:
+        """Append pre-computed rows (already made by this index's encoder). ``vectors`` are
+        L2-normalised here; ids must be new and unique."""
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2 or vectors.shape[1] != self.dim:
+            raise ConfigError(f"vectors must have shape (n, {self.dim}), got {vectors.shape}")
+        n = vectors.shape[0]
+        metadatas = list(metadatas) if metadatas is not None else [{} for _ in range(n)]
+        if not (len(texts) == len(ids) == len(metadatas) == n):
+            raise ConfigError("vectors, texts, ids and metadatas must have the same length")
+        if len(set(ids)) != n or any(i in self._row for i in ids):
+            raise ConfigError("ids must be unique and not already in the index")
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        if np.any(norms == 0) or not np.all(np.isfinite(norms)):
+            raise ConfigError("vectors must be finite and non-zero")
+        self._append(vectors / norms, list(map(str, ids)), list(texts), [dict(m) for m in metadatas])
+
+    def _append(self, vecs: np.ndarray, ids: List[str], texts: List[str], metas: List[Dict[str, Any]]) -> None:
+        if not ids:
+            return
+        dup = [i for i in ids if i in self._row]
+        if dup:
+            raise ConfigError(f"row id(s) already in the index: {dup[:3]}")
+        base = len(self._ids)
+        self._vectors = np.concatenate([self._vectors, np.ascontiguousarray(vecs, dtype=np.float32)], axis=0)
+        self._ids.extend(ids)
+        self._texts.extend(texts)
+        self._metas.extend(metas)
+        for k, i in enumerate(ids):
+            self._row[i] = base + k
+        if self._faiss is not None:
+            self._faiss.add(np.ascontiguousarray(vecs, dtype=np.float32))
+
+    def delete(self, ids: Union[str, Iterable[str]]) -> int:
+        """Remove rows by chunk id (``"doc#3"``) or by document id (all its chunks). Unknown
+        ids are ignored. Returns the number of rows removed. No re-embedding happens."""
+        if isinstance(ids, str):
+            ids = [ids]
+        wanted = set(ids)
+        if not wanted or not len(self):
+            return 0
+        keep = np.array(
+            [not (i in wanted or m.get("doc_id") in wanted) for i, m in zip(self._ids, self._metas)], dtype=bool
+        )
+        removed = int((~keep).sum())
+        if not removed:
+            return 0
+        self._vectors = np.ascontiguousarray(self._vectors[keep])
+        self._ids = [x for x, k in zip(self._ids, keep) if k]
+        self._texts = [x for x, k in zip(self._texts, keep) if k]
+        self._metas = [x for x, k in zip(self._metas, keep) if k]
+        self._row = {i: r for r, i in enumerate(self._ids)}
+        self._faiss = None  # rebuilt from the remaining rows on the next search
+        return removed
+
+    # ------------------------------------------------------------------ search
+
+    def search(self, query: str, k: int = 10) -> List[Hit]:
+        """The ``k`` chunks most similar to ``query``, best first; ``score`` is the cosine.
+        Fewer when the index holds fewer. An empty query raises :class:`ConfigError`."""
+        return self.search_many([query], k=k, show_progress_bar=False)[0]
+
+    def search_many(
+        self,
+        queries: Sequence[str],
+        k: int = 10,
+        *,
+        batch_size: int = 32,
+        show_progress_bar: Optional[bool] = None,
+    ) -> List[List[Hit]]:
+        """:meth:`search` for several queries at once (one encode call, blocked matrix products)."""
+        if isinstance(queries, str):
+            raise TypeError("search_many() takes a list of queries; use search() for one")
+        queries = list(queries)
+        for i, q in enumerate(queries):
+            if not isinstance(q, str):
+                raise TypeError(f"query {i} is a {type(q).__name__}, not a str")
+            if not q.strip():
+                raise ConfigError("the query is empty" if len(queries) == 1 else f"query {i} is empty")
+        self._check_k(k)
+        if not queries:
+            return []
+        if not len(self):
+            return [[] for _ in queries]
+        qv = self.encoder.encode(queries, batch_size=batch_size, show_progress_bar=show_progress_bar)
+        return self.search_by_vector(qv, k)
+
+    def search_by_vector(self, vectors: np.ndarray, k: int = 10) -> List[List[Hit]]:
+        """Search with query embeddings of shape ``(m, dim)`` (or ``(dim,)``)."""
+        self._check_k(k)
+        q = np.asarray(vectors, dtype=np.float32)
+        if q.ndim == 1:
+            q = q[None, :]
+        if q.ndim != 2 or q.shape[1] != self.dim:
+            raise ConfigError(f"query vectors must have dimension {self.dim}, got shape {q.shape}")
+        if not len(self):
+            return [[] for _ in range(q.shape[0])]
+        scores, rows = self.topk(q, k)
+        return [
+            [
+                Hit(text=self._texts[r], score=float(s), id=self._ids[r], metadata=dict(self._metas[r]))
+                for s, r in zip(srow, rrow)
+                if r >= 0
+            ]
+            for srow, rrow in zip(scores, rows)
+        ]
+
+    def topk(self, queries: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
+        """Raw top-k: ``(scores, rows)`` of shape ``(m, min(k, count))``, best first; rows
+        are ``-1`` where an approximate FAISS index returned fewer candidates."""
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        k = min(int(k), len(self))
+        if self.backend == "faiss":
+            return self._topk_faiss(q, k)
+        return _topk_exact(self._vectors, q, k)
+
+    def _topk_faiss(self, q: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
+        index = self._faiss_index()
+        _, rows = index.search(q, k)
+        rows = rows.astype(np.int64)
+        # canonical cosine for every candidate, then re-sort (approximate indexes may misorder)
+        safe = np.where(rows >= 0, rows, 0)
+        scores = np.einsum("mkd,md->mk", self._vectors[safe], q)
+        scores = np.where(rows >= 0, scores, -np.inf).astype(np.float32)
+        order = np.argsort(-scores, axis=1, kind="stable")
+        return np.take_along_axis(scores, order, 1), np.take_along_axis(rows, order, 1)
+
+    def _faiss_index(self) -> Any:
+        if self._faiss is None:
+            faiss = _import_faiss()
+            t0 = time.perf_counter()
+            try:
+                index = faiss.index_factory(self.dim, self.faiss_factory, faiss.METRIC_INNER_PRODUCT)
+                if not index.is_trained:
+                    index.train(self._vectors)
+                index.add(self._vectors)
+                if self.faiss_params:
+                    faiss.ParameterSpace().set_index_parameters(index, self.faiss_params)
+            except RuntimeError as e:
+                raise ConfigError(f"FAISS could not build {self.faiss_factory!r} over {len(self)} vectors: {e}") from None
+            logger.info("built FAISS %s over %d vectors in %.1fs", self.faiss_factory, len(self), time.perf_counter() - t0)
+            self._faiss = index
+        return self._faiss
+
+    @staticmethod
+    def _check_k(k: int) -> None:
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+            raise TypeError(f"k must be an int, got {type(k).__name__}")
+        if k < 1:
+            raise ConfigError(f"k must be >= 1, got {k}")
+
+    # ------------------------------------------------------------------ persistence
+
+    def save(self, path: PathLike) -> None:
+        """Write the index to directory ``path`` (created if needed), atomically: readers and
+        crashes see either the previous index or this one, never a mix."""
+        path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"{path} exists and is not a directory")
+        path.mkdir(parents=True, exist_ok=True)
+        gen = f"{time.time_ns():x}-{secrets.token_hex(4)}"
+        vec_name, rec_name = f"vectors-{gen}.npy", f"records-{gen}.jsonl"
+        checks: Dict[str, str] = {}
+
+        def write_vectors(tmp: str) -> None:
+            with open(tmp, "wb") as f:
+                np.save(f, np.ascontiguousarray(self._vectors, dtype=np.float32), allow_pickle=False)
+            checks["vectors"] = _sha256_file(tmp)
+
+        def write_records(tmp: str) -> None:
+            with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+                for i, t, m in zip(self._ids, self._texts, self._metas):
+                    f.write(json.dumps({"id": i, "text": t, "metadata": m}, ensure_ascii=False))
+                    f.write("\n")
+            checks["records"] = _sha256_file(tmp)
+
+        try:
+            _write_data_file(path / vec_name, write_vectors)
+            _write_data_file(path / rec_name, write_records)
+            manifest = {
+                "format": FORMAT,
+                "version": FORMAT_VERSION,
+                "generation": gen,
+                "encoder": {"identity": self._encoder_identity, "source": self.encoder_source, "dim": self.dim},
+                "dim": self.dim,
+                "count": len(self),
+                "chunking": {"chunk_tokens": self.chunk_tokens, "overlap": self.overlap, "unit": "encoder tokens"},
+                "backend": {"name": self.backend, "faiss_factory": self.faiss_factory, "faiss_params": self.faiss_params},
+                "files": {
+                    "vectors": {"name": vec_name, "bytes": (path / vec_name).stat().st_size, "sha256": checks["vectors"],
+                                "dtype": "float32", "shape": [len(self), self.dim]},
+                    "records": {"name": rec_name, "bytes": (path / rec_name).stat().st_size, "sha256": checks["records"]},
+                },
+                "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
+            _commit_manifest(path / MANIFEST, manifest)
+        except BaseException:
+            for name in (vec_name, rec_name):
+                try:
+                    (path / name).unlink()
+                except FileNotFoundError:
+                    pass
+            raise
+        for p in path.iterdir():  # old generations, now unreferenced
+            if _DATA_FILE.match(p.name) and p.name not in (vec_name, rec_name):
+                try:
+                    p.unlink()
+                except OSError as e:  # pragma: no cover
+                    logger.warning("could not remove old index file %s: %s", p, e)
+
+    @classmethod
+    def load(
+        cls,
+        path: PathLike,
+        encoder: Optional["CoSENTEncoder"] = None,
+        *,
+        backend: Optional[str] = None,
+        verify: bool = True,
+    ) -> "VectorIndex":
+        """Open an index written by :meth:`save`. Files are only read.
+
+        With ``encoder``, its identity must match the one recorded, else
+        :class:`EncoderMismatchError`; without it, the recorded encoder is loaded when first
+        needed. ``verify=False`` skips the sha256 checks (sizes, shapes and counts are still
+        checked). ``backend`` overrides the stored one. Damage raises :class:`CorruptFileError`.
+        """
+        path = Path(path)
+        if not path.is_dir():
+            raise CorruptFileError(f"no index at {path}: the directory does not exist")
+        if not (path / MANIFEST).is_file():
+            raise CorruptFileError(f"no index at {path}: {MANIFEST} is missing (build one with `nbce-rag index`)")
+        m = read_json(path / MANIFEST)
+        where = path / MANIFEST
+        try:
+            if m.get("format") != FORMAT:
+                raise CorruptFileError(f"{where} is not an nbce-rag index manifest")
+            if int(m["version"]) > FORMAT_VERSION:
+                raise CorruptFileError(
+                    f"{where} has format version {m['version']}; this nbce-rag reads up to {FORMAT_VERSION} (upgrade nbce-rag)"
+                )
+            dim, count = int(m["dim"]), int(m["count"])
+            ident = str(m["encoder"]["identity"])
+            source = m["encoder"].get("source")
+            chunking, be, files = m["chunking"], m["backend"], m["files"]
+            vinfo, rinfo = files["vectors"], files["records"]
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise CorruptFileError(f"{where} is incomplete or malformed ({type(e).__name__}: {e}); rebuild the index") from None
+
+        index = cls(
+            dim,
+            ident,
+            encoder_source=source,
+            chunk_tokens=int(chunking["chunk_tokens"]),
+            overlap=int(chunking["overlap"]),
+            backend=backend or be.get("name", "exact"),
+            faiss_factory=be.get("faiss_factory", "Flat"),
+            faiss_params=be.get("faiss_params", ""),
+        )
+        if encoder is not None:
+            index._check_encoder(encoder, where="the given encoder", path=path)
+            index._encoder = encoder
+
+        vfile, rfile = path / str(vinfo["name"]), path / str(rinfo["name"])
+        for info, f in ((vinfo, vfile), (rinfo, rfile)):
+            if not f.is_file():
+                raise CorruptFileError(f"index file {f} named by {where} is missing; rebuild the index")
+            size = f.stat().st_size
+            if size != int(info["bytes"]):
+                raise CorruptFileError(
+                    f"index file {f} has {size} bytes, the manifest says {info['bytes']}: it is truncated or was changed; rebuild the index"
+                )
+            if verify and _sha256_file(f) != info["sha256"]:
+                raise CorruptFileError(f"index file {f} fails its sha256 check: it is damaged; rebuild the index")
+        try:
+            with open(vfile, "rb") as f:
+                vectors = np.load(f, allow_pickle=False)
+        except (ValueError, EOFError, OSError) as e:
+            raise CorruptFileError(f"{vfile} is not a readable .npy array ({e}); rebuild the index") from None
+        if vectors.dtype != np.float32 or vectors.shape != (count, dim):
+            raise CorruptFileError(
+                f"{vfile} holds {vectors.dtype} {vectors.shape}, the manifest says float32 {(count, dim)}; rebuild the index"
+            )
+        ids: List[str] = []
+        texts: List[str] = []
+        metas: List[Dict[str, Any]] = []
+        try:
+            with open(rfile, "r", encoding="utf-8") as f:
+                for lineno, line in enumerate(f, 1):
+                    rec = json.loads(line)
+                    if not (isinstance(rec.get("id"), str) and isinstance(rec.get("text"), str) and isinstance(rec.get("metadata"), dict)):
+                        raise CorruptFileError(f"{rfile}:{lineno}: a record needs id, text and metadata")
+                    ids.append(rec["id"])
+                    texts.append(rec["text"])
+                    metas.append(rec["metadata"])
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+            raise CorruptFileError(f"{rfile} is damaged ({e}); rebuild the index") from None
+        if len(ids) != count:
+            raise CorruptFileError(f"{rfile} has {len(ids)} records, the manifest says {count}; rebuild the index")
+        if len(set(ids)) != count:
+            raise CorruptFileError(f"{rfile} repeats row ids; rebuild the index")
+        index._vectors = vectors
+        index._ids, index._texts, index._metas = ids, texts, metas
+        index._row = {i: r for r, i in enumerate(ids)}
+        return index
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _topk_exact(vectors: np.ndarray, q: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Exact top-k by inner product, queries in blocks so the score matrix stays <= ~256 MB."""
+    n = vectors.shape[0]
+    m = q.shape[0]
+    out_s = np.empty((m, k), dtype=np.float32)
+    out_r = np.empty((m, k), dtype=np.int64)
+    block = max(1, (1 << 26) // max(n, 1))
+    for b in range(0, m, block):
+        s = q[b : b + block] @ vectors.T  # (bm, n)
+        if k < n:
+            part = np.argpartition(-s, k - 1, axis=1)[:, :k]
+        else:
+            part = np.broadcast_to(np.arange(n), s.shape).copy()
+        ps = np.take_along_axis(s, part, 1)
+        # best first; ties by row number so results are deterministic
+        order = np.lexsort((part, -ps), axis=1)
+        out_s[b : b + block] = np.take_along_axis(ps, order, 1)
+        out_r[b : b + block] = np.take_along_axis(part, order, 1)
+    return out_s, out_r
+
+
+def _sha256_file(path: PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_data_file(path: Path, write: Any) -> None:
+    atomic_write(path, write)
+
+
+def _commit_manifest(path: Path, manifest: Dict[str, Any]) -> None:
+    """The commit point of a save (a separate function so tests can inject a crash)."""
+    write_json(path, manifest)
+
+
+# ---------------------------------------------------------------------- reading files
+
+#: Extensions :func:`read_documents` ingests (``.pdf`` needs the ``pdf`` extra).
+TEXT_EXTENSIONS = (".txt", ".md", ".markdown", ".rst")
+JSONL_EXTENSIONS = (".jsonl",)
+PDF_EXTENSIONS = (".pdf",)
+_JSONL_TEXT_KEYS = ("text", "contents", "content", "page_content", "body")
+_JSONL_ID_KEYS = ("id", "_id", "doc_id", "docid")
+
+
+@dataclass
+class ReadReport:
+    """What :func:`read_documents` found."""
+
+    files: int = 0  #: files read
+    documents: int = 0  #: documents produced
+    skipped_empty: int = 0  #: empty files, JSONL rows without text
+    unreadable: List[str] = field(default_factory=list)  #: "path: reason"
+    replaced_characters: List[str] = field(default_factory=list)  #: non-UTF-8 files decoded with U+FFFD
+    ignored: int = 0  #: files with other extensions found while walking directories
+
+    def lines(self) -> List[str]:
+        out = [f"read {self.files} file(s): {self.documents} document(s)"]
+        if self.skipped_empty:
+            out.append(f"skipped {self.skipped_empty} empty document(s)")
+        if self.replaced_characters:
+            out.append(f"{len(self.replaced_characters)} file(s) were not valid UTF-8 and were decoded with replacement characters: "
+                       + ", ".join(self.replaced_characters))
+        for u in self.unreadable:
+            out.append(f"skipped unreadable {u}")
+        if self.ignored:
+            out.append(f"ignored {self.ignored} file(s) with other extensions")
+        return out
+
+
+def read_documents(paths: Iterable[PathLike], *, root_relative_ids: bool = True) -> Tuple[List[Passage], ReadReport]:
+    """Read ``.txt``/``.md``/``.rst`` files (one document each), ``.jsonl`` files (one per row:
+    ``text``/``contents``, optional ``title``, ``id``/``_id`` and ``metadata``) and ``.pdf``
+    (one per page, with the ``pdf`` extra). Directories are walked recursively in sorted
+    order; hidden entries are skipped.
+
+    Document ids are stable: the path relative to the directory given (or the file name for
+    a file given directly), plus ``:<row id>`` for JSONL rows and ``:p<page>`` for PDF pages.
+    ``metadata["source"]`` is the file path. Empty documents are counted and skipped; files
+    that cannot be read are reported by name and skipped; bytes that are not UTF-8 are
+    replaced with U+FFFD and the file is reported (and logged as a warning).
+    """
+    report = ReadReport()
+    docs: List[Passage] = []
+    for given in paths:
+        given = Path(given)
+        if given.is_dir():
+            for f in sorted(_walk(given)):
+                if f.suffix.lower() not in TEXT_EXTENSIONS + JSONL_EXTENSIONS + PDF_EXTENSIONS:
+                    report.ignored += 1
+                    continue
+                _read_one(f, f.relative_to(given).as_posix() if root_relative_ids else f.as_posix(), docs, report)
+        elif given.exists():
+            _read_one(given, given.name if root_relative_ids else given.as_posix(), docs, report)
+        else:
+            report.unreadable.append(f"{given}: no such file or directory")
+            logger.warning("skipped %s: no such file or directory", given)
+    report.documents = len(docs)
+    return docs, report
+
+
+def _walk(root: Path) -> Iterable[Path]:
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            if not name.startswith("."):
+                yield Path(dirpath) / name
+
+
+def _read_text(path: Path, report: ReadReport) -> Optional[str]:
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        report.unreadable.append(f"{path}: {e.strerror or e}")
+        logger.warning("skipped unreadable file %s: %s", path, e.strerror or e)
+        return None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = raw.decode("utf-8", errors="replace")
+        report.replaced_characters.append(str(path))
+        logger.warning("%s is not valid UTF-8; undecodable bytes were replaced with U+FFFD", path)
+    return text.lstrip("\ufeff")
+
+
+def _read_one(path: Path, doc_id: str, docs: List[Passage], report: ReadReport) -> None:
+    ext = path.suffix.lower()
+    src = str(path)
+    if ext in PDF_EXTENSIONS:
+        _read_pdf(path, doc_id, docs, report)
+        return
+    text = _read_text(path, report)
+    if text is None:
+        return
+    report.files += 1
+    if ext in JSONL_EXTENSIONS:
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                report.unreadable.append(f"{path}:{lineno}: not valid JSON ({e.msg})")
+                logger.warning("skipped %s:%d: not valid JSON (%s)", path, lineno, e.msg)
+                continue
+            if not isinstance(row, dict):
+                report.unreadable.append(f"{path}:{lineno}: not a JSON object")
+                continue
+            body = next((row[k] for k in _JSONL_TEXT_KEYS if isinstance(row.get(k), str)), "")
+            title = row.get("title") if isinstance(row.get("title"), str) else ""
+            full = f"{title}\n{body}" if title and body else (body or "")
+            if not full.strip():
+                report.skipped_empty += 1
+                continue
+            rid = next((row[k] for k in _JSONL_ID_KEYS if row.get(k) is not None), lineno)
+            meta = dict(row["metadata"]) if isinstance(row.get("metadata"), dict) else {}
+            meta.update(source=src, line=lineno)
+            if title:
+                meta["title"] = title
+            docs.append(Passage(text=full, id=f"{doc_id}:{rid}", metadata=meta))
+        return
+    if not text.strip():
+        report.skipped_empty += 1
+        return
+    docs.append(Passage(text=text, id=doc_id, metadata={"source": src}))
+
+
+def _read_pdf(path: Path, doc_id: str, docs: List[Passage], report: ReadReport) -> None:
+    try:
+        from pypdf import PdfReader
+    except ImportError:
+        report.unreadable.append(f"{path}: PDF support needs the pdf extra (pip install 'nbce-rag[pdf]')")
+        logger.warning("skipped %s: PDF support needs pip install 'nbce-rag[pdf]'", path)
+        return
+    try:
+        reader = PdfReader(str(path))
+        pages = [(p.extract_text() or "") for p in reader.pages]
+    except Exception as e:  # noqa: BLE001 - pypdf raises many types on damaged files
+        report.unreadable.append(f"{path}: {type(e).__name__}: {e}")
+        logger.warning("skipped unreadable PDF %s: %s", path, e)
+        return
+    report.files += 1
+    for n, page in enumerate(pages, 1):
+        if not page.strip():
+            report.skipped_empty += 1
+            continue
+        docs.append(Passage(text=page, id=f"{doc_id}:p{n}", metadata={"source": str(path), "page": n}))
