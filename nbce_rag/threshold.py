@@ -519,7 +519,8 @@ class MarginThreshold:
         ``queries``: ``{query_id: text}``, ``(id, text)`` pairs, or a BEIR ``queries.jsonl`` path.
         ``qrels``: ``{query_id: {doc_id: relevance}}``, ``(qid, doc_id, rel)`` triples, or a
         BEIR/TREC qrels TSV path. Only queries that have qrels are used; a candidate is relevant
-        when its ``hit.id`` has relevance > 0. Queries whose relevant passages were not retrieved
+        when its ``hit.id`` -- or the document it is a chunk of (``metadata["doc_id"]``, or the
+        ``"<doc id>#<n>"`` chunk id) -- has relevance > 0. Queries whose relevant passages were not retrieved
         stay in (all their candidates are negatives), so "nothing relevant" is calibrated too.
         ``index.search(text, k)`` must return hits scored with the canonical cosine (as
         :class:`~nbce_rag.index.VectorIndex` does). Other keyword arguments go to :meth:`calibrate`.
@@ -538,18 +539,14 @@ class MarginThreshold:
         scores: List[float] = []
         labels: List[int] = []
         groups: List[str] = []
-        it: Iterable[str] = qids
-        if show_progress:
-            from tqdm.auto import tqdm
-
-            it = tqdm(qids, desc="calibrate: search", unit="query")
-        for qid in it:
+        results = _search_all(index, [qmap[q] for q in qids], k, show_progress)
+        for qid, hits in zip(qids, results):
             rel = rmap[qid]
-            for h in index.search(qmap[qid], k):
+            for h in hits:
                 if h.score is None:
                     raise CalibrationError("index.search returned hits without scores; cannot calibrate")
                 scores.append(float(h.score))
-                labels.append(1 if float(rel.get(str(h.id), 0) or 0) > 0 else 0)
+                labels.append(1 if _relevance(rel, h) > 0 else 0)
                 groups.append(qid)
         kwargs.setdefault("encoder_identity", _identity_of(index))
         th = cls.calibrate(scores, labels, groups, **kwargs)
@@ -846,6 +843,39 @@ def _estimate(s, y, gi, G, p_target, r_target, m_quantile, use_margin, min_margi
         "prf_t": prf(s >= t, y),
         "prf_rule": prf(apply_rule(s, gmax, t, margin), y),
     }
+
+
+def _search_all(index: Any, texts: List[str], k: int, show_progress: bool) -> List[List[Passage]]:
+    """Top-k hits of every text: ``index.search_many`` in blocks when the index has it
+    (one encode call per block), else ``index.search`` one by one."""
+    search_many = getattr(index, "search_many", None)
+    block = 256 if search_many is not None else 1
+    starts = range(0, len(texts), block)
+    if show_progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="calibrate: search", unit=f"x{block} queries" if block > 1 else "query")
+    out: List[List[Passage]] = []
+    for i in starts:
+        if search_many is not None:
+            out.extend(search_many(texts[i:i + block], k=k))
+        else:
+            out.append(index.search(texts[i], k))
+    return out
+
+
+def _relevance(rel: Mapping[str, float], hit: Passage) -> float:
+    """Relevance of a hit under one query's qrels: by its id, else by the document it is a
+    chunk of (``metadata["doc_id"]``, or the part of a ``"<doc id>#<n>"`` chunk id before ``#``)."""
+    hid = None if hit.id is None else str(hit.id)
+    if hid is not None and hid in rel:
+        return float(rel[hid] or 0)
+    doc = hit.metadata.get("doc_id") if isinstance(hit.metadata, dict) else None
+    if doc is not None and str(doc) in rel:
+        return float(rel[str(doc)] or 0)
+    if hid is not None and "#" in hid:
+        return float(rel.get(hid.rsplit("#", 1)[0], 0) or 0)
+    return 0.0
 
 
 def _as_query_map(q: Any) -> Dict[str, str]:

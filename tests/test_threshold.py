@@ -487,3 +487,33 @@ def test_identity_digest_decides_not_the_name():
     th.check_encoder("renamed-copy@sha256:0123456789abcdef")  # same weights, other name: fine
     with pytest.raises(EncoderMismatchError):
         th.check_encoder("all-MiniLM-L6-v2@sha256:fedcba9876543210")
+
+
+class _FakeChunkIndex(_FakeIndex):
+    """Like VectorIndex: chunk ids '<doc>#<n>', metadata doc_id, and a batched search_many."""
+
+    def __init__(self, docs, identity="enc-A"):
+        super().__init__(docs, identity)
+        self.calls = 0
+
+    def search_many(self, queries, k=10):
+        self.calls += 1
+        out = []
+        for q in queries:
+            hits = super().search(q, k)
+            out.append([Passage(h.text, h.score, f"{h.id}#0", {"doc_id": h.id}) for h in hits])
+        return out
+
+    def search(self, query, k):  # pragma: no cover - must not be used when search_many exists
+        raise AssertionError("search_many should be used")
+
+
+def test_calibrate_from_qrels_maps_chunks_to_documents():
+    rng = np.random.default_rng(13)
+    docs, queries, qrels = _qrels_fixture(rng)
+    plain = MarginThreshold.calibrate_from_qrels(_FakeIndex(docs), queries, qrels, k=10, n_bootstrap=0)
+    idx = _FakeChunkIndex(docs)
+    chunked = MarginThreshold.calibrate_from_qrels(idx, queries, qrels, k=10, n_bootstrap=0)
+    assert idx.calls == 1  # one batched call for 40 queries
+    assert chunked.threshold == plain.threshold
+    assert chunked.stats["n_positives"] == plain.stats["n_positives"] > 0
