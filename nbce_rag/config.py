@@ -1,0 +1,120 @@
+"""Decoding options, in the style of transformers' ``GenerationConfig``."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Dict, List, Optional
+
+from .errors import ConfigError
+
+DEFAULT_PROMPT_TEMPLATE = "{passage}\n\n{question}"
+
+
+@dataclass
+class NBCEConfig:
+    """Options of :class:`~nbce_rag.NBCEDecoder`. Every field can be overridden per call
+    (``dec.generate(q, passages, beta=0.5, pooling="mean")``).
+
+    NBCE (defaults from the reference implementation, ``bojone/NBCE``):
+        beta: weight of the contrast against the no-passage row,
+            ``(β+1)·pooled − β·uncond``. 0 disables it; larger pushes answers to the passages.
+        eta: entropy bonus of the passage chosen at the previous step (stickiness).
+        nbce_top_p: per-row nucleus truncation applied before entropy and pooling.
+        pooling: ``"min_entropy"`` (reference), ``"mean"``, ``"max"``, ``"replug"``,
+            ``"scored_entropy"``, or a :class:`~nbce_rag.nbce.Pooling` instance.
+
+    Sampling (applied to the fused distribution):
+        do_sample: False = greedy. temperature, top_k (0 = off), top_p (1.0 = off), seed.
+
+    Length and stopping:
+        max_new_tokens; stop: strings that end the answer (not included in it); the
+        tokenizer's EOS (and the chat template's end-of-turn token) always stop.
+
+    Prompt:
+        prompt_template: how a passage and the question form one row's user message; row 0
+            uses the same template with an empty passage. use_chat_template: wrap it with the
+            tokenizer's chat template when there is one (else a plain "...\\nAnswer:" prompt).
+        system_prompt: optional system message (None = the template's default).
+
+    Memory:
+        batch_rows: rows per forward pass, in prefill and decode. Bounds activation memory
+            for hundreds of passages; the KV cache still grows with the number of rows.
+        max_passage_tokens: split longer passages into windows of this many tokens (a row
+            each). None = as much as the model's window leaves after the prompt and answer.
+        window_overlap: tokens shared by consecutive windows of a split passage.
+    """
+
+    beta: float = 0.25
+    eta: float = 0.1
+    nbce_top_p: float = 0.95
+    pooling: Any = "min_entropy"
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: Optional[int] = None
+    stop: List[str] = field(default_factory=list)
+    prompt_template: str = DEFAULT_PROMPT_TEMPLATE
+    use_chat_template: bool = True
+    system_prompt: Optional[str] = None
+    batch_rows: int = 16
+    max_passage_tokens: Optional[int] = None
+    window_overlap: int = 32
+
+    def validate(self) -> "NBCEConfig":
+        def bad(msg: str) -> ConfigError:
+            return ConfigError(msg)
+
+        if self.beta < -1:
+            raise bad(f"beta must be >= -1 (got {self.beta}); 0.25 is the reference default")
+        if self.eta < 0:
+            raise bad(f"eta must be >= 0 (got {self.eta})")
+        if not 0 < self.nbce_top_p <= 1:
+            raise bad(f"nbce_top_p must be in (0, 1] (got {self.nbce_top_p})")
+        if not 0 < self.top_p <= 1:
+            raise bad(f"top_p must be in (0, 1] (got {self.top_p})")
+        if self.temperature <= 0:
+            raise bad(f"temperature must be > 0 (got {self.temperature}); use do_sample=False for greedy")
+        if self.top_k < 0:
+            raise bad(f"top_k must be >= 0 (got {self.top_k})")
+        if self.max_new_tokens < 1:
+            raise bad(f"max_new_tokens must be >= 1 (got {self.max_new_tokens})")
+        if self.batch_rows < 1:
+            raise bad(f"batch_rows must be >= 1 (got {self.batch_rows})")
+        if self.max_passage_tokens is not None and self.max_passage_tokens < 8:
+            raise bad(f"max_passage_tokens must be >= 8 or None (got {self.max_passage_tokens})")
+        if self.window_overlap < 0:
+            raise bad(f"window_overlap must be >= 0 (got {self.window_overlap})")
+        if "{question}" not in self.prompt_template or "{passage}" not in self.prompt_template:
+            raise bad("prompt_template must contain both {passage} and {question}")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise bad("stop must be a list of non-empty strings")
+        from .nbce import get_pooling
+
+        try:
+            get_pooling(self.pooling)
+        except ValueError as e:
+            raise bad(str(e)) from None
+        return self
+
+    def update(self, **overrides: Any) -> "NBCEConfig":
+        """A validated copy with ``overrides`` applied; unknown names are an error."""
+        names = {f.name for f in fields(self)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise TypeError(f"unknown decoding option(s) {unknown}; valid options: {sorted(names)}")
+        overrides = {k: v for k, v in overrides.items() if v is not None or k in ("seed", "max_passage_tokens", "system_prompt")}
+        if isinstance(overrides.get("stop"), str):
+            overrides["stop"] = [overrides["stop"]]
+        return replace(self, **overrides).validate()
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = asdict(self)
+        if not isinstance(d["pooling"], str):
+            d["pooling"] = getattr(self.pooling, "name", type(self.pooling).__name__)
+        return d
+
+

@@ -1,0 +1,443 @@
+"""NBCEDecoder: answer a question from many passages, one row per passage, fused token by token.
+
+Rows: ``[no passage] + [one per passage (or per window of a long passage)]``, each the same
+prompt template. One batched prefill (left padding, position ids from the attention mask, only
+last-position logits), then a KV-cache decode loop in which every step runs each group of at
+most ``batch_rows`` rows once, fuses the ``[n+1, V]`` last-token log-probs with
+:func:`nbce_rag.nbce.nbce_step`, picks one token and feeds it to every row. There is no Python
+loop over rows, only over row groups (one group unless there are more than ``batch_rows``).
+
+:meth:`NBCEDecoder.stream` is the one decode entry point; :meth:`generate` consumes it, and
+every adapter (pipeline, LangChain, LlamaIndex, server) calls one of the two.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+
+from .config import NBCEConfig
+from .errors import PromptTooLongError
+from .nbce import attribute, get_pooling, log_softmax, nbce_step
+from .types import Answer, Passage, SourceInfo, StreamEvent, as_passage
+
+logger = logging.getLogger(__name__)
+
+NO_PASSAGE = -1
+
+
+@dataclass
+class _Row:
+    ids: List[int]
+    source: int  # original passage index, -1 for the no-passage row
+
+
+@dataclass
+class _Group:
+    """A micro-batch of rows with its own KV cache, mask and positions."""
+
+    rows: List[int]  # indices into the row list
+    cache: Any = None
+    mask: Optional[torch.Tensor] = None
+    last_pos: Optional[torch.Tensor] = None
+
+
+@dataclass
+class _Prepared:
+    rows: List[_Row]
+    passages: List[Tuple[int, Passage]]  # (original index, passage) of the kept passages
+    row_scores: Optional[torch.Tensor] = None
+
+
+class NBCEDecoder:
+    """Naive Bayes-based Context Extension over a Hugging Face causal LM.
+
+    >>> dec = NBCEDecoder.from_pretrained()                      # bundled SmolLM2-135M-Instruct
+    >>> ans = dec.generate("Who wrote it?", ["passage one", "passage two"])
+    >>> ans.text, ans.token_sources, ans.sources
+    """
+
+    def __init__(self, model, tokenizer, config: Optional[NBCEConfig] = None):
+        from .models import prepare_tokenizer
+
+        self.model = model
+        self.tokenizer = tokenizer
+        prepare_tokenizer(tokenizer)
+        self.config = (config or NBCEConfig()).validate()
+        self._eos_ids = self._find_eos_ids()
+        params = inspect.signature(model.forward).parameters
+        # transformers >= 5.2x renamed past_key_values -> cache
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._logits_to_keep = "logits_to_keep" in params
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: Any = None,
+        *,
+        device: Optional[str] = None,
+        dtype=None,
+        gguf_file: Optional[str] = None,
+        device_map=None,
+        config: Optional[NBCEConfig] = None,
+        **options: Any,
+    ) -> "NBCEDecoder":
+        """Load a model (``None``: the bundled default; an HF id, a local path or a ``.gguf``
+        file) and wrap it. ``options`` are :class:`NBCEConfig` fields (e.g. ``beta=0.5``)."""
+        from .models import load_model
+
+        lm, tok = load_model(model, device=device, dtype=dtype, gguf_file=gguf_file, device_map=device_map)
+        cfg = (config or NBCEConfig()).update(**options) if options else config
+        return cls(lm, tok, cfg)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def name(self) -> str:
+        return getattr(self.model, "name_or_path_for_display", None) or getattr(self.model, "name_or_path", "model")
+
+    @property
+    def context_window(self) -> int:
+        """Tokens one row may hold (prompt + answer): the model's trained length."""
+        cfg = self.model.config
+        for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+            v = getattr(cfg, attr, None)
+            if isinstance(v, int) and v > 0:
+                return v
+        v = getattr(self.tokenizer, "model_max_length", None)
+        return v if isinstance(v, int) and 0 < v < 10**7 else 2048
+
+    def _find_eos_ids(self) -> set:
+        ids = set()
+        for src in (self.tokenizer.eos_token_id, getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)):
+            if isinstance(src, int):
+                ids.add(src)
+            elif isinstance(src, (list, tuple)):
+                ids.update(int(x) for x in src)
+        # chat templates often end a turn with a token that is not the tokenizer's EOS
+        for tok in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>"):
+            tid = self.tokenizer.convert_tokens_to_ids(tok) if tok in self.tokenizer.get_vocab() else None
+            if isinstance(tid, int):
+                ids.add(tid)
+        return ids
+
+    # ------------------------------------------------------------------ prompts
+    def build_prompt(self, question: str, passage: Optional[str] = None, *, config: Optional[NBCEConfig] = None) -> str:
+        """The prompt of one row: ``prompt_template`` with the passage (``None`` or ``""`` for
+        the no-passage row), wrapped in the chat template when the tokenizer has one."""
+        cfg = config or self.config
+        content = cfg.prompt_template.format(passage=passage or "", question=question).strip()
+        if cfg.use_chat_template and getattr(self.tokenizer, "chat_template", None):
+            messages = []
+            if cfg.system_prompt is not None:
+                messages.append({"role": "system", "content": cfg.system_prompt})
+            messages.append({"role": "user", "content": content})
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return f"{content}\nAnswer:"
+
+    def _encode_prompt(self, prompt: str, cfg: NBCEConfig) -> List[int]:
+        chat = cfg.use_chat_template and getattr(self.tokenizer, "chat_template", None)
+        # a chat-templated string already holds its special tokens
+        return list(self.tokenizer(prompt, add_special_tokens=not chat)["input_ids"])
+
+    # ------------------------------------------------------------------ input checks
+    @staticmethod
+    def _check_question(question: Any) -> str:
+        if not isinstance(question, str):
+            raise TypeError(f"question must be a str, got {type(question).__name__}")
+        if not question.strip():
+            raise ValueError("question is empty; pass the text of a question")
+        return question
+
+    @staticmethod
+    def _check_passages(passages: Any) -> List[Tuple[int, Passage]]:
+        if passages is None:
+            return []
+        if isinstance(passages, (str, bytes)) or isinstance(passages, Passage):
+            raise TypeError(
+                f"passages must be a list of passages, got a single {type(passages).__name__}; wrap it in a list"
+            )
+        try:
+            items = list(passages)
+        except TypeError:
+            raise TypeError(f"passages must be a list (of str, Passage or dict), got {type(passages).__name__}") from None
+        kept = []
+        dropped = 0
+        for i, p in enumerate(items):
+            psg = as_passage(p, where=f"passages[{i}]")
+            if not psg.text.strip():
+                dropped += 1
+                continue
+            kept.append((i, psg))
+        if dropped:
+            logger.info("dropped %d empty passage(s)", dropped)
+        return kept
+
+    def _prepare(self, question: str, kept: List[Tuple[int, Passage]], cfg: NBCEConfig) -> _Prepared:
+        window = self.context_window
+        base = self._encode_prompt(self.build_prompt(question, None, config=cfg), cfg)
+        room = window - len(base) - cfg.max_new_tokens
+        if room <= 0:
+            raise PromptTooLongError(
+                f"the question prompt is {len(base)} tokens and max_new_tokens is {cfg.max_new_tokens}; "
+                f"together they exceed the model's window of {window} tokens. Shorten the question or lower max_new_tokens."
+            )
+        rows = [_Row(base, NO_PASSAGE)]
+        scores: List[Optional[float]] = []
+        for idx, psg in kept:
+            for text in self._windows(psg.text, room, cfg, idx):
+                ids = self._encode_prompt(self.build_prompt(question, text, config=cfg), cfg)
+                if len(ids) + cfg.max_new_tokens > window:  # template tokens merge differently: trim
+                    over = len(ids) + cfg.max_new_tokens - window
+                    text = self._trim_tokens(text, over)
+                    ids = self._encode_prompt(self.build_prompt(question, text, config=cfg), cfg)
+                rows.append(_Row(ids, idx))
+                scores.append(psg.score)
+        row_scores = None
+        if scores and all(s is not None for s in scores):
+            row_scores = torch.tensor(scores, dtype=torch.float32)
+        return _Prepared(rows, kept, row_scores)
+
+    def _windows(self, text: str, room: int, cfg: NBCEConfig, idx: int) -> List[str]:
+        """Split a passage into windows that fit the row budget (a row each), at whitespace."""
+        limit = room - 8  # template tokens around the passage
+        if cfg.max_passage_tokens is not None:
+            limit = min(limit, cfg.max_passage_tokens)
+        if limit < 8:
+            raise PromptTooLongError(
+                f"the prompt leaves only {room} tokens for a passage in the model's window of "
+                f"{self.context_window} tokens; shorten the question or lower max_new_tokens"
+            )
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) <= limit:
+            return [text]
+        step = max(1, limit - min(cfg.window_overlap, limit // 2))
+        out = []
+        for start in range(0, len(ids), step):
+            piece = self.tokenizer.decode(ids[start : start + limit], skip_special_tokens=True)
+            out.append(piece.strip())
+            if start + limit >= len(ids):
+                break
+        logger.warning(
+            "passage %d is %d tokens, more than the %d a row can hold; split into %d windows (a row each)",
+            idx, len(ids), limit, len(out),
+        )
+        return [w for w in out if w]
+
+    def _trim_tokens(self, text: str, n: int) -> str:
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.tokenizer.decode(ids[: max(1, len(ids) - n)], skip_special_tokens=True)
+
+    # ------------------------------------------------------------------ model calls
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache) -> Tuple[torch.Tensor, Any]:
+        kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, "use_cache": True, self._cache_kw: cache}
+        if self._logits_to_keep:
+            kwargs["logits_to_keep"] = 1  # only the last position's logits, never [rows, L, V]
+        out = self.model(**kwargs)
+        logits = out.logits[:, -1, :].float()
+        new_cache = getattr(out, "cache", None)
+        return logits, new_cache if new_cache is not None else out.past_key_values
+
+    def _prefill(self, rows: List[_Row], order: List[int], cfg: NBCEConfig) -> Tuple[List[_Group], torch.Tensor]:
+        from transformers import DynamicCache
+
+        dev = self.device
+        pad = self.tokenizer.pad_token_id
+        groups: List[_Group] = []
+        chunks = []
+        for start in range(0, len(order), cfg.batch_rows):
+            members = order[start : start + cfg.batch_rows]
+            width = max(len(rows[r].ids) for r in members)
+            ids = torch.full((len(members), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(members), width), dtype=torch.long)
+            for j, r in enumerate(members):
+                seq = rows[r].ids
+                ids[j, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+                mask[j, width - len(seq) :] = 1
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            ids, mask, pos = ids.to(dev), mask.to(dev), pos.to(dev)
+            lg, cache = self._forward(ids, mask, pos, DynamicCache())
+            groups.append(_Group(members, cache, mask, pos[:, -1:]))
+            chunks.append(lg)
+        logits = torch.cat(chunks, dim=0)
+        return groups, logits
+
+    def _decode_step(self, groups: List[_Group], token: int) -> torch.Tensor:
+        chunks = []
+        for g in groups:
+            n = len(g.rows)
+            ids = torch.full((n, 1), token, dtype=torch.long, device=g.mask.device)
+            g.mask = torch.cat([g.mask, torch.ones((n, 1), dtype=g.mask.dtype, device=g.mask.device)], dim=-1)
+            g.last_pos = g.last_pos + 1
+            lg, g.cache = self._forward(ids, g.mask, g.last_pos, g.cache)
+            chunks.append(lg)
+        return torch.cat(chunks, dim=0)
+
+    # ------------------------------------------------------------------ sampling
+    @staticmethod
+    def _sample(logits: torch.Tensor, cfg: NBCEConfig, gen: Optional[torch.Generator]) -> int:
+        if not cfg.do_sample:
+            return int(torch.argmax(logits))
+        x = logits.detach().float().cpu() / cfg.temperature
+        if cfg.top_k:
+            kth = torch.topk(x, min(cfg.top_k, x.numel())).values[-1]
+            x = x.masked_fill(x < kth, float("-inf"))
+        if cfg.top_p < 1.0:
+            from .nbce import top_p_truncate
+
+            x = top_p_truncate(log_softmax(x), cfg.top_p)
+        probs = torch.softmax(x, dim=-1)
+        return int(torch.multinomial(probs, 1, generator=gen))
+
+    # ------------------------------------------------------------------ public decode
+    def stream(self, question: str, passages: Optional[Iterable[Any]] = None, **options: Any) -> Iterator[StreamEvent]:
+        """Decode token by token, yielding :class:`StreamEvent` (new text, token id, source
+        passage index). The last event carries ``finish_reason`` and the full :class:`Answer`.
+        ``options`` override :class:`NBCEConfig` fields for this call."""
+        question = self._check_question(question)
+        kept = self._check_passages(passages)
+        cfg = self.config.update(**options) if options else self.config
+        prep = self._prepare(question, kept, cfg)
+        return self._run(prep, cfg)
+
+    def generate(self, question: str, passages: Optional[Iterable[Any]] = None, **options: Any) -> Answer:
+        """Answer ``question`` from ``passages`` (greedy by default). See :meth:`stream`."""
+        answer = None
+        for ev in self.stream(question, passages, **options):
+            answer = ev.answer or answer
+        assert answer is not None
+        return answer
+
+    def generate_concat(self, question: str, passages: Optional[Iterable[Any]] = None, **options: Any) -> Answer:
+        """Baseline: all passages concatenated into one prompt, plain decoding (what
+        LangChain's "stuff" chain does). Raises :class:`PromptTooLongError` when they do not
+        fit the window. Sources are not attributed (every token is marked -1)."""
+        question = self._check_question(question)
+        kept = self._check_passages(passages)
+        cfg = self.config.update(**options) if options else self.config
+        joined = "\n\n".join(p.text.strip() for _, p in kept)
+        ids = self._encode_prompt(self.build_prompt(question, joined or None, config=cfg), cfg)
+        if len(ids) + cfg.max_new_tokens > self.context_window:
+            raise PromptTooLongError(
+                f"the concatenated prompt is {len(ids)} tokens + {cfg.max_new_tokens} new tokens, more than "
+                f"the model's window of {self.context_window}; use generate() (NBCE) instead"
+            )
+        prep = _Prepared([_Row(ids, NO_PASSAGE)], [])
+        answer = None
+        for ev in self._run(prep, cfg):
+            answer = ev.answer or answer
+        return answer
+
+    @torch.inference_mode()
+    def _run(self, prep: _Prepared, cfg: NBCEConfig) -> Iterator[StreamEvent]:
+        rows = prep.rows
+        n = len(rows) - 1
+        pooling = get_pooling(cfg.pooling)
+        scores = prep.row_scores.to(self.device) if prep.row_scores is not None else None
+        # group rows of similar length together (less padding); row 0 first
+        order = [0] + sorted(range(1, len(rows)), key=lambda r: -len(rows[r].ids))
+        inverse = torch.empty(len(order), dtype=torch.long)
+        inverse[torch.tensor(order)] = torch.arange(len(order))
+        inverse = inverse.to(self.device)
+        gen = torch.Generator().manual_seed(cfg.seed) if (cfg.do_sample and cfg.seed is not None) else None
+
+        groups, logits = self._prefill(rows, order, cfg)
+        logits = logits[inverse]
+        row_source = [r.source for r in rows]
+
+        tokens: List[int] = []
+        sources: List[int] = []
+        emitted = 0
+        finish = "length"
+        prev: Optional[int] = None
+        stop_hold = max((len(s) for s in cfg.stop), default=0)
+        for step in range(cfg.max_new_tokens):
+            if not torch.isfinite(logits).any(dim=-1).all():
+                raise RuntimeError("the model returned non-finite logits for a whole row; try dtype='float32'")
+            if n == 0:
+                fused = log_softmax(logits[0])
+                token = self._sample(fused, cfg, gen)
+                src = NO_PASSAGE
+            else:
+                st = nbce_step(logits, beta=cfg.beta, eta=cfg.eta, top_p=cfg.nbce_top_p, pooling=pooling, scores=scores, prev=prev)
+                token = self._sample(st.logits, cfg, gen)
+                prev = attribute(st, token)
+                src = row_source[prev + 1]
+            if token in self._eos_ids:
+                finish = "stop"
+                break
+            tokens.append(token)
+            sources.append(src)
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            cut = _find_stop(text, cfg.stop, max(0, emitted - stop_hold))
+            if cut is not None:
+                text = text[:cut]
+                finish = "stop"
+                if len(text) > emitted:
+                    yield StreamEvent(text[emitted:], token, src)
+                    emitted = len(text)
+                break
+            safe = len(text) - _held_back(text, cfg.stop)
+            if text[safe - 1 : safe] == "\ufffd":  # an incomplete multi-byte character
+                safe -= 1
+            if safe > emitted:
+                yield StreamEvent(text[emitted:safe], token, src)
+                emitted = safe
+            else:
+                yield StreamEvent("", token, src)
+            if step + 1 < cfg.max_new_tokens:
+                logits = self._decode_step(groups, token)[inverse]
+
+        final = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        if finish == "stop" and cfg.stop:
+            cut = _find_stop(final, cfg.stop, 0)
+            final = final[:cut] if cut is not None else final
+        answer = self._answer(final, tokens, sources, prep, finish, n_steps=len(tokens) + (finish == "stop"))
+        yield StreamEvent(final[emitted:], None, None, finish, answer)
+
+    def _answer(self, text: str, tokens: List[int], sources: List[int], prep: _Prepared, finish: str, n_steps: int) -> Answer:
+        total = len(tokens)
+        infos = []
+        for idx, p in prep.passages:
+            cnt = sum(1 for s in sources if s == idx)
+            infos.append(
+                SourceInfo(index=idx, text=p.text, score=p.score, n_tokens=cnt,
+                           share=(cnt / total) if total else 0.0, id=p.id, metadata=dict(p.metadata))
+            )
+        return Answer(
+            text=text,
+            token_ids=tokens,
+            token_sources=sources,
+            sources=infos,
+            finish_reason=finish,
+            prompt_tokens=sum(len(r.ids) for r in prep.rows),
+            completion_tokens=n_steps,
+            supported=bool(prep.passages),
+        )
+
+
+def _find_stop(text: str, stops: Sequence[str], start: int) -> Optional[int]:
+    best = None
+    for s in stops:
+        i = text.find(s, start)
+        if i != -1 and (best is None or i < best):
+            best = i
+    return best
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of a stop string."""
+    hold = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                hold = max(hold, k)
+                break
+    return hold

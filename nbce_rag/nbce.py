@@ -1,0 +1,244 @@
+"""The math of NBCE as pure tensor functions (no model needed to test them).
+
+NBCE (Naive Bayes-based Context Extension; Su, 2023, kexue.fm/archives/9617; Su et al.,
+NAACL 2024) fuses the next-token distributions of ``n`` rows, one per passage ``S_k``, with
+that of a row with no passage::
+
+    log p(T | S_1..S_n) = (β+1) · P[ log p(T | S_k) ] − β · log p(T) + const
+
+``P`` is a pooling over the passage rows. Following the reference implementation
+(``bojone/NBCE`` ``test.py``), every row is first truncated to its top-p nucleus (tail → −inf),
+the entropy of each truncated row is computed with ``clip(log p, −100, 0)`` (so that −inf tails
+contribute 0), and the merged score falls back to the pooled row wherever the no-passage row
+was truncated (``−∞ − (−∞)`` is undefined). η lowers the entropy of the previously chosen
+passage so that the selection does not jitter between passages token by token.
+
+Pooling strategies are small callables (like transformers' ``LogitsProcessor``): they take the
+truncated log-probs of the passage rows ``[n, V]``, their entropies ``[n]``, the retrieval
+scores ``[n]`` (or ``None``) and the previously chosen row, and return a :class:`Pooled`: the
+pooled log-scores ``[V]`` and the per-row weights ``[n]`` (one-hot for selection strategies)
+that attribution uses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional, Type
+
+import torch
+
+#: Log-probabilities below this count as "truncated" (the reference's threshold).
+NEG_FLOOR = -100.0
+
+
+@dataclass
+class Pooled:
+    logp: torch.Tensor  #: [V] pooled log-scores; −inf outside the support
+    weights: torch.Tensor  #: [n] non-negative, sums to 1; the share of each row in the pool
+
+
+def log_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """Exact log-softmax in fp32 (``logits − logsumexp``), as in the reference."""
+    logits = logits.float()
+    return logits - logits.logsumexp(dim=-1, keepdim=True)
+
+
+def top_p_truncate(logp: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Set to −inf the tail of each row outside its top-p nucleus; kept entries keep their
+    *unrenormalised* log-probs. Identical to transformers' ``TopPLogitsWarper`` (ascending
+    sort, drop tokens with cumulative probability ≤ 1 − top_p, always keep at least one)."""
+    if top_p >= 1.0:
+        return logp
+    sorted_lp, sorted_idx = torch.sort(logp, descending=False, dim=-1)
+    cum = sorted_lp.softmax(dim=-1).cumsum(dim=-1)
+    remove_sorted = cum <= (1 - top_p)
+    remove_sorted[..., -1:] = False
+    remove = remove_sorted.scatter(-1, sorted_idx, remove_sorted)
+    return logp.masked_fill(remove, float("-inf"))
+
+
+def entropy(logp: torch.Tensor) -> torch.Tensor:
+    """``−Σ p · clip(log p, −100, 0)`` per row: the entropy of the truncated, unnormalised
+    nucleus (truncated entries contribute exactly 0, never NaN)."""
+    return -(logp.exp() * logp.clamp(NEG_FLOOR, 0.0)).sum(dim=-1)
+
+
+def _sticky(ent: torch.Tensor, prev: Optional[int], eta: float) -> torch.Tensor:
+    if prev is None or prev < 0 or eta == 0.0:
+        return ent
+    ent = ent.clone()
+    ent[prev] -= eta
+    return ent
+
+
+def _one_hot(n: int, k: int, like: torch.Tensor) -> torch.Tensor:
+    w = torch.zeros(n, dtype=torch.float32, device=like.device)
+    w[k] = 1.0
+    return w
+
+
+def _mixture(logp: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """log Σ_k w_k p_k (a proper mixture in probability space); −inf where every row is −inf."""
+    logw = torch.where(weights > 0, weights.log(), torch.full_like(weights, float("-inf")))
+    return torch.logsumexp(logp + logw[:, None], dim=0)
+
+
+class Pooling:
+    """Base class: ``pool(logp [n,V], ent [n], scores [n] | None, prev, eta) -> Pooled``."""
+
+    name = "base"
+
+    def __call__(
+        self,
+        logp: torch.Tensor,
+        ent: torch.Tensor,
+        scores: Optional[torch.Tensor],
+        prev: Optional[int],
+        eta: float,
+    ) -> Pooled:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class MinEntropyPooling(Pooling):
+    """The reference NBCE pooling: the single row of lowest (η-adjusted) entropy.
+    Su: the "most confident expert"; an implicit per-step retrieval with entropy as score."""
+
+    name = "min_entropy"
+
+    def __call__(self, logp, ent, scores, prev, eta):
+        k = int(torch.argmin(_sticky(ent, prev, eta)))
+        return Pooled(logp[k], _one_hot(logp.shape[0], k, logp))
+
+
+class MeanPooling(Pooling):
+    """Plain naive Bayes (β = n−1 recovers eq. nbce-1): the mean of the rows' log-probs.
+    Truncated entries count as ``log p = −100`` (the reference's floor) so that a token outside
+    one passage's nucleus is strongly penalised but not excluded; tokens outside every nucleus
+    stay −inf. Su reports that this degrades as n grows."""
+
+    name = "mean"
+
+    def __call__(self, logp, ent, scores, prev, eta):
+        n = logp.shape[0]
+        pooled = logp.clamp(min=NEG_FLOOR).mean(dim=0)
+        pooled = torch.where(torch.isfinite(logp).any(dim=0), pooled, torch.full_like(pooled, float("-inf")))
+        return Pooled(pooled, torch.full((n,), 1.0 / n, device=logp.device))
+
+
+class MaxPooling(Pooling):
+    """Element-wise max of the rows' log-probs. Good under greedy decoding, not a proper
+    distribution (Su: sampling from it is "basically unreadable")."""
+
+    name = "max"
+
+    def __call__(self, logp, ent, scores, prev, eta):
+        n = logp.shape[0]
+        return Pooled(logp.max(dim=0).values, torch.full((n,), 1.0 / n, device=logp.device))
+
+
+class ReplugPooling(Pooling):
+    """REPLUG (Shi et al., 2023): a probability-space mixture ``Σ_k w_k p(T|S_k)`` with
+    ``w = softmax(score_k / temperature)`` from the retrieval scores (uniform without scores)."""
+
+    name = "replug"
+
+    def __init__(self, temperature: float = 0.1):
+        if temperature <= 0:
+            raise ValueError("ReplugPooling temperature must be > 0")
+        self.temperature = temperature
+
+    def __call__(self, logp, ent, scores, prev, eta):
+        n = logp.shape[0]
+        if scores is None:
+            w = torch.full((n,), 1.0 / n, device=logp.device)
+        else:
+            w = torch.softmax(scores.float().to(logp.device) / self.temperature, dim=0)
+        return Pooled(_mixture(logp, w), w)
+
+
+class ScoredEntropyPooling(Pooling):
+    """Retrieval-aware minimum entropy (ours): choose the row that minimises
+
+        H_k − η·[k = prev] − λ · (s_k − max_j s_j)
+
+    i.e. the model's confidence (entropy) and the retriever's confidence (cosine ``s_k``) on one
+    scale: a passage that scores ``Δs`` below the best retrieved one must be ``λ·Δs`` nats more
+    certain to be chosen. λ = 0 (or no scores) is exactly ``min_entropy``; a large λ always
+    picks the top-scored passage. It keeps min-entropy's hard selection (a proper distribution,
+    exact attribution) while distrusting a confident-but-off-topic passage."""
+
+    name = "scored_entropy"
+
+    def __init__(self, weight: float = 5.0):
+        if weight < 0:
+            raise ValueError("ScoredEntropyPooling weight must be >= 0")
+        self.weight = weight
+
+    def __call__(self, logp, ent, scores, prev, eta):
+        adj = _sticky(ent, prev, eta)
+        if scores is not None and self.weight:
+            s = scores.float().to(adj.device)
+            adj = adj - self.weight * (s - s.max())
+        k = int(torch.argmin(adj))
+        return Pooled(logp[k], _one_hot(logp.shape[0], k, logp))
+
+
+POOLINGS: Dict[str, Type[Pooling]] = {
+    cls.name: cls for cls in (MinEntropyPooling, MeanPooling, MaxPooling, ReplugPooling, ScoredEntropyPooling)
+}
+
+
+def get_pooling(pooling) -> Pooling:
+    """A :class:`Pooling` from a name (``min_entropy``, ``mean``, ``max``, ``replug``,
+    ``scored_entropy``) or an instance (returned as is)."""
+    if isinstance(pooling, Pooling):
+        return pooling
+    try:
+        return POOLINGS[pooling]()
+    except KeyError:
+        raise ValueError(f"unknown pooling {pooling!r}; choose one of {sorted(POOLINGS)} or pass a Pooling") from None
+
+
+def fuse(pooled: torch.Tensor, uncond: torch.Tensor, beta: float) -> torch.Tensor:
+    """``(β+1)·pooled − β·uncond`` where the no-passage row is inside its nucleus
+    (``uncond > −100``), the pooled row elsewhere (the reference's ``torch.where``)."""
+    if beta == 0.0:
+        return pooled
+    merged = (1.0 + beta) * pooled - beta * uncond
+    return torch.where(uncond > NEG_FLOOR, merged, pooled)
+
+
+@dataclass
+class Step:
+    logits: torch.Tensor  #: [V] fused log-scores to sample from
+    weights: torch.Tensor  #: [n] pooling weights of the passage rows
+    row_logp: torch.Tensor  #: [n, V] truncated passage-row log-probs (for attribution)
+
+
+def nbce_step(
+    logits: torch.Tensor,
+    *,
+    beta: float,
+    eta: float,
+    top_p: float,
+    pooling: Pooling,
+    scores: Optional[torch.Tensor] = None,
+    prev: Optional[int] = None,
+) -> Step:
+    """One NBCE step over last-position logits ``[n+1, V]`` (row 0 = no passage).
+    ``prev`` is the index (0-based among passage rows) chosen at the previous step."""
+    if logits.dim() != 2 or logits.shape[0] < 2:
+        raise ValueError("nbce_step needs logits of shape [n+1, V] with n >= 1 passage rows")
+    logp = top_p_truncate(log_softmax(logits), top_p)
+    uncond, rows = logp[0], logp[1:]
+    pooled = pooling(rows, entropy(rows), scores, prev, eta)
+    return Step(fuse(pooled.logp, uncond, beta), pooled.weights, rows)
+
+
+def attribute(step: Step, token: int) -> int:
+    """The passage row (0-based) that supplied ``token``: the row with the largest weighted
+    probability of it, ``argmax_k log w_k + log p_k(token)`` (the chosen row for selection
+    strategies)."""
+    w = step.weights
+    logw = torch.where(w > 0, w.log(), torch.full_like(w, float("-inf")))
+    return int(torch.argmax(logw + step.row_logp[:, token]))
