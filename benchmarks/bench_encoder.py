@@ -123,7 +123,14 @@ def main(argv: List[str] | None = None) -> int:
     s.add_argument("--max-train-pairs", type=int, default=None)
     s.set_defaults(func=bench_stsb)
 
+    for sp in sub.choices.values():
+        sp.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice; 1 avoids oversubscription on a shared machine)")
     args = p.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return args.func(args)
 

@@ -6,15 +6,17 @@ windows), so a chunk of ``chunk_tokens`` tokens fits the model it is made for.
 
 Rules:
 
-* A *word* is a maximal run of non-whitespace characters. Chunks start at the first character
+* A *word* is a maximal run of non-whitespace characters; in scripts written without spaces
+  (Chinese and Japanese, with their punctuation) each character is a word. Chunks start at the first character
   of a word and end at the last character of a word, so no word is ever split and chunks
   carry no leading or trailing whitespace. ``chunk.text == text[chunk.start:chunk.end]``.
 * A chunk holds as many whole words as fit in ``chunk_tokens`` tokens. A single word longer
   than that (a URL, a base64 blob) becomes a chunk of its own, marked ``oversized``; the
   encoder truncates it.
 * Consecutive chunks share about ``overlap`` tokens: the next chunk starts at the earliest
-  word such that the shared tail is at most ``overlap`` tokens, and always at least one word
-  later than the previous start, so chunking always progresses.
+  word such that the shared tail is at most ``overlap`` tokens and the next unseen word still
+  fits, so every chunk starts later and ends later than the previous one (no chunk is
+  contained in another, and chunking always progresses).
 * When a paragraph break, or else a sentence end, falls in the last quarter of a full
   chunk, the chunk ends there instead (``prefer_boundaries``), which keeps sentences whole
   at almost no cost in chunk size.
@@ -40,7 +42,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 DEFAULT_CHUNK_TOKENS = 200
 DEFAULT_OVERLAP = 32
 
-_WORD = re.compile(r"\S+")
+#: Scripts written without spaces between words: each character counts as a word there.
+_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u3000-\u303f\uff00-\uffef"
+_WORD = re.compile(f"[{_CJK}]|[^\\s{_CJK}]+")
 _SENTENCE_END = re.compile(r"[.!?\u3002\uff01\uff1f][\"')\]\u201d\u2019]*$")
 
 Tokenizer = Union[None, Callable[[str], int], Any]
@@ -143,6 +147,7 @@ def _pack(
 
     chunks: List[Chunk] = []
     i = 0
+    prev_end = 0  # the previous chunk's end (in words): each chunk must end later
     while i < n:
         # largest j with tokens(i, j) <= chunk_tokens (at least one word)
         j = bisect.bisect_right(prefix, prefix[i] + chunk_tokens, lo=i + 1) - 1
@@ -150,22 +155,27 @@ def _pack(
         if j <= i:
             j, oversized = i + 1, True
         if prefer_boundaries and j < n and j - i > 1:
-            j = _boundary_end(text, spans, prefix, i, j, chunk_tokens)
+            j = _boundary_end(text, spans, prefix, i, max(i, prev_end) + 1, j, chunk_tokens)
+        prev_end = j
         a, b = spans[i][0], spans[j - 1][1]
         chunks.append(Chunk(text[a:b], a, b, tokens(i, j), len(chunks), oversized))
         if j >= n:
             break
-        # next start: earliest k in (i, j] with tokens(k, j) <= overlap
-        k = bisect.bisect_left(prefix, prefix[j] - overlap, lo=i + 1, hi=j)
+        # next start: earliest k in (i, j] sharing at most `overlap` tokens with this chunk
+        # and leaving room for word j, so that every chunk brings at least one new word
+        k = bisect.bisect_left(prefix, max(prefix[j] - overlap, prefix[j + 1] - chunk_tokens), lo=i + 1, hi=j)
         i = max(k, i + 1)
     return chunks
 
 
-def _boundary_end(text: str, spans: Sequence[Tuple[int, int]], prefix: Sequence[int], i: int, j: int, budget: int) -> int:
-    """Move the end ``j`` back to a paragraph or sentence end in the last quarter of the chunk."""
+def _boundary_end(
+    text: str, spans: Sequence[Tuple[int, int]], prefix: Sequence[int], i: int, lo: int, j: int, budget: int
+) -> int:
+    """Move the end ``j`` back to a paragraph or sentence end in the last quarter of the chunk,
+    but not below ``lo`` (words ``[i, e)`` with ``e >= lo``)."""
     floor = prefix[i] + (3 * budget) // 4
     best_sentence: Optional[int] = None
-    for e in range(j, i + 1, -1):  # candidate end: words [i, e)
+    for e in range(j, max(lo, i + 2) - 1, -1):  # candidate end: words [i, e)
         if prefix[e] < floor:
             break
         last_end = spans[e - 1][1]

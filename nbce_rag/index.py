@@ -418,13 +418,19 @@ class VectorIndex:
         return self.search_by_vector(qv, k)
 
     def search_by_vector(self, vectors: np.ndarray, k: int = 10) -> List[List[Hit]]:
-        """Search with query embeddings of shape ``(m, dim)`` (or ``(dim,)``)."""
+        """Search with query embeddings of shape ``(m, dim)`` (or ``(dim,)``); they are
+        L2-normalised here, so scores are cosines."""
         self._check_k(k)
         q = np.asarray(vectors, dtype=np.float32)
         if q.ndim == 1:
             q = q[None, :]
         if q.ndim != 2 or q.shape[1] != self.dim:
             raise ConfigError(f"query vectors must have dimension {self.dim}, got shape {q.shape}")
+        norms = np.linalg.norm(q, axis=1, keepdims=True)
+        if np.any(norms == 0) or not np.all(np.isfinite(norms)):
+            raise ConfigError("query vectors must be finite and non-zero")
+        if not np.allclose(norms, 1.0, atol=1e-4):
+            q = q / norms  # scores are cosines whatever the query norm
         if not len(self):
             return [[] for _ in range(q.shape[0])]
         scores, rows = self.topk(q, k)

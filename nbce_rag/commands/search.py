@@ -1,0 +1,55 @@
+"""``nbce-rag search``: print the best chunks of an index for a query, with cosine scores.
+
+    nbce-rag search --index DIR "query" [-k K] [--json] [--encoder E]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: "argparse._SubParsersAction") -> None:
+    p = subparsers.add_parser(
+        "search",
+        help="search an index and print the hits with their cosine scores",
+        description="Embed the query with the index's encoder and print the k most similar chunks "
+        "(score = cosine similarity).",
+    )
+    p.add_argument("query", nargs="+", help="the query (several words are joined with spaces)")
+    p.add_argument("--index", required=True, metavar="DIR", help="index directory (nbce-rag index)")
+    p.add_argument("-k", "--k", type=int, default=10, help="number of hits (default 10)")
+    p.add_argument("--json", action="store_true", help="print the hits as a JSON list")
+    p.add_argument("--encoder", default=None, metavar="E",
+                   help="encoder directory or id (default: the one recorded in the index; must match it)")
+    p.add_argument("--backend", choices=["exact", "faiss"], default=None,
+                   help="override the index's search backend")
+    p.add_argument("--width", type=int, default=200, help="characters of each hit to print (default 200)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    from ..encoder import CoSENTEncoder
+    from ..index import VectorIndex
+
+    query = " ".join(args.query)
+    enc = CoSENTEncoder.from_pretrained(args.encoder) if args.encoder else None
+    index = VectorIndex.load(args.index, enc, backend=args.backend)
+    hits = index.search(query, k=args.k)
+    if args.json:
+        print(json.dumps([h.to_dict() for h in hits], indent=2, ensure_ascii=False))
+        return 0
+    if not hits:
+        print("(the index is empty)")
+        return 0
+    for rank, h in enumerate(hits, 1):
+        m = h.metadata
+        where = m.get("source") or m.get("doc_id", "")
+        span = f", chars {m['start']}-{m['end']}" if "start" in m else ""
+        text = " ".join(h.text.split())
+        if len(text) > args.width:
+            text = text[: args.width - 1] + "\u2026"
+        print(f"{rank:>3}. {h.score:.4f}  {h.id}  ({where}{span})")
+        print(f"     {text}")
+    return 0
