@@ -1,0 +1,158 @@
+"""RAGPipeline: retrieve -> filter -> decode, in one direction.
+
+    question ──> index.search (top-k candidates, canonical cosine)
+             ──> MarginThreshold.filter (kept passages, or none)
+             ──> NBCEDecoder.stream (one row per kept passage)
+             ──> Answer(text, per-token sources, sources with scores and shares, supported)
+
+When the filter keeps nothing, the question is answered closed-book and the answer is flagged
+``supported=False``; there is never a silent fall-back to the top-k candidates.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Iterable, Iterator, List, Optional, Sequence
+
+from .decoder import NBCEDecoder
+from .types import Answer, Passage, StreamEvent, as_passage
+
+logger = logging.getLogger(__name__)
+
+
+class RAGPipeline:
+    """A retriever (an embedded :class:`VectorIndex`), an optional calibrated filter
+    (:class:`MarginThreshold`) and an :class:`NBCEDecoder`.
+
+    >>> rag = RAGPipeline.from_pretrained(index="my_index")   # bundled models; picks up calibration.json
+    >>> ans = rag.ask("How do I open a file?")
+    >>> ans.text, ans.supported, [(s.id, s.score, s.share) for s in ans.sources]
+    """
+
+    def __init__(self, decoder: NBCEDecoder, index: Any = None, threshold: Any = None, *, k: int = 10):
+        if k < 1:
+            raise ValueError(f"k must be >= 1 (got {k})")
+        self.decoder = decoder
+        self.index = index
+        self.threshold = threshold
+        self.k = k
+        if threshold is not None and index is not None:
+            threshold.check_encoder(index)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        index: Any = None,
+        *,
+        model: Any = None,
+        encoder: Any = None,
+        threshold: Any = "auto",
+        k: int = 10,
+        device: Optional[str] = None,
+        dtype=None,
+        decoder: Optional[NBCEDecoder] = None,
+        **decoder_options: Any,
+    ) -> "RAGPipeline":
+        """Build a pipeline from an index directory (or a loaded :class:`VectorIndex`).
+
+        ``model``: the LLM (``None`` = bundled SmolLM2-135M-Instruct). ``encoder``: the query
+        encoder (``None`` = the one recorded in the index). ``threshold``: ``"auto"`` loads
+        ``calibration.json`` from the index directory when present; a path, a
+        :class:`MarginThreshold`, or ``None`` (no filter: all top-k reach the decoder).
+        ``decoder_options`` are :class:`NBCEConfig` fields.
+        """
+        from .threshold import MarginThreshold
+
+        idx = index
+        index_dir = None
+        if isinstance(index, (str, os.PathLike)):
+            from .index import VectorIndex
+
+            index_dir = index
+            idx = VectorIndex.load(index, encoder=encoder)
+        elif index is not None and encoder is not None:
+            idx.encoder = encoder
+        th = threshold
+        if isinstance(threshold, str) and threshold == "auto":
+            th = MarginThreshold.for_index(index_dir, encoder=idx) if index_dir is not None else None
+            if th is None and idx is not None:
+                logger.warning(
+                    "no calibration.json next to the index: every top-%d candidate reaches the decoder. "
+                    "Run `nbce-rag calibrate` to filter irrelevant passages.", k)
+        elif isinstance(threshold, (str, os.PathLike)):
+            th = MarginThreshold.load(threshold, encoder=idx)
+        dec = decoder or NBCEDecoder.from_pretrained(model, device=device, dtype=dtype, **decoder_options)
+        if decoder is not None and decoder_options:
+            dec.config = dec.config.update(**decoder_options)
+        return cls(dec, idx, th, k=k)
+
+    # ------------------------------------------------------------------ retrieval
+    def retrieve(self, question: str, k: Optional[int] = None) -> List[Passage]:
+        """Top-``k`` candidates from the index, scored with the canonical cosine."""
+        if self.index is None:
+            raise ValueError("this pipeline has no index: pass passages= to ask(), or build it with an index")
+        return list(self.index.search(question, k=k or self.k))
+
+    def select(self, question: str, passages: Optional[Iterable[Any]] = None, k: Optional[int] = None):
+        """The passages that will reach the decoder, and the filter's decisions.
+
+        Returns ``(kept, dropped)``. With ``passages`` given (e.g. from an external store or a
+        request's ``documents``), they are re-scored with the canonical cosine when the
+        pipeline has an encoder, then filtered; otherwise the index is searched.
+        """
+        if passages is None:
+            candidates = self.retrieve(question, k)
+        else:
+            if isinstance(passages, (str, bytes)):
+                raise TypeError("passages must be a list of passages; wrap a single string in a list")
+            candidates = [as_passage(p, where=f"passages[{i}]") for i, p in enumerate(passages)]
+            candidates = [p for p in candidates if p.text.strip()]
+            if self.threshold is not None and self.index is not None and candidates:
+                candidates = self.threshold.rescore(self.index.encoder, question, candidates)
+        if self.threshold is None:
+            return candidates, []
+        result = self.threshold.filter(candidates)
+        return list(result.kept), list(result.dropped)
+
+    # ------------------------------------------------------------------ answering
+    def stream(self, question: str, passages: Optional[Iterable[Any]] = None, *, k: Optional[int] = None,
+               **options: Any) -> Iterator[StreamEvent]:
+        """Retrieve, filter and decode, streaming. The last event's ``answer`` has
+        ``supported`` and ``dropped`` set. ``options`` are :class:`NBCEConfig` fields."""
+        NBCEDecoder._check_question(question)
+        kept, dropped = self.select(question, passages, k)
+        if not kept:
+            logger.info("no passage passed the filter: answering closed-book (unsupported)")
+        for ev in self.decoder.stream(question, kept, **options):
+            if ev.answer is not None:
+                ev.answer.supported = bool(kept)
+                ev.answer.dropped = dropped
+            yield ev
+
+    def ask(self, question: str, passages: Optional[Iterable[Any]] = None, *, k: Optional[int] = None,
+            **options: Any) -> Answer:
+        """Answer ``question`` (see :meth:`stream`)."""
+        answer = None
+        for ev in self.stream(question, passages, k=k, **options):
+            answer = ev.answer or answer
+        return answer
+
+    # ------------------------------------------------------------------ conveniences
+    def as_langchain_retriever(self, **kwargs: Any):
+        """A LangChain ``BaseRetriever`` over this pipeline's index and filter."""
+        from .integrations.langchain import CoSENTRetriever
+
+        return CoSENTRetriever.from_pipeline(self, **kwargs)
+
+    def as_langchain_chat_model(self, **kwargs: Any):
+        """A LangChain chat model (``ChatNBCE``) over this pipeline's decoder."""
+        from .integrations.langchain import ChatNBCE
+
+        return ChatNBCE.from_pipeline(self, **kwargs)
+
+    def as_query_engine(self, **kwargs: Any):
+        """A LlamaIndex query engine (``NBCEQueryEngine``) over this pipeline."""
+        from .integrations.llama_index import NBCEQueryEngine
+
+        return NBCEQueryEngine.from_pipeline(self, **kwargs)
