@@ -10,38 +10,47 @@ from an external store (which may report a distance or a transformed "relevance"
 re-scored with :meth:`MarginThreshold.rescore` first.
 
 Calibration (:meth:`MarginThreshold.calibrate`), from cosine scores ``s``, 0/1 labels ``y``
-and the query id of every score (the candidates of a query, e.g. its top-k):
+and the query id of every score (the candidates of a query, e.g. its top-k; ``s_max(q)`` is
+the best candidate's score of query ``q``):
 
-* ``threshold`` ``t*`` -- the best-F1 threshold, found by an exact scan of the sorted scores
-  (every distinct cut is evaluated, ties are never split; the threshold sits halfway between
-  the two adjacent distinct scores that define the best cut, as in sentence-transformers'
-  ``find_best_f1_and_threshold``). The decision is ``keep iff s >= t``.
-* the uncertainty band ``[lower, upper]`` --
-  ``upper`` = the lowest threshold whose precision is >= ``precision_target`` (scores above it
-  are relevant with confidence), ``lower`` = the highest threshold whose recall is >=
-  ``recall_target`` (scores below it are irrelevant with confidence). The band is widened to
-  contain ``t*``: ``lower <- min(lower, t*)``, ``upper <- max(upper, t*)``.
+* global ``t*`` -- the best-F1 threshold, found by an exact scan of the sorted scores (every
+  distinct cut is evaluated, ties are never split; a threshold sits halfway between the two
+  adjacent distinct scores that define its cut, as in sentence-transformers'
+  ``find_best_f1_and_threshold``). Decisions are ``keep iff s >= t``.
+* the uncertainty band ``[lower, upper]`` -- ``upper`` = the lowest threshold whose precision
+  is >= ``precision_target`` (relevant with confidence above it), ``lower`` = the highest
+  threshold whose recall is >= ``recall_target`` (irrelevant with confidence below it);
+  widened to contain ``t*`` and ``threshold``. When no cut reaches the precision target,
+  ``upper`` lies above every score and a warning says so.
 * ``margin`` ``m`` -- the relative margin to the best candidate of the same query. Triangle
-  inequality argument (Su, "From the triangle inequality to Margin Softmax"): the relevant
-  passages of one query lie in a ball around its intent, so their scores lie within a
-  "class diameter" of each other; a candidate scoring further than that below the query's
-  best candidate is outside the ball of whatever the best candidate is about. Estimated as
-  the ``margin_quantile`` quantile of the within-query spread of relevant scores,
-  ``s_top_rel(q) - s_rel(q, j)``, over the non-top relevant candidates of queries with at
-  least two relevant candidates.
-* bootstrap over queries (``n_bootstrap`` resamples of whole queries): percentile confidence
-  intervals of all four numbers and of the in-sample precision/recall/F1 of the rule.
+  inequality argument (Su, "From the triangle inequality to Margin Softmax", kexue.fm 8656):
+  the relevant passages of one query lie in a ball around its intent, so their scores lie
+  within a "class diameter" of each other, and a candidate further than that below the best
+  one is outside the ball of whatever the best one is about. The diameter is measured as
+  the within-query spread of relevant scores, ``D = { s_top_rel(q) - s_rel(q, j) }`` over the
+  non-top relevant candidates of queries with >= 2 relevant candidates. The candidates for
+  ``m`` are ``{no margin, 0} U { Q_alpha(D) : alpha in margin_quantiles }``; for each, the
+  threshold ``tau(m)`` is the exact best-F1 scan over the candidates that pass the margin
+  (recall still counts every relevant one), and the pair with the highest F1 is kept::
 
-The filter rule (for one query's candidates ``s_1..s_k``, ``s_max = max_j s_j``)::
+      (m, tau) = argmax_{m in M} F1( s >= tau(m)  and  s >= s_max - m )
 
-    keep i  iff  s_i >= t*  and  s_i >= s_max - m           (m = +inf when no margin)
+  ``m = 0`` keeps the best candidate only: the data's answer when queries have a single
+  relevant passage (SciFact); with several relevant passages per query a larger quantile
+  wins.
+* bootstrap over queries (``n_bootstrap`` resamples of whole queries, the whole selection
+  re-run on each): percentile confidence intervals of ``threshold``, ``t*``, ``lower``,
+  ``upper``, ``margin`` and of the precision/recall/F1 of the calibrated rule.
 
-i.e. the calibrated global cut, tightened per query by the margin to the best candidate.
-The band does not change the decision: it labels the kept and dropped hits
-(``confident`` / ``uncertain``), which is what a reranker or a monitor consumes, and is
-reported with the calibration. Why this rule and not another (the band as the decision
-boundary, the margin alone, ...): the cross-validated comparison on SciFact in
-``benchmarks/RESULTS_filter.md``.
+The filter rule, for one query's candidates ``s_1..s_k`` with ``s_max = max_j s_j``::
+
+    keep i  iff  s_i >= threshold  and  s_i >= s_max - margin        (no margin: m = +inf)
+
+``threshold`` equals ``t*`` when no margin is used. The band does not change the decision:
+it labels kept and dropped hits ``confident`` / ``uncertain`` (what a reranker or a monitor
+consumes) and is reported with the calibration. Why this rule and not another (``t*`` alone,
+the margin alone, ``t*`` AND a fixed-quantile margin, the band edges as the decision, ...):
+the cross-validated comparison on SciFact train in ``benchmarks/RESULTS_filter.md``.
 
 When nothing passes the result is empty (``FilterResult.kept == []``): the pipeline answers
 closed-book and flags the answer as unsupported; there is no fall-back to top-k.
@@ -80,6 +89,9 @@ FORMAT_NAME = "nbce-rag/margin-threshold"
 FORMAT_VERSION = 1
 
 PathLike = Union[str, "os.PathLike[str]"]
+
+#: Quantiles of the within-query relevant spread tried as the margin by ``margin="auto"``.
+DEFAULT_MARGIN_QUANTILES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 __all__ = [
     "CALIBRATION_FILENAME",
@@ -144,18 +156,27 @@ def _as_arrays(scores: Any, labels: Any) -> Tuple[np.ndarray, np.ndarray]:
     return s, (y > 0).astype(np.int8)
 
 
-def best_f1_threshold(scores: Any, labels: Any) -> Tuple[float, float, float, float]:
+def best_f1_threshold(scores: Any, labels: Any, eligible: Any = None) -> Tuple[float, float, float, float]:
     """Exact best-F1 threshold by a scan of the sorted scores.
 
     Returns ``(threshold, f1, precision, recall)`` for the rule ``keep iff s >= threshold``.
     Every distinct cut is evaluated (O(n log n)); among equal F1 the highest threshold wins.
     With no positive at all, returns a threshold above every score and F1 = 0.
+
+    ``eligible`` (a boolean mask) restricts the kept set to ``eligible & (s >= threshold)``
+    (e.g. the candidates that pass the margin) while recall still counts *every* positive:
+    the exact best threshold of a rule that also has another condition.
     """
     s, y = _as_arrays(scores, labels)
     if s.size == 0:
         raise CalibrationError("no scores given")
-    d, tp, n = _cuts(s, y)
     P = int(y.sum())
+    if eligible is not None:
+        e = np.asarray(eligible, dtype=bool).ravel()
+        s, y = s[e], y[e]
+        if s.size == 0:
+            return float("inf"), 0.0, 0.0, 0.0
+    d, tp, n = _cuts(s, y)
     if P == 0:
         return _above_all(d), 0.0, 0.0, 0.0
     f1 = 2.0 * tp / (n + P)  # 2TP / (2TP + FP + FN) with FP = n - TP, FN = P - TP
@@ -404,10 +425,10 @@ class MarginThreshold:
         groups: Any = None,
         *,
         encoder_identity: Any = None,
+        margin: Union[str, float, None] = "auto",
+        margin_quantiles: Sequence[float] = DEFAULT_MARGIN_QUANTILES,
         precision_target: float = 0.9,
         recall_target: float = 0.9,
-        margin_quantile: float = 0.9,
-        use_margin: bool = True,
         n_bootstrap: int = 1000,
         ci_level: float = 0.95,
         min_positives: int = 10,
@@ -418,24 +439,39 @@ class MarginThreshold:
         """Calibrate from cosine ``scores``, 0/1 relevance ``labels`` and the query id of every
         score (``groups``; the candidates of one query share an id).
 
-        Without ``groups`` every score is its own query: no margin can be estimated and the
-        bootstrap resamples single scores. ``encoder_identity`` may be an identity string, an
-        encoder or an index. Raises :class:`CalibrationError` when the data cannot support a
-        calibration (NaN scores, too few positives/negatives, all scores equal) and warns
+        ``margin``: ``"auto"`` (default) picks ``m`` among 0 and the ``margin_quantiles``
+        quantiles of the within-query spread of relevant scores -- or no margin -- by the F1 of
+        the whole rule, the threshold being re-scanned exactly for each candidate; a number
+        fixes ``m`` (the threshold is still scanned given it); ``None`` disables the margin.
+        Without ``groups`` every score is its own query: no margin, and the bootstrap
+        resamples single scores. ``encoder_identity`` may be an identity string, an encoder or
+        an index. Raises :class:`CalibrationError` when the data cannot support a calibration
+        (NaN scores, too few positives/negatives, all scores equal) and warns
         (:class:`CalibrationWarning`) when it is thin.
         """
         s, y = _validate(scores, labels, min_positives, min_negatives)
         for name, v in (("precision_target", precision_target), ("recall_target", recall_target),
-                        ("margin_quantile", margin_quantile), ("ci_level", ci_level)):
+                        ("ci_level", ci_level)):
             if not 0.0 < float(v) <= 1.0:
                 raise CalibrationError(f"{name} must be in (0, 1], got {v}")
+        qs = [float(q) for q in margin_quantiles]
+        if any(not 0.0 <= q <= 1.0 for q in qs):
+            raise CalibrationError(f"margin_quantiles must lie in [0, 1], got {list(margin_quantiles)}")
+        if isinstance(margin, str):
+            if margin != "auto":
+                raise CalibrationError(f"margin must be 'auto', a number >= 0 or None; got {margin!r}")
+        elif margin is not None:
+            margin = float(margin)
+            if not (margin >= 0.0 and math.isfinite(margin)):
+                raise CalibrationError(f"a fixed margin must be a finite number >= 0; got {margin}")
         gi, G = _group_index(groups, s.size)
         if groups is None:
             _warn("no query ids (groups) given: the relative margin is disabled and the bootstrap "
                   "resamples single scores; pass the query id of every score to calibrate the margin")
 
-        est = _estimate(s, y, gi, G, precision_target, recall_target, margin_quantile,
-                        use_margin and groups is not None, min_margin_queries, warn=True)
+        mode = margin if groups is not None else None
+        est = _estimate(s, y, gi, G, precision_target, recall_target, mode, qs,
+                        min_margin_queries, warn=True)
         n_pos = int(y.sum())
         stats: Dict[str, Any] = {
             "n_scores": int(s.size),
@@ -446,14 +482,17 @@ class MarginThreshold:
             "n_margin_spreads": est["n_spreads"],
             "precision_target": float(precision_target),
             "recall_target": float(recall_target),
-            "margin_quantile": float(margin_quantile),
+            "margin_mode": "auto" if margin == "auto" else ("none" if mode is None else "fixed"),
+            "margin_quantile": est["quantile"],  # alpha of the chosen margin (None: 0 or fixed/none)
+            "margin_candidates": est["candidates"],
+            "global_threshold": est["t_star"],  # t* of the plain scan (no margin)
             "precision_at_upper_reached": est["upper_reached"],
             "ci_level": float(ci_level),
             "n_bootstrap": int(n_bootstrap),
             "seed": int(seed),
             "score_range": [float(s.min()), float(s.max())],
-            # in-sample quality of t* alone and of the full rule
-            "threshold_only": dict(zip(("precision", "recall", "f1"), est["prf_t"])),
+            # in-sample quality of the global t* alone and of the full rule
+            "global_threshold_metrics": dict(zip(("precision", "recall", "f1"), est["prf_t"])),
             "rule": dict(zip(("precision", "recall", "f1"), est["prf_rule"])),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
@@ -465,7 +504,7 @@ class MarginThreshold:
                       "calibrate on 50+ labelled queries")
             rng = np.random.default_rng(seed)
             members = _members(gi, G)
-            keys = ("threshold", "lower", "upper", "margin", "precision", "recall", "f1")
+            keys = ("threshold", "global_threshold", "lower", "upper", "margin", "precision", "recall", "f1")
             boot: Dict[str, List[Any]] = {k: [] for k in keys}
             for _ in range(int(n_bootstrap)):
                 pick = rng.integers(0, G, size=G)
@@ -475,10 +514,10 @@ class MarginThreshold:
                 ys = y[idx]
                 if ys.sum() == 0 or ys.sum() == ys.size:
                     continue
-                b = _estimate(s[idx], ys, new_gi, G, precision_target, recall_target,
-                              margin_quantile, use_margin and groups is not None,
+                b = _estimate(s[idx], ys, new_gi, G, precision_target, recall_target, mode, qs,
                               min_margin_queries, warn=False)
                 boot["threshold"].append(b["threshold"])
+                boot["global_threshold"].append(b["t_star"])
                 boot["lower"].append(b["lower"])
                 boot["upper"].append(b["upper"])
                 boot["margin"].append(b["margin"])
@@ -489,8 +528,14 @@ class MarginThreshold:
                 boot["precision"].append(p)
                 boot["recall"].append(r)
                 boot["f1"].append(f)
-            ci = {k: _ci(np.asarray([np.nan if v is None else v for v in boot[k]], dtype=np.float64),
+            # a resample that chose "no margin" counts as an infinite margin: the interval then
+            # covers the finite choices, and margin_none_fraction says how often none was chosen
+            ci = {k: _ci(np.asarray([np.inf if v is None else v for v in boot[k]], dtype=np.float64),
                          ci_level) for k in keys}
+            nb = max(len(boot["margin"]), 1)
+            stats["n_bootstrap_used"] = len(boot["margin"])
+            stats["margin_none_fraction"] = sum(v is None for v in boot["margin"]) / nb
+            stats["margin_zero_fraction"] = sum(v == 0.0 for v in boot["margin"]) / nb
         th = cls(
             threshold=est["threshold"],
             lower=est["lower"],
@@ -720,33 +765,46 @@ class MarginThreshold:
 
         def c(key: str) -> str:
             v = self.ci.get(key)
-            return "" if not v else f"  [{v[0]:.4f}, {v[1]:.4f}]"
+            if not v:
+                return ""
+            hi = "inf" if not math.isfinite(v[1]) else f"{v[1]:.4f}"
+            return f"  [{v[0]:.4f}, {hi}]"
 
         st = self.stats
         lvl = st.get("ci_level", 0.95)
+        if self.margin is None:
+            mdesc = "no margin (none improved F1)" if st.get("margin_mode") == "auto" else "no margin"
+        elif st.get("margin_quantile") is not None:
+            mdesc = (f"q{st['margin_quantile']:g} of the within-query spread of relevant scores "
+                     f"({st.get('n_margin_spreads')} spreads), chosen by F1")
+        elif self.margin == 0.0 and st.get("margin_mode") == "auto":
+            mdesc = "0: keep the best candidate only (chosen by F1)"
+        else:
+            mdesc = "fixed"
         lines = [
             f"encoder:    {self.encoder_identity}",
             f"data:       {st.get('n_scores')} scores, {st.get('n_positives')} relevant, "
             f"{st.get('n_negatives')} irrelevant, {st.get('n_queries')} queries"
-            + (f" (top-{st['k']})" if st.get("k") else ""),
-            f"rule:       keep iff s >= threshold and s >= s_max(query) - margin",
-            f"            (intervals: {int(lvl * 100)}% bootstrap over queries, {st.get('n_bootstrap')} resamples)",
-            f"threshold:  {f(self.threshold)}{c('threshold')}   best-F1, exact sorted scan",
-            f"lower:      {f(self.lower)}{c('lower')}   recall >= {st.get('recall_target')} above it",
-            f"upper:      {f(self.upper)}{c('upper')}   precision >= {st.get('precision_target')} above it"
-            + ("" if st.get("precision_at_upper_reached", True) else " (target never reached)"),
-            f"margin:     {f(self.margin)}{c('margin')}   q{st.get('margin_quantile')} of within-query "
-            f"relevant spread ({st.get('n_margin_spreads')} spreads)",
+            + (f" (top-{st['k']} candidates)" if st.get("k") else ""),
+            "rule:       keep iff s >= threshold and s >= s_max(query) - margin",
+            f"            [intervals: {int(round(lvl * 100))}% bootstrap over queries, "
+            f"{st.get('n_bootstrap_used', st.get('n_bootstrap'))} resamples]",
+            f"threshold:  {f(self.threshold)}{c('threshold')}   best F1 of the rule (exact scan given the margin)",
+            f"margin:     {f(self.margin)}{c('margin')}   {mdesc}",
+            f"band:       [{f(self.lower)}, {f(self.upper)}]   lower: recall >= {st.get('recall_target')} above it"
+            f" {c('lower').strip()}; upper: precision >= {st.get('precision_target')} above it {c('upper').strip()}"
+            + ("" if st.get("precision_at_upper_reached", True) else " (target never reached: upper is above every score)"),
+            f"global t*:  {f(st.get('global_threshold'))}{c('global_threshold')}   best-F1 threshold without margin",
         ]
         r = st.get("rule") or {}
-        t = st.get("threshold_only") or {}
+        g = st.get("global_threshold_metrics") or {}
         if r:
             lines.append(
-                f"in-sample:  precision {r['precision']:.4f}{c('precision')}  recall {r['recall']:.4f}{c('recall')}"
-                f"  F1 {r['f1']:.4f}{c('f1')}"
+                f"rule (in-sample):   precision {r['precision']:.4f}{c('precision')}  recall "
+                f"{r['recall']:.4f}{c('recall')}  F1 {r['f1']:.4f}{c('f1')}"
             )
-        if t:
-            lines.append(f"t* alone:   precision {t['precision']:.4f}  recall {t['recall']:.4f}  F1 {t['f1']:.4f}")
+        if g:
+            lines.append(f"global t* alone:    precision {g['precision']:.4f}  recall {g['recall']:.4f}  F1 {g['f1']:.4f}")
         return "\n".join(lines)
 
 
@@ -757,7 +815,6 @@ class MarginThreshold:
 
 def _warn(msg: str) -> None:
     warnings.warn(msg, CalibrationWarning, stacklevel=3)
-    logger.warning(msg)
 
 
 def _validate(scores: Any, labels: Any, min_pos: int, min_neg: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -807,8 +864,9 @@ def _members(gi: np.ndarray, G: int) -> List[np.ndarray]:
     return [order[bounds[g]:bounds[g + 1]] for g in range(G)]
 
 
-def _estimate(s, y, gi, G, p_target, r_target, m_quantile, use_margin, min_margin_queries, warn):
-    t, _, _, _ = best_f1_threshold(s, y)
+def _estimate(s, y, gi, G, p_target, r_target, mode, quantiles, min_margin_queries, warn):
+    """All calibrated numbers for one data set (the full data or one bootstrap resample)."""
+    t_star, f1_star, _, _ = best_f1_threshold(s, y)
     up = precision_target_threshold(s, y, p_target)
     upper_reached = up is not None
     if up is None:
@@ -817,30 +875,46 @@ def _estimate(s, y, gi, G, p_target, r_target, m_quantile, use_margin, min_margi
             _warn(f"no threshold reaches precision {p_target}: upper is set above every score "
                   "(nothing is relevant with confidence); lower precision_target or improve the encoder")
     lo = recall_target_threshold(s, y, r_target)
-    lower, upper = min(lo, t), max(up, t)
-    margin: Optional[float] = None
-    n_spreads = 0
-    if use_margin:
+    gmax = _group_max(s, gi, G)[gi]
+    spreads = np.zeros(0)
+    n_multi = 0
+    # candidate margins: (margin, quantile alpha)
+    cands: List[Tuple[Optional[float], Optional[float]]] = [(None, None)]
+    if mode == "auto":
         spreads = within_query_spreads(s, y, gi)
-        n_spreads = int(spreads.size)
         pos = y > 0
         n_multi = int(np.sum(np.bincount(gi[pos], minlength=G) >= 2))
-        if n_multi < min_margin_queries:
-            if warn:
-                _warn(f"only {n_multi} queries have two or more relevant candidates (need "
-                      f"{min_margin_queries}): the relative margin is disabled; label queries with "
-                      "several relevant passages to calibrate it")
-        else:
-            margin = margin_from_spreads(spreads, m_quantile)
-    gmax = _group_max(s, gi, G)[gi]
+        cands.append((0.0, None))
+        if n_multi >= min_margin_queries:
+            for q in quantiles:
+                cands.append((float(np.quantile(spreads, q)), q))
+        elif warn:
+            _warn(f"only {n_multi} queries have two or more relevant candidates (need "
+                  f"{min_margin_queries}): the margin can only be 0 (keep the best candidate alone) or "
+                  "none; label queries with several relevant passages to calibrate it")
+    elif mode is not None:
+        cands = [(float(mode), None)]
+    best = None
+    table = []
+    for m, q in cands:
+        elig = None if m is None else s >= gmax - m
+        tau, f1, p, r = best_f1_threshold(s, y, eligible=elig)
+        table.append({"margin": m, "quantile": q, "threshold": tau, "f1": f1, "precision": p, "recall": r})
+        if best is None or f1 > best["f1"] + 1e-12:
+            best = table[-1]
+    t, margin = best["threshold"], best["margin"]
+    lower, upper = min(lo, t_star, t), max(up, t_star, t)
     return {
         "threshold": t,
+        "t_star": t_star,
         "lower": lower,
         "upper": upper,
         "margin": margin,
+        "quantile": best["quantile"],
+        "candidates": table,
         "upper_reached": upper_reached,
-        "n_spreads": n_spreads,
-        "prf_t": prf(s >= t, y),
+        "n_spreads": int(spreads.size),
+        "prf_t": prf(s >= t_star, y),
         "prf_rule": prf(apply_rule(s, gmax, t, margin), y),
     }
 

@@ -142,14 +142,15 @@ def test_calibrate_synthetic_band_contains_threshold_and_cis():
     s, y, g = _synthetic(rng)
     th = MarginThreshold.calibrate(s, y, g, encoder_identity="enc-A", n_bootstrap=200)
     assert th.lower <= th.threshold <= th.upper
-    assert th.margin is not None and th.margin > 0
-    for key in ("threshold", "lower", "upper", "margin", "precision", "recall", "f1"):
+    assert th.lower <= th.stats["global_threshold"] <= th.upper
+    for key in ("threshold", "global_threshold", "lower", "upper", "margin", "precision", "recall", "f1"):
         lo, hi = th.ci[key]
         assert lo <= hi
     lo, hi = th.threshold_ci
     assert lo - 0.05 <= th.threshold <= hi + 0.05
     # the in-sample t* F1 equals the exact scan
-    assert th.stats["threshold_only"]["f1"] == pytest.approx(best_f1_threshold(s, y)[1])
+    assert th.stats["global_threshold_metrics"]["f1"] == pytest.approx(best_f1_threshold(s, y)[1])
+    assert th.stats["rule"]["f1"] >= th.stats["global_threshold_metrics"]["f1"] - 1e-12
     assert th.encoder_identity == "enc-A"
     assert "threshold" in th.report() and "margin" in th.report()
 
@@ -163,13 +164,105 @@ def test_band_contains_best_f1_threshold_random(seed):
             warnings.simplefilter("ignore", CalibrationWarning)
             th = MarginThreshold.calibrate(s, y, g, precision_target=pt, recall_target=rt, n_bootstrap=0)
         assert th.lower <= th.threshold <= th.upper
+        assert th.lower <= th.stats["global_threshold"] <= th.upper
 
 
-def test_calibrate_margin_is_quantile_of_spreads():
+@pytest.mark.parametrize("seed", range(15))
+def test_eligible_scan_matches_brute_force(seed):
+    """best_f1_threshold(eligible=...) is the exact best threshold of 'eligible AND s >= t'
+    with recall over *all* positives."""
+    rng = np.random.default_rng(200 + seed)
+    n = int(rng.integers(5, 100))
+    s = np.round(rng.random(n), 2)
+    y = (rng.random(n) < 0.4).astype(int)
+    y[0] = 1
+    e = rng.random(n) < 0.6
+    e[0] = True
+    t, f1, p, r = best_f1_threshold(s, y, eligible=e)
+    P = y.sum()
+
+    def f1_at(c):
+        keep = e & (s >= c)
+        return 2 * np.sum(keep & (y > 0)) / (keep.sum() + P)
+
+    assert f1 == pytest.approx(max(f1_at(c) for c in np.unique(s[e])), abs=1e-12)
+    assert f1_at(t) == pytest.approx(f1, abs=1e-12)
+
+
+def _group_smax(s, g):
+    gmax = {k: s[g == k].max() for k in np.unique(g)}
+    return np.array([gmax[k] for k in g])
+
+
+def _brute_rule_f1(s, y, smax, m, thresholds):
+    """F1 of 's >= t and s >= smax - m' for every t in thresholds (plain loops over the data)."""
+    out = []
+    P = int(np.sum(y > 0))
+    for t in np.atleast_1d(thresholds):
+        tp = kept = 0
+        for si, yi, mi in zip(s, y, smax):
+            if si >= t and (m is None or si >= mi - m):
+                kept += 1
+                tp += int(yi > 0)
+        out.append(2 * tp / (kept + P))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_auto_margin_is_the_best_candidate_by_brute_force(seed):
+    rng = np.random.default_rng(300 + seed)
+    s, y, g = _synthetic(rng, n_q=15, k=6)
+    th = MarginThreshold.calibrate(s, y, g, n_bootstrap=0, min_margin_queries=2)
+    sp = within_query_spreads(s, y, g)
+    cands = [None, 0.0] + [float(np.quantile(sp, q)) for q in np.linspace(0, 1, 11)]
+    assert th.margin in cands
+    # for every candidate margin, the best threshold (brute force over all scores) does not beat the choice
+    smax = _group_smax(s, g)
+    chosen = _brute_rule_f1(s, y, smax, th.margin, th.threshold)[0]
+    grid = np.unique(s)
+    for m in cands:
+        assert _brute_rule_f1(s, y, smax, m, grid).max() <= chosen + 1e-12
+    assert th.stats["rule"]["f1"] == pytest.approx(chosen)
+    # the vectorised rule agrees with the brute force
+    assert prf_keep_f1(th.keep_mask(s, g), y) == pytest.approx(chosen)
+
+
+def prf_keep_f1(keep, y):
+    return 2 * np.sum(keep & (y > 0)) / (keep.sum() + y.sum())
+
+
+def test_margin_none_gives_global_threshold_and_fixed_margin():
     rng = np.random.default_rng(1)
     s, y, g = _synthetic(rng)
-    th = MarginThreshold.calibrate(s, y, g, margin_quantile=0.75, n_bootstrap=0)
-    assert th.margin == pytest.approx(np.quantile(within_query_spreads(s, y, g), 0.75))
+    th = MarginThreshold.calibrate(s, y, g, margin=None, n_bootstrap=0)
+    assert th.margin is None
+    assert th.threshold == best_f1_threshold(s, y)[0] == th.stats["global_threshold"]
+    th2 = MarginThreshold.calibrate(s, y, g, margin=0.05, n_bootstrap=0)
+    assert th2.margin == 0.05
+    assert th2.stats["margin_mode"] == "fixed"
+    with pytest.raises(CalibrationError, match="margin"):
+        MarginThreshold.calibrate(s, y, g, margin=-1, n_bootstrap=0)
+    with pytest.raises(CalibrationError, match="margin"):
+        MarginThreshold.calibrate(s, y, g, margin="big", n_bootstrap=0)
+
+
+def test_single_relevant_queries_choose_best_candidate_only():
+    """One relevant per query, usually ranked first: the calibrated margin is 0 (keep the best
+    candidate only, when it clears the threshold)."""
+    rng = np.random.default_rng(14)
+    s, y, g = [], [], []
+    for q in range(80):
+        sc = np.sort(rng.normal(0.5, 0.08, 10))[::-1] + rng.normal(0.0, 0.1)
+        lab = np.zeros(10, dtype=int)
+        if rng.random() < 0.8:
+            lab[0 if rng.random() < 0.8 else 1] = 1
+        s += sc.tolist()
+        y += lab.tolist()
+        g += [q] * 10
+    with pytest.warns(CalibrationWarning, match="two or more relevant"):
+        th = MarginThreshold.calibrate(s, y, g, n_bootstrap=0)
+    assert th.margin == 0.0
+    assert th.stats["rule"]["f1"] > th.stats["global_threshold_metrics"]["f1"]
 
 
 def test_calibrate_without_groups_warns_and_disables_margin():
@@ -238,12 +331,13 @@ def test_scores_outside_cosine_range_warn():
         MarginThreshold.calibrate(s * 10, y, g, n_bootstrap=0)
 
 
-def test_no_multi_relevant_queries_disables_margin_with_warning():
+def test_no_multi_relevant_queries_limits_margin_with_warning():
     rng = np.random.default_rng(6)
     s, y, g = _synthetic(rng, n_rel_max=1)
     with pytest.warns(CalibrationWarning, match="two or more relevant"):
         th = MarginThreshold.calibrate(s, y, g, n_bootstrap=0)
-    assert th.margin is None
+    assert th.margin in (None, 0.0)
+    assert [c["margin"] for c in th.stats["margin_candidates"]] == [None, 0.0]
 
 
 def test_unreachable_precision_target_warns():

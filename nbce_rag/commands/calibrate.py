@@ -38,9 +38,9 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
                    help="precision above the band's upper edge (default 0.9)")
     p.add_argument("--recall-target", type=float, default=0.9,
                    help="recall above the band's lower edge (default 0.9)")
-    p.add_argument("--margin-quantile", type=float, default=0.9,
-                   help="quantile of the within-query relevant spread used as the margin (default 0.9)")
-    p.add_argument("--no-margin", action="store_true", help="calibrate the global threshold only")
+    p.add_argument("--margin", default="auto", metavar="auto|none|M",
+                   help="relative margin to the best candidate: 'auto' (default: chosen by F1 among 0 "
+                   "and quantiles of the within-query spread of relevant scores), 'none', or a number")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples over queries (default 1000)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the calibration as JSON instead of the report")
@@ -53,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
     from ..index import VectorIndex
     from ..threshold import MarginThreshold, plot_distributions
 
+    margin = _margin_arg(args.margin)  # validate before loading anything
     index = VectorIndex.load(args.index)
     th = MarginThreshold.calibrate_from_qrels(
         index,
@@ -61,8 +62,7 @@ def run(args: argparse.Namespace) -> int:
         k=args.k,
         precision_target=args.precision_target,
         recall_target=args.recall_target,
-        margin_quantile=args.margin_quantile,
-        use_margin=not args.no_margin,
+        margin=margin,
         n_bootstrap=args.bootstrap,
         seed=args.seed,
         show_progress=True,
@@ -80,3 +80,19 @@ def run(args: argparse.Namespace) -> int:
         print(th.report())
         print(f"wrote:      {written}" + (f" and {plot_path}" if plot_path else ""))
     return 0
+
+
+def _margin_arg(v: str):
+    from ..errors import ConfigError
+
+    if v == "auto":
+        return "auto"
+    if v.lower() == "none":
+        return None
+    try:
+        m = float(v)
+    except ValueError:
+        raise ConfigError(f"--margin must be 'auto', 'none' or a number >= 0, got {v!r}") from None
+    if not m >= 0:
+        raise ConfigError(f"--margin must be >= 0, got {v}")
+    return m
