@@ -109,6 +109,324 @@ def bench_stsb(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- SciFact
+
+
+def retrieval_metrics(index, queries: Dict[str, str], qrels: Dict[str, Dict[str, int]], *, chunk_k: int = 400) -> Dict[str, Any]:
+    """nDCG@10, recall@10 and recall@100 over judged queries; a document scores the best
+    cosine of its chunks (MaxP). Gains are the qrels grades, log2 discount (as BEIR)."""
+    qids = [q for q in sorted(qrels) if q in queries and any(g > 0 for g in qrels[q].values())]
+    t0 = time.perf_counter()
+    all_hits = index.search_many([queries[q] for q in qids], k=chunk_k, show_progress_bar=False)
+    search_s = time.perf_counter() - t0
+    ndcg, r10, r100, docs_seen = [], [], [], []
+    for q, hits in zip(qids, all_hits):
+        best: Dict[str, float] = {}
+        for h in hits:
+            d = h.metadata.get("doc_id", h.id.split("#")[0])
+            if d not in best:
+                best[d] = h.score
+        ranked = sorted(best, key=lambda d: -best[d])[:100]
+        docs_seen.append(len(ranked))
+        rel = {d: g for d, g in qrels[q].items() if g > 0}
+        dcg = sum(rel.get(d, 0) / np.log2(i + 2) for i, d in enumerate(ranked[:10]))
+        ideal = sorted(rel.values(), reverse=True)[:10]
+        idcg = sum(g / np.log2(i + 2) for i, g in enumerate(ideal))
+        ndcg.append(dcg / idcg)
+        r10.append(len(set(ranked[:10]) & set(rel)) / len(rel))
+        r100.append(len(set(ranked[:100]) & set(rel)) / len(rel))
+    return {
+        "ndcg@10": 100 * float(np.mean(ndcg)),
+        "recall@10": 100 * float(np.mean(r10)),
+        "recall@100": 100 * float(np.mean(r100)),
+        "queries": len(qids),
+        "min_docs_ranked": int(min(docs_seen)),
+        "search_seconds": search_s,
+    }
+
+
+def bench_scifact(args: argparse.Namespace) -> int:
+    import random
+
+    from nbce_rag.data import qrels_to_pairs, read_beir, read_qrels
+    from nbce_rag.encoder import CoSENTEncoder
+    from nbce_rag.index import VectorIndex
+
+    root = Path(args.data) / "beir_scifact"
+    if not need(root / "corpus.jsonl", "BEIR SciFact"):
+        return 0
+    train = read_beir(root, "train")
+    test_qrels = read_qrels(root / "qrels" / "test.tsv")
+    docs = [{"text": train.doc_text(d), "id": d} for d in sorted(train.corpus)]
+    enc = CoSENTEncoder.from_pretrained()
+    out: Dict[str, Any] = {
+        "benchmark": "BEIR SciFact test qrels: nDCG@10, recall@10/100, bundled all-MiniLM-L6-v2 before vs after "
+        "CoSENT fine-tuning on the train qrels (graded pairs with hard negatives mined from the index)",
+        "corpus_docs": len(docs),
+        "chunking": {"chunk_tokens": args.chunk_tokens, "overlap": args.overlap, "doc_score": "max over chunks"},
+    }
+    t0 = time.perf_counter()
+    index = VectorIndex.build(enc, docs, chunk_tokens=args.chunk_tokens, overlap=args.overlap, show_progress_bar=True)
+    out["index_seconds_before"] = time.perf_counter() - t0
+    out["chunks"] = len(index)
+    out["test_before"] = retrieval_metrics(index, train.queries, test_qrels)
+    print(f"SciFact test before: {out['test_before']}")
+    if args.also_truncated:
+        # one vector per abstract, truncated at max_seq_length (how MTEB reports the model)
+        v = enc.encode([d["text"] for d in docs], show_progress_bar=True)
+        whole = VectorIndex(enc.dim, enc.identity, encoder=enc)
+        whole.add_vectors(v, [d["text"] for d in docs], [d["id"] for d in docs])
+        out["test_before_truncated_256"] = retrieval_metrics(whole, train.queries, test_qrels)
+        print(f"SciFact test before (one vector per abstract, truncated): {out['test_before_truncated_256']}")
+        del whole, v
+    pairs = qrels_to_pairs(train, index, n_hard=args.hard_negatives, n_random=args.random_negatives, seed=42)
+    out["train_pairs_total"] = len(pairs)
+    if args.max_train_pairs and len(pairs) > args.max_train_pairs:
+        pairs = random.Random(42).sample(pairs, args.max_train_pairs)
+    out["train_pairs_used"] = len(pairs)
+    out["pair_grades"] = {str(g): sum(1 for p in pairs if p[2] == g) for g in sorted({p[2] for p in pairs})}
+    del index
+    opts: Dict[str, Any] = {"epochs": args.epochs}
+    if args.lr:
+        opts["learning_rate"] = args.lr
+    out["fit_report"] = enc.fit(pairs, None, **opts)
+    if args.model_out:
+        enc.save_pretrained(args.model_out)
+    t0 = time.perf_counter()
+    index = VectorIndex.build(enc, docs, chunk_tokens=args.chunk_tokens, overlap=args.overlap, show_progress_bar=True)
+    out["index_seconds_after"] = time.perf_counter() - t0
+    out["test_after"] = retrieval_metrics(index, train.queries, test_qrels)
+    print(f"SciFact test after: {out['test_after']}  ({out['fit_report']['train_seconds'] / 60:.1f} min training)")
+    out["model_out"] = args.model_out
+    write_result(args.name, out)
+    return 0
+
+
+# --------------------------------------------------------------------------- throughput
+
+
+def _sentences(data: Path, n: int) -> List[str]:
+    f = data / "stsb" / "sts-train.csv"
+    if f.exists():
+        from nbce_rag.data import read_stsb
+
+        out: List[str] = []
+        for a, b, _ in read_stsb(f):
+            out += [a, b]
+        return out[:n]
+    rng = np.random.default_rng(0)
+    words = "the a cat dog runs plays market fell rain snow guitar piano man woman child eats reads".split()
+    return [" ".join(rng.choice(words, size=rng.integers(5, 20))) for _ in range(n)]
+
+
+def _passages(data: Path, n: int) -> List[str]:
+    f = data / "beir_scifact" / "corpus.jsonl"
+    if f.exists():
+        out = []
+        with open(f, encoding="utf-8") as fh:
+            for line in fh:
+                row = json.loads(line)
+                out.append(f"{row['title']}\n{row['text']}")
+                if len(out) >= n:
+                    break
+        return out
+    return [" ".join(s for s in _sentences(data, 20 * n)[i * 20 : (i + 1) * 20]) for i in range(n)]
+
+
+def bench_throughput(args: argparse.Namespace) -> int:
+    """CoSENTEncoder.encode vs SentenceTransformer.encode on the same texts, same batch size;
+    the two are timed alternately (A B B A ...) and the medians compared."""
+    from nbce_rag.encoder import CoSENTEncoder
+
+    enc = CoSENTEncoder.from_pretrained()
+    st = enc.model
+    data = Path(args.data)
+    sets = {"sentences": _sentences(data, args.n), "passages": _passages(data, args.n_passages)}
+    out: Dict[str, Any] = {"benchmark": "encode throughput: CoSENTEncoder.encode vs SentenceTransformer.encode",
+                           "batch_size": args.batch_size, "repeats": args.repeats, "sets": {}}
+    for name, texts in sets.items():
+        st.encode(texts[:64], batch_size=args.batch_size)  # warm-up
+        enc.encode(texts[:64], batch_size=args.batch_size)
+        t_st, t_ours = [], []
+        for r in range(args.repeats):
+            order = ("st", "ours") if r % 2 == 0 else ("ours", "st")
+            for who in order:
+                t0 = time.perf_counter()
+                if who == "st":
+                    st.encode(texts, batch_size=args.batch_size, show_progress_bar=False)
+                    t_st.append(time.perf_counter() - t0)
+                else:
+                    enc.encode(texts, batch_size=args.batch_size, show_progress_bar=False)
+                    t_ours.append(time.perf_counter() - t0)
+        m_st, m_ours = float(np.median(t_st)), float(np.median(t_ours))
+        out["sets"][name] = {
+            "texts": len(texts),
+            "mean_words": float(np.mean([len(t.split()) for t in texts])),
+            "st_seconds": t_st,
+            "ours_seconds": t_ours,
+            "st_texts_per_s": len(texts) / m_st,
+            "ours_texts_per_s": len(texts) / m_ours,
+            "overhead_percent": 100.0 * (m_ours / m_st - 1.0),
+        }
+        print(f"{name}: direct {len(texts) / m_st:.1f}/s, CoSENTEncoder {len(texts) / m_ours:.1f}/s, "
+              f"overhead {out['sets'][name]['overhead_percent']:+.1f}%")
+    write_result("throughput", out)
+    return 0
+
+
+# --------------------------------------------------------------------------- latency
+
+
+def _random_unit(n: int, dim: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    v = np.empty((n, dim), dtype=np.float32)
+    for a in range(0, n, 100_000):
+        b = min(n, a + 100_000)
+        x = rng.standard_normal((b - a, dim), dtype=np.float32)
+        v[a:b] = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return v
+
+
+def _lat(fn, queries: np.ndarray) -> Dict[str, float]:
+    ts = []
+    for q in queries:
+        t0 = time.perf_counter()
+        fn(q)
+        ts.append(time.perf_counter() - t0)
+    ts_ms = np.asarray(ts) * 1000
+    return {"p50_ms": float(np.percentile(ts_ms, 50)), "p99_ms": float(np.percentile(ts_ms, 99)),
+            "mean_ms": float(ts_ms.mean()), "queries": len(ts)}
+
+
+def bench_latency(args: argparse.Namespace) -> int:
+    """Search latency (k=10, one query at a time, through VectorIndex.search_by_vector) over
+    random unit vectors: exact NumPy, FAISS Flat (exact), FAISS HNSW32 and IVF (approximate,
+    with recall@10 against exact). Random vectors are the worst case for approximate indexes."""
+    from nbce_rag.index import VectorIndex, faiss_available
+
+    has_faiss = faiss_available()
+    if has_faiss:
+        import faiss
+
+        faiss.omp_set_num_threads(args.threads or os.cpu_count() or 1)
+    out: Dict[str, Any] = {"benchmark": "search latency, k=10, dim %d, random unit vectors" % args.dim,
+                           "dim": args.dim, "k": 10, "faiss": has_faiss, "sizes": {}}
+    for n in args.sizes:
+        v = _random_unit(n, args.dim, seed=n)
+        q = _random_unit(max(args.queries, 64), args.dim, seed=n + 1)
+        idx = VectorIndex(args.dim, "random@sha256:0")
+        ids = [str(i) for i in range(n)]
+        idx.add_vectors(v, [""] * n, ids)
+        del v
+        res: Dict[str, Any] = {"vectors": n, "memory_mb": idx.vectors.nbytes / 2**20}
+        nq_exact = args.queries if n < 1_000_000 else max(10, args.queries // 10)
+        res["exact"] = _lat(lambda x: idx.search_by_vector(x, 10), q[:nq_exact])
+        t0 = time.perf_counter()
+        idx.search_by_vector(q[:64], 10)
+        res["exact"]["batch64_ms_per_query"] = (time.perf_counter() - t0) * 1000 / 64
+        _, exact_rows = idx.topk(q[: args.queries], 10)
+        print(f"n={n}: exact {res['exact']}")
+        if has_faiss:
+            configs = [("faiss_flat", "Flat", "")]
+            if n <= args.hnsw_max:
+                configs.append(("faiss_hnsw32", "HNSW32", "efSearch=64"))
+            nlist = max(16, int(np.sqrt(n)))
+            configs.append((f"faiss_ivf{nlist}", f"IVF{nlist},Flat", "nprobe=16"))
+            for name, factory, params in configs:
+                idx.backend, idx.faiss_factory, idx.faiss_params, idx._faiss = "faiss", factory, params, None
+                t0 = time.perf_counter()
+                idx._faiss_index()
+                build = time.perf_counter() - t0
+                r = _lat(lambda x: idx.search_by_vector(x, 10), q[: args.queries])
+                _, rows = idx.topk(q[: args.queries], 10)
+                r["recall@10_vs_exact"] = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(rows, exact_rows)]))
+                r["build_seconds"] = build
+                r["params"] = params
+                res[name] = r
+                print(f"n={n}: {name} {r}")
+                idx._faiss = None
+            idx.backend = "exact"
+        out["sizes"][str(n)] = res
+        del idx, ids
+    write_result("latency", out)
+    return 0
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def plot(args: argparse.Namespace) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def load(name):
+        f = RESULTS / f"{name}.json"
+        return json.loads(f.read_text()) if f.exists() else None
+
+    stsb, sci, thr, lat = load("stsb"), load("scifact"), load("throughput"), load("latency")
+    if stsb or sci:
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+        if stsb:
+            vals = [stsb["test_before"]["spearman"], stsb["test_after"]["spearman"]]
+            axes[0].bar(["bundled", "+ CoSENT"], vals, color=["#999", "#2a7"])
+            for i, x in enumerate(vals):
+                axes[0].text(i, x + 0.3, f"{x:.1f}", ha="center")
+            axes[0].set_ylim(min(vals) - 5, max(vals) + 3)
+            axes[0].set_title("STS-B test Spearman x100")
+        if sci:
+            keys = ["ndcg@10", "recall@10", "recall@100"]
+            x = np.arange(len(keys))
+            b = [sci["test_before"][k] for k in keys]
+            a = [sci["test_after"][k] for k in keys]
+            axes[1].bar(x - 0.2, b, 0.4, label="bundled", color="#999")
+            axes[1].bar(x + 0.2, a, 0.4, label="+ CoSENT", color="#2a7")
+            axes[1].set_xticks(x, keys)
+            axes[1].axhline(64.5, ls=":", c="k", lw=1)
+            axes[1].set_title("SciFact test (x100); dotted: 64.5 nDCG@10")
+            axes[1].legend(loc="lower right")
+        fig.tight_layout()
+        fig.savefig(RESULTS / "finetuning.png", dpi=120)
+        print(f"wrote {RESULTS / 'finetuning.png'}")
+    if lat:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        names = sorted({k for r in lat["sizes"].values() for k in r if k == "exact" or k.startswith("faiss")},
+                       key=lambda k: (k != "exact", k))
+        for name in names:
+            xs = [int(n) for n, r in lat["sizes"].items() if name in r]
+            label = name if not name.startswith("faiss_ivf") else "faiss_ivf(sqrt n)"
+            if name.startswith("faiss_ivf"):
+                xs_all = [(int(n), r[k]["p50_ms"]) for n, r in lat["sizes"].items() for k in r if k.startswith("faiss_ivf")]
+                if name != min(k for r in lat["sizes"].values() for k in r if k.startswith("faiss_ivf")):
+                    continue
+                ax.plot([x for x, _ in xs_all], [y for _, y in xs_all], "o-", label=label)
+                continue
+            ax.plot(xs, [lat["sizes"][str(x)][name]["p50_ms"] for x in xs], "o-", label=label)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("vectors (dim %d)" % lat["dim"])
+        ax.set_ylabel("p50 latency per query, ms (k=10)")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(RESULTS / "latency.png", dpi=120)
+        print(f"wrote {RESULTS / 'latency.png'}")
+    if thr:
+        fig, ax = plt.subplots(figsize=(5, 3.4))
+        sets = list(thr["sets"])
+        x = np.arange(len(sets))
+        ax.bar(x - 0.2, [thr["sets"][s]["st_texts_per_s"] for s in sets], 0.4, label="SentenceTransformer.encode", color="#999")
+        ax.bar(x + 0.2, [thr["sets"][s]["ours_texts_per_s"] for s in sets], 0.4, label="CoSENTEncoder.encode", color="#2a7")
+        ax.set_xticks(x, sets)
+        ax.set_ylabel("texts / s")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(RESULTS / "throughput.png", dpi=120)
+        print(f"wrote {RESULTS / 'throughput.png'}")
+    return 0
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -122,6 +440,39 @@ def main(argv: List[str] | None = None) -> int:
     s.add_argument("--epochs", type=int, default=None, help="override the default (4) for a quick look")
     s.add_argument("--max-train-pairs", type=int, default=None)
     s.set_defaults(func=bench_stsb)
+
+    s = sub.add_parser("scifact", help="SciFact nDCG@10 / recall before and after CoSENT fine-tuning on train qrels")
+    s.add_argument("--data", default=str(DEFAULT_DATA))
+    s.add_argument("--model-out", default="/tmp/nbce_bench/scifact_model")
+    s.add_argument("--epochs", type=int, default=1)
+    s.add_argument("--lr", type=float, default=None, help="learning rate (default: fit's, 2e-5)")
+    s.add_argument("--max-train-pairs", type=int, default=None)
+    s.add_argument("--hard-negatives", type=int, default=3)
+    s.add_argument("--random-negatives", type=int, default=1)
+    s.add_argument("--chunk-tokens", type=int, default=200)
+    s.add_argument("--overlap", type=int, default=32)
+    s.add_argument("--also-truncated", action="store_true",
+                   help="also score one truncated vector per abstract before training (MTEB's setting)")
+    s.add_argument("--name", default="scifact", help="result file name (default scifact)")
+    s.set_defaults(func=bench_scifact)
+
+    s = sub.add_parser("throughput", help="encode throughput vs SentenceTransformer.encode")
+    s.add_argument("--data", default=str(DEFAULT_DATA))
+    s.add_argument("--n", type=int, default=2000, help="sentences (default 2000)")
+    s.add_argument("--n-passages", type=int, default=200, help="passages (default 200)")
+    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--repeats", type=int, default=4)
+    s.set_defaults(func=bench_throughput)
+
+    s = sub.add_parser("latency", help="search latency p50/p99: exact vs FAISS at several sizes")
+    s.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    s.add_argument("--dim", type=int, default=384)
+    s.add_argument("--queries", type=int, default=200, help="queries per size (a tenth at >= 1M for exact)")
+    s.add_argument("--hnsw-max", type=int, default=100_000, help="largest size to build HNSW for (build cost)")
+    s.set_defaults(func=bench_latency)
+
+    s = sub.add_parser("plot", help="draw benchmarks/results/*.png from the JSON results")
+    s.set_defaults(func=plot)
 
     for sp in sub.choices.values():
         sp.add_argument("--threads", type=int, default=None,

@@ -39,11 +39,10 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Sequence, Union
 
-import numpy as np
-
 from .errors import ConfigError, ModelLoadError
 
 if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
     from sentence_transformers import SentenceTransformer
 
 logger = logging.getLogger(__name__)
@@ -260,6 +259,8 @@ class CoSENTEncoder:
         A progress bar appears for inputs longer than 16 batches unless
         ``show_progress_bar=False``. A single string is treated as a list of one.
         """
+        import numpy as np
+
         if isinstance(texts, str):
             texts = [texts]
         texts = list(texts)
@@ -287,6 +288,7 @@ class CoSENTEncoder:
         Returns ``{"spearman": ..., "pearson": ..., "n": ...}`` with both correlations x100
         (the STS convention: 82.0 means rho = 0.820).
         """
+        import numpy as np
         from scipy.stats import pearsonr, spearmanr
 
         from .data import as_pairs
@@ -326,6 +328,7 @@ class CoSENTEncoder:
         loss per epoch and, with ``dev``, ``dev_before``/``dev_after`` (see :meth:`evaluate`)
         and the per-epoch dev Spearman.
         """
+        import numpy as np
         import torch
         from sentence_transformers.losses import CoSENTLoss
         from tqdm.auto import tqdm

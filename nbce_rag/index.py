@@ -562,6 +562,26 @@ class VectorIndex:
         needed. ``verify=False`` skips the sha256 checks (sizes, shapes and counts are still
         checked). ``backend`` overrides the stored one. Damage raises :class:`CorruptFileError`.
         """
+        stamp = _manifest_stamp(path)
+        try:
+            return cls._load(path, encoder, backend=backend, verify=verify)
+        except CorruptFileError:
+            # a concurrent save may have replaced the manifest and removed the files being
+            # read; when the manifest changed meanwhile, read the new generation once
+            now = _manifest_stamp(path)
+            if now is None or now == stamp:
+                raise
+            return cls._load(path, encoder, backend=backend, verify=verify)
+
+    @classmethod
+    def _load(
+        cls,
+        path: PathLike,
+        encoder: Optional["CoSENTEncoder"],
+        *,
+        backend: Optional[str],
+        verify: bool,
+    ) -> "VectorIndex":
         path = Path(path)
         if not path.is_dir():
             raise CorruptFileError(f"no index at {path}: the directory does not exist")
@@ -664,6 +684,14 @@ def _topk_exact(vectors: np.ndarray, q: np.ndarray, k: int) -> Tuple[np.ndarray,
         out_s[b : b + block] = np.take_along_axis(ps, order, 1)
         out_r[b : b + block] = np.take_along_axis(part, order, 1)
     return out_s, out_r
+
+
+def _manifest_stamp(path: PathLike) -> Optional[Tuple[int, int, int]]:
+    try:
+        st = (Path(path) / MANIFEST).stat()
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
 def _sha256_file(path: PathLike) -> str:

@@ -525,3 +525,23 @@ def test_cli_index_then_search(enc_dir, tmp_path, capsys):
     assert "no documents" in capsys.readouterr().err
     assert main(["search", "--index", str(tmp_path / "nope"), "q"]) == 1
     assert "no index" in capsys.readouterr().err
+
+
+def test_load_retries_once_when_a_save_replaced_the_index_meanwhile(index, enc, tmp_path, monkeypatch):
+    p = tmp_path / "idx"
+    index.save(p)
+    newer = VectorIndex.load(p, enc)
+    newer.add(["Another document, saved while a reader was loading."])
+    real = VectorIndex._load
+    calls = []
+
+    def racing(cls, *a, **kw):
+        calls.append(1)
+        if len(calls) == 1:
+            newer.save(p)  # a writer commits a new generation and removes the old files
+            raise CorruptFileError("index file ... named by manifest.json is missing")
+        return real.__func__(cls, *a, **kw)
+
+    monkeypatch.setattr(VectorIndex, "_load", classmethod(racing))
+    _assert_same(newer, VectorIndex.load(p, enc))
+    assert len(calls) == 2
