@@ -1,0 +1,96 @@
+"""``nbce-rag serve``: an OpenAI-compatible HTTP server (needs the ``server`` extra).
+
+    nbce-rag serve [--index DIR] [--model M] [--host H] [--port P] [--api-key K]
+
+Endpoints: ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/completions``,
+``POST /v1/embeddings``, ``GET /health``. Passages come in the request's ``documents`` field
+(``extra_body={"documents": [{"title", "text"}]}`` with the ``openai`` client); without it the
+server retrieves from ``--index`` and filters with its calibration. See
+``nbce_rag.integrations.server`` for the extension fields and limits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+_LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+def register(subparsers: "argparse._SubParsersAction") -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="serve an OpenAI-compatible API (chat, completions, embeddings) over the RAG pipeline",
+        description="Serve /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models and /health. "
+        "Requests carry passages in `documents` (vLLM's field); without them the server retrieves from "
+        "--index and filters with the index's calibration.json. Needs `pip install 'nbce-rag[server]'`.",
+    )
+    p.add_argument("--index", default=None, metavar="DIR",
+                   help="index directory (nbce-rag index) for server-side retrieval; without it, requests "
+                   "without documents are answered closed-book")
+    p.add_argument("--model", default=None, metavar="M",
+                   help="LLM: a Hugging Face id, a local path or a .gguf file (default: bundled SmolLM2-135M-Instruct)")
+    p.add_argument("--encoder", default=None, metavar="E",
+                   help="encoder for queries and /v1/embeddings (default: the index's, else the bundled all-MiniLM-L6-v2)")
+    p.add_argument("--no-filter", action="store_true",
+                   help="ignore the index's calibration.json (every top-k candidate reaches the decoder)")
+    p.add_argument("-k", "--k", type=int, default=10, help="candidates retrieved per question (default 10)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--api-key", default=os.environ.get("NBCE_RAG_API_KEY"), metavar="K",
+                   help="require `Authorization: Bearer K` (default: $NBCE_RAG_API_KEY; unset = no auth)")
+    p.add_argument("--model-name", default=None, metavar="NAME",
+                   help="model id listed by /v1/models and echoed in responses (default nbce-rag)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
+    p.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
+                   help="answer length when a request gives no max_tokens (default 64)")
+    g = p.add_argument_group("limits")
+    g.add_argument("--max-queue", type=int, default=64, help="requests waiting for the model (503 beyond; default 64)")
+    g.add_argument("--timeout", type=float, default=300.0, metavar="S",
+                   help="per-request timeout in seconds, queue time included (504; default 300)")
+    g.add_argument("--max-body-bytes", type=int, default=2 * 1024 * 1024, help="request body size (413; default 2 MiB)")
+    g.add_argument("--max-documents", type=int, default=64, help="passages per request (default 64)")
+    g.add_argument("--max-document-chars", type=int, default=20_000, help="characters per passage (default 20000)")
+    g.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens a request may ask (default 1024)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn log level (default info)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import logging
+
+    try:
+        import uvicorn
+
+        from ..integrations.server import DEFAULT_MODEL_NAME, ServerLimits, create_app
+    except ImportError as e:
+        from ..errors import NBCERagError
+
+        raise NBCERagError(f"{e}. Install the server extra: pip install 'nbce-rag[server]'") from None
+    from ..pipeline import RAGPipeline
+
+    log = logging.getLogger("nbce_rag.serve")
+    limits = ServerLimits(
+        max_body_bytes=args.max_body_bytes, max_documents=args.max_documents,
+        max_document_chars=args.max_document_chars, max_tokens=args.max_tokens,
+        max_queue=args.max_queue, request_timeout_s=args.timeout,
+    )
+    encoder = None
+    if args.encoder:
+        from ..encoder import CoSENTEncoder
+
+        encoder = CoSENTEncoder.from_pretrained(args.encoder, device=args.device)
+    options = {} if args.max_new_tokens is None else {"max_new_tokens": args.max_new_tokens}
+    pipeline = RAGPipeline.from_pretrained(
+        index=args.index, model=args.model, encoder=encoder, threshold=None if args.no_filter else "auto",
+        k=args.k, device=args.device, **options,
+    )
+    if args.host not in _LOOPBACK and not args.api_key:
+        log.warning("serving on %s without an API key: anyone who can reach it can use it (set --api-key)", args.host)
+    app = create_app(pipeline, encoder=encoder, api_key=args.api_key, limits=limits,
+                     model_name=args.model_name or DEFAULT_MODEL_NAME)
+    print(f"nbce-rag: serving {args.model_name or DEFAULT_MODEL_NAME} on http://{args.host}:{args.port}/v1 "
+          f"(index: {args.index or 'none'}, auth: {'on' if args.api_key else 'off'})", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
