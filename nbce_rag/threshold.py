@@ -133,6 +133,18 @@ def _cuts(scores: np.ndarray, labels: np.ndarray):
     return s[last], ctp[last], last + 1
 
 
+def _best_f1_sorted(s: np.ndarray, y: np.ndarray, P: int) -> Tuple[float, float, float, float]:
+    """best_f1_threshold on scores already sorted descending (labels int, P = all positives)."""
+    if s.size == 0 or P == 0:
+        return float("inf"), 0.0, 0.0, 0.0
+    ctp = np.cumsum(y)
+    last = np.flatnonzero(np.r_[s[1:] != s[:-1], True])
+    d, tp, n = s[last], ctp[last], last + 1
+    f1 = 2.0 * tp / (n + P)
+    j = int(np.argmax(f1))
+    return _cut_threshold(d, j), float(f1[j]), float(tp[j] / n[j]), float(tp[j] / P)
+
+
 def _cut_threshold(d: np.ndarray, j: int) -> float:
     """Threshold that keeps the distinct scores d[0..j]: halfway to the next lower distinct
     score (the score itself for the last cut, or when the midpoint rounds onto the lower one)."""
@@ -226,21 +238,20 @@ def within_query_spreads(scores: Any, labels: Any, groups: Any) -> np.ndarray:
     """``s_top_rel(q) - s_rel(q, j)`` for every non-top relevant candidate of every query with
     at least two relevant candidates (the within-query spread of relevant scores)."""
     s, y = _as_arrays(scores, labels)
-    gi, G = _group_index(groups, s.size)
-    pos = y > 0
-    if not pos.any():
+    gi, _ = _group_index(groups, s.size)
+    return _spreads(s, y, gi)
+
+
+def _spreads(s: np.ndarray, y: np.ndarray, gi: np.ndarray) -> np.ndarray:
+    pos = np.flatnonzero(y > 0)
+    if pos.size == 0:
         return np.zeros(0)
-    top = _group_max(np.where(pos, s, -np.inf), gi, G)
-    cnt = np.bincount(gi[pos], minlength=G)
-    sel = pos & (cnt[gi] >= 2)
-    sp = top[gi[sel]] - s[sel]
-    # drop exactly one zero per group: the top relevant itself
-    out: List[float] = []
-    gsel = gi[sel]
-    for g in np.unique(gsel):
-        v = np.sort(sp[gsel == g])
-        out.extend(v[1:].tolist())
-    return np.asarray(out, dtype=np.float64)
+    sp, gp = s[pos], gi[pos]
+    order = np.lexsort((-sp, gp))  # by query, best relevant first
+    sp, gp = sp[order], gp[order]
+    first = np.r_[True, gp[1:] != gp[:-1]]
+    top = np.maximum.accumulate(np.where(first, np.arange(sp.size), 0))  # index of the group's top
+    return (sp[top] - sp)[~first]
 
 
 def margin_from_spreads(spreads: np.ndarray, quantile: float) -> Optional[float]:
@@ -252,10 +263,10 @@ def margin_from_spreads(spreads: np.ndarray, quantile: float) -> Optional[float]
 def apply_rule(
     scores: np.ndarray, group_max: np.ndarray, threshold: float, margin: Optional[float]
 ) -> np.ndarray:
-    """Vectorised filter rule: ``s >= t*  and  s >= s_max(query) - m``."""
+    """Vectorised filter rule: ``s >= threshold  and  s_max(query) - s <= m``."""
     keep = scores >= threshold
     if margin is not None:
-        keep &= scores >= group_max - margin
+        keep &= (group_max - scores) <= margin  # s >= s_max - m, in the form the spreads are measured
     return keep
 
 
@@ -650,7 +661,7 @@ class MarginThreshold:
                     + (" (below the band's lower edge {:.4f}: irrelevant with confidence)".format(self.lower)
                        if zone == "confident" else " (inside the uncertainty band)")),
                     code="below_threshold", zone=zone))
-            elif self.margin is not None and best is not None and s < best - self.margin:
+            elif self.margin is not None and best is not None and best - s > self.margin:
                 dropped.append(DroppedHit(p, reason=(
                     f"score {s:.4f} is {best - s:.4f} below the best candidate {best:.4f}, more than "
                     f"the margin {self.margin:.4f}"), code="outside_margin", zone="uncertain"
@@ -881,7 +892,7 @@ def _estimate(s, y, gi, G, p_target, r_target, mode, quantiles, min_margin_queri
     # candidate margins: (margin, quantile alpha)
     cands: List[Tuple[Optional[float], Optional[float]]] = [(None, None)]
     if mode == "auto":
-        spreads = within_query_spreads(s, y, gi)
+        spreads = _spreads(s, y, gi)
         pos = y > 0
         n_multi = int(np.sum(np.bincount(gi[pos], minlength=G) >= 2))
         cands.append((0.0, None))
@@ -896,9 +907,12 @@ def _estimate(s, y, gi, G, p_target, r_target, mode, quantiles, min_margin_queri
         cands = [(float(mode), None)]
     best = None
     table = []
+    order = np.argsort(-s, kind="mergesort")
+    s_o, y_o, gap_o = s[order], y[order].astype(np.int64), (gmax - s)[order]
+    P = int(y.sum())
     for m, q in cands:
-        elig = None if m is None else s >= gmax - m
-        tau, f1, p, r = best_f1_threshold(s, y, eligible=elig)
+        tau, f1, p, r = _best_f1_sorted(s_o if m is None else s_o[gap_o <= m],
+                                        y_o if m is None else y_o[gap_o <= m], P)
         table.append({"margin": m, "quantile": q, "threshold": tau, "f1": f1, "precision": p, "recall": r})
         if best is None or f1 > best["f1"] + 1e-12:
             best = table[-1]

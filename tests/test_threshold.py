@@ -195,13 +195,13 @@ def _group_smax(s, g):
 
 
 def _brute_rule_f1(s, y, smax, m, thresholds):
-    """F1 of 's >= t and s >= smax - m' for every t in thresholds (plain loops over the data)."""
+    """F1 of 's >= t and smax - s <= m' for every t in thresholds (plain loops over the data)."""
     out = []
     P = int(np.sum(y > 0))
     for t in np.atleast_1d(thresholds):
         tp = kept = 0
         for si, yi, mi in zip(s, y, smax):
-            if si >= t and (m is None or si >= mi - m):
+            if si >= t and (m is None or mi - si <= m):
                 kept += 1
                 tp += int(yi > 0)
         out.append(2 * tp / (kept + P))
@@ -611,3 +611,24 @@ def test_calibrate_from_qrels_maps_chunks_to_documents():
     assert idx.calls == 1  # one batched call for 40 queries
     assert chunked.threshold == plain.threshold
     assert chunked.stats["n_positives"] == plain.stats["n_positives"] > 0
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_filter_reproduces_calibrated_decisions_exactly(seed):
+    """filter(), query by query, makes the decisions the calibration scored (boundary cases
+    included: the margin is a quantile of measured spreads, so some gaps equal it exactly)."""
+    rng = np.random.default_rng(400 + seed)
+    s, y, g = _synthetic(rng, n_q=50)
+    th = MarginThreshold.calibrate(s, y, g, n_bootstrap=0, margin_quantiles=(0.3, 0.5, 0.7))
+    mask = th.keep_mask(s, g)
+    for q in np.unique(g):
+        idx = np.flatnonzero(g == q)
+        res = th.filter([Passage(str(i), float(s[i]), str(i)) for i in idx])
+        assert sorted(int(h.id) for h in res.kept) == sorted(idx[mask[idx]].tolist())
+    keep = mask
+    assert th.stats["rule"]["f1"] == pytest.approx(2 * np.sum(keep & (y > 0)) / (keep.sum() + y.sum()))
+    # a fixed margin equal to a measured spread: the boundary candidate is kept
+    sp = within_query_spreads(s, y, g)
+    th2 = MarginThreshold.calibrate(s, y, g, n_bootstrap=0, margin=float(sp[0]))
+    assert np.array_equal(th2.keep_mask(s, g), (s >= th2.threshold) & (
+        np.array([s[g == q].max() for q in g]) - s <= sp[0]))
