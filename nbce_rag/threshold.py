@@ -825,7 +825,13 @@ class MarginThreshold:
 
 
 def _warn(msg: str) -> None:
-    warnings.warn(msg, CalibrationWarning, stacklevel=3)
+    """Warn at the first caller outside this module (so the warning names the user's line)."""
+    import sys
+
+    level, f = 2, sys._getframe(1)
+    while f is not None and f.f_globals.get("__name__") == __name__:
+        f, level = f.f_back, level + 1
+    warnings.warn(msg, CalibrationWarning, stacklevel=level)
 
 
 def _validate(scores: Any, labels: Any, min_pos: int, min_neg: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -1068,14 +1074,18 @@ def plot_distributions(
             label=f"relevant (n={int((y > 0).sum())})")
     ax.axvspan(th.lower, th.upper, color="tab:orange", alpha=0.12, label="uncertainty band")
     ax.axvline(th.lower, color="tab:orange", ls="--", lw=1.2, label=f"lower {th.lower:.3f}")
-    ax.axvline(th.threshold, color="tab:red", lw=1.8, label=f"t* (best F1) {th.threshold:.3f}")
+    ax.axvline(th.threshold, color="tab:red", lw=1.8, label=f"threshold {th.threshold:.3f}")
+    gt = th.stats.get("global_threshold")
+    if gt is not None and abs(gt - th.threshold) > 1e-9:
+        ax.axvline(gt, color="tab:purple", lw=1.2, label=f"global t* (no margin) {gt:.3f}")
     ax.axvline(th.upper, color="tab:orange", ls="-.", lw=1.2, label=f"upper {th.upper:.3f}")
     if th.threshold_ci:
-        ax.axvspan(*th.threshold_ci, color="tab:red", alpha=0.15, label="t* 95% CI")
+        ax.axvspan(*th.threshold_ci, color="tab:red", alpha=0.15, label="threshold 95% CI")
     ax.set_xlabel("cosine score")
     ax.set_ylabel("density")
     m = "none" if th.margin is None else f"{th.margin:.3f}"
-    ax.set_title(title or f"Calibration: relevant vs irrelevant scores (margin m = {m})", fontsize=10)
+    rule = f"rule: keep iff s >= {th.threshold:.3f} and s >= s_max - {m}"
+    ax.set_title(f"{title or 'Calibration: relevant vs irrelevant scores'}\n{rule}", fontsize=9.5)
     ax.legend(fontsize=7.5, loc="upper left")
     fig.tight_layout()
     out = Path(path)
