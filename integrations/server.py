@@ -205,7 +205,7 @@ _CANCELLED = "cancelled"
 class _Job:
     """One request's work for the model worker, and the channel its results come back on."""
 
-    __slots__ = ("fn", "stream", "final_only", "loop", "out", "cancel", "deadline", "outcome")
+    __slots__ = ("fn", "stream", "final_only", "loop", "out", "cancel", "reason", "deadline", "outcome")
 
     def __init__(self, fn: Callable[[], Any], *, stream: bool, final_only: bool, deadline: float):
         self.fn = fn
@@ -214,8 +214,15 @@ class _Job:
         self.loop = asyncio.get_running_loop()
         self.out: "asyncio.Queue[Tuple[str, Any]]" = asyncio.Queue()
         self.cancel = threading.Event()
+        self.reason: Optional[str] = None  #: why it was cancelled: "cancelled" (client gone) or "timed_out"
         self.deadline = deadline
         self.outcome: Optional[str] = None
+
+    def abort(self, reason: str = _CANCELLED) -> None:
+        """Ask the worker to drop this job (checked between tokens)."""
+        if self.reason is None:
+            self.reason = reason
+        self.cancel.set()
 
     def push(self, kind: str, value: Any = None) -> None:
         try:
@@ -259,7 +266,7 @@ class ModelWorker:
             except queue.Empty:
                 break
             if job is not None:
-                job.cancel.set()
+                job.abort(_CANCELLED)
                 job.push("error", OpenAIError(503, "the server is shutting down", type="server_error",
                                               code="server_shutting_down"))
         if t is not None and t.is_alive():
@@ -292,7 +299,7 @@ class ModelWorker:
 
     def _run(self, job: _Job) -> None:
         if job.cancel.is_set():
-            job.outcome = _CANCELLED
+            job.outcome = job.reason or _CANCELLED
             return
         if time.monotonic() >= job.deadline:
             job.outcome = "timed_out"
@@ -310,7 +317,7 @@ class ModelWorker:
                 if not job.final_only or ev.answer is not None:
                     job.push("event", ev)
                 if job.cancel.is_set():
-                    job.outcome = _CANCELLED
+                    job.outcome = job.reason or _CANCELLED
                     return
                 if time.monotonic() >= job.deadline:
                     job.outcome = "timed_out"
@@ -633,9 +640,10 @@ class _Server:
             done, _ = await asyncio.wait({getter, watcher}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
             if getter in done:
                 return getter.result()
-            job.cancel.set()
             if watcher in done:
+                job.abort(_CANCELLED)
                 return ("disconnected", None)
+            job.abort("timed_out")
             return ("timeout", None)
         finally:
             for t in (getter, watcher):
@@ -649,7 +657,7 @@ class _Server:
         try:
             return await asyncio.wait_for(job.out.get(), timeout=timeout)
         except asyncio.TimeoutError:
-            job.cancel.set()
+            job.abort("timed_out")
             return ("timeout", None)
 
     # ---------------- encoder
@@ -954,4 +962,4 @@ async def _stream_body(srv: _Server, job: _Job, first: Tuple[str, Any], *, kind:
             yield _sse({**base, "choices": [], "usage": _usage(answer)})
         yield _DONE
     finally:
-        job.cancel.set()  # no-op when the job is finished; stops it when the client went away
+        job.abort(_CANCELLED)  # no-op when the job is finished; stops it when the client went away

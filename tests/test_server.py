@@ -1,0 +1,647 @@
+"""The OpenAI-compatible server, driven over 127.0.0.1 by the real ``openai`` client,
+LangChain's ``ChatOpenAI`` and raw ``httpx``: same answers as ``RAGPipeline``, streaming and
+not, usage, the ``nbce`` extension, server-side retrieval, embeddings, auth, every limit,
+malformed input, 16 concurrent clients, a full queue, timeouts and disconnects.
+
+The model is the tiny random Llama of ``conftest.py`` (with a chat template, so system
+prompts matter); the worker-mechanics tests use a model-free slow pipeline whose timing is
+deterministic."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import threading
+import time
+from typing import Any, Dict, List
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi")
+uvicorn = pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+openai = pytest.importorskip("openai")
+
+from nbce_rag import RAGPipeline  # noqa: E402
+from nbce_rag.integrations.server import ServerLimits, create_app  # noqa: E402
+from nbce_rag.types import Answer, Passage, StreamEvent  # noqa: E402
+
+MODEL = "nbce-test"
+DOCS = [
+    {"title": "Eiffel", "text": "The Eiffel Tower is in Paris and was completed in 1889."},
+    {"text": "Mount Everest is the highest mountain above sea level."},
+    {"title": "Thames", "text": "The river Thames flows through London into the North Sea."},
+]
+#: what the decoder reads for DOCS: title + newline + text
+PASSAGES = [
+    "Eiffel\nThe Eiffel Tower is in Paris and was completed in 1889.",
+    "Mount Everest is the highest mountain above sea level.",
+    "Thames\nThe river Thames flows through London into the North Sea.",
+]
+Q = "When was the tower completed?"
+
+
+# ----------------------------------------------------------------------------- serving helpers
+class Served:
+    """A uvicorn server on a free 127.0.0.1 port in a background thread."""
+
+    def __init__(self, app):
+        self.app = app
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+
+    @property
+    def worker(self):
+        return self.app.state.nbce.worker
+
+    def client(self, **kw):
+        kw.setdefault("api_key", "unused")
+        kw.setdefault("max_retries", 0)
+        kw.setdefault("timeout", 60)
+        return openai.OpenAI(base_url=self.base + "/v1", **kw)
+
+    def aclient(self, **kw):
+        kw.setdefault("api_key", "unused")
+        kw.setdefault("max_retries", 0)
+        kw.setdefault("timeout", 120)
+        return openai.AsyncOpenAI(base_url=self.base + "/v1", **kw)
+
+    def post(self, path: str, body: Any = None, **kw):
+        if body is not None and "content" not in kw:
+            kw["json"] = body
+        return httpx.post(self.base + path, timeout=kw.pop("timeout", 60), **kw)
+
+    def wait_idle(self, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.worker.busy or self.worker.queued:
+            assert time.monotonic() < deadline, "the model worker did not become idle"
+            time.sleep(0.01)
+
+    def close(self):
+        self.server.should_exit = True
+        self.thread.join(15)
+
+
+def assert_openai_error(resp, status: int, code: str | None = None, type_: str | None = None) -> Dict[str, Any]:
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert isinstance(err["message"], str) and err["message"]
+    if code is not None:
+        assert err["code"] == code, err
+    if type_ is not None:
+        assert err["type"] == type_, err
+    return err
+
+
+class SlowPipeline:
+    """A model-free pipeline: one token ("t0 ", "t1 ", ...) every ``delay`` seconds. Records,
+    per stream, how many tokens it produced before it ended or was closed."""
+
+    def __init__(self, decoder, delay: float = 0.02):
+        self.decoder = decoder  # only its config is used (option validation)
+        self.index = None
+        self.threshold = None
+        self.delay = delay
+        self.started = threading.Event()
+        self.produced: List[int] = []
+
+    def stream(self, question, passages=None, *, k=None, **opts):
+        n = opts.get("max_new_tokens", 64)
+        count = 0
+        self.started.set()
+        try:
+            for i in range(n):
+                time.sleep(self.delay)
+                count += 1
+                yield StreamEvent(f"t{i} ", i, -1)
+            text = "".join(f"t{i} " for i in range(n))
+            ans = Answer(text=text, token_ids=list(range(n)), token_sources=[-1] * n, sources=[],
+                         finish_reason="length", prompt_tokens=3, completion_tokens=n, supported=False)
+            yield StreamEvent("", None, None, "length", ans)
+        finally:
+            self.produced.append(count)
+
+
+# ----------------------------------------------------------------------------- fixtures
+LIMITS = ServerLimits(max_body_bytes=64 * 1024, max_documents=8, max_document_chars=2000, max_question_chars=500,
+                      max_tokens=128, max_stop=4, max_embedding_inputs=8, max_queue=32, request_timeout_s=60)
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder(tmp_path_factory):
+    from nbce_rag.encoder import make_tiny_encoder
+
+    return make_tiny_encoder(tmp_path_factory.mktemp("srv_enc"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_chat_decoder):
+    return RAGPipeline(tiny_chat_decoder)
+
+
+@pytest.fixture(scope="module")
+def served(pipe, tiny_encoder):
+    s = Served(create_app(pipe, encoder=tiny_encoder, limits=LIMITS, model_name=MODEL))
+    yield s
+    s.close()
+
+
+def ask(pipe, question=Q, passages=PASSAGES, **opts) -> Answer:
+    return pipe.ask(question, passages, **opts)
+
+
+def chat(served, question=Q, docs=DOCS, **kw):
+    extra = dict(kw.pop("extra_body", {}))
+    if docs is not None:
+        extra["documents"] = docs
+    return served.client().chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": question}], extra_body=extra, **kw)
+
+
+def check_nbce(nbce: Dict[str, Any], expected: Answer) -> None:
+    assert nbce["supported"] == expected.supported
+    assert [s["n_tokens"] for s in nbce["sources"]] == [s.n_tokens for s in expected.sources]
+    assert [s["share"] for s in nbce["sources"]] == pytest.approx([s.share for s in expected.sources])
+    assert sum(s["n_tokens"] for s in nbce["sources"]) <= expected.completion_tokens
+
+
+# ----------------------------------------------------------------------------- openai client
+def test_models_and_health(served):
+    ids = [m.id for m in served.client().models.list().data]
+    assert ids == [MODEL]
+    assert served.client().models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        served.client().models.retrieve("gpt-4")
+    h = httpx.get(served.base + "/health").json()
+    assert h["status"] == "ok" and h["model"] == MODEL and "stats" in h
+
+
+def test_chat_non_stream_matches_pipeline(served, pipe):
+    expected = ask(pipe, max_new_tokens=24)
+    r = chat(served, max_tokens=24)
+    assert r.object == "chat.completion" and r.model == MODEL and r.id.startswith("chatcmpl-")
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == expected.text
+    assert r.choices[0].finish_reason == expected.finish_reason
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (expected.prompt_tokens, expected.completion_tokens)
+    assert r.usage.total_tokens == expected.prompt_tokens + expected.completion_tokens
+    nbce = r.model_extra["nbce"]
+    check_nbce(nbce, expected)
+    assert [s["index"] for s in nbce["sources"]] == [0, 1, 2]
+    assert [s["title"] for s in nbce["sources"]] == ["Eiffel", None, "Thames"]
+    assert nbce["retrieved"] is False and nbce["dropped"] == []
+
+
+def test_chat_stream_matches_pipeline_with_usage(served, pipe):
+    expected = ask(pipe, max_new_tokens=24)
+    chunks = list(chat(served, max_tokens=24, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == expected.text
+    finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finals) == 1 and finals[0].choices[0].finish_reason == expected.finish_reason
+    check_nbce(finals[0].model_extra["nbce"], expected)
+    usage = chunks[-1]
+    assert usage.choices == [] and usage.usage.completion_tokens == expected.completion_tokens
+    assert usage.usage.prompt_tokens == expected.prompt_tokens
+    # without include_usage: no usage chunk
+    chunks = list(chat(served, max_tokens=24, stream=True))
+    assert all(c.choices for c in chunks) and all(c.usage is None for c in chunks)
+
+
+def test_raw_sse_format(served):
+    with httpx.stream("POST", served.base + "/v1/chat/completions", timeout=60,
+                      json={"model": MODEL, "messages": [{"role": "user", "content": Q}], "documents": DOCS,
+                            "max_tokens": 8, "stream": True, "stream_options": {"include_usage": True}}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = [ln for ln in r.iter_lines() if ln]
+    assert all(ln.startswith("data: ") for ln in lines)
+    assert lines[-1] == "data: [DONE]"
+    objs = [json.loads(ln[6:]) for ln in lines[:-1]]
+    assert {o["object"] for o in objs} == {"chat.completion.chunk"} and len({o["id"] for o in objs}) == 1
+
+
+def test_completions_stream_and_not(served, pipe):
+    expected = ask(pipe, max_new_tokens=16)
+    c = served.client()
+    r = c.completions.create(model=MODEL, prompt=Q, max_tokens=16, extra_body={"documents": DOCS})
+    assert r.object == "text_completion" and r.choices[0].text == expected.text
+    assert r.usage.completion_tokens == expected.completion_tokens
+    check_nbce(r.model_extra["nbce"], expected)
+    chunks = list(c.completions.create(model=MODEL, prompt=[Q], max_tokens=16, stream=True,
+                                       stream_options={"include_usage": True}, extra_body={"documents": DOCS}))
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == expected.text
+    assert chunks[-1].usage.total_tokens == expected.prompt_tokens + expected.completion_tokens
+
+
+def test_contexts_alias_and_plain_string_documents(served, pipe):
+    expected = ask(pipe, passages=["alpha beta", "gamma"], max_new_tokens=10)
+    assert chat(served, docs=None, max_tokens=10, extra_body={"contexts": ["alpha beta", "gamma"]}) \
+        .choices[0].message.content == expected.text
+    assert chat(served, docs=["alpha beta", "gamma"], max_tokens=10).choices[0].message.content == expected.text
+
+
+def test_stop_seed_sampling_and_nbce_options(served, pipe):
+    greedy = ask(pipe, max_new_tokens=24)
+    words = [w for w in greedy.text.split() if len(w) > 1]
+    if words:  # stop at a later piece of the greedy answer
+        stop = words[len(words) // 2]
+        exp = ask(pipe, max_new_tokens=24, stop=[stop])
+        r = chat(served, max_tokens=24, stop=stop)
+        assert r.choices[0].message.content == exp.text and stop not in exp.text
+        assert r.choices[0].finish_reason == "stop"
+    sampled = ask(pipe, max_new_tokens=16, do_sample=True, temperature=0.9, top_p=0.8, seed=7)
+    r1 = chat(served, max_tokens=16, temperature=0.9, top_p=0.8, seed=7)
+    r2 = chat(served, max_tokens=16, temperature=0.9, top_p=0.8, seed=7)
+    assert r1.choices[0].message.content == r2.choices[0].message.content == sampled.text
+    # temperature 0 is greedy
+    assert chat(served, max_tokens=24, temperature=0).choices[0].message.content == greedy.text
+    # NBCE settings as an extension field
+    exp = ask(pipe, max_new_tokens=16, pooling="mean", beta=0.5, eta=0.0)
+    r = chat(served, max_tokens=16, extra_body={"nbce": {"pooling": "mean", "beta": 0.5, "eta": 0.0}})
+    assert r.choices[0].message.content == exp.text
+    check_nbce(r.model_extra["nbce"], exp)
+
+
+def test_system_message_becomes_system_prompt(served, pipe):
+    sys_prompt = "Answer in one word."
+    exp = ask(pipe, max_new_tokens=16, system_prompt=sys_prompt)
+    plain = ask(pipe, max_new_tokens=16)
+    assert exp.prompt_tokens != plain.prompt_tokens  # the chat template renders it
+    r = served.client().chat.completions.create(
+        model=MODEL, max_tokens=16, extra_body={"documents": DOCS},
+        messages=[{"role": "system", "content": sys_prompt}, {"role": "user", "content": "earlier turn"},
+                  {"role": "assistant", "content": "ok"},
+                  {"role": "user", "content": [{"type": "text", "text": Q}]}])
+    assert r.choices[0].message.content == exp.text
+    assert r.usage.prompt_tokens == exp.prompt_tokens
+
+
+def test_closed_book_without_documents_or_index(served, pipe):
+    exp = pipe.ask(Q, [], max_new_tokens=12)
+    r = chat(served, docs=None, max_tokens=12)
+    assert r.choices[0].message.content == exp.text
+    assert r.model_extra["nbce"] == {"supported": False, "retrieved": False, "sources": [], "dropped": []}
+
+
+# ----------------------------------------------------------------------------- LangChain
+def test_langchain_chat_openai(served, pipe):
+    lco = pytest.importorskip("langchain_openai")
+    expected = ask(pipe, max_new_tokens=20)
+    llm = lco.ChatOpenAI(base_url=served.base + "/v1", api_key="unused", model=MODEL, max_tokens=20, max_retries=0)
+    msg = llm.invoke(Q, extra_body={"documents": DOCS})
+    assert msg.content == expected.text
+    assert msg.usage_metadata["output_tokens"] == expected.completion_tokens
+    streamed = "".join(ch.content for ch in llm.stream(Q, extra_body={"documents": DOCS}))
+    assert streamed == expected.text
+    bound = llm.bind(extra_body={"documents": DOCS})
+    assert bound.invoke([("user", Q)]).content == expected.text
+
+
+# ----------------------------------------------------------------------------- server-side retrieval
+def test_server_side_retrieval_and_filter(tiny_chat_decoder, tiny_encoder):
+    from nbce_rag.index import VectorIndex
+    from nbce_rag.threshold import MarginThreshold
+
+    corpus = [{"id": f"d{i}", "text": d["text"], "metadata": {"title": d.get("title", f"doc {i}")}}
+              for i, d in enumerate(DOCS)]
+    corpus += [{"id": "d3", "text": "Bananas are rich in potassium and grow in tropical climates."},
+               {"id": "d4", "text": "Water boils at one hundred degrees Celsius at sea level."}]
+    index = VectorIndex.build(tiny_encoder, corpus, chunk_tokens=32, overlap=4)
+    scores = sorted((h.score for h in index.search(Q, k=5)), reverse=True)
+    cut = (scores[1] + scores[2]) / 2  # keeps the two best of five
+    th = MarginThreshold(threshold=cut, lower=cut, upper=cut, margin=None, encoder_identity=tiny_encoder.identity)
+    rag = RAGPipeline(tiny_chat_decoder, index, th, k=5)
+    s = Served(create_app(rag, limits=LIMITS, model_name=MODEL))
+    try:
+        exp = rag.ask(Q, max_new_tokens=12)
+        kept, dropped = rag.select(Q)
+        assert len(kept) == 2 and len(dropped) == 3
+        r = chat(s, docs=None, max_tokens=12)
+        assert r.choices[0].message.content == exp.text
+        nbce = r.model_extra["nbce"]
+        assert nbce["retrieved"] is True and nbce["supported"] is True
+        assert [x["id"] for x in nbce["sources"]] == [p.id for p in kept]
+        assert [x["score"] for x in nbce["sources"]] == pytest.approx([p.score for p in kept])
+        assert all(x["index"] is None and x["text"] for x in nbce["sources"])
+        assert {x["id"] for x in nbce["dropped"]} == {d.hit.id for d in dropped}
+        assert {x["code"] for x in nbce["dropped"]} == {"below_threshold"}
+        # nbce.k bounds the candidates
+        r = chat(s, docs=None, max_tokens=4, extra_body={"nbce": {"k": 1}})
+        nb = r.model_extra["nbce"]
+        assert len(nb["sources"]) + len(nb["dropped"]) == 1
+        # documents given: re-scored and filtered with the calibration, not retrieved
+        exp = rag.ask(Q, PASSAGES, max_new_tokens=12)
+        r = chat(s, max_tokens=12)
+        assert r.choices[0].message.content == exp.text
+        assert r.model_extra["nbce"]["retrieved"] is False
+        assert all(x["score"] is not None for x in r.model_extra["nbce"]["sources"])
+        assert len(r.model_extra["nbce"]["sources"]) == len(exp.sources)
+        # the server's embeddings default to the index's encoder
+        e = s.client().embeddings.create(model="x", input="hello")
+        np.testing.assert_allclose(e.data[0].embedding, tiny_encoder.encode(["hello"])[0], atol=1e-5)
+    finally:
+        s.close()
+
+
+# ----------------------------------------------------------------------------- embeddings
+def test_embeddings(served, tiny_encoder):
+    c = served.client()
+    texts = ["The Eiffel Tower is in Paris.", "bananas"]
+    ref = tiny_encoder.encode(texts)
+    r = c.embeddings.create(model="anything", input=texts)  # the client asks for base64 by default
+    got = np.array([d.embedding for d in r.data])
+    np.testing.assert_allclose(got, ref, atol=1e-6)
+    assert [d.index for d in r.data] == [0, 1]
+    assert r.usage.prompt_tokens == sum(tiny_encoder.count_tokens(texts)) > 0
+    r = c.embeddings.create(model="anything", input="bananas", encoding_format="float")
+    np.testing.assert_allclose(r.data[0].embedding, ref[1], atol=1e-6)
+    assert_openai_error(served.post("/v1/embeddings", {"input": [[1, 2, 3]]}), 400)
+    assert_openai_error(served.post("/v1/embeddings", {"input": []}), 400)
+    assert_openai_error(served.post("/v1/embeddings", {"input": ["x"] * 9}), 400, "too_many_inputs")
+    assert_openai_error(served.post("/v1/embeddings", {"input": "x" * 2001}), 400, "input_too_long")
+    assert_openai_error(served.post("/v1/embeddings", {"input": "x", "dimensions": 7}), 400)
+    assert_openai_error(served.post("/v1/embeddings", {"input": "x", "encoding_format": "int8"}), 400)
+
+
+def test_embeddings_default_bundled_encoder(pipe):
+    """No encoder and no index: the bundled all-MiniLM-L6-v2, loaded on first use."""
+    from nbce_rag.encoder import CoSENTEncoder
+
+    s = Served(create_app(pipe, limits=LIMITS))
+    try:
+        r = s.client().embeddings.create(model="x", input=["hello world"])
+        assert r.model == "all-MiniLM-L6-v2"
+        ref = CoSENTEncoder.from_pretrained().encode(["hello world"])[0]
+        np.testing.assert_allclose(r.data[0].embedding, ref, atol=1e-5)
+    finally:
+        s.close()
+    off = Served(create_app(pipe, encoder=False, limits=LIMITS))
+    try:
+        assert_openai_error(off.post("/v1/embeddings", {"input": "x"}), 404)
+    finally:
+        off.close()
+
+
+# ----------------------------------------------------------------------------- auth
+def test_api_key(pipe):
+    s = Served(create_app(pipe, api_key="s3cret", limits=LIMITS, model_name=MODEL))
+    try:
+        body = {"messages": [{"role": "user", "content": Q}], "max_tokens": 2}
+        err = assert_openai_error(s.post("/v1/chat/completions", body), 401, "invalid_api_key")
+        assert "Bearer" in err["message"]
+        assert_openai_error(s.post("/v1/chat/completions", body, headers={"Authorization": "Bearer wrong"}),
+                            401, "invalid_api_key")
+        assert_openai_error(s.post("/v1/chat/completions", body, headers={"Authorization": "s3cret"}), 401)
+        assert_openai_error(httpx.get(s.base + "/v1/models"), 401)
+        assert_openai_error(s.post("/v1/embeddings", {"input": "x"}), 401)
+        with pytest.raises(openai.AuthenticationError):
+            s.client(api_key="wrong").chat.completions.create(model=MODEL, messages=body["messages"], max_tokens=2)
+        ok = s.client(api_key="s3cret").chat.completions.create(model=MODEL, messages=body["messages"], max_tokens=2)
+        assert ok.usage.completion_tokens >= 1
+        assert httpx.get(s.base + "/health").status_code == 200  # health stays open
+    finally:
+        s.close()
+
+
+# ----------------------------------------------------------------------------- limits and bad input
+def _body(**kw):
+    b = {"model": MODEL, "messages": [{"role": "user", "content": Q}], "max_tokens": 4}
+    b.update(kw)
+    return b
+
+
+def test_limits(served):
+    p = served.post
+    # body size: declared and actual
+    big = _body(documents=[{"text": "x" * 1500}] * 50)
+    assert_openai_error(p("/v1/chat/completions", big), 413, "request_too_large")
+
+    def chunked():
+        yield json.dumps(big).encode()
+
+    assert_openai_error(p("/v1/chat/completions", content=chunked(), headers={"content-type": "application/json"}),
+                        413, "request_too_large")
+    # passage count and length
+    err = assert_openai_error(p("/v1/chat/completions", _body(documents=["a"] * 9)), 400, "too_many_documents")
+    assert err["param"] == "documents"
+    assert_openai_error(p("/v1/chat/completions", _body(documents=["a"] * 5, contexts=["b"] * 4)), 400,
+                        "too_many_documents")
+    err = assert_openai_error(p("/v1/chat/completions", _body(documents=["ok", {"text": "y" * 2001}])), 400,
+                              "document_too_long")
+    assert err["param"] == "documents[1].text"
+    # question, max_tokens, stop, n, nbce.k
+    assert_openai_error(p("/v1/chat/completions", _body(messages=[{"role": "user", "content": "q" * 501}])), 400,
+                        "question_too_long")
+    assert_openai_error(p("/v1/completions", {"prompt": "q" * 501}), 400, "question_too_long")
+    assert_openai_error(p("/v1/chat/completions", _body(max_tokens=129)), 400, "max_tokens_too_large")
+    assert_openai_error(p("/v1/chat/completions", _body(max_tokens=0, max_completion_tokens=None)), 400)
+    assert_openai_error(p("/v1/chat/completions", _body(max_completion_tokens=500)), 400, "max_tokens_too_large")
+    assert_openai_error(p("/v1/chat/completions", _body(stop=["a", "b", "c", "d", "e"])), 400)
+    assert_openai_error(p("/v1/chat/completions", _body(n=2)), 400)
+    assert_openai_error(p("/v1/chat/completions", _body(nbce={"k": 9})), 400)
+    # the openai client surfaces them as BadRequestError
+    with pytest.raises(openai.BadRequestError) as ei:
+        chat(served, docs=["a"] * 9, max_tokens=4)
+    assert ei.value.code == "too_many_documents"
+    served.wait_idle()
+    assert httpx.get(served.base + "/health").json()["status"] == "ok"
+
+
+def test_malformed_and_invalid_requests(served):
+    p = served.post
+    hdr = {"content-type": "application/json"}
+    assert_openai_error(p("/v1/chat/completions", content=b'{"messages": [', headers=hdr), 400, "invalid_json")
+    assert_openai_error(p("/v1/chat/completions", content=b"\xff\xfe", headers=hdr), 400, "invalid_json")
+    assert_openai_error(p("/v1/chat/completions", content=b"", headers=hdr), 400, "invalid_json")
+    assert_openai_error(p("/v1/chat/completions", content=b"[1, 2]", headers=hdr), 400, "invalid_json")
+    assert_openai_error(p("/v1/completions", content=b"nope", headers=hdr), 400, "invalid_json")
+    assert_openai_error(p("/v1/embeddings", content=b"{", headers=hdr), 400, "invalid_json")
+    err = assert_openai_error(p("/v1/chat/completions", {"model": MODEL}), 400)
+    assert err["param"] == "messages"
+    err = assert_openai_error(p("/v1/chat/completions", _body(documents=[{"title": "no text"}])), 400)
+    assert err["param"] == "documents.0.text"
+    assert_openai_error(p("/v1/chat/completions", _body(max_tokens="many")), 400)
+    assert_openai_error(p("/v1/chat/completions", _body(messages=[])), 400)
+    assert_openai_error(p("/v1/chat/completions", _body(messages=[{"role": "system", "content": "hi"}])), 400)
+    assert_openai_error(p("/v1/chat/completions", _body(messages=[{"role": "user", "content": "   "}])), 400)
+    assert_openai_error(p("/v1/chat/completions", _body(
+        messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])), 400,
+        "unsupported_content")
+    assert_openai_error(p("/v1/chat/completions", _body(temperature=3)), 400)
+    assert_openai_error(p("/v1/chat/completions", _body(top_p=0)), 400)
+    assert_openai_error(p("/v1/chat/completions", _body(logprobs=True)), 400)
+    assert_openai_error(p("/v1/chat/completions", _body(nbce={"pooling": "nope"})), 400)
+    assert_openai_error(p("/v1/chat/completions", _body(nbce={"beta": -5})), 400)
+    assert_openai_error(p("/v1/chat/completions", _body(nbce={"unknown": 1})), 400)
+    assert_openai_error(p("/v1/completions", {"prompt": ["a", "b"]}), 400)
+    assert_openai_error(p("/v1/completions", {"prompt": [1, 2, 3]}), 400)
+    assert_openai_error(p("/v1/completions", {"prompt": "x", "echo": True}), 400)
+    # a question too long for the model's window (512 tokens) -> context_length_exceeded
+    assert_openai_error(p("/v1/completions", {"prompt": "q!z~" * 120, "max_tokens": 128}), 400,
+                        "context_length_exceeded")
+    assert_openai_error(httpx.get(served.base + "/v1/nothing"), 404, "not_found")
+    assert_openai_error(httpx.get(served.base + "/v1/chat/completions"), 405)
+    # unknown OpenAI parameters are accepted and ignored
+    r = p("/v1/chat/completions", _body(frequency_penalty=0.5, presence_penalty=0, user="u", logit_bias={}))
+    assert r.status_code == 200, r.text
+    served.wait_idle()
+    assert served.worker.stats["failed"] >= 1  # the window overflow failed in the worker, which lived on
+
+
+# ----------------------------------------------------------------------------- concurrency
+def test_16_concurrent_clients_no_interleaving(served, pipe):
+    cases = []
+    for i in range(16):
+        q = ["Where is the tower?", "How high is the mountain?", "Which river flows through London?",
+             "What is rich in potassium?"][i % 4] + f" ({i})"
+        docs = [{"text": DOCS[(i + j) % 3]["text"]} for j in range(1 + i % 3)]
+        cases.append((q, docs, i % 2 == 0))
+    expected = [pipe.ask(q, [d["text"] for d in docs], max_new_tokens=12).text for q, docs, _ in cases]
+    assert len(set(expected)) > 4
+
+    async def one(client, q, docs, stream):
+        kw = dict(model=MODEL, messages=[{"role": "user", "content": q}], max_tokens=12,
+                  extra_body={"documents": docs})
+        if stream:
+            out = []
+            async for ch in await client.chat.completions.create(stream=True, **kw):
+                if ch.choices and ch.choices[0].delta.content:
+                    out.append(ch.choices[0].delta.content)
+            return "".join(out)
+        r = await client.chat.completions.create(**kw)
+        return r.choices[0].message.content
+
+    async def main():
+        client = served.aclient()
+        try:
+            return await asyncio.gather(*(one(client, *c) for c in cases))
+        finally:
+            await client.close()
+
+    before = dict(served.worker.stats)
+    got = asyncio.run(main())
+    assert got == expected
+    served.wait_idle()
+    after = served.worker.stats
+    assert after["completed"] - before["completed"] == 16
+    assert after["failed"] == before["failed"] and after["rejected"] == before["rejected"]
+
+
+# ----------------------------------------------------------------------------- queue, timeout, disconnect
+def _stream_first_chunk(base: str, max_tokens: int, holder: dict):
+    """Open a stream, read its first content chunk, then wait for holder['close'] and drop it."""
+    with httpx.Client(timeout=30) as c:
+        with c.stream("POST", base + "/v1/chat/completions",
+                      json=_body(max_tokens=max_tokens, stream=True)) as r:
+            holder["status"] = r.status_code
+            lines = r.iter_lines()  # keep a reference: a collected iterator would close the connection
+            for line in lines:
+                if '"content":"t' in line:
+                    break
+            holder["opened"].set()
+            holder["close"].wait(30)
+
+
+def test_disconnect_mid_stream_frees_the_worker(tiny_chat_decoder):
+    slow = SlowPipeline(tiny_chat_decoder, delay=0.02)
+    s = Served(create_app(slow, limits=ServerLimits(max_tokens=1000)))
+    try:
+        holder = {"opened": threading.Event(), "close": threading.Event()}
+        t = threading.Thread(target=_stream_first_chunk, args=(s.base, 1000, holder))  # 20 s if not cancelled
+        t.start()
+        assert holder["opened"].wait(20) and holder["status"] == 200
+        holder["close"].set()
+        t.join(10)
+        t0 = time.monotonic()
+        s.wait_idle(timeout=5)
+        assert time.monotonic() - t0 < 3
+        assert s.worker.stats["cancelled"] == 1
+        assert slow.produced[-1] < 500
+        # the next request runs at once
+        t0 = time.monotonic()
+        r = s.client().chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "q"}], max_tokens=3)
+        assert r.choices[0].message.content == "t0 t1 t2 " and time.monotonic() - t0 < 3
+        # a non-streaming client that gives up is cancelled as well
+        with pytest.raises(httpx.ReadTimeout):
+            s.post("/v1/chat/completions", _body(max_tokens=1000), timeout=0.5)
+        s.wait_idle(timeout=5)
+        assert s.worker.stats["cancelled"] == 2 and slow.produced[-1] < 500
+    finally:
+        s.close()
+
+
+def test_queue_full_answers_503(tiny_chat_decoder):
+    slow = SlowPipeline(tiny_chat_decoder, delay=0.02)
+    s = Served(create_app(slow, limits=ServerLimits(max_tokens=1000, max_queue=1)))
+    try:
+        holder = {"opened": threading.Event(), "close": threading.Event()}
+        a = threading.Thread(target=_stream_first_chunk, args=(s.base, 1000, holder))
+        a.start()
+        assert holder["opened"].wait(20)  # A holds the worker
+        res = {}
+        b = threading.Thread(target=lambda: res.setdefault("b", s.post("/v1/chat/completions", _body(max_tokens=3))))
+        b.start()
+        deadline = time.monotonic() + 10
+        while s.worker.queued < 1:  # B waits in the queue
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert_openai_error(s.post("/v1/chat/completions", _body(max_tokens=3)), 503, "server_overloaded")
+        with pytest.raises(openai.InternalServerError):
+            s.client().chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "q"}], max_tokens=3)
+        holder["close"].set()  # A goes away; B is served
+        a.join(10)
+        b.join(20)
+        assert res["b"].status_code == 200 and res["b"].json()["choices"][0]["message"]["content"] == "t0 t1 t2 "
+        assert s.worker.stats["rejected"] == 2
+    finally:
+        s.close()
+
+
+def test_request_timeout(tiny_chat_decoder):
+    slow = SlowPipeline(tiny_chat_decoder, delay=0.02)
+    s = Served(create_app(slow, limits=ServerLimits(max_tokens=1000, request_timeout_s=0.5)))
+    try:
+        t0 = time.monotonic()
+        err = assert_openai_error(s.post("/v1/chat/completions", _body(max_tokens=1000)), 504, "timeout", "timeout")
+        assert "timeout" in err["message"]
+        assert time.monotonic() - t0 < 3
+        s.wait_idle(timeout=5)
+        assert slow.produced[-1] < 100
+        # a stream that already started ends with an OpenAI-format error event and [DONE]
+        with pytest.raises(openai.APIError) as ei:
+            for _ in s.client().chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "q"}],
+                                                        max_tokens=1000, stream=True):
+                pass
+        assert "timeout" in str(ei.value)
+        s.wait_idle(timeout=5)
+        assert s.worker.stats["timed_out"] == 2 and slow.produced[-1] < 100
+        r = s.client().chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "q"}], max_tokens=3)
+        assert r.choices[0].message.content == "t0 t1 t2 "
+    finally:
+        s.close()
+
+
+# ----------------------------------------------------------------------------- CLI
+def test_serve_command_is_registered():
+    from nbce_rag.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--index", "idx", "--port", "9999", "--api-key", "k",
+                                      "--max-documents", "5", "--timeout", "10"])
+    assert args.command == "serve" and args.port == 9999 and args.api_key == "k"
+    assert args.host == "127.0.0.1" and args.max_documents == 5 and args.timeout == 10.0
