@@ -1,0 +1,309 @@
+"""Answer accuracy of NBCE (each pooling) vs concatenation vs closed-book, as passages grow,
+and with the gold passage at each position.
+
+Data (from ``--data``, default ``../shared/data``; skipped with a message when absent):
+
+* ``squad``: SQuAD v1.1 dev; the gold paragraph plus other paragraphs of the same article
+  (hard, same-topic distractors), topped up from other articles when an article is short.
+* ``hotpot``: HotpotQA distractor dev (first 100); the 2 gold paragraphs plus its 8
+  distractors, topped up with other questions' paragraphs for larger n.
+* ``nq``: NaturalQuestions-Open with its gold passage (Lost-in-the-Middle "oracle" file);
+  other questions' passages are the distractors.
+
+Every passage carries a retrieval score (cosine of the bundled CoSENT encoder against the
+question), as the pipeline would give it, so ``replug`` and ``scored_entropy`` can use it.
+Metric: a gold answer string contained in the answer (case-insensitive, SQuAD-normalised),
+and SQuAD token F1. Greedy decoding, the bundled SmolLM2-135M-Instruct.
+
+Results are cached per (dataset, question, n, position, method) in ``--work`` so an
+interrupted run resumes; the summary goes to ``benchmarks/results/quality.json`` and
+``quality.png``.
+
+    python benchmarks/bench_quality.py --datasets squad --questions 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import gzip
+import json
+import random
+import re
+import string
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+POOLINGS = ["min_entropy", "mean", "max", "replug", "scored_entropy"]
+
+
+# ------------------------------------------------------------------ metrics (SQuAD's)
+def normalize(s: str) -> str:
+    s = s.lower()
+    s = "".join(ch for ch in s if ch not in set(string.punctuation))
+    s = re.sub(r"\b(a|an|the)\b", " ", s)
+    return " ".join(s.split())
+
+
+def contains(pred: str, golds) -> bool:
+    p = normalize(pred)
+    return any(normalize(g) and normalize(g) in p for g in golds)
+
+
+def f1(pred: str, golds) -> float:
+    best = 0.0
+    pt = normalize(pred).split()
+    for g in golds:
+        gt = normalize(g).split()
+        common = collections.Counter(pt) & collections.Counter(gt)
+        same = sum(common.values())
+        if same:
+            pr, rc = same / len(pt), same / len(gt)
+            best = max(best, 2 * pr * rc / (pr + rc))
+    return best
+
+
+# ------------------------------------------------------------------ data
+def load_squad(data: Path, nq: int, seed: int):
+    d = json.loads((data / "squad_v1.1" / "dev-v1.1.json").read_text())["data"]
+    rng = random.Random(seed)
+    all_paras = [p["context"] for a in d for p in a["paragraphs"]]
+    items = []
+    arts = list(d)
+    rng.shuffle(arts)
+    for a in arts:
+        paras = a["paragraphs"]
+        pi = rng.randrange(len(paras))
+        qa = paras[pi]["qas"][rng.randrange(len(paras[pi]["qas"]))]
+        same = [p["context"] for j, p in enumerate(paras) if j != pi]
+        rng.shuffle(same)
+        others = [p for p in all_paras if p not in same and p != paras[pi]["context"]]
+        rng.shuffle(others)
+        items.append({"question": qa["question"], "answers": [x["text"] for x in qa["answers"]],
+                      "gold": [paras[pi]["context"]], "distractors": same + others[:100]})
+        if len(items) == nq:
+            break
+    return items
+
+
+def load_hotpot(data: Path, nq: int, seed: int):
+    d = json.loads((data / "hotpotqa_distractor_dev100" / "hotpot_dev_distractor_first100.json").read_text())
+    rng = random.Random(seed)
+    pool = [" ".join(s) for ex in d for _, s in ex["context"]]
+    items = []
+    for ex in d:
+        if ex["answer"].lower() in ("yes", "no"):
+            continue  # a contained "yes"/"no" says nothing
+        sup = {t for t, _ in ex["supporting_facts"]}
+        gold = [f"{t}: {' '.join(s)}" for t, s in ex["context"] if t in sup]
+        # the gold paragraph that contains the answer first (used alone at n=1)
+        gold.sort(key=lambda g: ex["answer"].lower() not in g.lower())
+        dis = [f"{t}: {' '.join(s)}" for t, s in ex["context"] if t not in sup]
+        extra = [p for p in pool if all(p not in x for x in gold + dis)]
+        rng.shuffle(extra)
+        items.append({"question": ex["question"], "answers": [ex["answer"]], "gold": gold, "distractors": dis + extra[:100]})
+        if len(items) == nq:
+            break
+    return items
+
+
+def load_nq(data: Path, nq: int, seed: int):
+    rows = []
+    with gzip.open(data / "lost_in_the_middle" / "nq-open-oracle.jsonl.gz", "rt") as f:
+        for line in f:
+            rows.append(json.loads(line))
+            if len(rows) >= 400:
+                break
+    rng = random.Random(seed)
+    texts = [f"{r['ctxs'][0]['title']}: {r['ctxs'][0]['text']}" for r in rows]
+    items = []
+    for i, r in enumerate(rows[:nq]):
+        others = [t for j, t in enumerate(texts) if j != i]
+        rng.shuffle(others)
+        items.append({"question": r["question"], "answers": r["answers"], "gold": [texts[i]], "distractors": others[:100]})
+    return items
+
+
+LOADERS = {"squad": load_squad, "hotpot": load_hotpot, "nq": load_nq}
+
+
+def passages_for(item, n: int, position=None):
+    """n passages: the gold ones (at most n) and distractors; gold first at ``position`` if
+    given, else a fixed pseudo-random order."""
+    gold = item["gold"][: max(1, min(len(item["gold"]), n))]
+    ps = list(item["distractors"][: n - len(gold)])
+    if position is None:
+        rng = random.Random(hash(item["question"]) % 1000)
+        for g in gold:
+            ps.insert(rng.randrange(len(ps) + 1), g)
+    else:
+        for j, g in enumerate(gold):
+            ps.insert(min(position + j, len(ps)), g)
+    return ps
+
+
+# ------------------------------------------------------------------ run
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
+    ap.add_argument("--datasets", default="squad,hotpot,nq")
+    ap.add_argument("--questions", type=int, default=20)
+    ap.add_argument("--ns", default="1,5,10,20,50")
+    ap.add_argument("--methods", default="closed,concat," + ",".join(POOLINGS))
+    ap.add_argument("--pooling-ns", default="5,10", help="ns at which the non-default poolings also run")
+    ap.add_argument("--positions", default="0,3,6,9", help="gold positions for the sweep at --position-n")
+    ap.add_argument("--position-n", type=int, default=10)
+    ap.add_argument("--max-new-tokens", type=int, default=24)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    ap.add_argument("--work", default=str(HERE / "_work"))
+    ap.add_argument("--out", default=str(HERE / "results" / "quality.json"))
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    data = Path(args.data)
+    if not data.is_dir():
+        print(f"no data at {data}; pass --data (see ../shared/data/README.md). Skipping.")
+        return 0
+    import numpy as np
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from nbce_rag import CoSENTEncoder, NBCEDecoder, Passage
+    from nbce_rag.errors import PromptTooLongError
+
+    dec = NBCEDecoder.from_pretrained(device="cpu")
+    enc = CoSENTEncoder.from_pretrained()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    cache_file = work / "quality_cache.jsonl"
+    cache = {}
+    if cache_file.exists():
+        for line in cache_file.read_text().splitlines():
+            r = json.loads(line)
+            cache[r["key"]] = r
+    ns = [int(x) for x in args.ns.split(",")]
+    pns = {int(x) for x in args.pooling_ns.split(",")}
+    methods = args.methods.split(",")
+
+    def run_one(ds, qi, item, n, pos, method):
+        key = f"{ds}|{qi}|{n}|{pos}|{method}|{args.max_new_tokens}"
+        if key in cache:
+            return cache[key]
+        ps = passages_for(item, n, pos) if method != "closed" else []
+        t0 = time.perf_counter()
+        rec = {"key": key, "dataset": ds, "q": qi, "n": n, "pos": pos, "method": method}
+        try:
+            if method == "closed":
+                ans = dec.generate(item["question"], [], max_new_tokens=args.max_new_tokens)
+            elif method == "concat":
+                ans = dec.generate_concat(item["question"], ps, max_new_tokens=args.max_new_tokens)
+            else:
+                q = enc.encode([item["question"]])[0]
+                sc = enc.encode(ps) @ q
+                psg = [Passage(t, score=float(s)) for t, s in zip(ps, sc)]
+                ans = dec.generate(item["question"], psg, max_new_tokens=args.max_new_tokens, pooling=method)
+            rec.update(text=ans.text, correct=contains(ans.text, item["answers"]), f1=f1(ans.text, item["answers"]))
+            if method not in ("closed", "concat"):
+                gold_idx = [i for i, t in enumerate(ps) if t in item["gold"]]
+                rec["gold_share"] = sum(s.share for s in ans.sources if s.index in gold_idx)
+        except PromptTooLongError as e:
+            rec.update(overflow=True, correct=False, f1=0.0, text="", error=str(e)[:200])
+        rec["seconds"] = time.perf_counter() - t0
+        with open(cache_file, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        cache[key] = rec
+        return rec
+
+    for ds in args.datasets.split(","):
+        try:
+            items = LOADERS[ds](data, args.questions, args.seed)
+        except FileNotFoundError as e:
+            print(f"{ds}: data missing ({e}); skipped")
+            continue
+        print(f"{ds}: {len(items)} questions", flush=True)
+        for qi, item in enumerate(items):
+            if "closed" in methods:
+                run_one(ds, qi, item, 0, None, "closed")
+            for n in ns:
+                for m in methods:
+                    if m == "closed" or (m in POOLINGS and m != "min_entropy" and n not in pns):
+                        continue
+                    run_one(ds, qi, item, n, None, m)
+            if ds == "squad":
+                for pos in map(int, args.positions.split(",")):
+                    for m in ("concat", "min_entropy"):
+                        if m in methods:
+                            run_one(ds, qi, item, args.position_n, pos, m)
+            print(f"  {ds} q{qi} done", flush=True)
+        summarize(cache, args)
+    summarize(cache, args)
+    return 0
+
+
+def summarize(cache, args):
+    groups = collections.defaultdict(list)
+    for r in cache.values():
+        if not r["key"].endswith(f"|{args.max_new_tokens}"):
+            continue
+        groups[(r["dataset"], r["method"], r["n"], r["pos"])].append(r)
+    rows = []
+    for (ds, m, n, pos), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2], -1 if kv[0][3] is None else kv[0][3])):
+        rows.append({
+            "dataset": ds, "method": m, "n": n, "gold_position": pos, "questions": len(rs),
+            "accuracy": sum(r["correct"] for r in rs) / len(rs),
+            "f1": sum(r["f1"] for r in rs) / len(rs),
+            "overflow": sum(bool(r.get("overflow")) for r in rs),
+            "gold_share": (sum(r.get("gold_share", 0) for r in rs) / len(rs)) if m not in ("closed", "concat") else None,
+            "seconds_per_question": sum(r["seconds"] for r in rs) / len(rs),
+        })
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"model": "SmolLM2-135M-Instruct (bundled, fp32, CPU)", "max_new_tokens": args.max_new_tokens,
+                               "metric": "gold answer contained (SQuAD-normalised); f1 = SQuAD token F1",
+                               "rows": rows}, indent=2))
+    plot(rows, out.with_suffix(".png"))
+
+
+def plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dss = sorted({r["dataset"] for r in rows})
+    if not dss:
+        return
+    fig, axes = plt.subplots(1, len(dss) + 1, figsize=(5 * (len(dss) + 1), 4), squeeze=False)
+    for ax, ds in zip(axes[0], dss):
+        for m in ["concat"] + POOLINGS:
+            rs = sorted((r for r in rows if r["dataset"] == ds and r["method"] == m and r["gold_position"] is None), key=lambda r: r["n"])
+            if rs:
+                ax.plot([r["n"] for r in rs], [100 * r["accuracy"] for r in rs], "o-", label=m)
+        cb = [r for r in rows if r["dataset"] == ds and r["method"] == "closed"]
+        if cb:
+            ax.axhline(100 * cb[0]["accuracy"], color="gray", ls="--", label="closed-book")
+        ax.set_xscale("log")
+        ax.set_title(f"{ds}: accuracy vs passages")
+        ax.set_xlabel("passages (gold + distractors)")
+        ax.set_ylabel("answer contains gold (%)")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    ax = axes[0][-1]
+    for m in ("concat", "min_entropy"):
+        rs = sorted((r for r in rows if r["dataset"] == "squad" and r["method"] == m and r["gold_position"] is not None), key=lambda r: r["gold_position"])
+        if rs:
+            ax.plot([r["gold_position"] for r in rs], [100 * r["accuracy"] for r in rs], "o-", label=m)
+    ax.set_title("squad: gold passage position (n=10)")
+    ax.set_xlabel("position of the gold passage")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,235 @@
+"""Speed and memory of NBCE decoding vs concatenation and vs a naive one-row-at-a-time loop.
+
+For n = 1, 2, 4, ..., 64 passages of ~150 tokens each (synthetic, deterministic text, so no
+data set is needed), measures with the bundled SmolLM2-135M-Instruct:
+
+* ``nbce``: NBCEDecoder.stream (one batched prefill, KV-cache decode, ``batch_rows`` micro-batches)
+* ``nbce_unbatched``: the same rows, but ``batch_rows=n+1`` (no micro-batching) -- for memory
+* ``naive``: one forward per row per step, each row with its own cache (what a plain loop does)
+* ``concat``: ``model.generate`` on one prompt with all passages concatenated (greedy)
+
+time to first token (prefill + first step), decode time per token, and peak RSS (CPU) or peak
+CUDA memory. Each (method, n) runs in its own subprocess so peak memory is clean.
+
+    python benchmarks/bench_speed.py                    # CPU, writes benchmarks/results/speed_cpu.{json,png}
+    python benchmarks/bench_speed.py --device cuda      # GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+WORDS = ("river city tower museum bridge harbour engine garden market castle library station "
+         "theatre festival mountain valley forest island desert canal palace factory school "
+         "hospital railway airport stadium cathedral temple village province republic empire").split()
+
+
+def make_passages(n: int, tokenizer, target_tokens: int = 150, seed: int = 0):
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        words = []
+        while True:
+            w = rng.sample(WORDS, 6)
+            words.append(f"The {w[0]} of {w[1]} was built near the {w[2]} in {1500 + rng.randrange(500)}, "
+                         f"after the {w[3]} and the {w[4]} joined the {w[5]}.")
+            text = f"Record {i}. " + " ".join(words)
+            if len(tokenizer(text, add_special_tokens=False)["input_ids"]) >= target_tokens:
+                break
+        out.append(text)
+    return out
+
+
+QUESTION = "Describe in detail what was built, where and when."
+
+
+def _peak_mem(device):
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux: KiB)
+
+
+def worker(args) -> dict:
+    import torch
+
+    from nbce_rag import NBCEDecoder
+
+    torch.manual_seed(0)
+    dec = NBCEDecoder.from_pretrained(device=args.device)
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    base_mem = _peak_mem(args.device)
+    passages = make_passages(args.n, dec.tokenizer)
+    N = args.max_new_tokens
+    res = {"method": args.method, "n": args.n, "max_new_tokens": N}
+
+    def sync():
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+
+    if args.method in ("nbce", "nbce_unbatched"):
+        rows = args.batch_rows if args.method == "nbce" else args.n + 1
+        # warm-up (kernels, allocator), excluded
+        dec.generate(QUESTION, passages[:1], max_new_tokens=2)
+        t0 = time.perf_counter()
+        times = []
+        ntok = 0
+        for ev in dec.stream(QUESTION, passages, max_new_tokens=N, batch_rows=rows):
+            if ev.token_id is not None:
+                sync()
+                times.append(time.perf_counter() - t0)
+                ntok += 1
+        res.update(batch_rows=rows, tokens=ntok)
+    elif args.method == "naive":
+        times, ntok = naive_nbce(dec, passages, N, sync)
+        res.update(tokens=ntok)
+    elif args.method == "concat":
+        joined = "\n\n".join(passages)
+        prompt = dec.build_prompt(QUESTION, joined)
+        ids = dec.tokenizer(prompt, add_special_tokens=False, return_tensors="pt").to(dec.device)
+        if ids.input_ids.shape[1] + N > dec.context_window:
+            res.update(error=f"prompt of {ids.input_ids.shape[1]} tokens exceeds the {dec.context_window}-token window")
+            return res
+        with torch.inference_mode():
+            dec.model.generate(**dec.tokenizer("hi", return_tensors="pt").to(dec.device), max_new_tokens=2, do_sample=False)
+            sync()
+            t0 = time.perf_counter()
+            dec.model.generate(**ids, max_new_tokens=1, do_sample=False, pad_token_id=dec.tokenizer.pad_token_id)
+            sync()
+            ttft = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            out = dec.model.generate(**ids, max_new_tokens=N, min_new_tokens=N, do_sample=False,
+                                     pad_token_id=dec.tokenizer.pad_token_id)
+            sync()
+            total = time.perf_counter() - t0
+        ntok = out.shape[1] - ids.input_ids.shape[1]
+        times = [ttft] + [ttft + (total - ttft) * (i + 1) / max(1, ntok - 1) for i in range(ntok - 1)]
+        res.update(tokens=ntok, prompt_tokens=int(ids.input_ids.shape[1]))
+    else:
+        raise SystemExit(f"unknown method {args.method}")
+    res["ttft_s"] = times[0]
+    res["decode_s_per_token"] = (times[-1] - times[0]) / max(1, len(times) - 1) if len(times) > 1 else None
+    res["peak_mem_mib"] = _peak_mem(args.device)
+    res["base_mem_mib"] = base_mem
+    return res
+
+
+def naive_nbce(dec, passages, N, sync):
+    """One forward per row per step; each row keeps its own cache. Same math (nbce_step)."""
+    import torch
+    from transformers import DynamicCache
+
+    from nbce_rag.nbce import attribute, get_pooling, nbce_step
+
+    cfg = dec.config
+    prompts = [dec.build_prompt(QUESTION, None)] + [dec.build_prompt(QUESTION, p) for p in passages]
+    pooling = get_pooling(cfg.pooling)
+    kw = dec._cache_kw
+    t0 = time.perf_counter()
+    times = []
+    with torch.inference_mode():
+        caches, logits = [], []
+        for p in prompts:
+            ids = dec.tokenizer(p, add_special_tokens=False, return_tensors="pt").input_ids.to(dec.device)
+            out = dec.model(input_ids=ids, use_cache=True, logits_to_keep=1, **{kw: DynamicCache()})
+            caches.append(getattr(out, "cache", None) or out.past_key_values)
+            logits.append(out.logits[0, -1].float())
+        prev = None
+        for step in range(N):
+            st = nbce_step(torch.stack(logits), beta=cfg.beta, eta=cfg.eta, top_p=cfg.nbce_top_p, pooling=pooling, prev=prev)
+            tok = int(torch.argmax(st.logits))
+            prev = attribute(st, tok)
+            sync()
+            times.append(time.perf_counter() - t0)
+            if tok in dec._eos_ids or step + 1 == N:
+                break
+            x = torch.tensor([[tok]], device=dec.device)
+            for r in range(len(prompts)):
+                out = dec.model(input_ids=x, use_cache=True, **{kw: caches[r]})
+                caches[r] = getattr(out, "cache", None) or out.past_key_values
+                logits[r] = out.logits[0, -1].float()
+    return times, len(times)
+
+
+def machine(device) -> str:
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.get_device_name(0)
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} (CPU)"
+
+
+def plot(results, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for method in ("nbce", "nbce_unbatched", "naive", "concat"):
+        rs = sorted((r for r in results if r["method"] == method and "error" not in r), key=lambda r: r["n"])
+        if not rs:
+            continue
+        ns = [r["n"] for r in rs]
+        axes[0].plot(ns, [r["ttft_s"] for r in rs], "o-", label=method)
+        axes[1].plot(ns, [1000 * (r["decode_s_per_token"] or float("nan")) for r in rs], "o-", label=method)
+        axes[2].plot(ns, [r["peak_mem_mib"] for r in rs], "o-", label=method)
+    for ax, t in zip(axes, ("time to first token (s)", "decode ms / token", "peak memory (MiB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("passages (~150 tokens each)")
+        ax.set_title(t)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--ns", default="1,2,4,8,16,32,64")
+    ap.add_argument("--methods", default="nbce,nbce_unbatched,naive,concat")
+    ap.add_argument("--max-new-tokens", type=int, default=16)
+    ap.add_argument("--batch-rows", type=int, default=16)
+    ap.add_argument("--naive-max-n", type=int, default=32, help="skip the slow naive loop above this n")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--method", help=argparse.SUPPRESS)
+    ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        print("RESULT " + json.dumps(worker(args)), flush=True)
+        return
+    out = Path(args.out or HERE / "results" / f"speed_{args.device}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results = []
+    for method in args.methods.split(","):
+        for n in map(int, args.ns.split(",")):
+            if method == "naive" and n > args.naive_max_n:
+                continue
+            cmd = [sys.executable, __file__, "--worker", "--method", method, "--n", str(n), "--device", args.device,
+                   "--max-new-tokens", str(args.max_new_tokens), "--batch-rows", str(args.batch_rows)]
+            p = subprocess.run(cmd, capture_output=True, text=True)
+            line = next((l for l in p.stdout.splitlines() if l.startswith("RESULT ")), None)
+            r = json.loads(line[7:]) if line else {"method": method, "n": n, "error": p.stderr[-500:]}
+            results.append(r)
+            print(json.dumps(r), flush=True)
+            out.write_text(json.dumps({"machine": machine(args.device), "device": args.device, "results": results}, indent=2))
+    plot(results, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
