@@ -529,7 +529,7 @@ def test_bundled_chain_equals_pipeline(bundled_decoder, index):
     pieces = list(chain.stream(Q))
     assert "".join(pieces) == ref.text
     assert "eiffel" in ref.text.lower()
-    assert ref.supported and all(s.id in ("d0", "d1") for s in ref.sources)
+    assert ref.supported and all(s.id in ("d0#0", "d1#0") for s in ref.sources)
 
 
 # ------------------------------------------------------------------------------------ standard suites
