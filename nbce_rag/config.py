@@ -7,7 +7,7 @@ from typing import Any, Dict, List, Optional
 
 from .errors import ConfigError
 
-DEFAULT_PROMPT_TEMPLATE = "{passage}\n\n{question}"
+DEFAULT_PROMPT_TEMPLATE = "{passage}\n\nAnswer briefly: {question}"
 
 
 @dataclass
@@ -55,7 +55,7 @@ class NBCEConfig:
     top_p: float = 1.0
     seed: Optional[int] = None
     stop: List[str] = field(default_factory=list)
-    prompt_template: str = DEFAULT_PROMPT_TEMPLATE
+    prompt_template: str = DEFAULT_PROMPT_TEMPLATE  # chosen on SQuAD: 8/10 vs 5/10 for "{passage}\n\n{question}"
     use_chat_template: bool = True
     system_prompt: Optional[str] = None
     batch_rows: int = 16

@@ -93,13 +93,15 @@ def test_chat_template_tokenizer_matches_reference(tiny_chat_decoder):
     ref_ids, _ = reference_generate(tiny_chat_decoder, "Where is the tower?", PASSAGES, 10)
     assert ans.token_ids == ref_ids
     prompt = tiny_chat_decoder.build_prompt("Q?", "P.")
-    assert prompt.startswith("<|im_start|>user\nP.\n\nQ?") and prompt.endswith("<|im_start|>assistant\n")
+    assert prompt.startswith("<|im_start|>user\nP.\n\nAnswer briefly: Q?") and prompt.endswith("<|im_start|>assistant\n")
 
 
 def test_plain_prompt_fallback_without_chat_template(tiny_decoder):
     assert tiny_decoder.tokenizer.chat_template is None
-    assert tiny_decoder.build_prompt("Q?", "P.") == "P.\n\nQ?\nAnswer:"
-    assert tiny_decoder.build_prompt("Q?") == "Q?\nAnswer:"
+    assert tiny_decoder.build_prompt("Q?", "P.") == "P.\n\nAnswer briefly: Q?\nAnswer:"
+    assert tiny_decoder.build_prompt("Q?") == "Answer briefly: Q?\nAnswer:"
+    custom = tiny_decoder.config.update(prompt_template="{passage} | {question}")
+    assert tiny_decoder.build_prompt("Q?", "P.", config=custom) == "P. | Q?\nAnswer:"
     assert tiny_decoder.tokenizer.pad_token is not None  # was None: the decoder set one
     assert tiny_decoder.tokenizer.padding_side == "left"
 
