@@ -96,6 +96,7 @@ class CoSENTTrainingConfig:
     scale: float = 20.0  #: CoSENT lambda (inverse temperature)
     seed: int = 42
     max_steps: Optional[int] = None  #: stop after this many steps (overrides epochs)
+    max_length: Optional[int] = None  #: truncate training inputs to this many tokens (None: max_seq_length)
     eval_each_epoch: bool = True  #: evaluate on ``dev`` after every epoch (report history)
     keep_best: bool = False  #: restore the epoch with the best dev Spearman at the end
     score_scale: Union[str, float, None] = "auto"  #: "auto": 0-5 scores divided by 5
@@ -115,6 +116,8 @@ class CoSENTTrainingConfig:
             raise ConfigError(f"scale must be > 0, got {self.scale}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.max_length is not None and self.max_length < 4:
+            raise ConfigError(f"max_length must be >= 4 tokens, got {self.max_length}")
 
 
 class CoSENTEncoder:
@@ -130,6 +133,8 @@ class CoSENTEncoder:
         #: where the weights came from (a path, a hub id, ``"bundled"``), ``None`` after fit
         self.source = source
         self._identity: Optional[str] = None
+        #: incremented whenever :meth:`fit` changes the weights (indexes use it to notice)
+        self.weights_version = 0
         self.model.eval()
 
     # ------------------------------------------------------------------ construction
@@ -366,6 +371,7 @@ class CoSENTEncoder:
             logger.info("dev before training: %s", report["dev_before"])
 
         loss_fn = CoSENTLoss(model, scale=cfg.scale)
+        pre_kw = {"max_length": cfg.max_length} if cfg.max_length else {}
         steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
         total = cfg.max_steps or cfg.epochs * steps_per_epoch
         epochs = math.ceil(total / steps_per_epoch)
@@ -401,8 +407,8 @@ class CoSENTEncoder:
                         break
                     batch = [train[i] for i in order[start : start + cfg.batch_size]]
                     features = [
-                        _to_device(model.preprocess([p[0] for p in batch]), device),
-                        _to_device(model.preprocess([p[1] for p in batch]), device),
+                        _to_device(model.preprocess([p[0] for p in batch], **pre_kw), device),
+                        _to_device(model.preprocess([p[1] for p in batch], **pre_kw), device),
                     ]
                     labels = torch.tensor([p[2] for p in batch], dtype=torch.float32, device=device)
                     loss = loss_fn(features, labels)
@@ -410,6 +416,8 @@ class CoSENTEncoder:
                     if cfg.max_grad_norm:
                         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                     optimizer.step()
+                    if step == 0:
+                        self.weights_version += 1
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                     step += 1
@@ -440,6 +448,7 @@ class CoSENTEncoder:
         train_seconds = time.perf_counter() - t0 - eval_seconds
         if best_state is not None:
             model.load_state_dict(best_state)
+            self.weights_version += 1
             self._identity = None
             report["restored_best_epoch"] = max(
                 (h for h in history if "dev_spearman" in h), key=lambda h: h["dev_spearman"]

@@ -115,7 +115,10 @@ class VectorIndex:
         self.dim = int(dim)
         self._encoder_identity = encoder_identity
         self._encoder = encoder
+        self._checked_version = getattr(encoder, "weights_version", 0)
         self.encoder_source = encoder_source
+        #: max_seq_length the encoder had (part of its identity), to reload it the same way
+        self.encoder_max_seq_length: Optional[int] = encoder.max_seq_length if encoder is not None else None
         self.chunk_tokens = int(chunk_tokens)
         self.overlap = int(overlap)
         self.backend = backend
@@ -188,15 +191,24 @@ class VectorIndex:
                     f"this index was built with an encoder that was never saved (identity "
                     f"{self._encoder_identity}); pass encoder= to VectorIndex.load()"
                 )
-            enc = CoSENTEncoder.from_pretrained(self.encoder_source, local_files_only=True)
+            enc = CoSENTEncoder.from_pretrained(
+                self.encoder_source, local_files_only=True, max_seq_length=self.encoder_max_seq_length
+            )
             self._check_encoder(enc, where=f"the recorded encoder {self.encoder_source}")
             self._encoder = enc
+            self._checked_version = getattr(enc, "weights_version", 0)
+        elif getattr(self._encoder, "weights_version", 0) != self._checked_version:
+            # the encoder object was fine-tuned after this index was made: its vectors would
+            # no longer match the stored ones
+            self._check_encoder(self._encoder, where="the index's encoder, changed since (e.g. by fit())")
+            self._checked_version = getattr(self._encoder, "weights_version", 0)
         return self._encoder
 
     @encoder.setter
     def encoder(self, enc: "CoSENTEncoder") -> None:
         self._check_encoder(enc, where="the given encoder")
         self._encoder = enc
+        self._checked_version = getattr(enc, "weights_version", 0)
 
     def _check_encoder(self, enc: "CoSENTEncoder", *, where: str, path: Any = None) -> None:
         from .encoder import identities_match
@@ -519,7 +531,8 @@ class VectorIndex:
                 "format": FORMAT,
                 "version": FORMAT_VERSION,
                 "generation": gen,
-                "encoder": {"identity": self._encoder_identity, "source": self.encoder_source, "dim": self.dim},
+                "encoder": {"identity": self._encoder_identity, "source": self.encoder_source, "dim": self.dim,
+                            "max_seq_length": self.encoder_max_seq_length},
                 "dim": self.dim,
                 "count": len(self),
                 "chunking": {"chunk_tokens": self.chunk_tokens, "overlap": self.overlap, "unit": "encoder tokens"},
@@ -614,9 +627,12 @@ class VectorIndex:
             faiss_factory=be.get("faiss_factory", "Flat"),
             faiss_params=be.get("faiss_params", ""),
         )
+        msl = m["encoder"].get("max_seq_length")
+        index.encoder_max_seq_length = int(msl) if isinstance(msl, int) else None
         if encoder is not None:
             index._check_encoder(encoder, where="the given encoder", path=path)
             index._encoder = encoder
+            index._checked_version = getattr(encoder, "weights_version", 0)
 
         vfile, rfile = path / str(vinfo["name"]), path / str(rinfo["name"])
         for info, f in ((vinfo, vfile), (rinfo, rfile)):

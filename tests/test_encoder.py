@@ -192,8 +192,10 @@ def test_fit_defaults_are_the_measured_recipe():
 
 def test_fit_keep_best_and_max_steps(tiny):
     pairs = topic_pairs(64, 5)
-    r = tiny.fit(pairs, pairs[:32], epochs=2, max_steps=5, keep_best=True, learning_rate=1e-3, show_progress_bar=False)
+    r = tiny.fit(pairs, pairs[:32], epochs=2, max_steps=5, keep_best=True, learning_rate=1e-3, max_length=16,
+                 show_progress_bar=False)
     assert r["steps"] == 5 and r["epochs_run"] == 2 and "restored_best_epoch" in r
+    assert r["config"]["max_length"] == 16 and tiny.max_seq_length == 256  # training-only truncation
 
 
 @pytest.mark.parametrize(
@@ -204,6 +206,7 @@ def test_fit_keep_best_and_max_steps(tiny):
         {"learning_rate": 0},
         {"warmup_ratio": 1.0},
         {"scale": -1},
+        {"max_length": 2},
         {"no_such_option": 3},
     ],
 )

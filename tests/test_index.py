@@ -545,3 +545,21 @@ def test_load_retries_once_when_a_save_replaced_the_index_meanwhile(index, enc, 
     monkeypatch.setattr(VectorIndex, "_load", classmethod(racing))
     _assert_same(newer, VectorIndex.load(p, enc))
     assert len(calls) == 2
+
+
+def test_fine_tuning_the_encoder_after_indexing_is_detected(tmp_path):
+    own = make_tiny_encoder(tmp_path / "e", seed=5)
+    idx = VectorIndex.build(own, ["cats purr", "dogs bark", "fish swim"])
+    assert idx.search("cats", k=1)
+    own.fit([("cats purr", "kittens meow", 1.0), ("dogs bark", "fish swim", 0.0)], max_steps=3,
+            learning_rate=1e-2, show_progress_bar=False)
+    with pytest.raises(EncoderMismatchError, match="changed since"):
+        idx.search("cats", k=1)
+
+
+def test_reloads_recorded_encoder_with_its_max_seq_length(tmp_path):
+    make_tiny_encoder(tmp_path / "e", seed=6)
+    short = CoSENTEncoder.from_pretrained(tmp_path / "e" / "model", max_seq_length=64)
+    VectorIndex.build(short, ["some text here"], chunk_tokens=40, overlap=4).save(tmp_path / "idx")
+    loaded = VectorIndex.load(tmp_path / "idx")
+    assert loaded.search("text", k=1) and loaded.encoder.max_seq_length == 64
