@@ -568,7 +568,13 @@ class _Server:
         try:
             self.pipeline.decoder.config.update(**opts)
         except (ConfigError, TypeError, ValueError) as e:
-            raise _bad(str(e), param="nbce" if req.nbce is not None and "pooling" in str(e).lower() else None) from None
+            msg = str(e)
+            key = msg.split(" ", 1)[0]
+            if key in ("pooling", "beta", "eta", "nbce_top_p") or msg.lower().startswith(("unknown pooling", "pooling")):
+                param = f"nbce.{key}" if key in ("beta", "eta", "nbce_top_p") else "nbce.pooling"
+            else:
+                param = {"max_new_tokens": "max_tokens"}.get(key, key if key in opts else None)
+            raise _bad(msg, param=param) from None
         return opts
 
     def passages(self, req: _GenerationRequest) -> Optional[List[Passage]]:
@@ -843,8 +849,8 @@ def create_app(
                                  "nbce": nbce_info(answer, retrieved)})
         gen = _stream_body(srv, job, (kind0, value0), kind=kind, rid=rid, created=created,
                            include_usage=include_usage, retrieved=retrieved, t0=t0)
-        return StreamingResponse(gen, media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return _EventStream(job, gen, media_type="text/event-stream",
+                            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -909,6 +915,21 @@ def create_app(
                 "usage": {"prompt_tokens": n_tok, "total_tokens": n_tok}}
 
     return app
+
+
+class _EventStream(StreamingResponse):
+    """A StreamingResponse that cancels its job however the response ends (even when the
+    client is gone before the body generator ever started)."""
+
+    def __init__(self, job: _Job, content: Any, **kw: Any):
+        super().__init__(content, **kw)
+        self._job = job
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._job.abort(_CANCELLED)  # no-op once the job has finished
 
 
 async def _stream_body(srv: _Server, job: _Job, first: Tuple[str, Any], *, kind: str, rid: str, created: int,

@@ -486,8 +486,8 @@ def test_malformed_and_invalid_requests(served):
     assert_openai_error(p("/v1/chat/completions", _body(temperature=3)), 400)
     assert_openai_error(p("/v1/chat/completions", _body(top_p=0)), 400)
     assert_openai_error(p("/v1/chat/completions", _body(logprobs=True)), 400)
-    assert_openai_error(p("/v1/chat/completions", _body(nbce={"pooling": "nope"})), 400)
-    assert_openai_error(p("/v1/chat/completions", _body(nbce={"beta": -5})), 400)
+    assert assert_openai_error(p("/v1/chat/completions", _body(nbce={"pooling": "nope"})), 400)["param"] == "nbce.pooling"
+    assert assert_openai_error(p("/v1/chat/completions", _body(nbce={"beta": -5})), 400)["param"] == "nbce.beta"
     assert_openai_error(p("/v1/chat/completions", _body(nbce={"unknown": 1})), 400)
     assert_openai_error(p("/v1/completions", {"prompt": ["a", "b"]}), 400)
     assert_openai_error(p("/v1/completions", {"prompt": [1, 2, 3]}), 400)

@@ -42,6 +42,8 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     p.add_argument("--model-name", default=None, metavar="NAME",
                    help="model id listed by /v1/models and echoed in responses (default nbce-rag)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch CPU threads (default: torch's choice; 1 is best on a busy or small machine)")
     p.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
                    help="answer length when a request gives no max_tokens (default 64)")
     g = p.add_argument_group("limits")
@@ -71,6 +73,10 @@ def run(args: argparse.Namespace) -> int:
     from ..pipeline import RAGPipeline
 
     log = logging.getLogger("nbce_rag.serve")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     limits = ServerLimits(
         max_body_bytes=args.max_body_bytes, max_documents=args.max_documents,
         max_document_chars=args.max_document_chars, max_tokens=args.max_tokens,
