@@ -13,6 +13,7 @@ every adapter (pipeline, LangChain, LlamaIndex, server) calls one of the two.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 from dataclasses import dataclass, field
@@ -28,6 +29,10 @@ from .types import Answer, Passage, SourceInfo, StreamEvent, as_passage
 logger = logging.getLogger(__name__)
 
 NO_PASSAGE = -1
+
+#: options that act after the prefill (they do not change the rows), see NBCEDecoder.compare
+_DECODE_ONLY = frozenset({"beta", "eta", "nbce_top_p", "pooling", "max_new_tokens", "do_sample",
+                          "temperature", "top_k", "top_p", "seed", "stop"})
 
 
 @dataclass
@@ -336,20 +341,51 @@ class NBCEDecoder:
         return answer
 
     @torch.inference_mode()
-    def _run(self, prep: _Prepared, cfg: NBCEConfig) -> Iterator[StreamEvent]:
+    def _prefill_rows(self, prep: _Prepared, cfg: NBCEConfig):
+        """Prefill every row; returns ``(groups, logits in row order, inverse permutation)``."""
         rows = prep.rows
-        n = len(rows) - 1
-        pooling = get_pooling(cfg.pooling)
-        scores = prep.row_scores.to(self.device) if prep.row_scores is not None else None
         # group rows of similar length together (less padding); row 0 first
         order = [0] + sorted(range(1, len(rows)), key=lambda r: -len(rows[r].ids))
         inverse = torch.empty(len(order), dtype=torch.long)
         inverse[torch.tensor(order)] = torch.arange(len(order))
         inverse = inverse.to(self.device)
-        gen = torch.Generator().manual_seed(cfg.seed) if (cfg.do_sample and cfg.seed is not None) else None
-
         groups, logits = self._prefill(rows, order, cfg)
-        logits = logits[inverse]
+        return groups, logits[inverse], inverse
+
+    def compare(self, question: str, passages: Optional[Iterable[Any]], variants: Sequence[dict], **options: Any) -> List[Answer]:
+        """Decode the same question and passages under several decode-time option sets
+        (e.g. each pooling, or several β), sharing one prefill. Returns one :class:`Answer`
+        per variant, identical to ``generate(question, passages, **options, **variant)``.
+        Variants may only change options that act after the prefill: beta, eta, nbce_top_p,
+        pooling, max_new_tokens, do_sample, temperature, top_k, top_p, seed, stop."""
+        question = self._check_question(question)
+        kept = self._check_passages(passages)
+        for v in variants:
+            bad = sorted(set(v) - _DECODE_ONLY)
+            if bad:
+                raise ValueError(f"compare() variants cannot change {bad}: they change the prompt rows")
+        base = self.config.update(**options) if options else self.config
+        cfgs = [base.update(**v) for v in variants]
+        longest = max(c.max_new_tokens for c in cfgs) if cfgs else base.max_new_tokens
+        prep = self._prepare(question, kept, base.update(max_new_tokens=longest))
+        groups, logits, inverse = self._prefill_rows(prep, base)
+        answers = []
+        for cfg in cfgs:
+            fresh = [_Group(g.rows, copy.deepcopy(g.cache), g.mask.clone(), g.last_pos.clone()) for g in groups]
+            answer = None
+            for ev in self._run(prep, cfg, (fresh, logits.clone(), inverse)):
+                answer = ev.answer or answer
+            answers.append(answer)
+        return answers
+
+    @torch.inference_mode()
+    def _run(self, prep: _Prepared, cfg: NBCEConfig, prefilled=None) -> Iterator[StreamEvent]:
+        rows = prep.rows
+        n = len(rows) - 1
+        pooling = get_pooling(cfg.pooling)
+        scores = prep.row_scores.to(self.device) if prep.row_scores is not None else None
+        gen = torch.Generator().manual_seed(cfg.seed) if (cfg.do_sample and cfg.seed is not None) else None
+        groups, logits, inverse = prefilled or self._prefill_rows(prep, cfg)
         row_source = [r.source for r in rows]
 
         tokens: List[int] = []

@@ -251,3 +251,29 @@ def test_bundled_model_stream_equals_generate(bundled_decoder):
     text = "".join(e.text for e in bundled_decoder.stream("How high is Mount Everest?", ps, max_new_tokens=16))
     assert text == ans.text
     assert "Everest" in ans.text
+
+
+def test_compare_shares_one_prefill_and_equals_generate(tiny_decoder):
+    from nbce_rag.nbce import POOLINGS
+
+    variants = [{"pooling": p} for p in sorted(POOLINGS)] + [{"beta": 0.0}, {"max_new_tokens": 3}]
+    ps = [{"text": t, "score": 0.1 * (i + 1)} for i, t in enumerate(PASSAGES)]
+    answers = tiny_decoder.compare("When was it completed?", ps, variants, max_new_tokens=8)
+    for v, a in zip(variants, answers):
+        opts = {"max_new_tokens": 8, **v}
+        g = tiny_decoder.generate("When was it completed?", ps, **opts)
+        assert a.token_ids == g.token_ids and a.token_sources == g.token_sources and a.text == g.text, v
+    with pytest.raises(ValueError, match="prompt_template"):
+        tiny_decoder.compare("Q?", PASSAGES, [{"prompt_template": "{passage}{question}"}])
+
+
+def test_nbce_is_invariant_to_passage_order(tiny_decoder):
+    """Rows are independent and pooled symmetrically: permuting the passages permutes the
+    sources and changes no token (concatenation, by contrast, depends on the order)."""
+    q = "When was it completed?"
+    ps = [f"Note {i}. {p}" for i, p in enumerate(PASSAGES)]
+    perm = [2, 0, 3, 1]
+    a = tiny_decoder.generate(q, ps, max_new_tokens=10)
+    b = tiny_decoder.generate(q, [ps[i] for i in perm], max_new_tokens=10)
+    assert a.token_ids == b.token_ids
+    assert [perm[s] for s in b.token_sources] == a.token_sources
