@@ -10,7 +10,6 @@ deterministic."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import socket
 import threading
@@ -27,7 +26,7 @@ openai = pytest.importorskip("openai")
 
 from nbce_rag import RAGPipeline  # noqa: E402
 from nbce_rag.integrations.server import ServerLimits, create_app  # noqa: E402
-from nbce_rag.types import Answer, Passage, StreamEvent  # noqa: E402
+from nbce_rag.types import Answer, StreamEvent  # noqa: E402
 
 MODEL = "nbce-test"
 DOCS = [
