@@ -563,3 +563,50 @@ def test_reloads_recorded_encoder_with_its_max_seq_length(tmp_path):
     VectorIndex.build(short, ["some text here"], chunk_tokens=40, overlap=4).save(tmp_path / "idx")
     loaded = VectorIndex.load(tmp_path / "idx")
     assert loaded.search("text", k=1) and loaded.encoder.max_seq_length == 64
+
+
+def test_pdf_without_the_extra_is_reported_and_skipped(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pypdf", None)
+    (tmp_path / "paper.pdf").write_bytes(b"%PDF-1.4 not really")
+    (tmp_path / "note.txt").write_text("text")
+    docs, rep = read_documents([tmp_path])
+    assert [d.id for d in docs] == ["note.txt"]
+    assert any("paper.pdf" in u and "nbce-rag[pdf]" in u for u in rep.unreadable)
+
+
+def _text_pdf(text: str) -> bytes:
+    """A minimal one-page PDF showing ``text`` in Helvetica."""
+    stream = f"BT /F1 12 Tf 10 50 Td ({text}) Tj ET".encode()
+    objs = [
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 300 100] /Contents 4 0 R "
+        b"/Resources << /Font << /F1 5 0 R >> >> >>",
+        b"<< /Length %d >>\nstream\n" % len(stream) + stream + b"\nendstream",
+        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
+    ]
+    out, offsets = bytearray(b"%PDF-1.4\n"), []
+    for i, o in enumerate(objs, 1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n" % i + o + b"\nendobj\n"
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objs) + 1)
+    out += b"".join(b"%010d 00000 n \n" % off for off in offsets)
+    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objs) + 1, xref)
+    return bytes(out)
+
+
+def test_pdf_with_the_extra(tmp_path):
+    pypdf = pytest.importorskip("pypdf")
+    (tmp_path / "paper.pdf").write_bytes(_text_pdf("Glaciers carve valleys"))
+    w = pypdf.PdfWriter()
+    w.add_blank_page(width=72, height=72)
+    with open(tmp_path / "blank.pdf", "wb") as f:
+        w.write(f)
+    (tmp_path / "broken.pdf").write_bytes(b"%PDF-1.4 garbage")
+    docs, rep = read_documents([tmp_path])
+    assert [(d.id, d.text.strip(), d.metadata["page"]) for d in docs] == [("paper.pdf:p1", "Glaciers carve valleys", 1)]
+    assert rep.skipped_empty == 1  # the blank page has no text
+    assert any("broken.pdf" in u for u in rep.unreadable)
