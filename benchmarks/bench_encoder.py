@@ -344,6 +344,10 @@ def bench_latency(args: argparse.Namespace) -> int:
                 configs.append(("faiss_hnsw32", "HNSW32", "efSearch=64"))
             nlist = max(16, int(np.sqrt(n)))
             configs.append((f"faiss_ivf{nlist}", f"IVF{nlist},Flat", "nprobe=16"))
+            import nbce_rag.index as index_mod
+
+            index_mod.FAISS_TRAIN_MAX = 50 * nlist  # k-means sample for IVF (faiss wants >= 39 per list)
+            res["ivf_train_rows"] = min(n, index_mod.FAISS_TRAIN_MAX)
             for name, factory, params in configs:
                 idx.backend, idx.faiss_factory, idx.faiss_params, idx._faiss = "faiss", factory, params, None
                 t0 = time.perf_counter()

@@ -52,6 +52,8 @@ FORMAT = "nbce-rag-index"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 BACKENDS = ("exact", "faiss")
+#: rows used to train FAISS indexes that need training (IVF, PQ); more only slows k-means down
+FAISS_TRAIN_MAX = 100_000
 _DATA_FILE = re.compile(r"^(vectors|records)-[0-9a-f]+-[0-9a-f]+\.(npy|jsonl)$")
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -481,8 +483,12 @@ class VectorIndex:
             t0 = time.perf_counter()
             try:
                 index = faiss.index_factory(self.dim, self.faiss_factory, faiss.METRIC_INNER_PRODUCT)
-                if not index.is_trained:
-                    index.train(self._vectors)
+                if not index.is_trained:  # IVF/PQ: train on at most FAISS_TRAIN_MAX random rows
+                    train = self._vectors
+                    if len(train) > FAISS_TRAIN_MAX:
+                        pick = np.random.default_rng(0).choice(len(train), FAISS_TRAIN_MAX, replace=False)
+                        train = train[np.sort(pick)]
+                    index.train(train)
                 index.add(self._vectors)
                 if self.faiss_params:
                     faiss.ParameterSpace().set_index_parameters(index, self.faiss_params)
