@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from typing import Any, AsyncGenerator, Dict, Generator, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, AsyncGenerator, Dict, Generator, Iterator, List, Optional, Sequence
 
 try:
     from llama_index.core.base.base_retriever import BaseRetriever

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
-from typing import Any, List
+from typing import List
 
 import numpy as np
 import pytest

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from nbce_rag import EncoderMismatchError, MarginThreshold, NBCEDecoder, Passage, RAGPipeline, VectorIndex
+from nbce_rag import EncoderMismatchError, MarginThreshold, Passage, RAGPipeline, VectorIndex
 from nbce_rag.cli import main
 
 DOCS = [
