@@ -82,9 +82,12 @@ class RAGPipeline:
                     "Run `nbce-rag calibrate` to filter irrelevant passages.", k)
         elif isinstance(threshold, (str, os.PathLike)):
             th = MarginThreshold.load(threshold, encoder=idx)
-        dec = decoder or NBCEDecoder.from_pretrained(model, device=device, dtype=dtype, **decoder_options)
-        if decoder is not None and decoder_options:
-            dec.config = dec.config.update(**decoder_options)
+        if decoder is None:
+            dec = NBCEDecoder.from_pretrained(model, device=device, dtype=dtype, **decoder_options)
+        elif decoder_options:  # a view with its own options; the caller's decoder is left as it was
+            dec = NBCEDecoder(decoder.model, decoder.tokenizer, decoder.config.update(**decoder_options))
+        else:
+            dec = decoder
         return cls(dec, idx, th, k=k)
 
     # ------------------------------------------------------------------ retrieval
@@ -92,7 +95,10 @@ class RAGPipeline:
         """Top-``k`` candidates from the index, scored with the canonical cosine."""
         if self.index is None:
             raise ValueError("this pipeline has no index: pass passages= to ask(), or build it with an index")
-        return list(self.index.search(question, k=k or self.k))
+        k = self.k if k is None else k
+        if k < 1:
+            raise ValueError(f"k must be >= 1 (got {k})")
+        return list(self.index.search(question, k=k))
 
     def select(self, question: str, passages: Optional[Iterable[Any]] = None, k: Optional[int] = None):
         """The passages that will reach the decoder, and the filter's decisions.

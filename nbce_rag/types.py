@@ -52,9 +52,12 @@ def as_passage(obj: Any, *, where: str = "passages") -> Passage:
         text = getattr(obj, "page_content", None)
     if isinstance(text, str):
         meta = getattr(obj, "metadata", None)
+        score = getattr(obj, "score", None)
+        if score is None and isinstance(meta, dict):  # LangChain keeps scores in metadata
+            score = meta.get("score")
         return Passage(
             text=text,
-            score=_opt_float(getattr(obj, "score", None)),
+            score=_opt_float(score),
             id=None if getattr(obj, "id", None) is None else str(getattr(obj, "id")),
             metadata=dict(meta) if isinstance(meta, dict) else {},
         )

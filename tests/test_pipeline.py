@@ -221,3 +221,23 @@ def test_bundled_pipeline_answers_from_sources(bundled_decoder, index, threshold
     assert all(s.id in ("d0#0", "d1#0") for s in ans.sources)
     none = rag.ask(Q_NONE, max_new_tokens=24)
     assert none.supported is False and none.sources == []
+
+
+def test_pipeline_options_do_not_mutate_the_given_decoder(tiny_decoder):
+    from nbce_rag import RAGPipeline
+
+    before = tiny_decoder.config.beta
+    rag = RAGPipeline.from_pretrained(None, threshold=None, decoder=tiny_decoder, beta=before + 1.0)
+    assert rag.decoder.config.beta == before + 1.0
+    assert tiny_decoder.config.beta == before
+    assert rag.decoder.model is tiny_decoder.model
+
+
+def test_langchain_style_document_score_in_metadata_is_read():
+    from nbce_rag.types import as_passage
+
+    class Doc:
+        page_content = "text"
+        metadata = {"score": 0.42}
+
+    assert as_passage(Doc()).score == 0.42
