@@ -410,28 +410,61 @@ def _plot_test(S, Y, th: MarginThreshold, t_h: float, path: Path) -> None:
 # ============================================================================ stage: e2e
 
 
-def _squad_items(data: Path, n: int, seed: int, n_max: int):
-    """n SQuAD dev questions, each with its gold paragraph and up to n_max-1 other paragraphs
-    of the same article as distractors (shuffled, gold position random)."""
+def _squad_split(data: Path, n_eval: int, n_cal: int, seed: int, n_max: int):
+    """SQuAD v1.1 dev, articles split in two halves: ``n_eval`` evaluation questions from one
+    half, ``n_cal`` calibration questions from the other (no article shared). Each question
+    gets its gold paragraph and ``n_max - 1`` other paragraphs of the same article as
+    distractors (random; the 5/10-candidate sets are prefixes of the 20-candidate one)."""
     js = json.load(open(data / "squad_v1.1" / "dev-v1.1.json", encoding="utf-8"))
     rng = np.random.default_rng(seed)
-    pool = []
-    for a in js["data"]:
-        paras = [p["context"] for p in a["paragraphs"]]
-        if len(paras) < n_max:
-            continue
-        for pi, p in enumerate(a["paragraphs"]):
-            for qa in p["qas"]:
-                pool.append((a["title"], paras, pi, qa["question"], [x["text"] for x in qa["answers"]]))
-    pick = rng.choice(len(pool), size=n, replace=False)
-    items = []
-    for i in pick:
-        title, paras, pi, q, ans = pool[int(i)]
-        others = [j for j in range(len(paras)) if j != pi]
-        rng.shuffle(others)
-        items.append({"title": title, "question": q, "answers": ans, "gold": paras[pi],
-                      "distractors": [paras[j] for j in others[: n_max - 1]]})
-    return items
+    arts = [a for a in js["data"] if len(a["paragraphs"]) >= n_max]
+    order = rng.permutation(len(arts))
+    halves = (order[: len(arts) // 2], order[len(arts) // 2:])
+
+    def pick(art_idx, n):
+        pool = []
+        for ai in art_idx:
+            a = arts[int(ai)]
+            for pi, p in enumerate(a["paragraphs"]):
+                for qa in p["qas"]:
+                    pool.append((int(ai), pi, qa["question"], [x["text"] for x in qa["answers"]]))
+        items = []
+        for i in rng.choice(len(pool), size=min(n, len(pool)), replace=False):
+            ai, pi, q, ans = pool[int(i)]
+            paras = [p["context"] for p in arts[ai]["paragraphs"]]
+            others = [j for j in range(len(paras)) if j != pi]
+            rng.shuffle(others)
+            items.append({"article": arts[ai]["title"], "question": q, "answers": ans, "gold": paras[pi],
+                          "distractors": [paras[j] for j in others[: n_max - 1]]})
+        return items
+
+    return pick(halves[0], n_eval), pick(halves[1], n_cal)
+
+
+class _EmbCache:
+    """Text -> embedding, cached on disk outside the repository."""
+
+    def __init__(self, enc, path: Path):
+        self.enc, self.path = enc, path
+        self.map: Dict[str, np.ndarray] = {}
+        if path.exists():
+            z = np.load(path, allow_pickle=False)
+            for k, v in zip(z["keys"], z["vecs"]):
+                self.map[str(k)] = v
+
+    @staticmethod
+    def key(text: str) -> str:
+        return hashlib.sha1(text.encode()).hexdigest()
+
+    def encode(self, texts: List[str]) -> np.ndarray:
+        todo = sorted({t for t in texts if self.key(t) not in self.map})
+        if todo:
+            vecs = _encode(self.enc, todo, f"{len(todo)} texts")
+            for t_, v in zip(todo, vecs):
+                self.map[self.key(t_)] = v
+            keys = np.array(list(self.map))
+            np.savez(self.path, keys=keys, vecs=np.stack([self.map[k] for k in keys]))
+        return np.stack([self.map[self.key(t_)] for t_ in texts])
 
 
 def _norm(s: str) -> str:
@@ -450,66 +483,121 @@ def _correct(pred: str, answers: List[str]) -> bool:
 
 
 def stage_e2e(args) -> Dict[str, Any]:
+    import warnings
+
     import torch
 
     from nbce_rag import NBCEDecoder
+    from nbce_rag.errors import PromptTooLongError
     from nbce_rag.types import Passage
 
+    n_max = max(args.candidates)
+    ev_items, cal_items = _squad_split(Path(args.data), args.n_questions, args.n_calibration, args.seed, n_max)
     enc = load_encoder(args.encoder)
+    cache = _EmbCache(enc, Path(args.cache) / f"squad_emb_{hashlib.sha1(enc.identity.encode()).hexdigest()[:12]}.npz")
+
+    def scored(it, n_c):
+        texts = [it["gold"]] + it["distractors"][: n_c - 1]
+        emb = cache.encode([it["question"]] + texts)
+        cos = (emb[1:] @ emb[0]).astype(np.float64)
+        order = np.argsort(-cos, kind="stable")
+        return [Passage(text=texts[j], score=float(cos[j]), id=str(j)) for j in order]  # id "0" = gold
+
+    # in-domain calibration: SQuAD questions of the *other* articles, 20 same-article candidates each
+    t0 = time.time()
+    s_cal, y_cal, g_cal = [], [], []
+    for qi, it in enumerate(cal_items):
+        for h in scored(it, n_max):
+            s_cal.append(h.score)
+            y_cal.append(int(h.id == "0"))
+            g_cal.append(qi)
+    with warnings.catch_warnings(record=True) as wlog:
+        warnings.simplefilter("always")
+        th = MarginThreshold.calibrate(s_cal, y_cal, g_cal, encoder_identity=enc, n_bootstrap=args.bootstrap)
+    th.stats["k"] = n_max
+    print(th.report())
+    print(f"(SQuAD calibration on {len(cal_items)} questions incl. encoding: {time.time() - t0:.0f}s)")
+    plot_distributions(th, RESULTS / "filter_e2e_squad_calibration.png",
+                       title=f"SQuAD dev (calibration articles), {n_max} same-article candidates")
+    # the SciFact calibration, transferred to SQuAD as is (filter statistics only)
+    sci = Path(args.calibration)
+    th_sci = MarginThreshold.load(sci, encoder=enc) if sci.exists() else None
+
     dec = NBCEDecoder.from_pretrained()
-    cal_path = Path(args.calibration)
-    if not cal_path.exists():
-        raise SystemExit(f"{cal_path} missing: run the scifact stage first (it writes the calibration)")
-    th = MarginThreshold.load(cal_path, encoder=enc)
-    items = _squad_items(Path(args.data), args.n_questions, args.seed, max(args.candidates))
     gen_kw = dict(max_new_tokens=args.max_new_tokens)
-    concat = getattr(dec, "generate_concat", None)
+    memo: Dict[Tuple, str] = {}
 
-    def run_concat(q, texts):
-        if concat is not None:
-            return concat(q, [Passage(text=t) for t in texts], **gen_kw).text
-        return dec.generate(q, [Passage(text="\n\n".join(texts))], **gen_kw).text
-
-    rows = []
-    t_start = time.time()
-    for n_c in args.candidates:
-        res = {"candidates": n_c, "nbce_all": 0, "concat_all": 0, "filter_nbce": 0,
-               "filter_empty": 0, "kept": 0, "gold_kept": 0, "closed_book_when_empty": 0}
-        t0 = time.time()
-        for it in items:
-            texts = [it["gold"]] + it["distractors"][: n_c - 1]
-            emb = np.asarray(enc.encode([it["question"]] + texts), dtype=np.float32)
-            cos = emb[1:] @ emb[0]
-            order = np.argsort(-cos)
-            hits = [Passage(text=texts[j], score=float(cos[j]), id=str(j)) for j in order]
+    def gen(mode: str, q: str, texts: Tuple[str, ...]) -> str:
+        key = (mode, q, texts)
+        if key not in memo:
             with torch.inference_mode():
-                a_all = dec.generate(it["question"], hits, **gen_kw).text
-                a_cat = run_concat(it["question"], [h.text for h in hits])
-                fr = th.filter(hits, encoder=enc)
-                if fr.kept:
-                    a_f = dec.generate(it["question"], fr.kept, **gen_kw)
-                else:  # closed-book, flagged unsupported (what the pipeline does)
-                    a_f = dec.generate(it["question"], [], **gen_kw)
-                    res["filter_empty"] += 1
-                    res["closed_book_when_empty"] += int(_correct(a_f.text, it["answers"]))
-            res["nbce_all"] += int(_correct(a_all, it["answers"]))
-            res["concat_all"] += int(_correct(a_cat, it["answers"]))
-            res["filter_nbce"] += int(_correct(a_f.text, it["answers"]))
-            res["kept"] += len(fr.kept)
-            res["gold_kept"] += int(any(h.id == "0" for h in fr.kept))
-        n = len(items)
-        res.update({k: res[k] / n for k in ("nbce_all", "concat_all", "filter_nbce", "filter_empty",
-                                            "kept", "gold_kept")})
-        res["seconds"] = time.time() - t0
-        rows.append(res)
-        print(f"{n_c:3d} candidates: filter+NBCE {res['filter_nbce']:.3f}  NBCE all {res['nbce_all']:.3f}  "
-              f"concat {res['concat_all']:.3f}  | kept/q {res['kept']:.2f} gold kept {res['gold_kept']:.2f} "
-              f"empty {res['filter_empty']:.2f}  ({res['seconds']:.0f}s)", flush=True)
-    return {"stage": "e2e", "n_questions": len(items), "seed": args.seed, "candidates": args.candidates,
-            "max_new_tokens": args.max_new_tokens, "decoding": "greedy", "calibration": str(cal_path),
-            "calibration_note": "SciFact-train calibration of the same encoder (no SQuAD labels used)",
-            "concat_impl": "generate_concat" if concat is not None else "single joined passage",
-            "rows": rows, "seconds": time.time() - t_start, "machine": machine()}
+                if mode == "nbce":
+                    memo[key] = dec.generate(q, [Passage(text=x) for x in texts], **gen_kw).text
+                else:
+                    try:
+                        memo[key] = dec.generate_concat(q, [Passage(text=x) for x in texts], **gen_kw).text
+                    except PromptTooLongError:
+                        memo[key] = ""
+        return memo[key]
+
+    t_start = time.time()
+    # references independent of the candidate count
+    ref = {"closed_book": 0, "nbce_gold_only": 0}
+    for it in ev_items:
+        ref["closed_book"] += _correct(gen("nbce", it["question"], ()), it["answers"])
+        ref["nbce_gold_only"] += _correct(gen("nbce", it["question"], (it["gold"],)), it["answers"])
+    n = len(ev_items)
+    ref = {k: v / n for k, v in ref.items()}
+    print(f"references: closed-book {ref['closed_book']:.3f}, NBCE on the gold paragraph only "
+          f"{ref['nbce_gold_only']:.3f} ({time.time() - t_start:.0f}s)", flush=True)
+    rows = []
+    for n_c in args.candidates:
+        acc = {"filter_nbce": 0, "nbce_all": 0, "concat_all": 0, "top1_nbce": 0}
+        st = {"kept": 0, "gold_kept": 0, "empty": 0, "gold_top1": 0, "empty_correct": 0,
+              "sci_kept": 0, "sci_gold_kept": 0, "sci_empty": 0}
+        t0 = time.time()
+        for qi, it in enumerate(ev_items):
+            if qi and qi % 10 == 0:
+                print(f"    {n_c} candidates: {qi}/{n} questions ({time.time() - t0:.0f}s)", flush=True)
+            q, ans = it["question"], it["answers"]
+            hits = scored(it, n_c)
+            texts = tuple(h.text for h in hits)
+            fr = th.filter(hits, encoder=enc)
+            kept = tuple(h.text for h in fr.kept)  # () -> closed-book, flagged unsupported
+            a_f = gen("nbce", q, kept)
+            acc["filter_nbce"] += _correct(a_f, ans)
+            acc["nbce_all"] += _correct(gen("nbce", q, texts), ans)
+            acc["concat_all"] += _correct(gen("concat", q, texts), ans)
+            acc["top1_nbce"] += _correct(gen("nbce", q, texts[:1]), ans)
+            st["kept"] += len(fr.kept)
+            st["gold_kept"] += any(h.id == "0" for h in fr.kept)
+            st["empty"] += fr.empty
+            st["empty_correct"] += fr.empty and _correct(a_f, ans)
+            st["gold_top1"] += hits[0].id == "0"
+            if th_sci is not None:
+                fs = th_sci.filter(hits, encoder=enc)
+                st["sci_kept"] += len(fs.kept)
+                st["sci_gold_kept"] += any(h.id == "0" for h in fs.kept)
+                st["sci_empty"] += fs.empty
+        row = {"candidates": n_c, **{k: v / n for k, v in acc.items()}, **{k: v / n for k, v in st.items()},
+               "seconds": time.time() - t0}
+        rows.append(row)
+        from nbce_rag._io import write_json
+
+        write_json(RESULTS / "filter_e2e.partial.json", {"references": ref, "rows": rows,
+                                                         "calibration": th.to_dict()})
+        print(f"{n_c:3d} candidates: filter+NBCE {row['filter_nbce']:.3f}  NBCE all {row['nbce_all']:.3f}  "
+              f"concat {row['concat_all']:.3f}  top-1+NBCE {row['top1_nbce']:.3f} | kept/q {row['kept']:.2f} "
+              f"gold kept {row['gold_kept']:.2f} empty {row['empty']:.2f} gold@1 {row['gold_top1']:.2f} "
+              f"({row['seconds']:.0f}s)", flush=True)
+    return {"stage": "e2e", "dataset": "SQuAD v1.1 dev", "n_questions": n, "n_calibration_questions": len(cal_items),
+            "seed": args.seed, "candidates": args.candidates, "max_new_tokens": args.max_new_tokens,
+            "decoding": "greedy", "decoder": dec.name, "encoder": enc.identity,
+            "metric": "normalised gold answer string contained in the normalised generated answer",
+            "calibration": th.to_dict(), "calibration_warnings": [str(w.message) for w in wlog],
+            "scifact_calibration_transfer": None if th_sci is None else th_sci.to_dict(),
+            "references": ref, "rows": rows, "generate_calls": len(memo),
+            "decode_seconds": time.time() - t_start, "machine": machine()}
 
 
 # ============================================================================ main
@@ -527,6 +615,7 @@ def main(argv=None) -> int:
     ap.add_argument("--bootstrap", type=int, default=1000)
     ap.add_argument("--calibration", default=str(RESULTS / "filter_scifact_calibration.json"))
     ap.add_argument("--n-questions", type=int, default=60)
+    ap.add_argument("--n-calibration", type=int, default=300)
     ap.add_argument("--candidates", type=int, nargs="+", default=[5, 10, 20])
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--seed", type=int, default=0)

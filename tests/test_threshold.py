@@ -632,3 +632,112 @@ def test_filter_reproduces_calibrated_decisions_exactly(seed):
     th2 = MarginThreshold.calibrate(s, y, g, n_bootstrap=0, margin=float(sp[0]))
     assert np.array_equal(th2.keep_mask(s, g), (s >= th2.threshold) & (
         np.array([s[g == q].max() for q in g]) - s <= sp[0]))
+
+
+# --------------------------------------------------------------------------- real index + CLI
+
+
+def _write_beir(tmp_path, queries, qrels):
+    qf = tmp_path / "queries.jsonl"
+    qf.write_text("".join(json.dumps({"_id": k, "text": v}) + "\n" for k, v in queries.items()))
+    rf = tmp_path / "qrels.tsv"
+    rf.write_text("query-id\tcorpus-id\tscore\n" + "".join(
+        f"{q}\t{d}\t{v}\n" for q, ds in qrels.items() for d, v in ds.items()))
+    return qf, rf
+
+
+@pytest.fixture(scope="module")
+def tiny_index_dir(tmp_path_factory):
+    """A real VectorIndex over 40 short documents with a tiny random encoder, saved to disk."""
+    pytest.importorskip("torch")
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from nbce_rag.encoder import make_tiny_encoder
+    from nbce_rag.index import VectorIndex
+
+    root = tmp_path_factory.mktemp("cal_index")
+    enc = make_tiny_encoder(root / "enc", seed=0)
+    rng = np.random.default_rng(0)
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda sigma omega".split()
+    docs = [{"id": f"d{i}", "text": " ".join(rng.choice(words, 8))} for i in range(40)]
+    index = VectorIndex.build(enc, docs)
+    index.save(root / "index")
+    # query = a document's text (+ one word); relevant: that document, and for some a second one
+    queries, qrels = {}, {}
+    for i in range(30):
+        queries[f"q{i}"] = docs[i]["text"] + " " + words[i % len(words)]
+        qrels[f"q{i}"] = {f"d{i}": 1}
+        if i % 3 == 0:
+            qrels[f"q{i}"][f"d{(i + 1) % 40}"] = 1
+    return root, queries, qrels, docs
+
+
+def test_cli_calibrate_real_index(tiny_index_dir, tmp_path, capsys):
+    from nbce_rag.cli import main
+    from nbce_rag.index import VectorIndex
+
+    root, queries, qrels, _ = tiny_index_dir
+    qf, rf = _write_beir(tmp_path, queries, qrels)
+    idx_dir = tmp_path / "idx"
+    import shutil
+
+    shutil.copytree(root / "index", idx_dir)
+    rc = main(["calibrate", "--index", str(idx_dir), "--queries", str(qf), "--qrels", str(rf),
+               "-k", "5", "--bootstrap", "50"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    for word in ("threshold:", "margin:", "band:", "precision", "recall", "F1", "wrote:"):
+        assert word in out
+    cal = idx_dir / CALIBRATION_FILENAME
+    assert cal.exists() and (idx_dir / "calibration.png").read_bytes()[:4] == b"\x89PNG"
+    # picked up next to the index, with the index's encoder; applied to real hits
+    index = VectorIndex.load(idx_dir)
+    th = MarginThreshold.for_index(idx_dir, encoder=index)
+    assert th.encoder_identity == index.encoder_identity
+    assert th.stats["k"] == 5 and th.stats["n_scores"] == 150 and th.stats["n_positives"] >= 30
+    res = th.filter(index.search(queries["q1"], 5), encoder=index)
+    assert isinstance(res, FilterResult)
+    assert len(res.kept) + len(res.dropped) == 5
+    # --out elsewhere, --margin none, --no-plot
+    other = tmp_path / "cal2.json"
+    assert main(["calibrate", "--index", str(idx_dir), "--queries", str(qf), "--qrels", str(rf),
+                 "-k", "5", "--bootstrap", "0", "--margin", "none", "--no-plot", "--out", str(other)]) == 0
+    assert MarginThreshold.load(other).margin is None
+    assert not other.with_suffix(".png").exists()
+
+
+def test_cli_calibrate_bad_input(tiny_index_dir, tmp_path, capsys):
+    from nbce_rag.cli import main
+
+    root, queries, qrels, _ = tiny_index_dir
+    few = {q: qrels[q] for q in list(qrels)[:3]}  # 3 positives: not enough
+    qf, rf = _write_beir(tmp_path, queries, few)
+    rc = main(["calibrate", "--index", str(root / "index"), "--queries", str(qf), "--qrels", str(rf),
+               "-k", "5", "--bootstrap", "0", "--out", str(tmp_path / "x.json")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "at least 10 relevant" in err
+    assert not (tmp_path / "x.json").exists()
+    assert main(["calibrate", "--index", str(root / "index"), "--queries", str(qf), "--qrels", str(rf),
+                 "--margin", "wide"]) == 1
+    assert "--margin" in capsys.readouterr().err
+
+
+def test_real_index_encoder_mismatch(tiny_index_dir, tmp_path):
+    from nbce_rag.encoder import make_tiny_encoder
+    from nbce_rag.index import VectorIndex
+
+    root, queries, qrels, _ = tiny_index_dir
+    index = VectorIndex.load(root / "index")
+    th = MarginThreshold.calibrate_from_qrels(index, queries, qrels, k=5, n_bootstrap=0)
+    other = make_tiny_encoder(tmp_path / "other", seed=1)
+    assert other.identity != index.encoder_identity
+    with pytest.raises(EncoderMismatchError):
+        th.filter(index.search(queries["q0"], 5), encoder=other)
+    with pytest.raises(EncoderMismatchError):
+        th.check_encoder(other)
+    th.filter(index.search(queries["q0"], 5), encoder=index.encoder)  # the right one: fine
+    # rescore with the real encoder reproduces the index's cosine
+    hits = index.search(queries["q2"], 5)
+    again = MarginThreshold.rescore(index.encoder, queries["q2"], hits)
+    assert np.allclose([h.score for h in again], [h.score for h in hits], atol=1e-5)
