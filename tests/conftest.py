@@ -100,3 +100,26 @@ def bundled_decoder():
         return NBCEDecoder.from_pretrained(device="cpu")
     except ModelLoadError as e:  # pragma: no cover - the install script always installs it
         pytest.fail(f"bundled model unavailable: {e}")
+
+
+# ------------------------------------------------------------------ a small corpus for the RAG tests
+#: shared by the pipeline, LangChain, LlamaIndex and pgvector tests (same inputs -> same answers)
+DOCS = [
+    "The Eiffel Tower is in Paris and was completed in 1889.",
+    "Gustave Eiffel's company designed and built the tower for the World's Fair.",
+    "Mount Everest is the highest mountain above sea level.",
+    "Bananas are rich in potassium and grow in tropical climates.",
+    "The river Thames flows through London into the North Sea.",
+    "Water boils at one hundred degrees Celsius at sea level.",
+]
+Q = "Who built the Eiffel Tower in Paris?"
+Q_NONE = "How many legs does a spider have?"  # nothing relevant: the filter keeps nothing
+N = 8  # max_new_tokens in the fast tests
+
+
+@pytest.fixture(scope="session")
+def encoder():
+    """The bundled all-MiniLM-L6-v2 encoder, loaded once per session (read-only in tests)."""
+    from nbce_rag import CoSENTEncoder
+
+    return CoSENTEncoder.from_pretrained()

@@ -44,17 +44,7 @@ from nbce_rag.integrations.langchain import (  # noqa: E402
     documents_to_message,
 )
 
-DOCS = [
-    "The Eiffel Tower is in Paris and was completed in 1889.",
-    "Gustave Eiffel's company designed and built the tower for the World's Fair.",
-    "Mount Everest is the highest mountain above sea level.",
-    "Bananas are rich in potassium and grow in tropical climates.",
-    "The river Thames flows through London into the North Sea.",
-    "Water boils at one hundred degrees Celsius at sea level.",
-]
-Q = "Who built the Eiffel Tower in Paris?"
-Q_NONE = "How many legs does a spider have?"  # nothing relevant: the filter keeps nothing
-N = 8  # max_new_tokens in the fast tests
+from conftest import DOCS, N, Q, Q_NONE  # noqa: E402
 
 
 def _mark_async_tests(cls):

@@ -31,24 +31,7 @@ from nbce_rag.integrations.llama_index import (  # noqa: E402
     node_to_passage,
 )
 
-DOCS = [
-    "The Eiffel Tower is in Paris and was completed in 1889.",
-    "Gustave Eiffel's company designed and built the tower for the World's Fair.",
-    "Mount Everest is the highest mountain above sea level.",
-    "Bananas are rich in potassium and grow in tropical climates.",
-    "The river Thames flows through London into the North Sea.",
-    "Water boils at one hundred degrees Celsius at sea level.",
-]
-Q = "Who built the Eiffel Tower in Paris?"
-Q_NONE = "How many legs does a spider have?"
-N = 8
-
-
-@pytest.fixture(scope="module")
-def encoder():
-    from nbce_rag import CoSENTEncoder
-
-    return CoSENTEncoder.from_pretrained()
+from conftest import DOCS, N, Q, Q_NONE  # noqa: E402
 
 
 @pytest.fixture(scope="module")

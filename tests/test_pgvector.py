@@ -18,17 +18,7 @@ pgserver = pytest.importorskip("pgserver", reason="pgserver (embedded PostgreSQL
 
 from nbce_rag import MarginThreshold, RAGPipeline, VectorIndex  # noqa: E402
 
-DOCS = [
-    "The Eiffel Tower is in Paris and was completed in 1889.",
-    "Gustave Eiffel's company designed and built the tower for the World's Fair.",
-    "Mount Everest is the highest mountain above sea level.",
-    "Bananas are rich in potassium and grow in tropical climates.",
-    "The river Thames flows through London into the North Sea.",
-    "Water boils at one hundred degrees Celsius at sea level.",
-]
-Q = "Who built the Eiffel Tower in Paris?"
-Q_NONE = "How many legs does a spider have?"
-N = 8
+from conftest import DOCS, N, Q, Q_NONE  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -49,13 +39,6 @@ def pg():
     finally:
         srv.cleanup()
         shutil.rmtree(root, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def encoder():
-    from nbce_rag import CoSENTEncoder
-
-    return CoSENTEncoder.from_pretrained()
 
 
 @pytest.fixture(scope="module")
