@@ -686,11 +686,14 @@ class MarginThreshold:
         Vector stores report scores their own way (a distance, ``1 - d``, ``1 - d/sqrt 2``, an
         inner product, ...); thresholds are only valid on the encoder's cosine. Returns new
         passages with ``score`` = cosine; a previous score is kept in
-        ``metadata["store_score"]``. Order and the other fields are unchanged.
+        ``metadata["store_score"]``. Order and the other fields are unchanged. ``encoder`` may
+        also be an index (its ``.encoder`` is used).
         """
         ps = [as_passage(h, where="hits") for h in hits]
         if not ps:
             return []
+        if not hasattr(encoder, "encode") and hasattr(encoder, "encoder"):
+            encoder = encoder.encoder  # an index: use its encoder
         q = np.asarray(encoder.encode([query]), dtype=np.float32).reshape(1, -1)
         P = np.asarray(encoder.encode([p.text for p in ps]), dtype=np.float32).reshape(len(ps), -1)
         q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)

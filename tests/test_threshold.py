@@ -741,3 +741,5 @@ def test_real_index_encoder_mismatch(tiny_index_dir, tmp_path):
     hits = index.search(queries["q2"], 5)
     again = MarginThreshold.rescore(index.encoder, queries["q2"], hits)
     assert np.allclose([h.score for h in again], [h.score for h in hits], atol=1e-5)
+    via_index = th.filter([h.text for h in hits], encoder=index, query=queries["q2"])  # store gave no scores
+    assert [h.text for h in via_index.kept] == [h.text for h in th.filter(hits).kept]
