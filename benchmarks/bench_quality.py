@@ -92,16 +92,26 @@ def load_squad(data: Path, nq: int, seed: int):
 def load_hotpot(data: Path, nq: int, seed: int):
     d = json.loads((data / "hotpotqa_distractor_dev100" / "hotpot_dev_distractor_first100.json").read_text())
     rng = random.Random(seed)
-    pool = [" ".join(s) for ex in d for _, s in ex["context"]]
+
+    def paras(ex):  # official [[title, sentences]] or the HF-datasets {"title": [...], "sentences": [...]}
+        c = ex["context"]
+        pairs = zip(c["title"], c["sentences"]) if isinstance(c, dict) else c
+        return [(t, " ".join(s)) for t, s in pairs]
+
+    def support(ex):
+        f = ex["supporting_facts"]
+        return set(f["title"]) if isinstance(f, dict) else {t for t, _ in f}
+
+    pool = [f"{t}: {s}" for ex in d for t, s in paras(ex)]
     items = []
     for ex in d:
         if ex["answer"].lower() in ("yes", "no"):
             continue  # a contained "yes"/"no" says nothing
-        sup = {t for t, _ in ex["supporting_facts"]}
-        gold = [f"{t}: {' '.join(s)}" for t, s in ex["context"] if t in sup]
+        sup = support(ex)
+        gold = [f"{t}: {s}" for t, s in paras(ex) if t in sup]
         # the gold paragraph that contains the answer first (used alone at n=1)
         gold.sort(key=lambda g: ex["answer"].lower() not in g.lower())
-        dis = [f"{t}: {' '.join(s)}" for t, s in ex["context"] if t not in sup]
+        dis = [f"{t}: {s}" for t, s in paras(ex) if t not in sup]
         extra = [p for p in pool if all(p not in x for x in gold + dis)]
         rng.shuffle(extra)
         items.append({"question": ex["question"], "answers": [ex["answer"]], "gold": gold, "distractors": dis + extra[:100]})
@@ -160,7 +170,13 @@ def main():
     ap.add_argument("--work", default=str(HERE / "_work"))
     ap.add_argument("--out", default=str(HERE / "results" / "quality.json"))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--summary-only", action="store_true", help="only rewrite the JSON/PNG/markdown from the cache")
     args = ap.parse_args()
+    if args.summary_only:
+        cache_file = Path(args.work) / "quality_cache.jsonl"
+        cache = {r["key"]: r for r in map(json.loads, cache_file.read_text().splitlines())}
+        summarize(cache, args)
+        return 0
 
     data = Path(args.data)
     if not data.is_dir():
@@ -277,6 +293,36 @@ def summarize(cache, args):
                                "metric": "gold answer contained (SQuAD-normalised); f1 = SQuAD token F1",
                                "rows": rows}, indent=2))
     plot(rows, out.with_suffix(".png"))
+    out.with_suffix(".md").write_text(markdown(rows))
+
+
+def markdown(rows) -> str:
+    """Accuracy (F1, gold share) per dataset, method and n, as a markdown table."""
+    ns = sorted({r["n"] for r in rows if r["gold_position"] is None and r["n"]})
+    lines = []
+    for ds in sorted({r["dataset"] for r in rows}):
+        lines.append(f"**{ds}** — contains-gold accuracy % (SQuAD F1 %, share of answer tokens from gold passages); questions per cell")
+        lines.append("")
+        lines.append("| method | " + " | ".join(f"n={n}" for n in ns) + " |")
+        lines.append("|---|" + "---|" * len(ns))
+        for m in ["closed", "concat"] + POOLINGS:
+            cells = []
+            for n in ns:
+                r = next((r for r in rows if r["dataset"] == ds and r["method"] == m and r["gold_position"] is None
+                          and (r["n"] == n or (m == "closed" and r["n"] == 0))), None)
+                if r is None:
+                    cells.append("–")
+                    continue
+                share = "" if r["gold_share"] is None else f", {r['gold_share']:.2f}"
+                ovf = f", {r['overflow']} overflow" if r["overflow"] else ""
+                cells.append(f"{100 * r['accuracy']:.0f} ({100 * r['f1']:.0f}{share}{ovf}); {r['questions']}q")
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        lines.append("")
+    pos = [r for r in rows if r["gold_position"] is not None]
+    if pos:
+        lines.append("**gold position sweep** (squad, n=%d): " % pos[0]["n"] + "; ".join(
+            f"{r['method']} @ {r['gold_position']}: {100 * r['accuracy']:.0f}% ({r['questions']}q)" for r in pos))
+    return "\n".join(lines) + "\n"
 
 
 def plot(rows, path):
