@@ -66,6 +66,8 @@ def worker(args) -> dict:
 
     from nbce_rag import NBCEDecoder
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     dec = NBCEDecoder.from_pretrained(device=args.device)
     if args.device == "cuda":
@@ -204,6 +206,9 @@ def main():
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--batch-rows", type=int, default=16)
     ap.add_argument("--naive-max-n", type=int, default=32, help="skip the slow naive loop above this n")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
+    ap.add_argument("--concat-max-n", type=int, default=64)
+    ap.add_argument("--unbatched-ns", default="8,32,64", help="ns for the no-micro-batching memory comparison")
     ap.add_argument("--out", default=None)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--method", help=argparse.SUPPRESS)
@@ -217,16 +222,20 @@ def main():
     results = []
     for method in args.methods.split(","):
         for n in map(int, args.ns.split(",")):
-            if method == "naive" and n > args.naive_max_n:
+            if (method == "naive" and n > args.naive_max_n) or (method == "concat" and n > args.concat_max_n):
+                continue
+            if method == "nbce_unbatched" and str(n) not in args.unbatched_ns.split(","):
                 continue
             cmd = [sys.executable, __file__, "--worker", "--method", method, "--n", str(n), "--device", args.device,
-                   "--max-new-tokens", str(args.max_new_tokens), "--batch-rows", str(args.batch_rows)]
+                   "--max-new-tokens", str(args.max_new_tokens), "--batch-rows", str(args.batch_rows),
+                   "--threads", str(args.threads)]
             p = subprocess.run(cmd, capture_output=True, text=True)
             line = next((l for l in p.stdout.splitlines() if l.startswith("RESULT ")), None)
             r = json.loads(line[7:]) if line else {"method": method, "n": n, "error": p.stderr[-500:]}
             results.append(r)
             print(json.dumps(r), flush=True)
-            out.write_text(json.dumps({"machine": machine(args.device), "device": args.device, "results": results}, indent=2))
+            out.write_text(json.dumps({"machine": machine(args.device), "device": args.device, "threads": args.threads,
+                                       "command": " ".join(sys.argv), "results": results}, indent=2))
     plot(results, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")
 
