@@ -182,7 +182,6 @@ def main():
     if not data.is_dir():
         print(f"no data at {data}; pass --data (see ../shared/data/README.md). Skipping.")
         return 0
-    import numpy as np
     import torch
 
     if args.threads:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -211,7 +211,7 @@ class NBCEDecoder:
         return _Prepared(rows, kept, row_scores)
 
     def _windows(self, text: str, room: int, cfg: NBCEConfig, idx: int) -> List[str]:
-        """Split a passage into windows that fit the row budget (a row each), at whitespace."""
+        """Split a passage into overlapping token windows that fit the row budget (a row each)."""
         limit = room - 8  # template tokens around the passage
         if cfg.max_passage_tokens is not None:
             limit = min(limit, cfg.max_passage_tokens)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Iterable, Iterator, List, Optional, Sequence
+from typing import Any, Iterable, Iterator, List, Optional
 
 from .decoder import NBCEDecoder
 from .types import Answer, Passage, StreamEvent, as_passage

@@ -139,7 +139,6 @@ def test_entropy_of_truncated_rows_is_finite_and_matches_reference():
 def test_rows_with_minus_inf_entries(name):
     """Rows that are -inf almost everywhere (one-token nuclei) and a no-passage row that is
     -inf where the passages are not: no NaN, no +inf, and the support is never empty."""
-    V = 6
     inf = float("-inf")
     logits = torch.tensor(
         [
