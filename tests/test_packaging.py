@@ -74,3 +74,21 @@ def test_cli_help_on_every_subcommand():
         assert p.format_help().startswith("usage: nbce-rag " + name)
     out = _run(["nbce-rag", "generate", "--help"])
     assert "--passage" in out and "--question" in out
+
+
+def test_cli_printers_write_to_the_current_stdout(monkeypatch):
+    """The printers must look sys.stdout up when called, not when imported (pytest, notebooks
+    and servers replace it after import)."""
+    import io
+
+    from nbce_rag.commands.ask import print_sources
+    from nbce_rag.commands.generate import print_answer
+    from nbce_rag.types import Answer, SourceInfo
+
+    ans = Answer(text="It was 1889.", token_ids=[1, 2], token_sources=[0, 0],
+                 sources=[SourceInfo(index=0, text="The tower was completed in 1889.", score=0.8, n_tokens=2, share=1.0)])
+    for printer in (print_answer, print_sources):
+        buf = io.StringIO()
+        monkeypatch.setattr(sys, "stdout", buf)
+        printer(ans)
+        assert "1889" in buf.getvalue()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, TextIO
+from typing import Optional, Any, TextIO
 
 
 def register(subparsers: "argparse._SubParsersAction") -> None:
@@ -41,8 +41,9 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     p.set_defaults(func=run)
 
 
-def print_sources(ans: Any, out: TextIO = sys.stdout, width: int = 100) -> None:
+def print_sources(ans: Any, out: Optional[TextIO] = None, width: int = 100) -> None:
     """The supported/unsupported verdict and the numbered passages that reached the decoder."""
+    out = out or sys.stdout  # looked up at call time: sys.stdout may be replaced after import
     n_dropped = len(ans.dropped)
     if ans.supported:
         note = f"{len(ans.sources)} passage(s) reached the decoder"

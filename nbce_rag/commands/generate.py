@@ -43,8 +43,9 @@ def _read_passages(items):
     return out
 
 
-def print_answer(ans, out=sys.stdout) -> None:
-    """Print the answer and the numbered passages it drew on (shared by ask/generate)."""
+def print_answer(ans, out=None) -> None:
+    """Print the answer and the numbered passages it drew on."""
+    out = out or sys.stdout  # looked up at call time: sys.stdout may be replaced after import
     print(ans.text.strip(), file=out)
     print(file=out)
     if not ans.supported:
