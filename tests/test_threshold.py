@@ -743,3 +743,22 @@ def test_real_index_encoder_mismatch(tiny_index_dir, tmp_path):
     assert np.allclose([h.score for h in again], [h.score for h in hits], atol=1e-5)
     via_index = th.filter([h.text for h in hits], encoder=index, query=queries["q2"])  # store gave no scores
     assert [h.text for h in via_index.kept] == [h.text for h in th.filter(hits).kept]
+
+
+def test_several_relevant_per_query_open_the_margin():
+    """Queries with 2-3 relevant candidates that score close together, above a crowd of
+    irrelevant ones whose level varies by query: the calibrated margin is > 0 and the rule beats
+    the global threshold alone."""
+    rng = np.random.default_rng(15)
+    s, y, g = [], [], []
+    for q in range(80):
+        level = rng.normal(0.5, 0.1)  # per-query shift: absolute cosine is a weak signal
+        n_rel = int(rng.integers(2, 4))
+        rel = level + 0.15 + rng.normal(0, 0.02, n_rel)
+        irr = level + rng.normal(0, 0.04, 10 - n_rel)
+        s += rel.tolist() + irr.tolist()
+        y += [1] * n_rel + [0] * (10 - n_rel)
+        g += [q] * 10
+    th = MarginThreshold.calibrate(s, y, g, n_bootstrap=0)
+    assert th.margin is not None and th.margin > 0.02
+    assert th.stats["rule"]["f1"] > th.stats["global_threshold_metrics"]["f1"] + 0.1
