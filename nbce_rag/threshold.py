@@ -539,8 +539,8 @@ class MarginThreshold:
                 boot["precision"].append(p)
                 boot["recall"].append(r)
                 boot["f1"].append(f)
-            # a resample that chose "no margin" counts as an infinite margin: the interval then
-            # covers the finite choices, and margin_none_fraction says how often none was chosen
+            # resamples that chose "no margin" are left out of the margin's interval (it covers
+            # the finite choices); margin_none_fraction says how often none was chosen
             ci = {k: _ci(np.asarray([np.inf if v is None else v for v in boot[k]], dtype=np.float64),
                          ci_level) for k in keys}
             nb = max(len(boot["margin"]), 1)
@@ -779,10 +779,7 @@ class MarginThreshold:
 
         def c(key: str) -> str:
             v = self.ci.get(key)
-            if not v:
-                return ""
-            hi = "inf" if not math.isfinite(v[1]) else f"{v[1]:.4f}"
-            return f"  [{v[0]:.4f}, {hi}]"
+            return f"  [{v[0]:.4f}, {v[1]:.4f}]" if v else ""
 
         st = self.stats
         lvl = st.get("ci_level", 0.95)
@@ -804,7 +801,8 @@ class MarginThreshold:
             f"            [intervals: {int(round(lvl * 100))}% bootstrap over queries, "
             f"{st.get('n_bootstrap_used', st.get('n_bootstrap'))} resamples]",
             f"threshold:  {f(self.threshold)}{c('threshold')}   best F1 of the rule (exact scan given the margin)",
-            f"margin:     {f(self.margin)}{c('margin')}   {mdesc}",
+            f"margin:     {f(self.margin)}{c('margin')}   {mdesc}"
+            + (f"; no margin in {st['margin_none_fraction']:.0%} of resamples" if st.get("margin_none_fraction") else ""),
             f"band:       [{f(self.lower)}, {f(self.upper)}]   lower: recall >= {st.get('recall_target')} above it"
             f" {c('lower').strip()}; upper: precision >= {st.get('precision_target')} above it {c('upper').strip()}"
             + ("" if st.get("precision_at_upper_reached", True) else " (target never reached: upper is above every score)"),
