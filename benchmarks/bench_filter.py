@@ -530,50 +530,62 @@ def stage_e2e(args) -> Dict[str, Any]:
 
     dec = NBCEDecoder.from_pretrained()
     gen_kw = dict(max_new_tokens=args.max_new_tokens)
-    memo: Dict[Tuple, str] = {}
+    # answers are memoised on disk (outside the repo), so an interrupted run resumes and the
+    # cheap filter pass and the expensive baselines can run as separate invocations
+    memo_path = Path(args.cache) / f"squad_answers_{hashlib.sha1((dec.name + enc.identity).encode()).hexdigest()[:12]}.jsonl"
+    memo: Dict[str, str] = {}
+    if memo_path.exists():
+        for line in open(memo_path, encoding="utf-8"):
+            o = json.loads(line)
+            memo[o["key"]] = o["text"]
+    n_calls = {"new": 0, "cached": 0}
 
     def gen(mode: str, q: str, texts: Tuple[str, ...]) -> str:
-        key = (mode, q, texts)
-        if key not in memo:
-            with torch.inference_mode():
-                if mode == "nbce":
-                    memo[key] = dec.generate(q, [Passage(text=x) for x in texts], **gen_kw).text
-                else:
-                    try:
-                        memo[key] = dec.generate_concat(q, [Passage(text=x) for x in texts], **gen_kw).text
-                    except PromptTooLongError:
-                        memo[key] = ""
-        return memo[key]
+        key = hashlib.sha1(json.dumps([mode, q, list(texts), args.max_new_tokens]).encode()).hexdigest()
+        if key in memo:
+            n_calls["cached"] += 1
+            return memo[key]
+        with torch.inference_mode():
+            if mode == "nbce":
+                text = dec.generate(q, [Passage(text=x) for x in texts], **gen_kw).text
+            else:
+                try:
+                    text = dec.generate_concat(q, [Passage(text=x) for x in texts], **gen_kw).text
+                except PromptTooLongError:
+                    text = ""
+        memo[key] = text
+        n_calls["new"] += 1
+        with open(memo_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"key": key, "text": text}) + "\n")
+        return text
+
+    from nbce_rag._io import write_json
 
     t_start = time.time()
-    # references independent of the candidate count
+    n = len(ev_items)
+    # A. references independent of the candidate count
     ref = {"closed_book": 0, "nbce_gold_only": 0}
     for it in ev_items:
         ref["closed_book"] += _correct(gen("nbce", it["question"], ()), it["answers"])
         ref["nbce_gold_only"] += _correct(gen("nbce", it["question"], (it["gold"],)), it["answers"])
-    n = len(ev_items)
     ref = {k: v / n for k, v in ref.items()}
     print(f"references: closed-book {ref['closed_book']:.3f}, NBCE on the gold paragraph only "
           f"{ref['nbce_gold_only']:.3f} ({time.time() - t_start:.0f}s)", flush=True)
-    rows = []
+
+    # B. the filter at every candidate count (cheap: it keeps few passages)
+    rows: Dict[int, Dict[str, Any]] = {}
     for n_c in args.candidates:
-        acc = {"filter_nbce": 0, "nbce_all": 0, "concat_all": 0, "top1_nbce": 0}
+        acc = {"filter_nbce": 0, "top1_nbce": 0}
         st = {"kept": 0, "gold_kept": 0, "empty": 0, "gold_top1": 0, "empty_correct": 0,
               "sci_kept": 0, "sci_gold_kept": 0, "sci_empty": 0}
         t0 = time.time()
-        for qi, it in enumerate(ev_items):
-            if qi and qi % 10 == 0:
-                print(f"    {n_c} candidates: {qi}/{n} questions ({time.time() - t0:.0f}s)", flush=True)
+        for it in ev_items:
             q, ans = it["question"], it["answers"]
             hits = scored(it, n_c)
-            texts = tuple(h.text for h in hits)
             fr = th.filter(hits, encoder=enc)
-            kept = tuple(h.text for h in fr.kept)  # () -> closed-book, flagged unsupported
-            a_f = gen("nbce", q, kept)
+            a_f = gen("nbce", q, tuple(h.text for h in fr.kept))  # () -> closed-book, flagged unsupported
             acc["filter_nbce"] += _correct(a_f, ans)
-            acc["nbce_all"] += _correct(gen("nbce", q, texts), ans)
-            acc["concat_all"] += _correct(gen("concat", q, texts), ans)
-            acc["top1_nbce"] += _correct(gen("nbce", q, texts[:1]), ans)
+            acc["top1_nbce"] += _correct(gen("nbce", q, (hits[0].text,)), ans)
             st["kept"] += len(fr.kept)
             st["gold_kept"] += any(h.id == "0" for h in fr.kept)
             st["empty"] += fr.empty
@@ -584,25 +596,44 @@ def stage_e2e(args) -> Dict[str, Any]:
                 st["sci_kept"] += len(fs.kept)
                 st["sci_gold_kept"] += any(h.id == "0" for h in fs.kept)
                 st["sci_empty"] += fs.empty
-        row = {"candidates": n_c, **{k: v / n for k, v in acc.items()}, **{k: v / n for k, v in st.items()},
-               "seconds": time.time() - t0}
-        rows.append(row)
-        from nbce_rag._io import write_json
+        rows[n_c] = {"candidates": n_c, **{k: v / n for k, v in acc.items()}, **{k: v / n for k, v in st.items()},
+                     "nbce_all": None, "concat_all": None, "filter_seconds": time.time() - t0}
+        r = rows[n_c]
+        print(f"{n_c:3d} candidates: filter+NBCE {r['filter_nbce']:.3f} top-1+NBCE {r['top1_nbce']:.3f} | kept/q "
+              f"{r['kept']:.2f} gold kept {r['gold_kept']:.2f} empty {r['empty']:.2f} gold@1 {r['gold_top1']:.2f} "
+              f"| SciFact calibration: kept/q {r['sci_kept']:.2f} gold kept {r['sci_gold_kept']:.2f} "
+              f"empty {r['sci_empty']:.2f} ({r['filter_seconds']:.0f}s)", flush=True)
 
-        write_json(RESULTS / "filter_e2e.partial.json", {"references": ref, "rows": rows,
-                                                         "calibration": th.to_dict()})
-        print(f"{n_c:3d} candidates: filter+NBCE {row['filter_nbce']:.3f}  NBCE all {row['nbce_all']:.3f}  "
-              f"concat {row['concat_all']:.3f}  top-1+NBCE {row['top1_nbce']:.3f} | kept/q {row['kept']:.2f} "
-              f"gold kept {row['gold_kept']:.2f} empty {row['empty']:.2f} gold@1 {row['gold_top1']:.2f} "
-              f"({row['seconds']:.0f}s)", flush=True)
-    return {"stage": "e2e", "dataset": "SQuAD v1.1 dev", "n_questions": n, "n_calibration_questions": len(cal_items),
-            "seed": args.seed, "candidates": args.candidates, "max_new_tokens": args.max_new_tokens,
-            "decoding": "greedy", "decoder": dec.name, "encoder": enc.identity,
-            "metric": "normalised gold answer string contained in the normalised generated answer",
-            "calibration": th.to_dict(), "calibration_warnings": [str(w.message) for w in wlog],
-            "scifact_calibration_transfer": None if th_sci is None else th_sci.to_dict(),
-            "references": ref, "rows": rows, "generate_calls": len(memo),
-            "decode_seconds": time.time() - t_start, "machine": machine()}
+    def result() -> Dict[str, Any]:
+        return {"stage": "e2e", "dataset": "SQuAD v1.1 dev", "n_questions": n,
+                "n_calibration_questions": len(cal_items), "seed": args.seed, "candidates": args.candidates,
+                "baseline_candidates": args.baseline_candidates or args.candidates,
+                "max_new_tokens": args.max_new_tokens, "decoding": "greedy", "decoder": dec.name,
+                "encoder": enc.identity,
+                "metric": "normalised gold answer string contained in the normalised generated answer",
+                "calibration": th.to_dict(), "calibration_warnings": [str(w.message) for w in wlog],
+                "scifact_calibration_transfer": None if th_sci is None else th_sci.to_dict(),
+                "references": ref, "rows": [rows[c] for c in args.candidates], "generate_calls": dict(n_calls),
+                "decode_seconds": time.time() - t_start, "machine": machine()}
+
+    write_json(RESULTS / "filter_e2e.partial.json", result())
+    # C. the expensive baselines: NBCE over all candidates, and concatenation
+    for n_c in args.baseline_candidates or args.candidates:
+        acc = {"nbce_all": 0, "concat_all": 0}
+        t0 = time.time()
+        for qi, it in enumerate(ev_items):
+            if qi and qi % 10 == 0:
+                print(f"    {n_c} candidates: {qi}/{n} questions ({time.time() - t0:.0f}s)", flush=True)
+            q, ans = it["question"], it["answers"]
+            texts = tuple(h.text for h in scored(it, n_c))
+            acc["nbce_all"] += _correct(gen("nbce", q, texts), ans)
+            acc["concat_all"] += _correct(gen("concat", q, texts), ans)
+        rows[n_c].update({k: v / n for k, v in acc.items()}, baseline_seconds=time.time() - t0)
+        r = rows[n_c]
+        print(f"{n_c:3d} candidates: filter+NBCE {r['filter_nbce']:.3f}  NBCE all {r['nbce_all']:.3f}  "
+              f"concat {r['concat_all']:.3f} ({r['baseline_seconds']:.0f}s)", flush=True)
+        write_json(RESULTS / "filter_e2e.partial.json", result())
+    return result()
 
 
 # ============================================================================ stage: hotpot
@@ -692,6 +723,8 @@ def main(argv=None) -> int:
     ap.add_argument("--calibration", default=str(RESULTS / "filter_scifact_calibration.json"))
     ap.add_argument("--n-questions", type=int, default=60)
     ap.add_argument("--n-calibration", type=int, default=300)
+    ap.add_argument("--baseline-candidates", type=int, nargs="*", default=None,
+                    help="candidate counts for the NBCE-all / concatenation baselines (default: --candidates)")
     ap.add_argument("--candidates", type=int, nargs="+", default=[5, 10, 20])
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--seed", type=int, default=0)
