@@ -20,6 +20,14 @@ interrupted run resumes; the summary goes to ``benchmarks/results/quality.json``
 ``quality.png``.
 
     python benchmarks/bench_quality.py --datasets squad --questions 20
+
+On a GPU machine without the data or the encoder, build the items (passages + retrieval
+scores) here and run them there, sharded over processes:
+
+    python benchmarks/bench_quality.py --export-items items.json.gz --questions 60
+    python benchmarks/bench_quality.py --items items.json.gz --device cuda --shard 0/4 --work W &
+    ...                                                                     --shard 3/4 --work W
+    python benchmarks/bench_quality.py --summary-only --work W
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import re
 import string
 import sys
 import time
+import zlib
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -146,7 +155,7 @@ def passages_for(item, n: int, position=None):
     gold = item["gold"][: max(1, min(len(item["gold"]), n))]
     ps = list(item["distractors"][: n - len(gold)])
     if position is None:
-        rng = random.Random(hash(item["question"]) % 1000)
+        rng = random.Random(zlib.crc32(item["question"].encode()))  # stable across processes
         for g in gold:
             ps.insert(rng.randrange(len(ps) + 1), g)
     else:
@@ -162,7 +171,8 @@ def main():
     ap.add_argument("--datasets", default="squad,hotpot,nq")
     ap.add_argument("--questions", type=int, default=20)
     ap.add_argument("--ns", default="1,5,10,20,50")
-    ap.add_argument("--methods", default="closed,concat," + ",".join(POOLINGS))
+    ap.add_argument("--methods", default="closed,concat," + ",".join(POOLINGS) + ",filter",
+                    help="closed, concat, the poolings, and 'filter' (margin filter + default NBCE; needs scored items)")
     ap.add_argument("--positions", default="0,3,6,9", help="gold positions for the sweep at --position-n")
     ap.add_argument("--position-n", type=int, default=10)
     ap.add_argument("--max-new-tokens", type=int, default=24)
@@ -171,17 +181,36 @@ def main():
     ap.add_argument("--out", default=str(HERE / "results" / "quality.json"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--summary-only", action="store_true", help="only rewrite the JSON/PNG/markdown from the cache")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, mps")
+    ap.add_argument("--dtype", default="float32", help="model dtype (fp32 by default on every device: comparable runs)")
+    ap.add_argument("--export-items", metavar="PATH", help="write the items (passages + retrieval scores) and exit")
+    ap.add_argument("--items", metavar="PATH", help="read items written by --export-items instead of --data")
+    ap.add_argument("--shard", default="0/1", help="i/k: run the questions with index %% k == i (parallel workers)")
+    ap.add_argument("--deadline-min", type=float, default=None, help="start no new question after this many minutes")
+    ap.add_argument("--filter-k", type=int, default=20,
+                    help="candidates per question for the filter's calibration (method 'filter')")
     args = ap.parse_args()
+    work = Path(args.work)
     if args.summary_only:
-        cache_file = Path(args.work) / "quality_cache.jsonl"
-        cache = {r["key"]: r for r in map(json.loads, cache_file.read_text().splitlines())}
-        summarize(cache, args)
+        summarize(load_cache(work), args)
         return 0
-
-    data = Path(args.data)
-    if not data.is_dir():
-        print(f"no data at {data}; pass --data (see ../shared/data/README.md). Skipping.")
-        return 0
+    if args.items:
+        with gzip.open(args.items, "rt") as f:
+            all_items = json.load(f)
+    else:
+        data = Path(args.data)
+        if not data.is_dir():
+            print(f"no data at {data}; pass --data (see ../shared/data/README.md). Skipping.")
+            return 0
+        all_items = {}
+        for ds in args.datasets.split(","):
+            try:
+                all_items[ds] = LOADERS[ds](data, args.questions, args.seed)
+            except FileNotFoundError as e:
+                print(f"{ds}: data missing ({e}); skipped")
+    ns = [int(x) for x in args.ns.split(",")]
+    if args.export_items:
+        return export_items(all_items, max(ns + [args.position_n, args.filter_k]), args.export_items)
     import torch
 
     if args.threads:
@@ -189,25 +218,22 @@ def main():
     from nbce_rag import CoSENTEncoder, NBCEDecoder, Passage
     from nbce_rag.errors import PromptTooLongError
 
-    dec = NBCEDecoder.from_pretrained(device="cpu")
-    enc = CoSENTEncoder.from_pretrained()
-    work = Path(args.work)
+    dec = NBCEDecoder.from_pretrained(device=args.device, dtype=args.dtype)
+    enc = None if args.items else CoSENTEncoder.from_pretrained()
+    shard_i, shard_k = map(int, args.shard.split("/"))
     work.mkdir(parents=True, exist_ok=True)
-    cache_file = work / "quality_cache.jsonl"
-    cache = {}
-    if cache_file.exists():
-        for line in cache_file.read_text().splitlines():
-            r = json.loads(line)
-            cache[r["key"]] = r
-    ns = [int(x) for x in args.ns.split(",")]
+    cache = load_cache(work)
+    cache_file = work / ("quality_cache.jsonl" if shard_k == 1 else f"quality_cache.shard{shard_i}of{shard_k}.jsonl")
+    label = f"{dec.name}, {str(next(dec.model.parameters()).dtype).replace('torch.', '')}, {dec.device.type}"
+    t_start = time.monotonic()
     methods = args.methods.split(",")
 
     def key_of(ds, qi, n, pos, method):
         return f"{ds}|{qi}|{n}|{pos}|{method}|{args.max_new_tokens}"
 
     def record(rec, ans, item, ps, method, seconds):
-        rec.update(text=ans.text, correct=contains(ans.text, item["answers"]), f1=f1(ans.text, item["answers"]))
-        if method not in ("closed", "concat"):
+        rec.update(model=label, text=ans.text, correct=contains(ans.text, item["answers"]), f1=f1(ans.text, item["answers"]))
+        if method not in ("closed", "concat") and ps:
             gold_idx = [i for i, t in enumerate(ps) if t in item["gold"]]
             rec["gold_share"] = sum(s.share for s in ans.sources if s.index in gold_idx)
         rec["seconds"] = seconds
@@ -215,13 +241,49 @@ def main():
             f.write(json.dumps(rec) + "\n")
         cache[rec["key"]] = rec
 
+    thresholds = {}
+
+    def threshold_for(ds, qi):
+        """The margin filter calibrated on the *other* half of this data set's questions
+        (2-fold cross-fitting: a question never calibrates its own threshold)."""
+        fold = qi % 2
+        if (ds, fold) not in thresholds:
+            from nbce_rag import MarginThreshold
+
+            s_, y_, g_ = [], [], []
+            for qj, it in enumerate(all_items[ds]):
+                if qj % 2 == fold or "scores" not in it:
+                    continue
+                for t in passages_for(it, args.filter_k):
+                    s_.append(it["scores"][t])
+                    y_.append(int(t in it["gold"]))
+                    g_.append(qj)
+            thresholds[(ds, fold)] = MarginThreshold.calibrate(s_, y_, g_, n_bootstrap=200)
+        return thresholds[(ds, fold)]
+
+    def run_filter(ds, qi, item, n, ps):
+        key = key_of(ds, qi, n, None, "filter")
+        if key in cache:
+            return
+        th = threshold_for(ds, qi)
+        fr = th.filter([Passage(t, score=float(item["scores"][t])) for t in ps])
+        kept = [p.text for p in fr.kept]
+        rec = {"key": key, "dataset": ds, "q": qi, "n": n, "pos": None, "method": "filter",
+               "kept": len(kept), "gold_kept": sum(t in item["gold"] for t in kept),
+               "threshold": th.threshold, "margin": th.margin}
+        t0 = time.perf_counter()
+        ans = dec.generate(item["question"], kept, max_new_tokens=args.max_new_tokens)
+        record(rec, ans, item, kept, "filter", time.perf_counter() - t0)
+
     def run_one(ds, qi, item, n, pos, methods_here):
         """Closed-book, concatenation, and every NBCE pooling of ``methods_here`` (these share
         one prefill through NBCEDecoder.compare)."""
-        todo = [m for m in methods_here if key_of(ds, qi, n, pos, m) not in cache]
+        ps = passages_for(item, n, pos) if n else []
+        if "filter" in methods_here and "scores" in item:
+            run_filter(ds, qi, item, n, ps)
+        todo = [m for m in methods_here if m != "filter" and key_of(ds, qi, n, pos, m) not in cache]
         if not todo:
             return
-        ps = passages_for(item, n, pos) if n else []
         for m in [m for m in todo if m in ("closed", "concat")]:
             rec = {"key": key_of(ds, qi, n, pos, m), "dataset": ds, "q": qi, "n": n, "pos": pos, "method": m}
             t0 = time.perf_counter()
@@ -236,8 +298,11 @@ def main():
                 cache[rec["key"]] = rec
         pools = [m for m in todo if m in POOLINGS]
         if pools:
-            q = enc.encode([item["question"]])[0]
-            sc = enc.encode(ps) @ q
+            if "scores" in item:
+                sc = [item["scores"][t] for t in ps]
+            else:
+                q = enc.encode([item["question"]])[0]
+                sc = enc.encode(ps) @ q
             psg = [Passage(t, score=float(s)) for t, s in zip(ps, sc)]
             t0 = time.perf_counter()
             answers = dec.compare(item["question"], psg, [{"pooling": m} for m in pools], max_new_tokens=args.max_new_tokens)
@@ -246,27 +311,65 @@ def main():
                 rec = {"key": key_of(ds, qi, n, pos, m), "dataset": ds, "q": qi, "n": n, "pos": pos, "method": m}
                 record(rec, ans, item, ps, m, secs)
 
-    for ds in args.datasets.split(","):
-        try:
-            items = LOADERS[ds](data, args.questions, args.seed)
-        except FileNotFoundError as e:
-            print(f"{ds}: data missing ({e}); skipped")
+    # question-major across datasets, so that a run stopped by --deadline-min has every cell
+    # filled to about the same number of questions
+    datasets = [ds for ds in args.datasets.split(",") if ds in all_items]
+    longest = max((len(all_items[ds]) for ds in datasets), default=0)
+    for qi in range(longest):
+        if qi % shard_k != shard_i:
             continue
-        print(f"{ds}: {len(items)} questions", flush=True)
-        for qi, item in enumerate(items):
+        if args.deadline_min is not None and time.monotonic() - t_start > 60 * args.deadline_min:
+            print(f"deadline of {args.deadline_min} min reached before question {qi}; stopping", flush=True)
+            break
+        for ds in datasets:
+            if qi >= len(all_items[ds]):
+                continue
+            item = all_items[ds][qi]
             if "closed" in methods:
                 run_one(ds, qi, item, 0, None, ["closed"])
             for n in ns:
                 run_one(ds, qi, item, n, None, [m for m in methods if m != "closed"])
-            print(f"  {ds} q{qi} done", flush=True)
-        if ds == "squad" and args.positions:
-            # NBCE is order-invariant by construction (tests/test_decoder.py proves it token for
-            # token), so the sweep measures concatenation, with min_entropy once as reference
-            for qi, item in enumerate(items):
+            if ds == "squad" and args.positions:
+                # NBCE is order-invariant by construction (tests/test_decoder.py proves it token
+                # for token), so the sweep measures concatenation, min_entropy once as reference
                 for pos in map(int, args.positions.split(",")):
                     run_one(ds, qi, item, args.position_n, pos, [m for m in ("concat", "min_entropy") if m in methods])
+            print(f"  {ds} q{qi} done ({time.monotonic() - t_start:.0f} s)", flush=True)
+    if shard_k == 1:
         summarize(cache, args)
-    summarize(cache, args)
+    return 0
+
+
+def load_cache(work: Path) -> dict:
+    """Every cached answer in ``work`` (all shards' files)."""
+    cache = {}
+    for path in sorted(work.glob("quality_cache*.jsonl")):
+        for line in path.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                cache[r["key"]] = r
+    return cache
+
+
+def export_items(all_items: dict, max_n: int, path: str) -> int:
+    """Items with only the passages a run can use, each scored by the bundled CoSENT encoder
+    against its question (what the pipeline's retriever would attach)."""
+    from nbce_rag import CoSENTEncoder
+
+    enc = CoSENTEncoder.from_pretrained()
+    out = {}
+    for ds, items in all_items.items():
+        out[ds] = []
+        for item in items:
+            item = dict(item, distractors=item["distractors"][:max_n])
+            texts = item["gold"] + item["distractors"]
+            q = enc.encode([item["question"]])[0]
+            item["scores"] = {t: float(s) for t, s in zip(texts, enc.encode(texts) @ q)}
+            out[ds].append(item)
+        print(f"{ds}: {len(out[ds])} items", flush=True)
+    with gzip.open(path, "wt") as f:
+        json.dump(out, f)
+    print(f"wrote {path}")
     return 0
 
 
@@ -286,9 +389,14 @@ def summarize(cache, args):
             "gold_share": (sum(r.get("gold_share", 0) for r in rs) / len(rs)) if m not in ("closed", "concat") else None,
             "seconds_per_question": sum(r["seconds"] for r in rs) / len(rs),
         })
+        if m == "filter":
+            rows[-1].update(kept_per_question=sum(r["kept"] for r in rs) / len(rs),
+                            gold_kept=sum(r["gold_kept"] > 0 for r in rs) / len(rs),
+                            empty=sum(r["kept"] == 0 for r in rs) / len(rs))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": "SmolLM2-135M-Instruct (bundled, fp32, CPU)", "max_new_tokens": args.max_new_tokens,
+    models_used = sorted({r.get("model", "SmolLM2-135M-Instruct (bundled GGUF), float32, cpu") for r in cache.values()})
+    out.write_text(json.dumps({"model": models_used, "max_new_tokens": args.max_new_tokens,
                                "metric": "gold answer contained (SQuAD-normalised); f1 = SQuAD token F1",
                                "rows": rows}, indent=2))
     plot(rows, out.with_suffix(".png"))
@@ -304,7 +412,7 @@ def markdown(rows) -> str:
         lines.append("")
         lines.append("| method | " + " | ".join(f"n={n}" for n in ns) + " |")
         lines.append("|---|" + "---|" * len(ns))
-        for m in ["closed", "concat"] + POOLINGS:
+        for m in ["closed", "concat"] + POOLINGS + ["filter"]:
             cells = []
             for n in ns:
                 r = next((r for r in rows if r["dataset"] == ds and r["method"] == m and r["gold_position"] is None
@@ -314,6 +422,8 @@ def markdown(rows) -> str:
                     continue
                 share = "" if r["gold_share"] is None else f", {r['gold_share']:.2f}"
                 ovf = f", {r['overflow']} overflow" if r["overflow"] else ""
+                if m == "filter":
+                    ovf += f", kept {r['kept_per_question']:.1f}/q"
                 cells.append(f"{100 * r['accuracy']:.0f} ({100 * r['f1']:.0f}{share}{ovf}); {r['questions']}q")
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
         lines.append("")
@@ -335,7 +445,7 @@ def plot(rows, path):
         return
     fig, axes = plt.subplots(1, len(dss) + 1, figsize=(5 * (len(dss) + 1), 4), squeeze=False)
     for ax, ds in zip(axes[0], dss):
-        for m in ["concat"] + POOLINGS:
+        for m in ["concat"] + POOLINGS + ["filter"]:
             rs = sorted((r for r in rows if r["dataset"] == ds and r["method"] == m and r["gold_position"] is None), key=lambda r: r["n"])
             if rs:
                 ax.plot([r["n"] for r in rs], [100 * r["accuracy"] for r in rs], "o-", label=m)

@@ -61,7 +61,10 @@ def _peak_mem(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux: KiB)
 
 
-def worker(args) -> dict:
+def worker(args) -> list:
+    """Load the model once and measure ``method`` at each n of ``--worker-ns``. On CUDA peak
+    memory is reset per n (exact); on CPU the peak RSS only grows, so main() gives every
+    (method, n) its own process there."""
     import torch
 
     from nbce_rag import NBCEDecoder
@@ -69,22 +72,38 @@ def worker(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    dec = NBCEDecoder.from_pretrained(device=args.device)
-    if args.device == "cuda":
+    dec = NBCEDecoder.from_pretrained(device=args.device, dtype=args.dtype)
+    out = []
+    for n in map(int, args.worker_ns.split(",")):
+        r = measure(dec, args, n)
+        print("RESULT " + json.dumps(r), flush=True)
+        out.append(r)
+    return out
+
+
+def measure(dec, args, n) -> dict:
+    import torch
+
+    cuda = args.device == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     base_mem = _peak_mem(args.device)
-    passages = make_passages(args.n, dec.tokenizer)
+    passages = make_passages(n, dec.tokenizer)
     N = args.max_new_tokens
-    res = {"method": args.method, "n": args.n, "max_new_tokens": N}
+    res = {"method": args.method, "n": n, "max_new_tokens": N, "dtype": str(next(dec.model.parameters()).dtype)}
 
     def sync():
-        if args.device == "cuda":
+        if cuda:
             torch.cuda.synchronize()
 
     if args.method in ("nbce", "nbce_unbatched"):
-        rows = args.batch_rows if args.method == "nbce" else args.n + 1
-        # warm-up (kernels, allocator), excluded
-        dec.generate(QUESTION, passages[:1], max_new_tokens=2)
+        rows = args.batch_rows if args.method == "nbce" else n + 1
+        # warm-up (kernels, allocator), excluded; on a GPU at the same shapes, it is cheap there
+        dec.generate(QUESTION, passages if cuda else passages[:1], max_new_tokens=2, batch_rows=rows)
+        sync()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         times = []
         ntok = 0
@@ -95,6 +114,9 @@ def worker(args) -> dict:
                 ntok += 1
         res.update(batch_rows=rows, tokens=ntok)
     elif args.method == "naive":
+        if cuda:
+            naive_nbce(dec, passages, 2, sync)
+            torch.cuda.reset_peak_memory_stats()
         times, ntok = naive_nbce(dec, passages, N, sync)
         res.update(tokens=ntok)
     elif args.method == "concat":
@@ -104,20 +126,32 @@ def worker(args) -> dict:
         if ids.input_ids.shape[1] + N > dec.context_window:
             res.update(error=f"prompt of {ids.input_ids.shape[1]} tokens exceeds the {dec.context_window}-token window")
             return res
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        class Clock(StoppingCriteria):
+            """Called once per generated token: a timestamp per token from one generate() run."""
+
+            def __init__(self):
+                self.times = []
+
+            def __call__(self, input_ids, scores, **kw):
+                sync()
+                self.times.append(time.perf_counter() - t0)
+                return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
         with torch.inference_mode():
-            dec.model.generate(**dec.tokenizer("hi", return_tensors="pt").to(dec.device), max_new_tokens=2, do_sample=False)
+            warm = ids if cuda else dec.tokenizer("hi", return_tensors="pt").to(dec.device)
+            dec.model.generate(**warm, max_new_tokens=2, do_sample=False, pad_token_id=dec.tokenizer.pad_token_id)
             sync()
-            t0 = time.perf_counter()
-            dec.model.generate(**ids, max_new_tokens=1, do_sample=False, pad_token_id=dec.tokenizer.pad_token_id)
-            sync()
-            ttft = time.perf_counter() - t0
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            clock = Clock()
             t0 = time.perf_counter()
             out = dec.model.generate(**ids, max_new_tokens=N, min_new_tokens=N, do_sample=False,
-                                     pad_token_id=dec.tokenizer.pad_token_id)
-            sync()
-            total = time.perf_counter() - t0
+                                     pad_token_id=dec.tokenizer.pad_token_id,
+                                     stopping_criteria=StoppingCriteriaList([clock]))
         ntok = out.shape[1] - ids.input_ids.shape[1]
-        times = [ttft] + [ttft + (total - ttft) * (i + 1) / max(1, ntok - 1) for i in range(ntok - 1)]
+        times = clock.times
         res.update(tokens=ntok, prompt_tokens=int(ids.input_ids.shape[1]))
     else:
         raise SystemExit(f"unknown method {args.method}")
@@ -201,6 +235,7 @@ def plot(results, path):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default=None, help="model dtype (default: fp32 on CPU, bf16 on CUDA)")
     ap.add_argument("--ns", default="1,2,4,8,16,32,64")
     ap.add_argument("--methods", default="nbce,nbce_unbatched,naive,concat")
     ap.add_argument("--max-new-tokens", type=int, default=16)
@@ -210,32 +245,46 @@ def main():
     ap.add_argument("--concat-max-n", type=int, default=64)
     ap.add_argument("--unbatched-ns", default="8,32,64", help="ns for the no-micro-batching memory comparison")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--merge", action="store_true", help="keep the results already in --out, replacing re-measured ones")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--method", help=argparse.SUPPRESS)
-    ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--worker-ns", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        print("RESULT " + json.dumps(worker(args)), flush=True)
+        worker(args)
         return
     out = Path(args.out or HERE / "results" / f"speed_{args.device}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     results = []
+    if args.merge and out.exists():
+        results = json.loads(out.read_text())["results"]
+
+    def save():
+        out.write_text(json.dumps({"machine": machine(args.device), "device": args.device, "threads": args.threads,
+                                   "command": " ".join(sys.argv), "results": results}, indent=2))
+
     for method in args.methods.split(","):
-        for n in map(int, args.ns.split(",")):
-            if (method == "naive" and n > args.naive_max_n) or (method == "concat" and n > args.concat_max_n):
+        ns = [n for n in map(int, args.ns.split(","))
+              if not ((method == "naive" and n > args.naive_max_n) or (method == "concat" and n > args.concat_max_n)
+                      or (method == "nbce_unbatched" and str(n) not in args.unbatched_ns.split(",")))]
+        # CUDA: one process per method (peak memory resets per n); CPU: one per (method, n)
+        batches = [ns] if args.device == "cuda" else [[n] for n in ns]
+        for batch in batches:
+            if not batch:
                 continue
-            if method == "nbce_unbatched" and str(n) not in args.unbatched_ns.split(","):
-                continue
-            cmd = [sys.executable, __file__, "--worker", "--method", method, "--n", str(n), "--device", args.device,
-                   "--max-new-tokens", str(args.max_new_tokens), "--batch-rows", str(args.batch_rows),
-                   "--threads", str(args.threads)]
+            cmd = [sys.executable, __file__, "--worker", "--method", method, "--worker-ns", ",".join(map(str, batch)),
+                   "--device", args.device, "--max-new-tokens", str(args.max_new_tokens),
+                   "--batch-rows", str(args.batch_rows), "--threads", str(args.threads)]
+            if args.dtype:
+                cmd += ["--dtype", args.dtype]
             p = subprocess.run(cmd, capture_output=True, text=True)
-            line = next((l for l in p.stdout.splitlines() if l.startswith("RESULT ")), None)
-            r = json.loads(line[7:]) if line else {"method": method, "n": n, "error": p.stderr[-500:]}
-            results.append(r)
-            print(json.dumps(r), flush=True)
-            out.write_text(json.dumps({"machine": machine(args.device), "device": args.device, "threads": args.threads,
-                                       "command": " ".join(sys.argv), "results": results}, indent=2))
+            got = [json.loads(l[7:]) for l in p.stdout.splitlines() if l.startswith("RESULT ")]
+            done = {r["n"] for r in got}
+            got += [{"method": method, "n": n, "error": p.stderr[-500:]} for n in batch if n not in done]
+            for r in got:
+                results = [x for x in results if (x["method"], x["n"]) != (r["method"], r["n"])] + [r]
+                print(json.dumps(r), flush=True)
+            save()
     plot(results, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")
 

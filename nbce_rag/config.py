@@ -41,8 +41,12 @@ class NBCEConfig:
         system_prompt: optional system message (None = the template's default).
 
     Memory:
-        batch_rows: rows per forward pass, in prefill and decode. Bounds activation memory
-            for hundreds of passages; the KV cache still grows with the number of rows.
+        batch_rows: rows per prefill forward pass. Bounds the prefill's activation memory for
+            hundreds of passages; the KV cache still grows with the number of rows.
+        decode_rows: rows per decode forward pass. After the prefill, row groups are merged
+            (their caches left-padded to one width) into groups of up to this many rows, so a
+            decode step is one forward for up to ``decode_rows`` passages: a decode step's
+            activations are one token per row, small next to the cache.
         max_passage_tokens: split longer passages into windows of this many tokens (a row
             each). None = as much as the model's window leaves after the prompt and answer.
         window_overlap: tokens shared by consecutive windows of a split passage.
@@ -63,6 +67,7 @@ class NBCEConfig:
     use_chat_template: bool = True
     system_prompt: Optional[str] = None
     batch_rows: int = 16
+    decode_rows: int = 256
     max_passage_tokens: Optional[int] = None
     window_overlap: int = 32
 
@@ -86,6 +91,8 @@ class NBCEConfig:
             raise bad(f"max_new_tokens must be >= 1 (got {self.max_new_tokens})")
         if self.batch_rows < 1:
             raise bad(f"batch_rows must be >= 1 (got {self.batch_rows})")
+        if self.decode_rows < 1:
+            raise bad(f"decode_rows must be >= 1 (got {self.decode_rows})")
         if self.max_passage_tokens is not None and self.max_passage_tokens < 8:
             raise bad(f"max_passage_tokens must be >= 8 or None (got {self.max_passage_tokens})")
         if self.window_overlap < 0:

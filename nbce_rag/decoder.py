@@ -1,11 +1,12 @@
 """NBCEDecoder: answer a question from many passages, one row per passage, fused token by token.
 
 Rows: ``[no passage] + [one per passage (or per window of a long passage)]``, each the same
-prompt template. One batched prefill (left padding, position ids from the attention mask, only
-last-position logits), then a KV-cache decode loop in which every step runs each group of at
-most ``batch_rows`` rows once, fuses the ``[n+1, V]`` last-token log-probs with
-:func:`nbce_rag.nbce.nbce_step`, picks one token and feeds it to every row. There is no Python
-loop over rows, only over row groups (one group unless there are more than ``batch_rows``).
+prompt template. One batched prefill in micro-batches of ``batch_rows`` rows (left padding,
+position ids from the attention mask, only last-position logits); the micro-batches' caches are
+then merged into decode groups of up to ``decode_rows`` rows, and every decode step runs each
+group once, fuses the ``[n+1, V]`` last-token log-probs with :func:`nbce_rag.nbce.nbce_step`,
+picks one token and feeds it to every row. There is no Python loop over rows, only over row
+groups (one decode group unless there are more than ``decode_rows`` rows).
 
 :meth:`NBCEDecoder.stream` is the one decode entry point; :meth:`generate` consumes it, and
 every adapter (pipeline, LangChain, LlamaIndex, server) calls one of the two.
@@ -272,7 +273,7 @@ class NBCEDecoder:
             groups.append(_Group(members, cache, mask, pos[:, -1:]))
             chunks.append(lg)
         logits = torch.cat(chunks, dim=0)
-        return groups, logits
+        return _merge_for_decode(groups, cfg.decode_rows), logits
 
     def _decode_step(self, groups: List[_Group], token: int) -> torch.Tensor:
         chunks = []
@@ -457,6 +458,58 @@ class NBCEDecoder:
             completion_tokens=n_steps,
             supported=bool(prep.passages),
         )
+
+
+def _merge_for_decode(groups: List[_Group], decode_rows: int) -> List[_Group]:
+    """Merge consecutive prefill groups into groups of at most ``decode_rows`` rows, so that a
+    decode step is one forward instead of one per prefill micro-batch (on a GPU each forward
+    costs about the same whatever its batch). Caches are left-padded to a common width and
+    the padding is masked out, so no logit changes beyond float rounding. Caches of a shape
+    this does not know (sliding windows, quantized, other layouts) are left as they are."""
+    if len(groups) < 2 or not all(_plain_cache(g.cache) for g in groups):
+        return groups
+    runs: List[List[_Group]] = [[]]
+    for g in groups:
+        if runs[-1] and sum(len(x.rows) for x in runs[-1]) + len(g.rows) > decode_rows:
+            runs.append([])
+        runs[-1].append(g)
+    return [_merge_run(run) if len(run) > 1 else run[0] for run in runs]
+
+
+def _plain_cache(cache) -> bool:
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(
+        type(l).__name__ == "DynamicLayer" and getattr(l, "keys", None) is not None
+        and getattr(l, "values", None) is not None and l.keys.dim() == 4
+        for l in layers
+    )
+
+
+def _merge_run(run: List[_Group]) -> _Group:
+    from transformers import DynamicCache
+
+    width = max(g.mask.shape[1] for g in run)
+
+    def left_pad(t: torch.Tensor, dim: int) -> torch.Tensor:
+        extra = width - t.shape[dim]
+        if not extra:
+            return t
+        shape = list(t.shape)
+        shape[dim] = extra
+        return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+    data = []
+    for li in range(len(run[0].cache.layers)):
+        layers = [g.cache.layers[li] for g in run]
+        data.append((torch.cat([left_pad(l.keys, 2) for l in layers]), torch.cat([left_pad(l.values, 2) for l in layers])))
+        for l in layers:  # free each layer as soon as it is copied: peak = cache + one layer
+            l.keys = l.values = None
+    return _Group(
+        rows=[r for g in run for r in g.rows],
+        cache=DynamicCache(data),
+        mask=torch.cat([left_pad(g.mask, 1) for g in run]),
+        last_pos=torch.cat([g.last_pos for g in run]),
+    )
 
 
 def _find_stop(text: str, stops: Sequence[str], start: int) -> Optional[int]:

@@ -33,7 +33,7 @@ def reference_generate(dec: NBCEDecoder, question, passages, max_new_tokens, **o
     pooling = get_pooling(cfg.pooling)
     out, srcs, prev = [], [], None
     for _ in range(max_new_tokens):
-        logits = torch.stack([dec.model(torch.tensor([r + out])).logits[0, -1].float() for r in rows])
+        logits = torch.stack([dec.model(torch.tensor([r + out], device=dec.device)).logits[0, -1].float() for r in rows])
         if len(rows) == 1:
             tok, src = int(torch.argmax(log_softmax(logits[0]))), -1
         else:
@@ -65,6 +65,26 @@ def test_micro_batching_does_not_change_a_token(tiny_decoder):
         part = tiny_decoder.generate("How high is the mountain?", many, max_new_tokens=10, batch_rows=rows)
         assert part.token_ids == full.token_ids
         assert part.token_sources == full.token_sources
+
+
+def test_decode_groups_are_merged_without_changing_a_token(tiny_decoder):
+    """Prefill micro-batches are merged into decode groups of up to ``decode_rows`` rows (one
+    forward per step); any grouping gives the same tokens as one big batch."""
+    from nbce_rag.decoder import _merge_for_decode
+
+    many = [f"Note {i}. {p}" for i in range(3) for p in PASSAGES]
+    prep = tiny_decoder._prepare("How high is the mountain?", [(i, _p(t)) for i, t in enumerate(many)], tiny_decoder.config)
+    cfg = tiny_decoder.config.update(batch_rows=3, decode_rows=10**6)
+    with torch.inference_mode():
+        groups, _ = tiny_decoder._prefill(prep.rows, list(range(len(prep.rows))), cfg)
+    assert len(groups) == 1 and groups[0].rows == list(range(len(prep.rows)))
+    assert groups[0].mask.shape[0] == len(prep.rows) == groups[0].cache.layers[0].keys.shape[0]
+    full = tiny_decoder.generate("How high is the mountain?", many, max_new_tokens=10, batch_rows=64)
+    for rows, dec_rows in ((3, 1), (3, 7), (1, 4), (5, 10**6)):
+        part = tiny_decoder.generate("How high is the mountain?", many, max_new_tokens=10, batch_rows=rows, decode_rows=dec_rows)
+        assert part.token_ids == full.token_ids
+        assert part.token_sources == full.token_sources
+    assert _merge_for_decode([], 4) == []
 
 
 def test_padding_does_not_change_tokens(tiny_decoder):
