@@ -232,6 +232,29 @@ def plot(results, path):
     fig.savefig(path, dpi=110)
 
 
+def markdown(results) -> str:
+    """One row per n: time to first token, decode ms/token and peak memory of each method."""
+    methods = [m for m in ("nbce", "nbce_unbatched", "concat", "naive") if any(r["method"] == m for r in results)]
+    by = {(r["method"], r["n"]): r for r in results}
+    ns = sorted({r["n"] for r in results})
+    head = "| n | " + " | ".join(f"{m}: TTFT / decode / peak" for m in methods) + " |"
+    lines = [head, "|---:|" + "---:|" * len(methods)]
+    for n in ns:
+        cells = []
+        for m in methods:
+            r = by.get((m, n))
+            if r is None:
+                cells.append("–")
+            elif "error" in r:
+                cells.append("does not fit" if "exceeds" in r["error"] else "failed")
+            else:
+                ttft = r["ttft_s"]
+                ttft_s = f"{ttft * 1000:.0f} ms" if ttft < 1 else f"{ttft:.1f} s"
+                cells.append(f"{ttft_s} / {1000 * r['decode_s_per_token']:.0f} ms / {r['peak_mem_mib']:.0f} MiB")
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
@@ -246,6 +269,7 @@ def main():
     ap.add_argument("--unbatched-ns", default="8,32,64", help="ns for the no-micro-batching memory comparison")
     ap.add_argument("--out", default=None)
     ap.add_argument("--merge", action="store_true", help="keep the results already in --out, replacing re-measured ones")
+    ap.add_argument("--table-only", action="store_true", help="only rewrite the markdown table and plot from --out")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--method", help=argparse.SUPPRESS)
     ap.add_argument("--worker-ns", help=argparse.SUPPRESS)
@@ -255,6 +279,12 @@ def main():
         return
     out = Path(args.out or HERE / "results" / f"speed_{args.device}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.table_only:
+        results = json.loads(out.read_text())["results"]
+        plot(results, out.with_suffix(".png"))
+        out.with_suffix(".md").write_text(markdown(results))
+        print(markdown(results))
+        return
     results = []
     if args.merge and out.exists():
         results = json.loads(out.read_text())["results"]
@@ -286,7 +316,8 @@ def main():
                 print(json.dumps(r), flush=True)
             save()
     plot(results, out.with_suffix(".png"))
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+    out.with_suffix(".md").write_text(markdown(results))
+    print(f"wrote {out}, {out.with_suffix('.png')} and {out.with_suffix('.md')}")
 
 
 if __name__ == "__main__":

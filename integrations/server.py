@@ -40,7 +40,7 @@ Passages (request extension fields, sent by the ``openai`` client through ``extr
   candidates and filters them with the pipeline's calibration; with no index the question
   is answered closed-book. ``"documents": []`` means "no passages" (no retrieval).
 * With a calibration, given documents are re-scored and filtered too (as ``RAGPipeline``).
-* ``nbce``: optional NBCE settings, ``{"pooling": "min_entropy"|"mean"|"max"|"replug"|
+* ``nbce``: optional NBCE settings, ``{"pooling": "auto"|"min_entropy"|"mean"|"max"|"replug"|
   "scored_entropy", "beta": 0.25, "eta": 0.1, "nbce_top_p": 0.95, "k": 10}`` (``k``: how
   many candidates to retrieve from the index). Unknown keys are a 400.
 

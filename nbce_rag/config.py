@@ -20,12 +20,12 @@ class NBCEConfig:
             ``(β+1)·pooled − β·uncond``. 0 disables it; larger pushes answers to the passages.
         eta: entropy bonus of the passage chosen at the previous step (stickiness).
         nbce_top_p: per-row nucleus truncation applied before entropy and pooling.
-        pooling: ``"scored_entropy"`` (default: min-entropy selection that also weighs the
-            passages' retrieval scores; without scores it *is* the reference ``"min_entropy"``),
-            ``"min_entropy"``, ``"mean"``, ``"max"``, ``"replug"``, or a
-            :class:`~nbce_rag.nbce.Pooling` instance. Chosen by benchmarks/bench_quality.py:
-            with distractors it drew 68-98% of answer tokens from gold passages against 43-48%
-            for min_entropy (SQuAD and HotpotQA, n=5 and 10; see the README).
+        pooling: ``"auto"`` (default: ``"replug"``, a mixture weighted by the retrieval scores,
+            when every passage has a score; the reference ``"min_entropy"`` when none has),
+            ``"min_entropy"``, ``"mean"``, ``"max"``, ``"replug"``, ``"scored_entropy"`` (ours:
+            min-entropy selection that also weighs the retrieval score), or a
+            :class:`~nbce_rag.nbce.Pooling` instance. Chosen by benchmarks/bench_quality.py
+            (SQuAD, HotpotQA, NQ with 5-50 passages; see the README's quality table).
 
     Sampling (applied to the fused distribution):
         do_sample: False = greedy. temperature, top_k (0 = off), top_p (1.0 = off), seed.
@@ -55,7 +55,7 @@ class NBCEConfig:
     beta: float = 0.25
     eta: float = 0.1
     nbce_top_p: float = 0.95
-    pooling: Any = "scored_entropy"
+    pooling: Any = "auto"
     max_new_tokens: int = 64
     do_sample: bool = False
     temperature: float = 1.0

@@ -13,7 +13,7 @@ import torch
 
 from nbce_rag import NBCEDecoder, models
 
-from test_decoder import PASSAGES, reference_generate
+from test_decoder import EIFFEL_PS, EIFFEL_Q, PASSAGES, assert_equals_reference, reference_generate
 
 pytestmark = [
     pytest.mark.gpu,
@@ -71,17 +71,8 @@ def test_bf16_runs_end_to_end(tiny_decoder):
 def test_bundled_model_on_cuda_equals_reference():
     dec = NBCEDecoder.from_pretrained(device="cuda", dtype="float32")
     assert dec.device.type == "cuda"
-    q = "When was the Eiffel Tower completed?"
-    ps = [
-        "The Eiffel Tower is a wrought-iron lattice tower in Paris. It was completed in 1889.",
-        "Bananas are rich in potassium.",
-        " ".join(["The river Thames flows through London into the North Sea."] * 4),
-    ]
-    ans = dec.generate(q, ps, max_new_tokens=10)
-    ref_ids, ref_src = reference_generate(dec, q, ps, 10)
-    assert ans.token_ids == ref_ids
-    assert ans.token_sources == ref_src
-    assert "1889" in ans.text
+    ans = assert_equals_reference(dec, EIFFEL_Q, EIFFEL_PS, 12)
+    assert "1889" in ans.text  # digits are single tokens: 10 tokens stop at "... completed in 18"
 
 
 @pytest.mark.slow

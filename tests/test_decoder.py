@@ -48,7 +48,7 @@ def reference_generate(dec: NBCEDecoder, question, passages, max_new_tokens, **o
     return out, srcs
 
 
-@pytest.mark.parametrize("pooling", ["min_entropy", "mean", "max", "replug", "scored_entropy"])
+@pytest.mark.parametrize("pooling", ["auto", "min_entropy", "mean", "max", "replug", "scored_entropy"])
 def test_batched_decoder_equals_unbatched_reference(tiny_decoder, pooling):
     ans = tiny_decoder.generate("When was it completed?", PASSAGES, max_new_tokens=12, pooling=pooling)
     ref_ids, ref_src = reference_generate(tiny_decoder, "When was it completed?", PASSAGES, 12, pooling=pooling)
@@ -249,18 +249,26 @@ def test_concat_baseline_is_one_plain_row(tiny_decoder):
 
 
 # ---------------------------------------------------------------- the real bundled model
-@pytest.mark.slow
-def test_bundled_model_batched_equals_reference(bundled_decoder):
-    q = "When was the Eiffel Tower completed?"
-    ps = [
-        "The Eiffel Tower is a wrought-iron lattice tower in Paris. It was completed in 1889.",
-        "Bananas are rich in potassium.",
-        " ".join(["The river Thames flows through London into the North Sea."] * 4),
-    ]
-    ans = bundled_decoder.generate(q, ps, max_new_tokens=10)
-    ref_ids, ref_src = reference_generate(bundled_decoder, q, ps, 10)
+EIFFEL_Q = "When was the Eiffel Tower completed?"
+EIFFEL_PS = [
+    "The Eiffel Tower is a wrought-iron lattice tower in Paris. It was completed in 1889.",
+    "Bananas are rich in potassium.",
+    " ".join(["The river Thames flows through London into the North Sea."] * 4),
+]
+
+
+def assert_equals_reference(dec, question, passages, max_new_tokens):
+    """generate() gives the reference's tokens and sources exactly; returns the answer."""
+    ans = dec.generate(question, passages, max_new_tokens=max_new_tokens)
+    ref_ids, ref_src = reference_generate(dec, question, passages, max_new_tokens)
     assert ans.token_ids == ref_ids
     assert ans.token_sources == ref_src
+    return ans
+
+
+@pytest.mark.slow
+def test_bundled_model_batched_equals_reference(bundled_decoder):
+    ans = assert_equals_reference(bundled_decoder, EIFFEL_Q, EIFFEL_PS, 10)
     assert ans.sources[0].n_tokens > 0  # the passage that answers supplies tokens
 
 

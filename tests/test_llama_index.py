@@ -20,7 +20,7 @@ from llama_index.core.llms import ChatMessage  # noqa: E402
 from llama_index.core.query_engine import RetrieverQueryEngine  # noqa: E402
 from llama_index.core.schema import NodeWithScore, QueryBundle, TextNode  # noqa: E402
 
-from nbce_rag import MarginThreshold, RAGPipeline, VectorIndex  # noqa: E402
+from nbce_rag import MarginThreshold, Passage, RAGPipeline, VectorIndex  # noqa: E402
 from nbce_rag.integrations.llama_index import (  # noqa: E402
     NBCELLM,
     CoSENTEmbedding,
@@ -77,10 +77,12 @@ def test_llm_complete_and_stream_equal_decoder(dec):
         return a.text, s
 
     assert asyncio.run(run()) == (ref.text, ref.text)
-    # nodes as contexts: their text, score and id
+    # nodes as contexts: their text, score (the default pooling uses it) and id
     nws = [NodeWithScore(node=n, score=0.5) for n in _nodes()[:2]]
     out = llm.complete(Q, contexts=nws)
-    assert out.text == ref.text and [s["id"] for s in out.additional_kwargs["sources"]] == ["d0", "d1"]
+    scored_ref = dec.generate(Q, [Passage(t, score=0.5) for t in DOCS[:2]], max_new_tokens=N)
+    assert out.text == scored_ref.text and [s["id"] for s in out.additional_kwargs["sources"]] == ["d0", "d1"]
+    assert [s["score"] for s in out.additional_kwargs["sources"]] == [0.5, 0.5]
 
 
 def test_llm_options_chat_and_callbacks(dec):

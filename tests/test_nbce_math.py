@@ -38,6 +38,8 @@ def np_entropy(logp):
 
 def np_pool(name, rows, ent, scores, prev, eta):
     n = rows.shape[0]
+    if name == "auto":
+        return np_pool("min_entropy" if scores is None else "replug", rows, ent, scores, prev, eta)
     if name == "min_entropy" or name == "scored_entropy":
         e = ent.copy()
         if prev is not None:

@@ -21,7 +21,7 @@ def register(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, mps or auto (default)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto (default)")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--pooling", default=None, help="min_entropy, mean, max, replug, scored_entropy")
+    p.add_argument("--pooling", default=None, help="auto (default), min_entropy, mean, max, replug, scored_entropy")
     p.add_argument("--beta", type=float, default=None, help="contrast weight (default 0.25)")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
