@@ -363,7 +363,7 @@ def bench_latency(args: argparse.Namespace) -> int:
                 idx._faiss = None
             idx.backend = "exact"
         out["sizes"][str(n)] = res
-        del idx, ids
+        idx = ids = None  # free the vectors before the next size
     write_result("latency", out)
     return 0
 

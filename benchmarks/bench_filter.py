@@ -43,7 +43,6 @@ sys.path.insert(0, str(ROOT))
 
 from nbce_rag.threshold import (  # noqa: E402
     MarginThreshold,
-    apply_rule,
     best_f1_threshold,
     plot_distributions,
     precision_target_threshold,
@@ -697,7 +696,7 @@ def stage_hotpot(args) -> Dict[str, Any]:
         print(th.report(), flush=True)
     methods.update(cv)
     out = {name: metrics(keep & np.isfinite(S), Y) for name, keep in methods.items()}
-    print(f"\nHotpotQA distractor dev (first 100), 10 candidates, 2 gold each")
+    print("\nHotpotQA distractor dev (first 100), 10 candidates, 2 gold each")
     print(f"{'method':52s} {'P':>6s} {'R':>6s} {'F1':>6s} {'kept/q':>6s}")
     for name, m in out.items():
         print(f"{name:52s} {m['precision']:6.3f} {m['recall']:6.3f} {m['f1']:6.3f} {m['kept_per_query']:6.2f}")
