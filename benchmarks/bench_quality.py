@@ -215,7 +215,7 @@ def main():
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from nbce_rag import CoSENTEncoder, NBCEDecoder, Passage
+    from nbce_rag import CoSENTEncoder, MarginThreshold, NBCEDecoder, Passage
     from nbce_rag.errors import PromptTooLongError
 
     dec = NBCEDecoder.from_pretrained(device=args.device, dtype=args.dtype)
@@ -248,8 +248,6 @@ def main():
         (2-fold cross-fitting: a question never calibrates its own threshold)."""
         fold = qi % 2
         if (ds, fold) not in thresholds:
-            from nbce_rag import MarginThreshold
-
             s_, y_, g_ = [], [], []
             for qj, it in enumerate(all_items[ds]):
                 if qj % 2 == fold or "scores" not in it:
@@ -261,12 +259,19 @@ def main():
             thresholds[(ds, fold)] = MarginThreshold.calibrate(s_, y_, g_, n_bootstrap=200)
         return thresholds[(ds, fold)]
 
+    def scored(item, ps):
+        """The passages with their retrieval score: stored in the items, or the canonical
+        cosine computed now (MarginThreshold.rescore, as the pipeline does)."""
+        if "scores" in item:
+            return [Passage(t, score=float(item["scores"][t])) for t in ps]
+        return MarginThreshold.rescore(enc, item["question"], ps)
+
     def run_filter(ds, qi, item, n, ps):
         key = key_of(ds, qi, n, None, "filter")
         if key in cache:
             return
         th = threshold_for(ds, qi)
-        fr = th.filter([Passage(t, score=float(item["scores"][t])) for t in ps])
+        fr = th.filter(scored(item, ps))
         kept = [p.text for p in fr.kept]
         rec = {"key": key, "dataset": ds, "q": qi, "n": n, "pos": None, "method": "filter",
                "kept": len(kept), "gold_kept": sum(t in item["gold"] for t in kept),
@@ -298,14 +303,8 @@ def main():
                 cache[rec["key"]] = rec
         pools = [m for m in todo if m in POOLINGS]
         if pools:
-            if "scores" in item:
-                sc = [item["scores"][t] for t in ps]
-            else:
-                q = enc.encode([item["question"]])[0]
-                sc = enc.encode(ps) @ q
-            psg = [Passage(t, score=float(s)) for t, s in zip(ps, sc)]
             t0 = time.perf_counter()
-            answers = dec.compare(item["question"], psg, [{"pooling": m} for m in pools], max_new_tokens=args.max_new_tokens)
+            answers = dec.compare(item["question"], scored(item, ps), [{"pooling": m} for m in pools], max_new_tokens=args.max_new_tokens)
             secs = (time.perf_counter() - t0) / len(pools)
             for m, ans in zip(pools, answers):
                 rec = {"key": key_of(ds, qi, n, pos, m), "dataset": ds, "q": qi, "n": n, "pos": pos, "method": m}
@@ -354,7 +353,7 @@ def load_cache(work: Path) -> dict:
 def export_items(all_items: dict, max_n: int, path: str) -> int:
     """Items with only the passages a run can use, each scored by the bundled CoSENT encoder
     against its question (what the pipeline's retriever would attach)."""
-    from nbce_rag import CoSENTEncoder
+    from nbce_rag import CoSENTEncoder, MarginThreshold
 
     enc = CoSENTEncoder.from_pretrained()
     out = {}
@@ -363,8 +362,7 @@ def export_items(all_items: dict, max_n: int, path: str) -> int:
         for item in items:
             item = dict(item, distractors=item["distractors"][:max_n])
             texts = item["gold"] + item["distractors"]
-            q = enc.encode([item["question"]])[0]
-            item["scores"] = {t: float(s) for t, s in zip(texts, enc.encode(texts) @ q)}
+            item["scores"] = {p.text: p.score for p in MarginThreshold.rescore(enc, item["question"], texts)}
             out[ds].append(item)
         print(f"{ds}: {len(out[ds])} items", flush=True)
     with gzip.open(path, "wt") as f:
