@@ -45,7 +45,7 @@ def machine() -> Dict[str, Any]:
     return {
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "gpu": torch.cuda.is_available(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else False,
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -141,8 +141,53 @@ def retrieval_metrics(index, queries: Dict[str, str], qrels: Dict[str, Dict[str,
         "recall@100": 100 * float(np.mean(r100)),
         "queries": len(qids),
         "min_docs_ranked": int(min(docs_seen)),
+        "per_query_ndcg@10": {q: round(100 * float(x), 3) for q, x in zip(qids, ndcg)},
         "search_seconds": search_s,
     }
+
+
+def _brief(metrics: Dict[str, Any]) -> Dict[str, Any]:
+    return {k: round(v, 2) if isinstance(v, float) else v for k, v in metrics.items() if not k.startswith("per_query")}
+
+
+#: a SciFact training recipe: how pairs are mined from the train qrels, then fit() options
+RECIPE_KEYS = ("hard_negatives", "random_negatives", "hard_score", "skip_top", "max_train_pairs",
+               "epochs", "lr", "max_length", "batch_size", "group_batches", "warmup_ratio", "seed")
+
+
+def _recipe(args: argparse.Namespace, **over: Any) -> Dict[str, Any]:
+    unknown = sorted(set(over) - set(RECIPE_KEYS))
+    if unknown:
+        raise SystemExit(f"unknown recipe key(s) {unknown}; known: {list(RECIPE_KEYS)}")
+    r = {k: getattr(args, k) for k in RECIPE_KEYS}
+    r.update(over)
+    return r
+
+
+def _train_on(enc, train, qrels, index0, recipe: Dict[str, Any]) -> Dict[str, Any]:
+    """Mine graded pairs for ``qrels`` from ``index0`` (the untrained encoder's index), then
+    fine-tune ``enc`` in place with the recipe; returns what happened."""
+    import random
+
+    from nbce_rag.data import BeirData, qrels_to_pairs
+
+    mine = dict(n_hard=recipe["hard_negatives"], n_random=recipe["random_negatives"],
+                hard_score=recipe["hard_score"], skip_top=recipe["skip_top"], seed=recipe["seed"])
+    pairs = qrels_to_pairs(BeirData(train.corpus, train.queries, qrels), index0, **mine)
+    out: Dict[str, Any] = {"recipe": recipe, "train_queries": len(qrels), "train_pairs_total": len(pairs)}
+    if recipe["max_train_pairs"] and len(pairs) > recipe["max_train_pairs"]:
+        pairs = random.Random(recipe["seed"]).sample(pairs, recipe["max_train_pairs"])
+    out["train_pairs_used"] = len(pairs)
+    out["pair_grades"] = {str(g): sum(1 for p in pairs if p[2] == g) for g in sorted({p[2] for p in pairs})}
+    opts: Dict[str, Any] = {"epochs": recipe["epochs"], "batch_size": recipe["batch_size"],
+                            "group_batches": recipe["group_batches"], "warmup_ratio": recipe["warmup_ratio"],
+                            "seed": recipe["seed"]}
+    if recipe["lr"]:
+        opts["learning_rate"] = recipe["lr"]
+    if recipe["max_length"]:
+        opts["max_length"] = recipe["max_length"]
+    out["fit_report"] = enc.fit(pairs, None, **opts)
+    return out
 
 
 def bench_scifact(args: argparse.Namespace) -> int:
@@ -151,10 +196,15 @@ def bench_scifact(args: argparse.Namespace) -> int:
     Protocol (default): one vector per abstract (title + text, truncated at the encoder's
     max_seq_length, 256), as MTEB/BEIR report all-MiniLM-L6-v2 (64.5 nDCG@10), so numbers are
     comparable. ``--chunked`` scores with the index's default chunking instead (MaxP: a
-    document scores its best chunk), at about twice the encoding cost."""
+    document scores its best chunk), at about twice the encoding cost.
+
+    ``--sweep FILE.json`` (a list of recipe overrides) chooses a recipe without looking at the
+    test qrels: each variant trains on the train qrels minus a held-out ``--dev-fraction`` of
+    their queries and is scored on those; the ``--final-top`` best by dev nDCG@10 are then
+    trained on all train qrels and scored on the test qrels."""
     import random
 
-    from nbce_rag.data import qrels_to_pairs, read_beir, read_qrels
+    from nbce_rag.data import read_beir, read_qrels
     from nbce_rag.encoder import CoSENTEncoder
     from nbce_rag.index import VectorIndex
 
@@ -164,9 +214,11 @@ def bench_scifact(args: argparse.Namespace) -> int:
     train = read_beir(root, "train")
     test_qrels = read_qrels(root / "qrels" / "test.tsv")
     docs = [{"text": train.doc_text(d), "id": d} for d in sorted(train.corpus)]
-    enc = CoSENTEncoder.from_pretrained()
 
-    def make_index() -> "VectorIndex":
+    def load():
+        return CoSENTEncoder.from_pretrained(args.model, device=args.device)
+
+    def make_index(enc) -> "VectorIndex":
         if args.chunked:
             return VectorIndex.build(enc, docs, chunk_tokens=args.chunk_tokens, overlap=args.overlap, show_progress_bar=True)
         v = enc.encode([d["text"] for d in docs], show_progress_bar=True)
@@ -174,42 +226,75 @@ def bench_scifact(args: argparse.Namespace) -> int:
         idx.add_vectors(v, [d["text"] for d in docs], [d["id"] for d in docs])
         return idx
 
+    enc0 = load()
     out: Dict[str, Any] = {
         "benchmark": "BEIR SciFact test qrels: nDCG@10, recall@10/100, bundled all-MiniLM-L6-v2 before vs after "
         "CoSENT fine-tuning on the train qrels (graded pairs with hard negatives mined from the index)",
+        "encoder": enc0.identity,
+        "device": str(enc0.model.device),
         "corpus_docs": len(docs),
         "protocol": ({"chunk_tokens": args.chunk_tokens, "overlap": args.overlap, "doc_score": "max over chunks"}
                      if args.chunked else "one vector per abstract (title + text), truncated at 256 word pieces"),
     }
     t0 = time.perf_counter()
-    index = make_index()
+    index0 = make_index(enc0)
     out["index_seconds_before"] = time.perf_counter() - t0
-    out["rows"] = len(index)
-    out["test_before"] = retrieval_metrics(index, train.queries, test_qrels)
-    print(f"SciFact test before: {out['test_before']}", flush=True)
-    mine = dict(n_hard=args.hard_negatives, n_random=args.random_negatives, seed=42)
-    pairs = qrels_to_pairs(train, index, **mine)
-    out["mining"] = mine
-    out["train_pairs_total"] = len(pairs)
-    if args.max_train_pairs and len(pairs) > args.max_train_pairs:
-        pairs = random.Random(42).sample(pairs, args.max_train_pairs)
-    out["train_pairs_used"] = len(pairs)
-    out["pair_grades"] = {str(g): sum(1 for p in pairs if p[2] == g) for g in sorted({p[2] for p in pairs})}
-    del index
-    opts: Dict[str, Any] = {"epochs": args.epochs}
-    if args.lr:
-        opts["learning_rate"] = args.lr
-    if args.max_length:
-        opts["max_length"] = args.max_length
-    out["fit_report"] = enc.fit(pairs, None, **opts)
-    if args.model_out:
-        enc.save_pretrained(args.model_out)
-    t0 = time.perf_counter()
-    index = make_index()
-    out["index_seconds_after"] = time.perf_counter() - t0
-    out["test_after"] = retrieval_metrics(index, train.queries, test_qrels)
-    print(f"SciFact test after: {out['test_after']}  ({out['fit_report']['train_seconds'] / 60:.1f} min training)")
-    out["model_out"] = args.model_out
+    out["rows"] = len(index0)
+    out["test_before"] = retrieval_metrics(index0, train.queries, test_qrels)
+    print(f"SciFact test before: {_brief(out['test_before'])}", flush=True)
+
+    finals = [_recipe(args)]
+    if args.sweep:
+        variants = [_recipe(args, **v) for v in json.loads(Path(args.sweep).read_text())]
+        qids = sorted(q for q in train.qrels if q in train.queries)
+        dev_q = set(random.Random(42).sample(qids, round(args.dev_fraction * len(qids))))
+        fit_qrels = {q: r for q, r in train.qrels.items() if q not in dev_q}
+        dev_qrels = {q: r for q, r in train.qrels.items() if q in dev_q}
+        out["sweep"] = {"dev_queries": len(dev_q), "fit_queries": len(fit_qrels),
+                        "dev_before": retrieval_metrics(index0, train.queries, dev_qrels), "variants": []}
+        print(f"dev before: {_brief(out['sweep']['dev_before'])}", flush=True)
+        t_start, took = time.perf_counter(), []
+        for i, recipe in enumerate(variants):
+            if args.deadline_min and took:
+                # room for one more variant and for the finals: the current best recipes again,
+                # on 1/(1 - dev_fraction) as many queries
+                best = sorted(out["sweep"]["variants"], key=lambda r: -r["dev_after"]["ndcg@10"])[: args.final_top]
+                need_s = float(np.mean(took)) + sum(r["seconds"] for r in best) / (1 - args.dev_fraction)
+                if time.perf_counter() - t_start + need_s > 60 * args.deadline_min:
+                    print(f"deadline: stopping the sweep after {i} of {len(variants)} variants", flush=True)
+                    out["sweep"]["stopped_at_deadline"] = i
+                    break
+            enc = load()
+            t0 = time.perf_counter()
+            row = _train_on(enc, train, fit_qrels, index0, recipe)
+            row["dev_after"] = retrieval_metrics(make_index(enc), train.queries, dev_qrels)
+            row["seconds"] = time.perf_counter() - t0
+            out["sweep"]["variants"].append(row)
+            took.append(row["seconds"])
+            print(f"variant {i + 1}/{len(variants)} {json.dumps(recipe)}: dev nDCG@10 "
+                  f"{row['dev_after']['ndcg@10']:.2f}  ({row['seconds']:.0f} s)", flush=True)
+            del enc
+        ranked = sorted(out["sweep"]["variants"], key=lambda r: -r["dev_after"]["ndcg@10"])
+        finals = [r["recipe"] for r in ranked[: args.final_top]]
+    out["finals"] = []
+    for j, recipe in enumerate(finals):
+        enc = load()
+        row = _train_on(enc, train, train.qrels, index0, recipe)
+        if args.model_out and j == 0:
+            enc.save_pretrained(args.model_out)
+            row["model_out"] = args.model_out
+        t0 = time.perf_counter()
+        index = make_index(enc)
+        row["index_seconds_after"] = time.perf_counter() - t0
+        row["test_after"] = retrieval_metrics(index, train.queries, test_qrels)
+        del index
+        out["finals"].append(row)
+        print(f"SciFact test after ({json.dumps(recipe)}): {_brief(row['test_after'])}  "
+              f"({row['fit_report']['train_seconds'] / 60:.1f} min training)", flush=True)
+        del enc
+    # the chosen recipe (best on dev when sweeping) is the headline result
+    out.update({k: out["finals"][0][k] for k in ("recipe", "train_pairs_total", "train_pairs_used", "pair_grades",
+                                                 "fit_report", "test_after")})
     write_result(args.name, out)
     return 0
 
@@ -460,11 +545,25 @@ def main(argv: List[str] | None = None) -> int:
     s = sub.add_parser("scifact", help="SciFact nDCG@10 / recall before and after CoSENT fine-tuning on train qrels")
     s.add_argument("--data", default=str(DEFAULT_DATA))
     s.add_argument("--model-out", default="/tmp/nbce_bench/scifact_model")
+    s.add_argument("--model", default=None, help="starting encoder (default: the bundled one)")
+    s.add_argument("--device", default=None, help="torch device for the encoder (default: cuda if available)")
     s.add_argument("--epochs", type=int, default=1)
     s.add_argument("--lr", type=float, default=None, help="learning rate (default: fit's, 2e-5)")
+    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--warmup-ratio", type=float, default=0.1)
+    s.add_argument("--group-batches", action="store_true", help="fit(group_batches=True): a query's pairs share a batch")
+    s.add_argument("--seed", type=int, default=42, help="seed of the mining, the sample and fit (default 42)")
     s.add_argument("--max-train-pairs", type=int, default=2400, help="random sample of the mined pairs (0: all)")
     s.add_argument("--hard-negatives", type=int, default=3)
     s.add_argument("--random-negatives", type=int, default=1)
+    s.add_argument("--hard-score", type=float, default=0.3, help="grade of a mined hard negative (default 0.3)")
+    s.add_argument("--skip-top", type=int, default=0, help="mine hard negatives below this many top candidates")
+    s.add_argument("--sweep", default=None, metavar="FILE.json",
+                   help="list of recipe overrides to choose from on a dev split of the train queries")
+    s.add_argument("--dev-fraction", type=float, default=0.2, help="share of train queries held out (--sweep)")
+    s.add_argument("--final-top", type=int, default=1, help="best sweep recipes trained on all train qrels (default 1)")
+    s.add_argument("--deadline-min", type=float, default=None,
+                   help="stop starting sweep variants when the finals would not fit in this many minutes")
     s.add_argument("--chunk-tokens", type=int, default=200)
     s.add_argument("--overlap", type=int, default=32)
     s.add_argument("--chunked", action="store_true",

@@ -275,6 +275,7 @@ def qrels_to_pairs(
     hard_score: float = 0.3,
     random_score: float = 0.0,
     top_k: int = 30,
+    skip_top: int = 0,
     false_negative_ratio: float = 0.95,
     seed: int = 42,
     show_progress_bar: Optional[bool] = None,
@@ -292,12 +293,17 @@ def qrels_to_pairs(
     negatives *above* random ones keeps the model from pushing topically close passages as far
     away as unrelated ones. A mined candidate scoring at least ``false_negative_ratio`` times
     the query's best relevant passage is skipped as a probable unlabelled positive (the
-    "TopK-PercPos" filter of NV-Retriever).
+    "TopK-PercPos" filter of NV-Retriever). ``skip_top`` > 0 passes over the first
+    ``skip_top`` non-relevant candidates and mines below them (deeper, fewer unlabelled
+    positives); the search then reaches at least ``skip_top + 3 * n_hard`` results.
     """
     import numpy as np
 
     if hard_score <= random_score:
         raise ConfigError("hard_score must be above random_score so that CoSENT sees an order")
+    if skip_top < 0 or n_hard < 0 or n_random < 0:
+        raise ConfigError("n_hard, n_random and skip_top must be >= 0")
+    top_k = max(top_k, skip_top + 3 * n_hard)
     rng = random.Random(seed)
     doc_ids = sorted(data.corpus)
     qids = [q for q in data.qrels if q in data.queries]
@@ -320,19 +326,22 @@ def qrels_to_pairs(
             pairs.append((qtext, data.doc_text(d), g / top))
         # best cosine of a relevant passage, to spot unlabelled positives among candidates
         best_rel = max((h.score for h in hits if _doc_of(h) in rel), default=None)
-        if best_rel is None:
+        if best_rel is None and n_hard:
             if q_vecs is None:
                 enc = index.encoder
                 q_vecs = enc.encode(q_texts, show_progress_bar=False)
             rel_vecs = index.encoder.encode([data.doc_text(d) for d in rel], show_progress_bar=False)
             best_rel = float(np.max(rel_vecs @ q_vecs[qi]))
         seen = set(rel)
-        n = 0
-        for h in hits:
+        n = skipped = 0
+        for h in hits if n_hard else ():
             d = _doc_of(h)
             if d in seen or d not in data.corpus:
                 continue
             seen.add(d)
+            if skipped < skip_top:
+                skipped += 1
+                continue
             if h.score >= false_negative_ratio * best_rel:
                 continue
             pairs.append((qtext, data.doc_text(d), hard_score))

@@ -198,6 +198,35 @@ def test_fit_keep_best_and_max_steps(tiny):
     assert r["config"]["max_length"] == 16 and tiny.max_seq_length == 256  # training-only truncation
 
 
+def test_epoch_batches_plain_shuffle_and_grouped_packing():
+    from nbce_rag.encoder import _epoch_batches
+
+    # plain: a permutation cut into batch_size slices (the order fit always used)
+    pairs = [(f"s{i}", "t", 0.5) for i in range(10)]
+    b = _epoch_batches(pairs, 4, False, random.Random(0))
+    order = list(range(10))
+    random.Random(0).shuffle(order)
+    assert b == [order[:4], order[4:8], order[8:]]
+    # grouped: 5 queries with 1-7 pairs each; every group stays in one batch unless larger
+    sizes = {"q0": 3, "q1": 5, "q2": 1, "q3": 7, "q4": 2}
+    pairs = [(q, f"{q}-p{j}", 1.0 if j == 0 else 0.0) for q, n in sizes.items() for j in range(n)]
+    random.Random(1).shuffle(pairs)
+    for seed in range(5):
+        b = _epoch_batches(pairs, 6, True, random.Random(seed))
+        assert sorted(i for x in b for i in x) == list(range(len(pairs)))
+        assert all(1 <= len(x) <= 6 for x in b)
+        for q, n in sizes.items():
+            holding = [k for k, x in enumerate(b) if any(pairs[i][0] == q for i in x)]
+            assert len(holding) == (1 if n <= 6 else 2), (q, holding)
+    assert _epoch_batches(pairs, 6, True, random.Random(0)) != _epoch_batches(pairs, 6, True, random.Random(1))
+
+
+def test_fit_group_batches_trains_and_is_reported(tiny):
+    pairs = [(q, p, s) for q, p, s in topic_pairs(96, 4)]
+    r = tiny.fit(pairs, epochs=1, group_batches=True, batch_size=8, show_progress_bar=False)
+    assert r["config"]["group_batches"] is True and r["steps"] >= 12
+
+
 @pytest.mark.parametrize(
     "bad",
     [
@@ -336,6 +365,17 @@ def test_qrels_to_pairs_are_graded_with_mined_hard_negatives(tiny, tmp_path):
         # hard negatives come from the index's top candidates
         top = [data.doc_text(h.id.split("#")[0]) for h in index.search(qtext, k=10)]
         assert all(p in top for p, s in negs if s == 0.3)
+    # skip_top: negatives are mined below the first skip_top non-relevant candidates
+    deep = qrels_to_pairs(data, index, n_hard=2, n_random=0, skip_top=3, top_k=10, false_negative_ratio=10.0)
+    for qid, qtext in data.queries.items():
+        rel = {data.doc_text(d) for d in data.qrels[qid]}
+        ranked = [data.doc_text(h.id.split("#")[0]) for h in index.search(qtext, k=20)]
+        non_rel = [p for p in ranked if p not in rel]
+        hard = [p for q, p, s in deep if q == qtext and s == 0.3]
+        assert hard == non_rel[3:5]
+    assert not [p for p in qrels_to_pairs(data, index, n_hard=0, n_random=0) if p[2] < 0.5]
+    with pytest.raises(ConfigError):
+        qrels_to_pairs(data, index, skip_top=-1)
     with pytest.raises(ConfigError):
         qrels_to_pairs(data, index, hard_score=0.0, random_score=0.0)
     with pytest.raises(ConfigError):
@@ -362,6 +402,8 @@ def test_cli_train_on_pairs(tiny_dir, tmp_path, capsys):
     assert "dev Spearman x100" in text and "saved" in text
     report = json.loads((out / "training_report.json").read_text())
     assert report["steps"] == 4 and report["config"]["learning_rate"] == 1e-3
+    # scored pairs keep the STS-B recipe where not overridden
+    assert (report["config"]["batch_size"], report["config"]["group_batches"]) == (16, False)
     assert CoSENTEncoder.from_pretrained(out).identity == report["identity_after"]
 
 
@@ -374,7 +416,16 @@ def test_cli_train_on_qrels(tiny_dir, tmp_path, capsys):
                "--queries", str(root / "queries.jsonl"), "--out", str(out), "--encoder", str(tiny_dir),
                "--epochs", "1", "--no-progress", "--dev-qrels", str(root / "qrels" / "train.tsv")])
     assert rc == 0
-    assert (out / "training_report.json").exists()
+    cfg = json.loads((out / "training_report.json").read_text())["config"]
+    # qrels get the retrieval recipe (3 epochs, lr 5e-5, grouped), with the given override
+    want = CoSENTTrainingConfig.retrieval()
+    assert (cfg["epochs"], cfg["learning_rate"], cfg["group_batches"]) == (1, want.learning_rate, True)
+    assert (want.epochs, want.learning_rate, want.group_batches) == (3, 5e-5, True)
+    rc = main(["train", "--qrels", str(root / "qrels" / "train.tsv"), "--corpus", str(root / "corpus.jsonl"),
+               "--queries", str(root / "queries.jsonl"), "--out", str(out), "--encoder", str(tiny_dir),
+               "--epochs", "1", "--no-group-batches", "--lr", "1e-4", "--no-progress"])
+    cfg = json.loads((out / "training_report.json").read_text())["config"]
+    assert rc == 0 and (cfg["learning_rate"], cfg["group_batches"]) == (1e-4, False)
     assert main(["train", "--out", str(out)]) == 1  # neither --train nor --qrels
     assert "error" in capsys.readouterr().err
 

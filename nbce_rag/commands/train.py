@@ -19,13 +19,14 @@ import sys
 def register(subparsers: "argparse._SubParsersAction") -> None:
     from ..encoder import CoSENTTrainingConfig
 
-    d = CoSENTTrainingConfig()
+    d, r = CoSENTTrainingConfig(), CoSENTTrainingConfig.retrieval()
     p = subparsers.add_parser(
         "train",
         help="fine-tune the encoder with CoSENT on scored pairs or retrieval qrels",
         description="Fine-tune the sentence encoder with sentence-transformers' CoSENTLoss "
-        f"(scale {d.scale:g}). Defaults ({d.epochs} epochs, batch {d.batch_size}, lr {d.learning_rate:g}, "
-        f"{d.warmup_ratio:.0%} warm-up) are the measured STS-B recipe.",
+        f"(scale {d.scale:g}). Defaults are measured recipes: for scored pairs (STS-B) {d.epochs} epochs, "
+        f"batch {d.batch_size}, lr {d.learning_rate:g}, {d.warmup_ratio:.0%} warm-up; for --qrels (SciFact) "
+        f"{r.epochs} epochs, lr {r.learning_rate:g}, a query's pairs in one batch.",
     )
     src = p.add_argument_group("training data (pairs or qrels)")
     src.add_argument("--train", metavar="F", help="pairs: STS-B TSV, CSV or JSONL with text1,text2,score")
@@ -38,13 +39,17 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     src.add_argument("--random-negatives", type=int, default=1, help="random negatives per query (default 1)")
     p.add_argument("--out", required=True, metavar="DIR", help="directory for the fine-tuned encoder")
     p.add_argument("--encoder", default=None, metavar="E", help="starting encoder (default: bundled all-MiniLM-L6-v2)")
-    p.add_argument("--epochs", type=int, default=d.epochs, help=f"default {d.epochs}")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"pairs per step (default {d.batch_size})")
-    p.add_argument("--lr", type=float, default=d.learning_rate, help=f"learning rate (default {d.learning_rate:g})")
-    p.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio, help=f"default {d.warmup_ratio}")
+    p.add_argument("--epochs", type=int, default=None, help=f"default {d.epochs} ({r.epochs} with --qrels)")
+    p.add_argument("--batch-size", type=int, default=None, help=f"pairs per step (default {d.batch_size})")
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"learning rate (default {d.learning_rate:g}; {r.learning_rate:g} with --qrels)")
+    p.add_argument("--warmup-ratio", type=float, default=None, help=f"default {d.warmup_ratio}")
+    p.add_argument("--group-batches", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep pairs that share their first text (a query) in one batch "
+                   "(default: on with --qrels, off for pairs)")
     p.add_argument("--max-pairs", type=int, default=None, help="use only the first N training pairs")
     p.add_argument("--keep-best", action="store_true", help="restore the epoch with the best dev Spearman")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=int, default=None, help=f"default {d.seed}")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -55,11 +60,16 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..data import BeirData, qrels_to_pairs, read_beir_corpus, read_beir_queries, read_pairs, read_qrels
-    from ..encoder import CoSENTEncoder
+    from ..encoder import CoSENTEncoder, CoSENTTrainingConfig
     from ..errors import ConfigError
 
     if bool(args.train) == bool(args.qrels):
         raise ConfigError("give either --train F (scored pairs) or --qrels F --corpus F --queries F")
+    given = {"epochs": args.epochs, "batch_size": args.batch_size, "learning_rate": args.lr,
+             "warmup_ratio": args.warmup_ratio, "group_batches": args.group_batches, "seed": args.seed}
+    config = (CoSENTTrainingConfig.retrieval if args.qrels else CoSENTTrainingConfig)(
+        **{k: v for k, v in given.items() if v is not None})
+    config.validate()
     enc = CoSENTEncoder.from_pretrained(args.encoder)
     print(f"encoder: {enc.identity}", file=sys.stderr)
     dev = read_pairs(args.dev) if args.dev else None
@@ -76,24 +86,14 @@ def run(args: argparse.Namespace) -> int:
         index = VectorIndex.build(
             enc, [{"text": data.doc_text(d), "id": d} for d in sorted(corpus)], show_progress_bar=not args.no_progress
         )
-        kw = dict(n_hard=args.hard_negatives, n_random=args.random_negatives, seed=args.seed)
+        kw = dict(n_hard=args.hard_negatives, n_random=args.random_negatives, seed=config.seed)
         train = qrels_to_pairs(data, index, **kw)
         if args.dev_qrels:
             dev = qrels_to_pairs(BeirData(corpus, queries, read_qrels(args.dev_qrels)), index, **kw)
     if args.max_pairs:
-        train = train[: args.max_pairs] if args.train else random.Random(args.seed).sample(train, min(args.max_pairs, len(train)))
+        train = train[: args.max_pairs] if args.train else random.Random(config.seed).sample(train, min(args.max_pairs, len(train)))
     print(f"training pairs: {len(train)}" + (f", dev pairs: {len(dev)}" if dev else ""), file=sys.stderr)
-    report = enc.fit(
-        train,
-        dev,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        learning_rate=args.lr,
-        warmup_ratio=args.warmup_ratio,
-        keep_best=args.keep_best,
-        seed=args.seed,
-        show_progress_bar=not args.no_progress,
-    )
+    report = enc.fit(train, dev, config=config, keep_best=args.keep_best, show_progress_bar=not args.no_progress)
     out = Path(args.out)
     enc.save_pretrained(out)
     report["out"] = str(out)
