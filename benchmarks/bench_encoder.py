@@ -4,7 +4,8 @@ Usage (from the repository root; data defaults to ../shared/data)::
 
     python benchmarks/bench_encoder.py stsb     [--data DIR] [--model-out /tmp/nbce_bench/stsb_model]
     python benchmarks/bench_encoder.py scifact  [--data DIR] [--model-out /tmp/nbce_bench/scifact_model]
-                                                [--epochs 1] [--max-train-pairs N]
+                                                [--epochs 1] [--max-train-pairs N] [--device cuda]
+                                                [--sweep benchmarks/scifact_sweep.json --final-top 3]
     python benchmarks/bench_encoder.py throughput [--n 2000]
     python benchmarks/bench_encoder.py latency  [--sizes 10000 100000 1000000]
     python benchmarks/bench_encoder.py plot
