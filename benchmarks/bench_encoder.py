@@ -147,6 +147,20 @@ def retrieval_metrics(index, queries: Dict[str, str], qrels: Dict[str, Dict[str,
     }
 
 
+def by_overlap(train_qrels, test_qrels, before: Dict[str, Any], after: Dict[str, Any]) -> Dict[str, Any]:
+    """Mean test nDCG@10 before/after, apart for the test queries with a relevant document that
+    some train query also has ("seen": the training saw it as a positive) and the others."""
+    seen_docs = {d for r in train_qrels.values() for d, g in r.items() if g > 0}
+    out: Dict[str, Any] = {}
+    for name, want in (("seen", True), ("unseen", False)):
+        qs = [q for q in after["per_query_ndcg@10"]
+              if any(g > 0 and d in seen_docs for d, g in test_qrels[q].items()) == want]
+        out[name] = {"queries": len(qs),
+                     "ndcg@10_before": float(np.mean([before["per_query_ndcg@10"][q] for q in qs])) if qs else None,
+                     "ndcg@10_after": float(np.mean([after["per_query_ndcg@10"][q] for q in qs])) if qs else None}
+    return out
+
+
 def _brief(metrics: Dict[str, Any]) -> Dict[str, Any]:
     return {k: round(v, 2) if isinstance(v, float) else v for k, v in metrics.items() if not k.startswith("per_query")}
 
@@ -288,6 +302,7 @@ def bench_scifact(args: argparse.Namespace) -> int:
         index = make_index(enc)
         row["index_seconds_after"] = time.perf_counter() - t0
         row["test_after"] = retrieval_metrics(index, train.queries, test_qrels)
+        row["test_by_overlap"] = by_overlap(train.qrels, test_qrels, out["test_before"], row["test_after"])
         del index
         out["finals"].append(row)
         print(f"SciFact test after ({json.dumps(recipe)}): {_brief(row['test_after'])}  "
@@ -295,7 +310,7 @@ def bench_scifact(args: argparse.Namespace) -> int:
         del enc
     # the chosen recipe (best on dev when sweeping) is the headline result
     out.update({k: out["finals"][0][k] for k in ("recipe", "train_pairs_total", "train_pairs_used", "pair_grades",
-                                                 "fit_report", "test_after")})
+                                                 "fit_report", "test_after", "test_by_overlap")})
     write_result(args.name, out)
     return 0
 
