@@ -313,7 +313,8 @@ def qrels_to_pairs(
     if missing:
         logger.warning("%d judged queries are not in the queries file; skipped", missing)
     q_texts = [data.queries[q] for q in qids]
-    hits_all = index.search_many(q_texts, k=top_k, show_progress_bar=show_progress_bar)
+    # candidates only matter for hard negatives: without them, no query is searched
+    hits_all = index.search_many(q_texts, k=top_k, show_progress_bar=show_progress_bar) if n_hard else [[]] * len(qids)
     q_vecs = None
     pairs: List[Pair] = []
     for qi, (qid, hits) in enumerate(zip(qids, hits_all)):
@@ -334,7 +335,7 @@ def qrels_to_pairs(
             best_rel = float(np.max(rel_vecs @ q_vecs[qi]))
         seen = set(rel)
         n = skipped = 0
-        for h in hits if n_hard else ():
+        for h in hits:
             d = _doc_of(h)
             if d in seen or d not in data.corpus:
                 continue
