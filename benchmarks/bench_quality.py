@@ -187,6 +187,9 @@ def main():
     ap.add_argument("--items", metavar="PATH", help="read items written by --export-items instead of --data")
     ap.add_argument("--shard", default="0/1", help="i/k: run the questions with index %% k == i (parallel workers)")
     ap.add_argument("--deadline-min", type=float, default=None, help="start no new question after this many minutes")
+    ap.add_argument("--decode-variants", default=None, metavar="NAME=JSON;...",
+                    help="decode option sets to compare for every NBCE pooling, e.g. "
+                    "'base={};rp1.2={\"repetition_penalty\": 1.2}': method POOLING+NAME each (one shared prefill)")
     ap.add_argument("--filter-k", type=int, default=20,
                     help="candidates per question for the filter's calibration (method 'filter')")
     args = ap.parse_args()
@@ -227,6 +230,9 @@ def main():
     label = f"{dec.name}, {str(next(dec.model.parameters()).dtype).replace('torch.', '')}, {dec.device.type}"
     t_start = time.monotonic()
     methods = args.methods.split(",")
+    variants = parse_variants(args.decode_variants)
+    if variants:  # every pooling once per decode variant: "replug+base", "replug+rp1.2", ...
+        methods = [f"{m}+{v}" for m in methods if m in POOLINGS for v in variants] + [m for m in methods if m not in POOLINGS]
 
     def key_of(ds, qi, n, pos, method):
         return f"{ds}|{qi}|{n}|{pos}|{method}|{args.max_new_tokens}"
@@ -301,10 +307,11 @@ def main():
                 with open(cache_file, "a") as f:
                     f.write(json.dumps(rec) + "\n")
                 cache[rec["key"]] = rec
-        pools = [m for m in todo if m in POOLINGS]
+        pools = [m for m in todo if m.split("+")[0] in POOLINGS]
         if pools:
             t0 = time.perf_counter()
-            answers = dec.compare(item["question"], scored(item, ps), [{"pooling": m} for m in pools], max_new_tokens=args.max_new_tokens)
+            opts = [dict({"pooling": m.split("+")[0]}, **(variants[m.split("+")[1]] if "+" in m else {})) for m in pools]
+            answers = dec.compare(item["question"], scored(item, ps), opts, max_new_tokens=args.max_new_tokens)
             secs = (time.perf_counter() - t0) / len(pools)
             for m, ans in zip(pools, answers):
                 rec = {"key": key_of(ds, qi, n, pos, m), "dataset": ds, "q": qi, "n": n, "pos": pos, "method": m}
@@ -337,6 +344,27 @@ def main():
     if shard_k == 1:
         summarize(cache, args)
     return 0
+
+
+def parse_variants(spec):
+    """``"name={json};name2={json}"`` -> ``{name: options}`` (``None`` when not given)."""
+    if not spec:
+        return None
+    out = {}
+    for part in spec.split(";"):
+        name, _, opts = part.partition("=")
+        if not name.strip() or "+" in name or "|" in name:
+            raise SystemExit(f"--decode-variants: bad variant name in {part!r}")
+        out[name.strip()] = json.loads(opts or "{}")
+    return out
+
+
+def repeated_ngram(text: str, n: int = 4) -> bool:
+    """Whether some n-gram of (SQuAD-normalised) words occurs twice in ``text``: the repetition
+    measure (share of answers with a repeated 4-gram)."""
+    w = normalize(text).split()
+    grams = [tuple(w[i : i + n]) for i in range(len(w) - n + 1)]
+    return len(grams) != len(set(grams))
 
 
 def load_cache(work: Path) -> dict:
@@ -385,6 +413,8 @@ def summarize(cache, args):
             "f1": sum(r["f1"] for r in rs) / len(rs),
             "overflow": sum(bool(r.get("overflow")) for r in rs),
             "gold_share": (sum(r.get("gold_share", 0) for r in rs) / len(rs)) if m not in ("closed", "concat") else None,
+            "repeat4": sum(repeated_ngram(r.get("text", "")) for r in rs) / len(rs),
+            "mean_words": sum(len(r.get("text", "").split()) for r in rs) / len(rs),
             "seconds_per_question": sum(r["seconds"] for r in rs) / len(rs),
         })
         if m == "filter":
@@ -406,11 +436,14 @@ def markdown(rows) -> str:
     ns = sorted({r["n"] for r in rows if r["gold_position"] is None and r["n"]})
     lines = []
     for ds in sorted({r["dataset"] for r in rows}):
-        lines.append(f"**{ds}** — contains-gold accuracy % (SQuAD F1 %, share of answer tokens from gold passages); questions per cell")
+        lines.append(f"**{ds}** — contains-gold accuracy % (SQuAD F1 %, share of answer tokens from gold passages; "
+                     "answers with a repeated word 4-gram %); questions per cell")
         lines.append("")
         lines.append("| method | " + " | ".join(f"n={n}" for n in ns) + " |")
         lines.append("|---|" + "---|" * len(ns))
-        for m in ["closed", "concat"] + POOLINGS + ["filter"]:
+        known = ["closed", "concat"] + POOLINGS + ["filter"]
+        extra = sorted({r["method"] for r in rows if r["method"] not in known})  # POOLING+VARIANT
+        for m in known + extra:
             cells = []
             for n in ns:
                 r = next((r for r in rows if r["dataset"] == ds and r["method"] == m and r["gold_position"] is None
@@ -422,7 +455,7 @@ def markdown(rows) -> str:
                 ovf = f", {r['overflow']} overflow" if r["overflow"] else ""
                 if m == "filter":
                     ovf += f", kept {r['kept_per_question']:.1f}/q"
-                cells.append(f"{100 * r['accuracy']:.0f} ({100 * r['f1']:.0f}{share}{ovf}); {r['questions']}q")
+                cells.append(f"{100 * r['accuracy']:.0f} ({100 * r['f1']:.0f}{share}; rep {100 * r['repeat4']:.0f}{ovf}); {r['questions']}q")
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
         lines.append("")
     pos = [r for r in rows if r["gold_position"] is not None]

@@ -28,7 +28,17 @@ class NBCEConfig:
             (SQuAD, HotpotQA, NQ with 5-50 passages; see the README's quality table).
 
     Sampling (applied to the fused distribution):
-        do_sample: False = greedy. temperature, top_k (0 = off), top_p (1.0 = off), seed.
+        do_sample: False = greedy. temperature, top_k (0 = off), top_p (1.0 = off), min_p
+            (0.0 = off), seed. These act only when ``do_sample`` (as in transformers).
+
+    Post-fusion processing (greedy and sampling; transformers' processors on the fused row,
+    with the answer's tokens so far as ``input_ids``; see :mod:`nbce_rag.sampling`):
+        repetition_penalty: ``> 0``, 1.0 = off (transformers' definition, on log-probs).
+        no_repeat_ngram_size: no n-gram of this many tokens occurs twice in the answer (0 = off).
+        frequency_penalty, presence_penalty: OpenAI's additive penalties in ``[-2, 2]``
+            (0 = off): ``score -= count·frequency_penalty + [count > 0]·presence_penalty``.
+        bad_words_ids: token-id sequences that must not be generated (a list of lists).
+        suppress_tokens: token ids that are never generated.
 
     Length and stopping:
         max_new_tokens; stop: strings that end the answer (not included in it); the
@@ -62,6 +72,13 @@ class NBCEConfig:
     top_k: int = 0
     top_p: float = 1.0
     seed: Optional[int] = None
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    bad_words_ids: Optional[List[List[int]]] = None
+    suppress_tokens: Optional[List[int]] = None
     stop: List[str] = field(default_factory=list)
     prompt_template: str = DEFAULT_PROMPT_TEMPLATE  # chosen on SQuAD: 8/10 vs 5/10 for "{passage}\n\n{question}"
     use_chat_template: bool = True
@@ -87,6 +104,22 @@ class NBCEConfig:
             raise bad(f"temperature must be > 0 (got {self.temperature}); use do_sample=False for greedy")
         if self.top_k < 0:
             raise bad(f"top_k must be >= 0 (got {self.top_k})")
+        if not 0 <= self.min_p <= 1:
+            raise bad(f"min_p must be in [0, 1] (got {self.min_p}); 0 turns it off")
+        if not self.repetition_penalty > 0:
+            raise bad(f"repetition_penalty must be > 0 (got {self.repetition_penalty}); 1.0 turns it off, >1 penalises")
+        if isinstance(self.no_repeat_ngram_size, bool) or not isinstance(self.no_repeat_ngram_size, int) or self.no_repeat_ngram_size < 0:
+            raise bad(f"no_repeat_ngram_size must be an int >= 0 (got {self.no_repeat_ngram_size!r}); 0 turns it off")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise bad(f"{name} must be in [-2, 2] as in OpenAI's API (got {getattr(self, name)}); 0 turns it off")
+        from .sampling import validate_token_lists
+
+        try:
+            self.bad_words_ids = validate_token_lists("bad_words_ids", self.bad_words_ids, nested=True)
+            self.suppress_tokens = validate_token_lists("suppress_tokens", self.suppress_tokens, nested=False)
+        except ValueError as e:
+            raise bad(str(e)) from None
         if self.max_new_tokens < 1:
             raise bad(f"max_new_tokens must be >= 1 (got {self.max_new_tokens})")
         if self.batch_rows < 1:
@@ -117,7 +150,7 @@ class NBCEConfig:
         unknown = sorted(set(overrides) - names)
         if unknown:
             raise TypeError(f"unknown decoding option(s) {unknown}; valid options: {sorted(names)}")
-        overrides = {k: v for k, v in overrides.items() if v is not None or k in ("seed", "max_passage_tokens", "system_prompt")}
+        overrides = {k: v for k, v in overrides.items() if v is not None or k in ("seed", "max_passage_tokens", "system_prompt", "bad_words_ids", "suppress_tokens")}
         if isinstance(overrides.get("stop"), str):
             overrides["stop"] = [overrides["stop"]]
         return replace(self, **overrides).validate()

@@ -25,6 +25,7 @@ import torch
 from .config import NBCEConfig
 from .errors import PromptTooLongError
 from .nbce import attribute, get_pooling, log_softmax, nbce_step
+from .sampling import Sampler
 from .types import Answer, Passage, SourceInfo, StreamEvent, as_passage
 
 logger = logging.getLogger(__name__)
@@ -33,7 +34,9 @@ NO_PASSAGE = -1
 
 #: options that act after the prefill (they do not change the rows), see NBCEDecoder.compare
 _DECODE_ONLY = frozenset({"beta", "eta", "nbce_top_p", "pooling", "max_new_tokens", "do_sample",
-                          "temperature", "top_k", "top_p", "seed", "stop"})
+                          "temperature", "top_k", "top_p", "seed", "stop", "min_p", "repetition_penalty",
+                          "no_repeat_ngram_size", "frequency_penalty", "presence_penalty", "bad_words_ids",
+                          "suppress_tokens"})
 
 
 @dataclass
@@ -288,19 +291,10 @@ class NBCEDecoder:
 
     # ------------------------------------------------------------------ sampling
     @staticmethod
-    def _sample(logits: torch.Tensor, cfg: NBCEConfig, gen: Optional[torch.Generator]) -> int:
-        if not cfg.do_sample:
-            return int(torch.argmax(logits))
-        x = logits.detach().float().cpu() / cfg.temperature
-        if cfg.top_k:
-            kth = torch.topk(x, min(cfg.top_k, x.numel())).values[-1]
-            x = x.masked_fill(x < kth, float("-inf"))
-        if cfg.top_p < 1.0:
-            from .nbce import top_p_truncate
-
-            x = top_p_truncate(log_softmax(x), cfg.top_p)
-        probs = torch.softmax(x, dim=-1)
-        return int(torch.multinomial(probs, 1, generator=gen))
+    def _sample(logits: torch.Tensor, cfg: NBCEConfig, gen: Optional[torch.Generator], generated: Sequence[int] = ()) -> int:
+        """One token from the fused scores (see :class:`nbce_rag.sampling.Sampler`; ``_run``
+        keeps one Sampler for the whole answer)."""
+        return Sampler(cfg, gen)(logits, generated)
 
     # ------------------------------------------------------------------ public decode
     def stream(self, question: str, passages: Optional[Iterable[Any]] = None, **options: Any) -> Iterator[StreamEvent]:
@@ -385,7 +379,7 @@ class NBCEDecoder:
         n = len(rows) - 1
         pooling = get_pooling(cfg.pooling)
         scores = prep.row_scores.to(self.device) if prep.row_scores is not None else None
-        gen = torch.Generator().manual_seed(cfg.seed) if (cfg.do_sample and cfg.seed is not None) else None
+        sampler = Sampler(cfg, exhausted=min(self._eos_ids, default=None))
         groups, logits, inverse = prefilled or self._prefill_rows(prep, cfg)
         row_source = [r.source for r in rows]
 
@@ -400,11 +394,11 @@ class NBCEDecoder:
                 raise RuntimeError("the model returned non-finite logits for a whole row; try dtype='float32'")
             if n == 0:
                 fused = log_softmax(logits[0])
-                token = self._sample(fused, cfg, gen)
+                token = sampler(fused, tokens)
                 src = NO_PASSAGE
             else:
                 st = nbce_step(logits, beta=cfg.beta, eta=cfg.eta, top_p=cfg.nbce_top_p, pooling=pooling, scores=scores, prev=prev)
-                token = self._sample(st.logits, cfg, gen)
+                token = sampler(st.logits, tokens)
                 prev = attribute(st, token)
                 src = row_source[prev + 1]
             if token in self._eos_ids:

@@ -1,0 +1,175 @@
+"""Post-fusion processing and sampling (nbce_rag/sampling.py): transformers' own processors
+on the fused row, the same tokens as the sampler that came before it, each option through
+the decoder's API, and the ban that removes every candidate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    LogitsProcessorList,
+    MinPLogitsWarper,
+    NoBadWordsLogitsProcessor,
+    NoRepeatNGramLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
+    SuppressTokensLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from nbce_rag import ConfigError, NBCEConfig
+from nbce_rag.nbce import log_softmax, top_p_truncate
+from nbce_rag.sampling import FrequencyPresencePenaltyLogitsProcessor, Sampler, build_processors, build_warpers
+
+from test_decoder import PASSAGES
+
+V = 300
+
+
+def old_sample(logits: torch.Tensor, cfg: NBCEConfig, gen) -> int:
+    """NBCEDecoder._sample as it was before nbce_rag/sampling.py (commit 3c886b2), verbatim."""
+    if not cfg.do_sample:
+        return int(torch.argmax(logits))
+    x = logits.detach().float().cpu() / cfg.temperature
+    if cfg.top_k:
+        kth = torch.topk(x, min(cfg.top_k, x.numel())).values[-1]
+        x = x.masked_fill(x < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        x = top_p_truncate(log_softmax(x), cfg.top_p)
+    probs = torch.softmax(x, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=gen))
+
+
+def fused_like(seed: int) -> torch.Tensor:
+    """A fused-looking row: log-probs with a -inf tail (as after nbce_top_p)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(V, generator=g) * 3
+    return top_p_truncate(log_softmax(x), 0.95)
+
+
+@pytest.mark.parametrize("opts", [
+    {},
+    {"do_sample": True},
+    {"do_sample": True, "temperature": 0.7},
+    {"do_sample": True, "temperature": 1.5, "top_k": 20},
+    {"do_sample": True, "top_p": 0.8},
+    {"do_sample": True, "temperature": 2.0, "top_k": 50, "top_p": 0.9},
+])
+def test_same_tokens_as_the_previous_sampler_for_the_same_seed(opts):
+    """Without the new options a seed draws exactly the tokens it drew before (200 steps, one
+    generator each, as in a decode)."""
+    cfg = NBCEConfig().update(**opts)
+    gen_old = torch.Generator().manual_seed(123)
+    new = Sampler(cfg.update(seed=123))
+    for step in range(200):
+        row = fused_like(step)
+        assert new(row, []) == old_sample(row, cfg, gen_old), step
+
+
+def test_processors_are_transformers_own_in_generate_order():
+    cfg = NBCEConfig().update(repetition_penalty=1.3, no_repeat_ngram_size=2, bad_words_ids=[[5, 6]],
+                              suppress_tokens=[7], frequency_penalty=0.5)
+    procs = build_processors(cfg)
+    assert [type(p) for p in procs] == [RepetitionPenaltyLogitsProcessor, NoRepeatNGramLogitsProcessor,
+                                        NoBadWordsLogitsProcessor, SuppressTokensLogitsProcessor,
+                                        FrequencyPresencePenaltyLogitsProcessor]
+    warpers = build_warpers(cfg.update(do_sample=True, temperature=0.5, top_k=10, top_p=0.9, min_p=0.05))
+    assert [type(w) for w in warpers] == [TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, MinPLogitsWarper]
+    assert len(build_processors(NBCEConfig())) == 0 and len(build_warpers(NBCEConfig())) == 0
+
+
+def test_processed_scores_equal_transformers_processors_on_the_same_logits():
+    generated = [3, 9, 5, 3, 9]
+    row = fused_like(0)
+    cfg = NBCEConfig().update(repetition_penalty=1.3, no_repeat_ngram_size=2, bad_words_ids=[[9, 5], [11]], suppress_tokens=[7])
+    ids = torch.tensor([generated])
+    want = row.unsqueeze(0).clone()
+    for p in (RepetitionPenaltyLogitsProcessor(1.3), NoRepeatNGramLogitsProcessor(2),
+              NoBadWordsLogitsProcessor([[9, 5], [11]]), SuppressTokensLogitsProcessor([7])):
+        want = p(ids, want)
+    got = Sampler(cfg).process(row, generated)
+    assert torch.equal(got, want[0])
+    # and the effects are the documented ones
+    assert torch.isinf(got[3]) and torch.isinf(got[7]) and torch.isinf(got[11])  # 9,3 seen: bigram "9 3"; suppress; bad word
+    assert got[9] == pytest.approx(row[9] * 1.3) or torch.isinf(row[9])
+
+
+def test_frequency_and_presence_penalty_follow_openai():
+    scores = torch.zeros(1, 6)
+    out = FrequencyPresencePenaltyLogitsProcessor(0.5, 0.25)(torch.tensor([[1, 1, 1, 4]]), scores)
+    assert out[0].tolist() == pytest.approx([0.0, -1.75, 0.0, 0.0, -0.75, 0.0])
+    assert torch.equal(FrequencyPresencePenaltyLogitsProcessor(0.5, 0.5)(torch.zeros(1, 0, dtype=torch.long), scores), scores)
+
+
+def test_min_p_keeps_only_tokens_near_the_top():
+    row = log_softmax(torch.tensor([5.0, 4.9, 0.0, -1.0, -3.0]))
+    draws = {Sampler(NBCEConfig().update(do_sample=True, min_p=0.5, seed=s))(row) for s in range(40)}
+    assert draws == {0, 1}
+
+
+def test_a_ban_that_leaves_no_candidate_ends_the_answer():
+    row = torch.full((V,), float("-inf"))
+    row[4] = 0.0  # a nucleus of one token
+    s = Sampler(NBCEConfig().update(suppress_tokens=[4]), exhausted=0)
+    assert s(row, []) == 0
+    assert Sampler(NBCEConfig(), exhausted=0)(row, []) == 4
+
+
+@pytest.mark.parametrize("bad", [
+    {"repetition_penalty": 0.0}, {"no_repeat_ngram_size": -1}, {"no_repeat_ngram_size": 1.5},
+    {"min_p": 1.5}, {"frequency_penalty": 3.0}, {"presence_penalty": -2.5},
+    {"bad_words_ids": [5, 6]}, {"bad_words_ids": [[]]}, {"suppress_tokens": ["a"]}, {"suppress_tokens": 5},
+])
+def test_bad_generation_options_are_refused_with_the_fix(bad):
+    with pytest.raises(ConfigError, match=next(iter(bad))):
+        NBCEConfig().update(**bad)
+
+
+# ------------------------------------------------------------------ through the decoder
+def _has_repeat(ids, n):
+    grams = [tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)]
+    return len(grams) != len(set(grams))
+
+
+def test_repetition_penalty_is_accepted_by_generate(tiny_decoder):
+    """The call the issue quotes: it used to be refused as an unknown option."""
+    ans = tiny_decoder.generate("Where?", PASSAGES, max_new_tokens=10, repetition_penalty=1.1)
+    assert ans.finish_reason in ("stop", "length")
+
+
+def test_no_repeat_ngram_size_removes_repeats(tiny_decoder):
+    free = tiny_decoder.generate("Where?", PASSAGES, max_new_tokens=24)
+    assert _has_repeat(free.token_ids, 1), "the tiny model should repeat itself for this test to mean something"
+    for size in (1, 2):
+        ans = tiny_decoder.generate("Where?", PASSAGES, max_new_tokens=24, no_repeat_ngram_size=size)
+        assert not _has_repeat(ans.token_ids, size)
+    assert len(ans.token_sources) == len(ans.token_ids)
+
+
+def test_suppress_and_bad_words_through_generate(tiny_decoder):
+    free = tiny_decoder.generate("Where?", PASSAGES, max_new_tokens=12)
+    first = free.token_ids[0]
+    ans = tiny_decoder.generate("Where?", PASSAGES, max_new_tokens=12, suppress_tokens=[first])
+    assert first not in ans.token_ids
+    ans = tiny_decoder.generate("Where?", PASSAGES, max_new_tokens=12, bad_words_ids=[[first]])
+    assert first not in ans.token_ids
+
+
+def test_frequency_penalty_through_generate_and_compare(tiny_decoder):
+    free = tiny_decoder.generate("Where?", PASSAGES, max_new_tokens=24)
+    pen = tiny_decoder.generate("Where?", PASSAGES, max_new_tokens=24, frequency_penalty=2.0)
+    assert max(pen.token_ids.count(t) for t in set(pen.token_ids)) <= max(free.token_ids.count(t) for t in set(free.token_ids))
+    # decode-only options share the prefill in compare() and give what generate() gives
+    variants = [{"frequency_penalty": 2.0}, {"no_repeat_ngram_size": 2}, {"repetition_penalty": 1.5}]
+    answers = tiny_decoder.compare("Where?", PASSAGES, variants, max_new_tokens=24)
+    for v, a in zip(variants, answers):
+        assert a.token_ids == tiny_decoder.generate("Where?", PASSAGES, max_new_tokens=24, **v).token_ids
+
+
+def test_stream_with_processors_equals_generate(tiny_decoder):
+    opts = dict(max_new_tokens=16, no_repeat_ngram_size=2, repetition_penalty=1.2)
+    events = list(tiny_decoder.stream("Where?", PASSAGES, **opts))
+    ans = tiny_decoder.generate("Where?", PASSAGES, **opts)
+    assert "".join(e.text for e in events) == ans.text
+    assert [e.token_id for e in events if e.token_id is not None] == ans.token_ids
