@@ -13,6 +13,15 @@ CUDA memory. Each (method, n) runs in its own subprocess so peak memory is clean
 
     python benchmarks/bench_speed.py                    # CPU, writes benchmarks/results/speed_cpu.{json,png}
     python benchmarks/bench_speed.py --device cuda      # GPU
+    python benchmarks/bench_speed.py --profile --ns 32 --threads 1   # a decode step's split
+
+``--profile`` runs one NBCE decode at each n under ``torch.profiler`` and splits a decode step
+into forward (the batched decode forward of all rows), fusion (``nbce_step``: log-softmax,
+the per-row nucleus, entropy, pooling; the nucleus is also reported alone), attribution,
+sampling (the processors and the pick) and bookkeeping (the rest of the step: detokenising,
+stop strings, events). It also times one plain padded forward of the same rows (the decode
+step's own forward shapes, without NBCE) for the regression guard "decode step within 1.3× of
+one plain forward". Writes ``benchmarks/results/profile_{device}.json``.
 """
 
 from __future__ import annotations
@@ -199,6 +208,132 @@ def naive_nbce(dec, passages, N, sync):
     return times, len(times)
 
 
+def profile(args) -> dict:
+    """A decode step's split (see the module docstring). The decoder's own functions are
+    wrapped here (not edited) with a timer and a torch.profiler ``record_function`` label. The
+    split is timed in a run without the profiler (its per-op recording inflates the many small
+    ops of a forward); a second run under torch.profiler gives the top operators of each part."""
+    import collections
+    import statistics
+
+    import torch
+    from torch.profiler import ProfilerActivity, record_function
+
+    import nbce_rag.decoder as decoder_mod
+    import nbce_rag.nbce as nbce_mod
+    import nbce_rag.sampling as sampling_mod
+    from nbce_rag import NBCEDecoder
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cuda = args.device == "cuda"
+    dec = NBCEDecoder.from_pretrained(device=args.device, dtype=args.dtype)
+    spent = collections.defaultdict(list)
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    def labelled(name, fn):
+        def wrapper(*a, **kw):
+            with record_function(name):
+                t0 = time.perf_counter()
+                out = fn(*a, **kw)
+                sync()
+                spent[name].append(time.perf_counter() - t0)
+                return out
+        return wrapper
+
+    patches = [
+        (decoder_mod.NBCEDecoder, "_decode_step", "forward"),
+        (decoder_mod, "nbce_step", "fusion"),
+        (nbce_mod, "top_p_truncate", "fusion.nucleus"),
+        (decoder_mod, "attribute", "attribution"),
+        (sampling_mod.Sampler, "__call__", "sampling"),
+    ]
+    saved = [(obj, attr, getattr(obj, attr)) for obj, attr, _ in patches]
+    for obj, attr, label in patches:
+        setattr(obj, attr, labelled(label, getattr(obj, attr)))
+
+    def decode(passages, N, prof=None):
+        """Per decode step wall times (the prefill and the first token excluded)."""
+        spent.clear()
+        steps = []
+        it = iter(dec.stream(QUESTION, passages, max_new_tokens=N))
+        next(it)
+        spent.clear()  # the prefill's fusion and sampling of the first token
+        if prof is not None:
+            prof.start()
+        t0 = time.perf_counter()
+        for ev in it:
+            if ev.token_id is None:
+                break
+            t1 = time.perf_counter()
+            steps.append(t1 - t0)
+            t0 = t1
+        if prof is not None:
+            prof.stop()
+        return steps
+
+    results = []
+    try:
+        for n in map(int, args.ns.split(",")):
+            passages = make_passages(n, dec.tokenizer)
+            dec.generate(QUESTION, passages[:1], max_new_tokens=2)  # warm-up
+            steps = decode(passages, args.max_new_tokens)
+            per = {k: 1000 * statistics.mean(v) for k, v in spent.items() if v}
+            step_ms = 1000 * statistics.mean(steps)
+            known = sum(per.get(k, 0.0) for k in ("forward", "fusion", "attribution", "sampling"))
+            plain = plain_forward_ms(dec, passages, sync)
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+            prof = torch.profiler.profile(activities=activities)
+            decode(passages, min(4, args.max_new_tokens), prof)
+            table = prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=25)
+            r = {"n": n, "rows": n + 1, "decode_steps": len(steps), "step_ms": step_ms,
+                 "forward_ms": per.get("forward"), "fusion_ms": per.get("fusion"),
+                 "nucleus_ms": per.get("fusion.nucleus"), "attribution_ms": per.get("attribution"),
+                 "sampling_ms": per.get("sampling"), "bookkeeping_ms": step_ms - known,
+                 "plain_forward_ms": plain, "step_over_plain_forward": step_ms / plain,
+                 "load_avg": os.getloadavg(), "profiler_top_ops": table}
+            print("PROFILE " + json.dumps({k: v for k, v in r.items() if k != "profiler_top_ops"}), flush=True)
+            print(table, flush=True)
+            results.append(r)
+    finally:
+        for obj, attr, fn in saved:
+            setattr(obj, attr, fn)
+    return {"machine": machine(args.device), "device": args.device, "threads": args.threads,
+            "command": " ".join(sys.argv), "results": results}
+
+
+def plain_forward_ms(dec, passages, sync, repeats: int = 5) -> float:
+    """Median time of one plain padded decode forward of the same rows (one new token per row
+    on top of the prefilled cache), the model alone: ``_prefill`` then the model call."""
+    import statistics
+
+    import torch
+
+    cfg = dec.config
+    prep = dec._prepare(QUESTION, dec._check_passages(passages), cfg)
+    times = []
+    with torch.inference_mode():
+        groups, _, _ = dec._prefill_rows(prep, cfg)
+        for _ in range(repeats):
+            g = groups[0]
+            n = sum(len(x.rows) for x in groups)
+            ids = torch.full((n, 1), 42, dtype=torch.long, device=dec.device)
+            mask = torch.cat([torch.cat([x.mask for x in groups]), torch.ones((n, 1), dtype=g.mask.dtype, device=g.mask.device)], -1) if len(groups) == 1 else None
+            if mask is None:
+                raise SystemExit("plain forward: more than one decode group; raise decode_rows")
+            cache = __import__("copy").deepcopy(g.cache)
+            sync()
+            t0 = time.perf_counter()
+            dec.model(input_ids=ids, attention_mask=mask, position_ids=g.last_pos + 1, use_cache=True,
+                      **{dec._cache_kw: cache})
+            sync()
+            times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
+
+
 def machine(device) -> str:
     import torch
 
@@ -270,12 +405,20 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--merge", action="store_true", help="keep the results already in --out, replacing re-measured ones")
     ap.add_argument("--table-only", action="store_true", help="only rewrite the markdown table and plot from --out")
+    ap.add_argument("--profile", action="store_true",
+                    help="split a decode step (forward / fusion / attribution / sampling / bookkeeping) with torch.profiler")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--method", help=argparse.SUPPRESS)
     ap.add_argument("--worker-ns", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         worker(args)
+        return
+    if args.profile:
+        res = profile(args)
+        path = Path(args.out or HERE / "results" / f"profile_{args.device}.json")
+        path.write_text(json.dumps(res, indent=2))
+        print(f"wrote {path}")
         return
     out = Path(args.out or HERE / "results" / f"speed_{args.device}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -175,3 +175,18 @@ def validate_token_lists(name: str, value, nested: bool) -> Optional[List]:
     if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in items):
         raise ValueError(f"{name} must be a list of token ids (ints >= 0), got {value!r}")
     return items
+
+
+def bad_words_ids(tokenizer, words: Sequence[str]) -> List[List[int]]:
+    """``bad_words_ids`` for words or phrases: each as the tokenizer splits it at the start of
+    a text and after a space (BPE tokenizers spell the two differently), as transformers'
+    ``NoBadWordsLogitsProcessor`` documentation recommends."""
+    out: List[List[int]] = []
+    for w in words:
+        if not isinstance(w, str) or not w.strip():
+            raise ValueError(f"a bad word must be a non-empty string, got {w!r}")
+        for variant in (w, " " + w.lstrip()):
+            ids = list(tokenizer(variant, add_special_tokens=False)["input_ids"])
+            if ids and ids not in out:
+                out.append(ids)
+    return out

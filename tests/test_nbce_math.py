@@ -218,3 +218,33 @@ def test_single_row_is_rejected_and_unknown_pooling_named():
         nbce.nbce_step(torch.zeros(1, 5), beta=0.25, eta=0.1, top_p=0.95, pooling=nbce.get_pooling("mean"))
     with pytest.raises(ValueError, match="min_entropy"):
         nbce.get_pooling("median")
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per row: the same -inf pattern and bit-identical kept values."""
+    fa, fb = torch.isinf(a), torch.isinf(b)
+    return (fa == fb).all(-1) & (torch.where(fa, 0.0, a) == torch.where(fb, 0.0, b)).all(-1)
+
+
+@pytest.mark.parametrize("top_p", [0.3, 0.9, 0.95, 0.99, 0.999])
+def test_fast_nucleus_equals_the_full_sort_row_by_row(top_p):
+    """The top-k fast path of top_p_truncate against the reference full sort, on rows from flat
+    to very peaked (most decided in the top-64, some in the top-1024, flat ones by the sort)."""
+    g = torch.Generator().manual_seed(0)
+    rows = torch.cat([torch.randn(8, 49152, generator=g) * s for s in (0.3, 1.0, 3.0, 6.0, 10.0, 20.0)])
+    logp = nbce.log_softmax(rows)
+    assert _same(nbce.top_p_truncate(logp, top_p), nbce._top_p_sorted(logp, top_p)).all()
+
+
+def test_fast_nucleus_ties_infinities_small_vocab_and_1d():
+    logp = nbce.log_softmax(torch.randn(4, 5000) * 8)
+    logp[0, :10] = 5.0  # ten tied top tokens: the boundary falls between equal values
+    logp[1, 100:] = float("-inf")  # a row already truncated
+    logp[2] = float("-inf")
+    logp[2, 7] = 0.0  # a one-token row
+    logp = nbce.log_softmax(logp)
+    for top_p in (0.25, 0.5, 0.95):
+        assert _same(nbce.top_p_truncate(logp, top_p), nbce._top_p_sorted(logp, top_p)).all()
+        assert _same(nbce.top_p_truncate(logp[3], top_p)[None], nbce._top_p_sorted(logp[3:4], top_p)).all()
+    small = nbce.log_softmax(torch.randn(3, 100))  # k >= V/2: the sort directly
+    assert _same(nbce.top_p_truncate(small, 0.9), nbce._top_p_sorted(small, 0.9)).all()

@@ -173,3 +173,68 @@ def test_stream_with_processors_equals_generate(tiny_decoder):
     ans = tiny_decoder.generate("Where?", PASSAGES, **opts)
     assert "".join(e.text for e in events) == ans.text
     assert [e.token_id for e in events if e.token_id is not None] == ans.token_ids
+
+
+# ------------------------------------------------------------------ the CLI flags
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tiny_tokenizer):
+    from conftest import make_tiny_llama
+
+    d = tmp_path_factory.mktemp("model")
+    make_tiny_llama(len(tiny_tokenizer)).save_pretrained(d)
+    tiny_tokenizer.save_pretrained(d)
+    return d
+
+
+def _generate_cli(model_dir, capsys, *flags):
+    import json
+
+    from nbce_rag.cli import main
+
+    args = ["generate", "-q", "Where?", "--model", str(model_dir), "--device", "cpu", "--max-new-tokens", "24", "--json"]
+    for p in PASSAGES:
+        args += ["-p", p]
+    assert main(args + list(flags)) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_generate_cli_flags_reach_the_decoder(model_dir, capsys):
+    free = _generate_cli(model_dir, capsys)
+    assert _has_repeat(free["token_ids"], 1)
+    assert not _has_repeat(_generate_cli(model_dir, capsys, "--no-repeat-ngram-size", "1")["token_ids"], 1)
+    first = free["token_ids"][0]
+    assert first not in _generate_cli(model_dir, capsys, "--suppress-token", str(first))["token_ids"]
+    word = free["text"].split()[0] if free["text"].split() else None
+    sampled = _generate_cli(model_dir, capsys, "--sample", "--seed", "3", "--top-k", "5", "--min-p", "0.1",
+                            "--repetition-penalty", "1.3", "--frequency-penalty", "0.5", "--presence-penalty", "0.5")
+    assert sampled["finish_reason"] in ("stop", "length")
+    if word:
+        from nbce_rag.sampling import bad_words_ids
+        from transformers import AutoTokenizer
+
+        banned = bad_words_ids(AutoTokenizer.from_pretrained(model_dir), [word])
+        ids = _generate_cli(model_dir, capsys, "--bad-word", word)["token_ids"]
+        assert not any(ids[i : i + len(b)] == b for b in banned for i in range(len(ids)))
+
+
+def test_ask_cli_passes_the_generation_flags(monkeypatch, tiny_decoder, capsys):
+    """``ask`` hands the same options to the pipeline (the pipeline itself is tested elsewhere)."""
+    import nbce_rag.pipeline as pipeline_mod
+    from nbce_rag.cli import main
+
+    seen = {}
+
+    class FakeRAG:
+        decoder = tiny_decoder
+
+        def ask(self, question, **options):
+            seen.update(options)
+            return tiny_decoder.generate(question, [], max_new_tokens=2)
+
+    monkeypatch.setattr(pipeline_mod.RAGPipeline, "from_pretrained", classmethod(lambda cls, **kw: FakeRAG()))
+    assert main(["ask", "Where?", "--index", "unused", "--json", "--repetition-penalty", "1.2",
+                 "--no-repeat-ngram-size", "3", "--frequency-penalty", "0.4", "--presence-penalty", "0.1",
+                 "--min-p", "0.05", "--suppress-token", "7", "--suppress-token", "8"]) == 0
+    capsys.readouterr()
+    assert seen == {"repetition_penalty": 1.2, "no_repeat_ngram_size": 3, "frequency_penalty": 0.4,
+                    "presence_penalty": 0.1, "min_p": 0.05, "suppress_tokens": [7, 8]}

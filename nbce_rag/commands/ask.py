@@ -14,6 +14,8 @@ import argparse
 import sys
 from typing import Optional, Any, TextIO
 
+from .generation_options import add_generation_flags, generation_options
+
 
 def register(subparsers: "argparse._SubParsersAction") -> None:
     p = subparsers.add_parser(
@@ -37,6 +39,7 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     p.add_argument("--no-filter", action="store_true",
                    help="no calibrated filter: every top-k candidate reaches the decoder")
     p.add_argument("--device", default=None, help="cpu, cuda, mps or auto (default)")
+    add_generation_flags(p)
     p.add_argument("--width", type=int, default=100, help="characters of each source to print (default 100)")
     p.set_defaults(func=run)
 
@@ -89,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
     )
     options = {} if args.max_new_tokens is None else {"max_new_tokens": args.max_new_tokens}
+    options.update(generation_options(args, rag.decoder.tokenizer))
     if args.json:
         ans = rag.ask(question, **options)
         d = ans.to_dict()

@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from .generation_options import add_generation_flags, generation_options
+
 
 def register(sub: "argparse._SubParsersAction") -> None:
     p = sub.add_parser(
@@ -27,6 +29,7 @@ def register(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
+    add_generation_flags(p)
     p.add_argument("--stream", action="store_true", help="print tokens as they come")
     p.add_argument("--json", action="store_true", help="print the whole answer as JSON")
     p.set_defaults(func=run)
@@ -71,6 +74,7 @@ def run(args) -> int:
         options["do_sample"] = True
     options = {k: v for k, v in options.items() if v is not None}
     dec = NBCEDecoder.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    options.update(generation_options(args, dec.tokenizer))
     if args.stream and not args.json:
         ans = None
         for ev in dec.stream(args.question, passages, **options):
