@@ -203,6 +203,12 @@ def decode_options(
                            "temperature": temperature, "top_p": top_p, "seed": seed})
 
 
+def _penalties(model: Any) -> Dict[str, Any]:
+    """The model's ``top_k``, ``repetition_penalty`` (transformers' / HuggingFacePipeline's
+    names) and ``frequency_penalty``, ``presence_penalty`` (ChatOpenAI's); see :mod:`nbce_rag.sampling`."""
+    return {k: getattr(model, k) for k in ("top_k", "repetition_penalty", "frequency_penalty", "presence_penalty")}
+
+
 def answer_metadata(answer: Answer) -> Dict[str, Any]:
     """What an answer says about its grounding (:meth:`Answer.metadata`)."""
     return answer.metadata()
@@ -250,7 +256,7 @@ class _NBCEEngine:
         if stop is not None:
             call["stop"] = list(stop)
         own = {"max_tokens": self.max_tokens, "stop": self.stop or None, "temperature": self.temperature,
-               "top_p": self.top_p, "seed": self.seed}
+               "top_p": self.top_p, "seed": self.seed, **_penalties(self)}
         return openai_options({**self.nbce_options, **own}, call)
 
     def _events(self, question: str, passages: Optional[List[Any]], options: Dict[str, Any],
@@ -297,7 +303,8 @@ class ChatNBCE(_NBCEEngine, BaseChatModel):
     (``ChatNBCE(pipeline=rag)`` / ``rag.as_langchain_chat_model()``), or a model to load
     lazily (``ChatNBCE(model="HuggingFaceTB/SmolLM2-360M-Instruct")``; ``None`` = the bundled
     default). Standard parameters: ``max_tokens`` (alias ``max_new_tokens``), ``temperature``
-    (0 = greedy, > 0 samples), ``top_p``, ``seed``, ``stop``; ``timeout`` and ``max_retries``
+    (0 = greedy, > 0 samples), ``top_p``, ``top_k``, ``seed``, ``stop``, ``repetition_penalty``,
+    ``frequency_penalty``, ``presence_penalty``; ``timeout`` and ``max_retries``
     are accepted and unused (decoding is local). Other :class:`NBCEConfig` fields go in
     ``nbce_options`` or per call (``chat.invoke(msgs, beta=0.5)``).
 
@@ -322,6 +329,10 @@ class ChatNBCE(_NBCEEngine, BaseChatModel):
     temperature: Optional[float] = None
     top_p: Optional[float] = None
     seed: Optional[int] = None
+    top_k: Optional[int] = None
+    repetition_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    presence_penalty: Optional[float] = None
     stop: Optional[List[str]] = Field(default=None, alias="stop_sequences")
     timeout: Optional[float] = None
     max_retries: Optional[int] = None
@@ -437,6 +448,10 @@ class NBCELLM(_NBCEEngine, LLM):
     temperature: Optional[float] = None
     top_p: Optional[float] = None
     seed: Optional[int] = None
+    top_k: Optional[int] = None
+    repetition_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    presence_penalty: Optional[float] = None
     stop: Optional[List[str]] = None
     nbce_options: Dict[str, Any] = Field(default_factory=dict)
     retrieve: bool = False

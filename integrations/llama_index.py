@@ -161,7 +161,8 @@ class NBCELLM(CustomLLM):
 
     Build it over a decoder (``NBCELLM(decoder=dec)``), a pipeline (``NBCELLM(pipeline=rag)``)
     or a model loaded on first use (``NBCELLM(model="...")``, ``None`` = bundled). Options:
-    ``max_new_tokens``, ``temperature`` (0/None greedy, > 0 samples), ``top_p``, ``seed``,
+    ``max_new_tokens``, ``temperature`` (0/None greedy, > 0 samples), ``top_p``, ``top_k``,
+    ``repetition_penalty``, ``frequency_penalty``, ``presence_penalty``, ``seed``,
     ``stop``, ``nbce_options`` (other :class:`NBCEConfig` fields), and per call the same
     names or any NBCEConfig field. ``system_prompt`` is the LLM's system prompt.
     ``retrieve=True``: without ``contexts``, retrieve through the pipeline (index + filter).
@@ -186,6 +187,10 @@ class NBCELLM(CustomLLM):
     temperature: Optional[float] = None
     top_p: Optional[float] = None
     seed: Optional[int] = None
+    top_k: Optional[int] = None
+    repetition_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    presence_penalty: Optional[float] = None
     stop: Optional[List[str]] = None
     nbce_options: Dict[str, Any] = Field(default_factory=dict)
     retrieve: bool = False
@@ -251,7 +256,9 @@ class NBCELLM(CustomLLM):
         """The LLM's settings, then this call's keywords, as NBCEConfig overrides through
         the one OpenAI-parameter mapping (:func:`nbce_rag.config.openai_options`)."""
         own = {"max_tokens": self.max_new_tokens, "stop": self.stop or None, "temperature": self.temperature,
-               "top_p": self.top_p, "seed": self.seed}
+               "top_p": self.top_p, "seed": self.seed, "top_k": self.top_k,
+               "repetition_penalty": self.repetition_penalty, "frequency_penalty": self.frequency_penalty,
+               "presence_penalty": self.presence_penalty}
         opts = openai_options({**self.nbce_options, **own}, kwargs)
         if self.system_prompt and "system_prompt" not in opts:
             opts["system_prompt"] = self.system_prompt

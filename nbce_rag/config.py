@@ -210,6 +210,8 @@ OPENAI_PARAMS: Dict[str, Callable[[Any], Dict[str, Any]]] = {
     "top_p": _to("top_p", float),
     "seed": _to("seed", int),
     "stop": _to("stop", _stop_list),
+    "frequency_penalty": _to("frequency_penalty", float),  # OpenAI's definition, nbce_rag.sampling
+    "presence_penalty": _to("presence_penalty", float),  # OpenAI's definition, nbce_rag.sampling
 }
 
 

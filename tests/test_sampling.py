@@ -238,3 +238,45 @@ def test_ask_cli_passes_the_generation_flags(monkeypatch, tiny_decoder, capsys):
     capsys.readouterr()
     assert seen == {"repetition_penalty": 1.2, "no_repeat_ngram_size": 3, "frequency_penalty": 0.4,
                     "presence_penalty": 0.1, "min_p": 0.05, "suppress_tokens": [7, 8]}
+
+
+# ------------------------------------------------------------------ the adapters and the options table
+PENALTIES = {"frequency_penalty": 2.0, "presence_penalty": 0.5, "repetition_penalty": 1.5, "top_k": 5}
+
+
+def test_openai_table_maps_frequency_and_presence_penalty():
+    from nbce_rag.config import OPENAI_PARAMS, openai_options
+
+    assert {"frequency_penalty", "presence_penalty"} <= set(OPENAI_PARAMS)
+    assert openai_options({"frequency_penalty": "0.5", "presence_penalty": 1}) == {"frequency_penalty": 0.5, "presence_penalty": 1.0}
+    cfg = NBCEConfig.from_openai_params({"frequency_penalty": 0.3, "repetition_penalty": 1.2, "no_repeat_ngram_size": 3})
+    assert (cfg.frequency_penalty, cfg.repetition_penalty, cfg.no_repeat_ngram_size) == (0.3, 1.2, 3)
+    with pytest.raises(ConfigError, match="frequency_penalty must be in"):
+        NBCEConfig.from_openai_params({"frequency_penalty": 2.5})
+
+
+def test_langchain_models_take_the_penalties(tiny_decoder):
+    pytest.importorskip("langchain_core")
+    from nbce_rag.integrations.langchain import ChatNBCE, NBCELLM
+
+    free = tiny_decoder.generate("Where?", PASSAGES, max_new_tokens=24)
+    want = tiny_decoder.generate("Where?", PASSAGES, max_new_tokens=24, **PENALTIES)
+    assert want.text != free.text  # the options change this answer, so the checks below mean something
+    chat = ChatNBCE(decoder=tiny_decoder, max_tokens=24, **PENALTIES)
+    assert chat.invoke("Where?", documents=PASSAGES).content == want.text
+    per_call = ChatNBCE(decoder=tiny_decoder, max_tokens=24)
+    assert per_call.invoke("Where?", documents=PASSAGES, **PENALTIES).content == want.text
+    assert per_call.invoke("Where?", documents=PASSAGES).content == free.text
+    llm = NBCELLM(decoder=tiny_decoder, max_tokens=24, **PENALTIES)
+    assert llm.invoke("Where?", contexts=PASSAGES) == want.text
+
+
+def test_llama_index_llm_takes_the_penalties(tiny_decoder):
+    pytest.importorskip("llama_index.core")
+    from nbce_rag.integrations.llama_index import NBCELLM
+
+    want = tiny_decoder.generate("Where?", PASSAGES, max_new_tokens=24, **PENALTIES)
+    llm = NBCELLM(decoder=tiny_decoder, max_new_tokens=24, **PENALTIES)
+    assert llm.complete("Where?", contexts=PASSAGES).text == want.text
+    plain = NBCELLM(decoder=tiny_decoder, max_new_tokens=24)
+    assert plain.complete("Where?", contexts=PASSAGES, **PENALTIES).text == want.text
