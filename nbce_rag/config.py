@@ -63,6 +63,13 @@ class NBCEConfig:
         max_passage_tokens: split longer passages into windows of this many tokens (a row
             each). None = as much as the model's window leaves after the prompt and answer.
         window_overlap: tokens shared by consecutive windows of a split passage.
+
+    Speed:
+        compile: the decode steps over a static KV cache bucketed in rows and length, under
+            ``torch.compile(mode="reduce-overhead")`` (CUDA graphs on a GPU; see
+            :mod:`nbce_rag.static_decode`). ``False`` (default: GPU speed not measured yet),
+            ``True``, ``"auto"`` (on CUDA only) or ``"static"`` (the static cache without
+            compiling). Same tokens as the default path in fp32.
     """
 
     beta: float = 0.25
@@ -90,6 +97,7 @@ class NBCEConfig:
     decode_rows: int = 256
     max_passage_tokens: Optional[int] = None
     window_overlap: int = 32
+    compile: Any = False
 
     def validate(self) -> "NBCEConfig":
         def bad(msg: str) -> ConfigError:
@@ -131,6 +139,8 @@ class NBCEConfig:
             raise bad(f"decode_rows must be >= 1 (got {self.decode_rows})")
         if self.max_passage_tokens is not None and self.max_passage_tokens < 8:
             raise bad(f"max_passage_tokens must be >= 8 or None (got {self.max_passage_tokens})")
+        if self.compile not in (False, True, "auto", "static"):
+            raise bad(f"compile must be False, True, 'auto' (CUDA only) or 'static' (got {self.compile!r})")
         if self.window_overlap < 0:
             raise bad(f"window_overlap must be >= 0 (got {self.window_overlap})")
         if "{question}" not in self.prompt_template or "{passage}" not in self.prompt_template:

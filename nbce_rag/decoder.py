@@ -26,6 +26,7 @@ from .config import NBCEConfig
 from .errors import PromptTooLongError
 from .nbce import attribute, get_pooling, log_softmax, nbce_step
 from .sampling import Sampler
+from .static_decode import make_stepper
 from .types import Answer, Passage, SourceInfo, StreamEvent, as_passage
 
 logger = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ NO_PASSAGE = -1
 _DECODE_ONLY = frozenset({"beta", "eta", "nbce_top_p", "pooling", "max_new_tokens", "do_sample",
                           "temperature", "top_k", "top_p", "seed", "stop", "min_p", "repetition_penalty",
                           "no_repeat_ngram_size", "frequency_penalty", "presence_penalty", "bad_words_ids",
-                          "suppress_tokens"})
+                          "suppress_tokens", "compile"})
 
 
 @dataclass
@@ -381,6 +382,7 @@ class NBCEDecoder:
         scores = prep.row_scores.to(self.device) if prep.row_scores is not None else None
         sampler = Sampler(cfg, exhausted=min(self._eos_ids, default=None))
         groups, logits, inverse = prefilled or self._prefill_rows(prep, cfg)
+        advance = make_stepper(self, groups, inverse, cfg) or (lambda t: self._decode_step(groups, t)[inverse])
         row_source = [r.source for r in rows]
 
         tokens: List[int] = []
@@ -424,7 +426,7 @@ class NBCEDecoder:
             else:
                 yield StreamEvent("", token, src)
             if step + 1 < cfg.max_new_tokens:
-                logits = self._decode_step(groups, token)[inverse]
+                logits = advance(token)
 
         final = self.tokenizer.decode(tokens, skip_special_tokens=True)
         if finish == "stop" and cfg.stop:
