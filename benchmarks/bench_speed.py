@@ -214,6 +214,7 @@ def profile(args) -> dict:
     split is timed in a run without the profiler (its per-op recording inflates the many small
     ops of a forward); a second run under torch.profiler gives the top operators of each part."""
     import collections
+    import copy
     import statistics
 
     import torch
@@ -255,13 +256,13 @@ def profile(args) -> dict:
     for obj, attr, label in patches:
         setattr(obj, attr, labelled(label, getattr(obj, attr)))
 
-    def decode(passages, N, prof=None):
-        """Per decode step wall times (the prefill and the first token excluded)."""
+    def decode(prep, cfg, prefilled, prof=None):
+        """Per decode step wall times (the prefill, shared, and the first token excluded)."""
         spent.clear()
         steps = []
-        it = iter(dec.stream(QUESTION, passages, max_new_tokens=N))
+        it = iter(dec._run(prep, cfg, prefilled))
         next(it)
-        spent.clear()  # the prefill's fusion and sampling of the first token
+        spent.clear()  # the fusion and sampling of the first token
         if prof is not None:
             prof.start()
         t0 = time.perf_counter()
@@ -280,14 +281,24 @@ def profile(args) -> dict:
         for n in map(int, args.ns.split(",")):
             passages = make_passages(n, dec.tokenizer)
             dec.generate(QUESTION, passages[:1], max_new_tokens=2)  # warm-up
-            steps = decode(passages, args.max_new_tokens)
+            # one prefill shared by the timed decode, the plain forward and the profiled decode
+            cfg = dec.config.update(max_new_tokens=args.max_new_tokens)
+            prep = dec._prepare(QUESTION, dec._check_passages(passages), cfg)
+            with torch.inference_mode():
+                groups, logits0, inverse = dec._prefill_rows(prep, cfg)
+
+            def fresh():
+                return ([decoder_mod._Group(g.rows, copy.deepcopy(g.cache), g.mask.clone(), g.last_pos.clone())
+                         for g in groups], logits0.clone(), inverse)
+
+            steps = decode(prep, cfg, fresh())
             per = {k: 1000 * statistics.mean(v) for k, v in spent.items() if v}
             step_ms = 1000 * statistics.mean(steps)
             known = sum(per.get(k, 0.0) for k in ("forward", "fusion", "attribution", "sampling"))
-            plain = plain_forward_ms(dec, passages, sync)
+            plain = plain_forward_ms(dec, fresh()[0], sync)
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
             prof = torch.profiler.profile(activities=activities)
-            decode(passages, min(4, args.max_new_tokens), prof)
+            decode(prep, cfg.update(max_new_tokens=min(4, args.max_new_tokens)), fresh(), prof)
             table = prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=25)
             r = {"n": n, "rows": n + 1, "decode_steps": len(steps), "step_ms": step_ms,
                  "forward_ms": per.get("forward"), "fusion_ms": per.get("fusion"),
@@ -305,26 +316,24 @@ def profile(args) -> dict:
             "command": " ".join(sys.argv), "results": results}
 
 
-def plain_forward_ms(dec, passages, sync, repeats: int = 5) -> float:
+def plain_forward_ms(dec, groups, sync, repeats: int = 5) -> float:
     """Median time of one plain padded decode forward of the same rows (one new token per row
-    on top of the prefilled cache), the model alone: ``_prefill`` then the model call."""
+    on top of their prefilled cache, one model call): what a decode step costs without NBCE."""
+    import copy
     import statistics
 
     import torch
 
-    cfg = dec.config
-    prep = dec._prepare(QUESTION, dec._check_passages(passages), cfg)
+    if len(groups) != 1:
+        raise SystemExit("plain forward: more than one decode group; raise decode_rows")
+    g = groups[0]
+    n = len(g.rows)
+    ids = torch.full((n, 1), 42, dtype=torch.long, device=dec.device)
+    mask = torch.cat([g.mask, torch.ones((n, 1), dtype=g.mask.dtype, device=g.mask.device)], -1)
     times = []
     with torch.inference_mode():
-        groups, _, _ = dec._prefill_rows(prep, cfg)
         for _ in range(repeats):
-            g = groups[0]
-            n = sum(len(x.rows) for x in groups)
-            ids = torch.full((n, 1), 42, dtype=torch.long, device=dec.device)
-            mask = torch.cat([torch.cat([x.mask for x in groups]), torch.ones((n, 1), dtype=g.mask.dtype, device=g.mask.device)], -1) if len(groups) == 1 else None
-            if mask is None:
-                raise SystemExit("plain forward: more than one decode group; raise decode_rows")
-            cache = __import__("copy").deepcopy(g.cache)
+            cache = copy.deepcopy(g.cache)
             sync()
             t0 = time.perf_counter()
             dec.model(input_ids=ids, attention_mask=mask, position_ids=g.last_pos + 1, use_cache=True,

@@ -228,12 +228,27 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("top_p", [0.3, 0.9, 0.95, 0.99, 0.999])
 def test_fast_nucleus_equals_the_full_sort_row_by_row(top_p):
-    """The top-k fast path of top_p_truncate against the reference full sort, on rows from flat
-    to very peaked (most decided in the top-64, some in the top-1024, flat ones by the sort)."""
+    """The bisection fast path of top_p_truncate against the reference full sort, bit for bit,
+    on rows from flat (nuclei of thousands of tokens) to very peaked; and it decides most rows
+    itself (else the test would only compare the sort with itself)."""
     g = torch.Generator().manual_seed(0)
     rows = torch.cat([torch.randn(8, 49152, generator=g) * s for s in (0.3, 1.0, 3.0, 6.0, 10.0, 20.0)])
     logp = nbce.log_softmax(rows)
-    assert _same(nbce.top_p_truncate(logp, top_p), nbce._top_p_sorted(logp, top_p)).all()
+    sorted_rows = []
+    real = nbce._top_p_sorted
+
+    def spy(x, p):
+        sorted_rows.append(x.shape[0])
+        return real(x, p)
+
+    nbce._top_p_sorted = spy
+    try:
+        fast = nbce.top_p_truncate(logp, top_p)
+    finally:
+        nbce._top_p_sorted = real
+    assert _same(fast, real(logp, top_p)).all()
+    if top_p <= 0.95:
+        assert sum(sorted_rows) < logp.shape[0] // 2  # the 8 near-uniform rows (scale 0.3) need the sort
 
 
 def test_fast_nucleus_ties_infinities_small_vocab_and_1d():
