@@ -291,6 +291,14 @@ def profile(args) -> dict:
                 return ([decoder_mod._Group(g.rows, copy.deepcopy(g.cache), g.mask.clone(), g.last_pos.clone())
                          for g in groups], logits0.clone(), inverse)
 
+            # the nucleus of these rows' first logits: the full sort (before) vs the fast path (now)
+            lp = nbce_mod.log_softmax(logits0)
+            t0 = time.perf_counter()
+            nbce_mod._top_p_sorted(lp, cfg.nbce_top_p)
+            nucleus_sort = 1000 * (time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            saved[2][2](lp, cfg.nbce_top_p)  # the unwrapped top_p_truncate
+            nucleus_fast = 1000 * (time.perf_counter() - t0)
             steps = decode(prep, cfg, fresh())
             per = {k: 1000 * statistics.mean(v) for k, v in spent.items() if v}
             step_ms = 1000 * statistics.mean(steps)
@@ -305,6 +313,7 @@ def profile(args) -> dict:
                  "nucleus_ms": per.get("fusion.nucleus"), "attribution_ms": per.get("attribution"),
                  "sampling_ms": per.get("sampling"), "bookkeeping_ms": step_ms - known,
                  "plain_forward_ms": plain, "step_over_plain_forward": step_ms / plain,
+                 "first_step_nucleus_full_sort_ms": nucleus_sort, "first_step_nucleus_fast_ms": nucleus_fast,
                  "load_avg": os.getloadavg(), "profiler_top_ops": table}
             print("PROFILE " + json.dumps({k: v for k, v in r.items() if k != "profiler_top_ops"}), flush=True)
             print(table, flush=True)
