@@ -271,7 +271,8 @@ class StepScheduler:
         return None
 
     def step(self) -> List[StepResult]:
-        """One iteration: admission, one prefill chunk, one decode step (see the policy)."""
+        """One iteration: admission, one prefill chunk, one decode step (see the policy).
+        Returns one :class:`StepResult` per request that made progress or failed."""
         self.steps += 1
         cfg = self.config
         while self.waiting and self.active < cfg.max_active:
@@ -298,7 +299,7 @@ class StepScheduler:
                     for m in list(unit.members):
                         self.remove(m)
                         results.append(StepResult(m, [], e))
-                return results
+                return _merged(results)
             for state in stepped:
                 try:
                     events = self.decoder.advance(state)
@@ -309,7 +310,7 @@ class StepScheduler:
                 if state.done:
                     self.batch.remove(state)
                 results.append(StepResult(state, events))
-        return results
+        return _merged(results)
 
     def run(self, states: List[DecodeState]) -> List[Tuple[DecodeState, Optional[BaseException]]]:
         """Decode ``states`` to the end (offline use); returns each with its error or None."""
@@ -321,3 +322,16 @@ class StepScheduler:
                 if r.error is not None:
                     errors[id(r.state)] = r.error
         return [(s, errors.get(id(s))) for s in states]
+
+
+def _merged(results: List[StepResult]) -> List[StepResult]:
+    """One result per state (a state prefilled in this iteration may also have stepped)."""
+    out: Dict[int, StepResult] = {}
+    for r in results:
+        prev = out.get(id(r.state))
+        if prev is None:
+            out[id(r.state)] = r
+        else:
+            prev.events.extend(r.events)
+            prev.error = prev.error or r.error
+    return list(out.values())

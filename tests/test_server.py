@@ -559,7 +559,7 @@ def _stream_first_chunk(base: str, max_tokens: int, holder: dict):
 
 def test_disconnect_mid_stream_frees_the_worker(tiny_chat_decoder):
     slow = SlowPipeline(tiny_chat_decoder, delay=0.02)
-    s = Served(create_app(slow, limits=ServerLimits(max_tokens=1000)))
+    s = Served(create_app(slow, model_name=MODEL, limits=ServerLimits(max_tokens=1000)))
     try:
         holder = {"opened": threading.Event(), "close": threading.Event()}
         t = threading.Thread(target=_stream_first_chunk, args=(s.base, 1000, holder))  # 20 s if not cancelled
@@ -587,7 +587,7 @@ def test_disconnect_mid_stream_frees_the_worker(tiny_chat_decoder):
 
 def test_queue_full_answers_503(tiny_chat_decoder):
     slow = SlowPipeline(tiny_chat_decoder, delay=0.02)
-    s = Served(create_app(slow, limits=ServerLimits(max_tokens=1000, max_queue=1)))
+    s = Served(create_app(slow, model_name=MODEL, limits=ServerLimits(max_tokens=1000, max_queue=1)))
     try:
         holder = {"opened": threading.Event(), "close": threading.Event()}
         a = threading.Thread(target=_stream_first_chunk, args=(s.base, 1000, holder))
@@ -614,7 +614,7 @@ def test_queue_full_answers_503(tiny_chat_decoder):
 
 def test_request_timeout(tiny_chat_decoder):
     slow = SlowPipeline(tiny_chat_decoder, delay=0.02)
-    s = Served(create_app(slow, limits=ServerLimits(max_tokens=1000, request_timeout_s=0.5)))
+    s = Served(create_app(slow, model_name=MODEL, limits=ServerLimits(max_tokens=1000, request_timeout_s=0.5)))
     try:
         t0 = time.monotonic()
         err = assert_openai_error(s.post("/v1/chat/completions", _body(max_tokens=1000)), 504, "timeout", "timeout")
