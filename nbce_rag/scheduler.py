@@ -12,11 +12,14 @@ Scheduling policy (one :meth:`StepScheduler.step` = one iteration)
 -----------------------------------------------------------------
 1. **Admission** between steps, first come first served, while fewer than ``max_active``
    requests are active; the rest wait in :attr:`StepScheduler.waiting`.
-2. **Chunked prefill**: at most one prefill chunk per iteration, for the oldest request still
-   prefilling: up to ``batch_rows`` rows and at most ``prefill_tokens`` padded tokens (at least
-   one row). A request with a long prefill thus delays the others' next token by one chunk per
-   iteration, never by its whole prefill, and a cancelled or timed-out request leaves after the
-   chunk in progress. Its first token is picked as soon as its last chunk is done.
+2. **Chunked prefill**: each iteration prefills at most ``prefill_tokens`` padded tokens (chunks
+   of up to ``batch_rows`` rows; at least one row), shortest remaining prefill first -- short
+   requests get their first token soon -- except that the oldest request still prefilling goes
+   first when it got no chunk in the previous iteration, so a long prefill advances at least
+   every other iteration. A long prefill thus delays the others' next token by about one
+   budget per iteration, never by its whole prefill, and a cancelled or timed-out request
+   leaves after the chunk in progress. A request's first token is picked as soon as its last
+   chunk is done.
 3. **Decode step** with a row budget: requests that fit in a lane (``lane_rows`` rows, default
    the decoder's ``decode_rows``) are packed together into shared lanes (one forward each);
    a larger request keeps its own decode groups. Lanes and large requests are *units*; each
@@ -235,6 +238,8 @@ class StepScheduler:
         self.waiting: Deque[DecodeState] = deque()
         self.prefilling: Deque[DecodeState] = deque()
         self.steps = 0
+        self._served: Dict[int, int] = {}  # iteration of each prefilling state's last chunk
+        self._admitted: Dict[int, int] = {}
 
     @property
     def active(self) -> int:
@@ -265,6 +270,8 @@ class StepScheduler:
             except ValueError:
                 pass
         self.batch.remove(state)
+        self._served.pop(id(state), None)
+        self._admitted.pop(id(state), None)
         if reason is not None and not state.done:
             return self.decoder.finish(state, reason)
         state.groups = []
@@ -276,13 +283,21 @@ class StepScheduler:
         self.steps += 1
         cfg = self.config
         while self.waiting and self.active < cfg.max_active:
-            self.prefilling.append(self.waiting.popleft())
+            state = self.waiting.popleft()
+            self._admitted[id(state)] = self.steps
+            self.prefilling.append(state)
         results: List[StepResult] = []
-        if self.prefilling:
-            state = self.prefilling[0]
+        budget = cfg.prefill_tokens
+        for state in self._prefill_order():
+            if budget <= 0:
+                break
+            self._served[id(state)] = self.steps
+            before = state._next
             try:
-                if self.decoder.prefill(state, max_tokens=cfg.prefill_tokens):
-                    self.prefilling.popleft()
+                if self.decoder.prefill(state, max_tokens=budget):
+                    self.prefilling.remove(state)
+                    self._served.pop(id(state), None)
+                    self._admitted.pop(id(state), None)
                     events = self.decoder.advance(state)
                     if not state.done:
                         self.batch.add(state)
@@ -290,6 +305,9 @@ class StepScheduler:
             except Exception as e:  # noqa: BLE001 - the request fails, the others go on
                 self.remove(state)
                 results.append(StepResult(state, [], e))
+                continue
+            taken = state.order[before:state._next] if state._next > before else state.order[before:]
+            budget -= len(taken) * max(len(state.prep.rows[r].ids) for r in taken)  # padded tokens run
         if len(self.batch):
             try:
                 stepped = self.batch.step(cfg.step_rows)
@@ -311,6 +329,23 @@ class StepScheduler:
                     self.batch.remove(state)
                 results.append(StepResult(state, events))
         return _merged(results)
+
+    def _prefill_order(self) -> List[DecodeState]:
+        """Short prefills first (they cost little and give their clients a first token soon);
+        but the oldest waiting request goes first when it got no chunk in the last iteration,
+        so a long prefill advances at least every other iteration."""
+        if not self.prefilling:
+            return []
+
+        def left(s: DecodeState) -> int:
+            return sum(len(s.prep.rows[r].ids) for r in s.order[s._next:])
+
+        order = sorted(self.prefilling, key=left)
+        oldest = self.prefilling[0]
+        if self._served.get(id(oldest), self._admitted.get(id(oldest), self.steps)) < self.steps - 1:
+            order.remove(oldest)
+            order.insert(0, oldest)
+        return order
 
     def run(self, states: List[DecodeState]) -> List[Tuple[DecodeState, Optional[BaseException]]]:
         """Decode ``states`` to the end (offline use); returns each with its error or None."""
