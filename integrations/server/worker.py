@@ -80,7 +80,7 @@ class ModelWorker:
         self._lock = threading.Lock()
         self.scheduler = scheduler
         self._active: Dict[int, _Job] = {}
-        self._exclusive = False
+        self._exclusive = False  # running a job alone, or admitting one (retrieval, tokenization)
         self.stats = {"completed": 0, "cancelled": 0, "timed_out": 0, "failed": 0, "rejected": 0}
 
     @property
@@ -139,6 +139,12 @@ class ModelWorker:
         key = job.outcome or "failed"
         self.stats[key] = self.stats.get(key, 0) + 1
 
+    def _end(self, key: int, job: _Job) -> None:
+        """Count the job's outcome, then let it go (in this order: ``busy`` never reads False
+        before the outcome is counted)."""
+        self._count(job)
+        del self._active[key]
+
     def _room(self) -> bool:
         sched = self.scheduler
         return sched is None or sched.free > 0
@@ -161,11 +167,10 @@ class ModelWorker:
                 if job.cancel.is_set() or now >= job.deadline:
                     reason = job.reason if job.cancel.is_set() else "timed_out"
                     self.scheduler.remove(job.state)
-                    del self._active[key]
                     job.outcome = reason or _CANCELLED
                     if job.outcome == "timed_out":
                         job.push("timeout")
-                    self._count(job)
+                    self._end(key, job)
             # 3. one iteration: a prefill chunk and a batched decode step
             if self._active:
                 try:
@@ -176,63 +181,54 @@ class ModelWorker:
                         self.scheduler.remove(job.state)
                         job.outcome = "failed"
                         job.push("error", e)
-                        self._count(job)
-                    self._active.clear()
+                        self._end(key, job)
                     continue
                 for r in results:
                     job = self._active.get(id(r.state))
                     if job is None:  # pragma: no cover - removed in this iteration
                         continue
                     if r.error is not None:
-                        del self._active[id(r.state)]
                         job.outcome = "failed"
                         job.push("error", r.error)
-                        self._count(job)
+                        self._end(id(r.state), job)
                         continue
                     for ev in r.events:
                         if not job.final_only or ev.answer is not None:
                             job.push("event", ev)
                     if r.state.done:
-                        del self._active[id(r.state)]
                         job.outcome = "completed"
                         job.push("done")
-                        self._count(job)
+                        self._end(id(r.state), job)
 
     def _admit(self, job: _Job) -> None:
-        if job.cancel.is_set():
-            job.outcome = job.reason or _CANCELLED
-            self._count(job)
-            return
-        if time.monotonic() >= job.deadline:
-            job.outcome = "timed_out"
-            job.push("timeout")
-            self._count(job)
-            return
-        if job.start is None or self.scheduler is None:
-            self._exclusive = True
-            try:
-                self._run_alone(job)
-            finally:
-                self._exclusive = False
-                self._count(job)
-            return
+        self._exclusive = True  # busy from the moment the job leaves the queue
         try:
-            job.state = job.start()  # retrieval, filter and tokenization; no model call yet
-        except Exception as e:  # noqa: BLE001 - handed to the request, which answers it
-            job.outcome = "failed"
-            job.push("error", e)
+            if job.cancel.is_set():
+                job.outcome = job.reason or _CANCELLED
+            elif time.monotonic() >= job.deadline:
+                job.outcome = "timed_out"
+                job.push("timeout")
+            elif job.start is None or self.scheduler is None:
+                self._run_alone(job)
+            else:
+                try:
+                    job.state = job.start()  # retrieval, filter and tokenization; no model call yet
+                    self._active[id(job.state)] = job
+                    self.scheduler.add(job.state)
+                    return
+                except Exception as e:  # noqa: BLE001 - handed to the request, which answers it
+                    job.outcome = "failed"
+                    job.push("error", e)
             self._count(job)
-            return
-        self._active[id(job.state)] = job
-        self.scheduler.add(job.state)
+        finally:
+            self._exclusive = False
 
     def _shutdown(self) -> None:
-        for job in self._active.values():
+        for key, job in list(self._active.items()):
             self.scheduler.remove(job.state)
             job.outcome = _CANCELLED
             job.push("error", _shutting_down())
-            self._count(job)
-        self._active.clear()
+            self._end(key, job)
 
     def _run_alone(self, job: _Job) -> None:
         it = None
