@@ -518,8 +518,11 @@ def create_app(
     @app.get("/health")
     async def health():
         w = srv.worker
-        return {"status": "ok", "model": srv.model_name, "queued": w.queued, "busy": w.busy, "active": w.active,
-                "stats": dict(w.stats)}
+        out = {"status": "ok", "model": srv.model_name, "queued": w.queued, "busy": w.busy, "active": w.active,
+               "stats": dict(w.stats)}
+        if w.scheduler is not None:
+            out["scheduler"] = {"steps": w.scheduler.steps, "rows": w.scheduler.batch.rows}
+        return out
 
     def _model_card() -> Dict[str, Any]:
         return {"id": srv.model_name, "object": "model", "created": srv.created, "owned_by": "nbce-rag",
