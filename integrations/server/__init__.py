@@ -29,8 +29,9 @@ Requests (what is read, what it maps to)
 * ``max_tokens`` / ``max_completion_tokens`` -> ``max_new_tokens`` (default: the decoder's,
   64). ``stop`` (a string or up to ``ServerLimits.max_stop`` strings), ``seed``.
 * ``temperature``: omitted or ``0`` = greedy (the decoder's default, as
-  ``RAGPipeline.ask``); ``> 0`` = sampling at that temperature. ``top_p`` < 1 samples too
-  (at temperature 1 unless given). ``n`` must be 1; ``logprobs``/``echo`` are refused. Other
+  ``RAGPipeline.ask``); ``> 0`` = sampling at that temperature. ``top_p`` shapes sampling
+  and never turns it on (the one mapping of every surface, ``nbce_rag.config.OPENAI_PARAMS``).
+  ``n`` must be 1; ``logprobs``/``echo`` are refused. Other
   OpenAI parameters (``frequency_penalty``, ``user``, ...) are accepted and ignored.
 * ``model`` must be the served name or one of its aliases (``create_app(model_name=, aliases=)``,
   ``nbce-rag serve --served-model-name NAME [ALIAS ...]``), or omitted: anything else is a

@@ -28,6 +28,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 
 import numpy as np
 
+from nbce_rag.config import openai_options
 from nbce_rag.errors import ConfigError
 from nbce_rag.types import Answer, Passage
 
@@ -222,27 +223,13 @@ class _Server:
             raise _bad(f"temperature must be in [0, 2] (got {t})", param="temperature")
         if p is not None and not 0 < p <= 1:
             raise _bad(f"top_p must be in (0, 1] (got {p})", param="top_p")
-        if t is not None and t > 0:
-            opts.update(do_sample=True, temperature=float(t))
-        elif t == 0:
-            opts["do_sample"] = False
-        if p is not None:
-            opts["top_p"] = float(p)
-            if p < 1 and t is None:
-                opts["do_sample"] = True
-        if req.seed is not None:
-            opts["seed"] = int(req.seed)
-        if system_prompt is not None:
-            opts["system_prompt"] = system_prompt
+        nbce = {key: getattr(req.nbce, key) for key in ("pooling", "beta", "eta", "nbce_top_p")} if req.nbce else {}
+        opts.update(openai_options({"stop": opts.pop("stop", None), "temperature": t, "top_p": p, "seed": req.seed,
+                                    "system_prompt": system_prompt, **nbce}))
         row = lim.max_row_tokens
         current = self.pipeline.decoder.config.max_passage_tokens
         if row is not None and (current is None or current > row):
             opts["max_passage_tokens"] = row  # bounds one row's prefill (see ServerLimits)
-        if req.nbce is not None:
-            for key in ("pooling", "beta", "eta", "nbce_top_p"):
-                v = getattr(req.nbce, key)
-                if v is not None:
-                    opts[key] = v
         try:
             self.pipeline.decoder.config.update(**opts)
         except (ConfigError, TypeError, ValueError) as e:
@@ -414,11 +401,6 @@ def _sse(obj: Any) -> str:
 _DONE = "data: [DONE]\n\n"
 
 
-def _usage(answer: Answer) -> Dict[str, int]:
-    return {"prompt_tokens": int(answer.prompt_tokens), "completion_tokens": int(answer.completion_tokens),
-            "total_tokens": int(answer.prompt_tokens + answer.completion_tokens)}
-
-
 def _title(meta: Dict[str, Any]) -> Optional[str]:
     for key in ("title", "source", "doc_id"):
         v = meta.get(key)
@@ -582,7 +564,7 @@ def create_app(
                 choice = {"index": 0, "text": answer.text, "logprobs": None, "finish_reason": answer.finish_reason}
                 obj = "text_completion"
             return JSONResponse({"id": rid, "object": obj, "created": created, "model": srv.model_name,
-                                 "choices": [choice], "usage": _usage(answer),
+                                 "choices": [choice], "usage": answer.usage(),
                                  "nbce": nbce_info(answer, retrieved)})
         gen = _stream_body(srv, job, (kind0, value0), kind=kind, rid=rid, created=created,
                            include_usage=include_usage, retrieved=retrieved, t0=t0)
@@ -718,7 +700,7 @@ async def _stream_body(srv: _Server, job: _Job, first: Tuple[str, Any], *, kind:
                     time.perf_counter() - t0)
         yield chunk(None if chat else "", answer.finish_reason, nbce=nbce_info(answer, retrieved))
         if include_usage:
-            yield _sse({**base, "choices": [], "usage": _usage(answer)})
+            yield _sse({**base, "choices": [], "usage": answer.usage()})
         yield _DONE
     finally:
         job.abort(_CANCELLED)  # no-op when the job is finished; stops it when the client went away
