@@ -9,7 +9,15 @@ picks one token and feeds it to every row. There is no Python loop over rows, on
 groups (one decode group unless there are more than ``decode_rows`` rows).
 
 :meth:`NBCEDecoder.stream` is the one decode entry point; :meth:`generate` consumes it, and
-every adapter (pipeline, LangChain, LlamaIndex, server) calls one of the two.
+every adapter (pipeline, LangChain, LlamaIndex) calls one of the two.
+
+Step API (what ``stream`` is a loop over, and what the server's scheduler drives):
+:meth:`NBCEDecoder.start` checks the input and builds a request's rows into a
+:class:`DecodeState`; :meth:`NBCEDecoder.prefill` prefills the next chunk of its rows;
+:meth:`NBCEDecoder.advance` fuses the pending logits, picks a token, applies stop strings
+and ``max_new_tokens`` and returns the events; :meth:`NBCEDecoder.forward` feeds the token to
+the rows of one state (:class:`nbce_rag.scheduler.DecodeBatch` does it for many states in
+shared forwards); :meth:`NBCEDecoder.finish` ends a state early (e.g. cancelled).
 """
 
 from __future__ import annotations
