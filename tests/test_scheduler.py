@@ -7,7 +7,6 @@ never touches another; RAGPipeline.batch equals ask one by one."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from conftest import DOCS
 from nbce_rag import RAGPipeline
@@ -204,4 +203,16 @@ def test_scheduler_config_is_checked():
         SchedulerConfig(step_rows=0)
     with pytest.raises(ValueError, match="lane_rows"):
         SchedulerConfig(lane_rows=0)
-    assert torch.get_default_dtype() == torch.float32
+    with pytest.raises(ValueError, match="max_active"):
+        SchedulerConfig(max_active=0)
+
+
+def test_scheduler_refuses_misuse(tiny_decoder):
+    sched = StepScheduler(tiny_decoder)
+    state = tiny_decoder.start(*CASES[2][:2], **CASES[2][2])
+    with pytest.raises(ValueError, match="prefilled"):
+        sched.batch.add(state)
+    sched.run([state])
+    assert state.done
+    with pytest.raises(ValueError, match="already done"):
+        sched.add(state)
