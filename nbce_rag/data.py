@@ -1,269 +1,33 @@
-"""Readers for CoSENT training data.
+"""Training data for CoSENT: :func:`qrels_to_pairs` turns retrieval qrels into graded pairs.
 
-Three sources give ``(text1, text2, score)`` pairs, the input of :meth:`CoSENTEncoder.fit`:
-
-* **STS-B TSV** (``genre file year id score s1 s2 [...]``; only the first 7 fields are read,
-  split on tabs without quoting because sentences contain ``"``). Gold scores 0-5.
-* **CSV / JSONL** with the columns ``text1, text2, score`` (``sentence1``/``sentence2`` are
-  accepted as aliases). A header row is required for CSV.
-* **Retrieval qrels** (BEIR layout: ``corpus.jsonl``, ``queries.jsonl``, ``qrels/*.tsv``): every
-  (query, relevant passage) pair, plus **hard negatives mined from an index** and random
-  negatives, graded so that CoSENT sees an order (see :func:`qrels_to_pairs`).
-
-Score scale: CoSENT only uses the *order* of the scores inside a batch, so the scale does
-not change training. Scores are still normalised to ``[0, 1]`` so that they read like the
-cosines they are compared with in reports: :func:`read_pairs` divides by 5 when the file is
-STS-B, or when ``score_scale="auto"`` (the default) finds a score above 1 and none above 5.
+The file readers that used to live here (:func:`read_pairs`, :func:`read_stsb`,
+:func:`read_beir`, :func:`read_qrels`, ...) are in :mod:`nbce_rag.readers` and are
+re-exported here so that ``from nbce_rag.data import read_qrels`` keeps working.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import logging
 import random
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, List, Optional
 
-from .errors import ConfigError, CorruptFileError
+from .errors import ConfigError
+from .readers import (  # noqa: F401 - re-exported
+    BeirData,
+    Pair,
+    PathLike,
+    _scale,
+    as_pairs,
+    read_beir,
+    read_beir_corpus,
+    read_beir_queries,
+    read_pairs,
+    read_qrels,
+    read_stsb,
+)
+from .types import document_id
 
 logger = logging.getLogger(__name__)
-
-Pair = Tuple[str, str, float]
-PathLike = Union[str, Path]
-
-_TEXT1_KEYS = ("text1", "sentence1", "s1", "query", "anchor")
-_TEXT2_KEYS = ("text2", "sentence2", "s2", "passage", "positive")
-_SCORE_KEYS = ("score", "label", "similarity")
-
-
-# --------------------------------------------------------------------------- pair files
-
-
-def read_stsb(path: PathLike, *, normalize: bool = True) -> List[Pair]:
-    """Read an STS-B file (``sts-train.csv`` etc., tab-separated despite the name).
-
-    Returns ``(s1, s2, score)`` with the gold score divided by 5 when ``normalize`` (the
-    default), so scores lie in ``[0, 1]``. Rows with fewer than 7 fields or a non-numeric score
-    raise :class:`CorruptFileError` naming the line.
-    """
-    path = Path(path)
-    pairs: List[Pair] = []
-    with _open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            fields = line.split("\t")
-            if len(fields) < 7:
-                raise CorruptFileError(
-                    f"{path}:{lineno}: an STS-B row needs 7 tab-separated fields "
-                    f"(genre file year id score s1 s2), got {len(fields)}"
-                )
-            try:
-                score = float(fields[4])
-            except ValueError:
-                raise CorruptFileError(f"{path}:{lineno}: score {fields[4]!r} is not a number") from None
-            pairs.append((fields[5], fields[6], score / 5.0 if normalize else score))
-    return pairs
-
-
-def read_pairs(path: PathLike, *, score_scale: Union[str, float, None] = "auto") -> List[Pair]:
-    """Read ``(text1, text2, score)`` pairs from STS-B TSV, CSV or JSONL (detected from content).
-
-    ``score_scale``: ``"auto"`` (divide by 5 when the largest score is in ``(1, 5]``, which is
-    the STS-B 0-5 scale), a number to divide every score by, or ``None`` to keep them as given.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"pair file {path} does not exist")
-    first = ""
-    with _open_text(path) as f:
-        for line in f:
-            if line.strip():
-                first = line
-                break
-    if not first:
-        raise ConfigError(f"pair file {path} is empty")
-    if path.suffix.lower() == ".jsonl" or first.lstrip().startswith("{"):
-        pairs = _read_pairs_jsonl(path)
-    elif _looks_like_stsb(first):
-        pairs = read_stsb(path, normalize=False)
-    else:
-        pairs = _read_pairs_csv(path, first)
-    if not pairs:
-        raise ConfigError(f"pair file {path} holds no pairs")
-    return _scale(pairs, score_scale, path)
-
-
-def _looks_like_stsb(line: str) -> bool:
-    fields = line.rstrip("\r\n").split("\t")
-    if len(fields) < 7:
-        return False
-    try:
-        float(fields[4])
-    except ValueError:
-        return False
-    return True
-
-
-def _scale(pairs: List[Pair], score_scale: Union[str, float, None], path: Path) -> List[Pair]:
-    if score_scale is None:
-        return pairs
-    if score_scale == "auto":
-        top = max(p[2] for p in pairs)
-        low = min(p[2] for p in pairs)
-        if 1.0 < top <= 5.0 and low >= 0.0:
-            logger.info("%s: scores look like the 0-5 STS scale; dividing by 5", path)
-            div = 5.0
-        else:
-            return pairs
-    else:
-        div = float(score_scale)
-        if div <= 0:
-            raise ConfigError(f"score_scale must be positive, got {score_scale}")
-    return [(a, b, s / div) for a, b, s in pairs]
-
-
-def _pick(row: Dict[str, Any], keys: Sequence[str]) -> Any:
-    for k in keys:
-        if k in row:
-            return row[k]
-    return None
-
-
-def _read_pairs_jsonl(path: Path) -> List[Pair]:
-    pairs: List[Pair] = []
-    with _open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise CorruptFileError(f"{path}:{lineno}: not valid JSON ({e})") from None
-            pairs.append(_row_to_pair(row, f"{path}:{lineno}"))
-    return pairs
-
-
-def _read_pairs_csv(path: Path, first: str) -> List[Pair]:
-    delimiter = "\t" if first.count("\t") > first.count(",") else ","
-    pairs: List[Pair] = []
-    with _open_text(path) as f:
-        reader = csv.DictReader(f, delimiter=delimiter)
-        header = [h.strip().lower() for h in (reader.fieldnames or [])]
-        reader.fieldnames = header
-        if not any(k in header for k in _TEXT1_KEYS):
-            raise CorruptFileError(
-                f"{path}: a CSV pair file needs a header with text1,text2,score (got {header})"
-            )
-        for lineno, row in enumerate(reader, 2):
-            pairs.append(_row_to_pair(row, f"{path}:{lineno}"))
-    return pairs
-
-
-def _row_to_pair(row: Any, where: str) -> Pair:
-    if isinstance(row, (list, tuple)) and len(row) == 3:
-        a, b, s = row
-    elif isinstance(row, dict):
-        a, b, s = _pick(row, _TEXT1_KEYS), _pick(row, _TEXT2_KEYS), _pick(row, _SCORE_KEYS)
-    else:
-        raise CorruptFileError(f"{where}: expected an object with text1, text2, score")
-    if not isinstance(a, str) or not isinstance(b, str):
-        raise CorruptFileError(f"{where}: text1 and text2 must be strings")
-    try:
-        score = float(s)
-    except (TypeError, ValueError):
-        raise CorruptFileError(f"{where}: score {s!r} is not a number") from None
-    return (a, b, score)
-
-
-def as_pairs(pairs: Iterable[Any]) -> List[Pair]:
-    """Normalise user pairs: tuples ``(t1, t2, score)``, dicts with text1/text2/score, or
-    sentence-transformers ``InputExample`` objects (``texts``, ``label``)."""
-    out: List[Pair] = []
-    for i, p in enumerate(pairs):
-        if hasattr(p, "texts") and hasattr(p, "label"):
-            t1, t2 = p.texts[0], p.texts[1]
-            out.append((t1, t2, float(p.label)))
-        else:
-            try:
-                out.append(_row_to_pair(p, f"pair {i}"))
-            except CorruptFileError as e:
-                raise ConfigError(str(e)) from None
-    return out
-
-
-# --------------------------------------------------------------------------- BEIR / qrels
-
-
-@dataclass
-class BeirData:
-    """A BEIR-style retrieval set: ``corpus[id] = (title, text)``, ``queries[id] = text``,
-    ``qrels[qid][doc_id] = grade``."""
-
-    corpus: Dict[str, Tuple[str, str]]
-    queries: Dict[str, str]
-    qrels: Dict[str, Dict[str, int]] = field(default_factory=dict)
-
-    def doc_text(self, doc_id: str) -> str:
-        title, text = self.corpus[doc_id]
-        return f"{title}\n{text}" if title else text
-
-
-def read_beir_corpus(path: PathLike) -> Dict[str, Tuple[str, str]]:
-    """``corpus.jsonl`` rows ``{"_id", "title", "text"}`` -> ``{id: (title, text)}``."""
-    corpus: Dict[str, Tuple[str, str]] = {}
-    for lineno, row in _iter_jsonl(Path(path)):
-        did = row.get("_id", row.get("id"))
-        if did is None:
-            raise CorruptFileError(f"{path}:{lineno}: corpus row without _id")
-        corpus[str(did)] = (str(row.get("title") or ""), str(row.get("text") or ""))
-    return corpus
-
-
-def read_beir_queries(path: PathLike) -> Dict[str, str]:
-    """``queries.jsonl`` rows ``{"_id", "text"}`` -> ``{id: text}``."""
-    out: Dict[str, str] = {}
-    for lineno, row in _iter_jsonl(Path(path)):
-        qid = row.get("_id", row.get("id"))
-        if qid is None:
-            raise CorruptFileError(f"{path}:{lineno}: query row without _id")
-        out[str(qid)] = str(row.get("text") or "")
-    return out
-
-
-def read_qrels(path: PathLike) -> Dict[str, Dict[str, int]]:
-    """``query-id<TAB>corpus-id<TAB>score`` (header optional) -> ``{qid: {doc_id: grade}}``."""
-    path = Path(path)
-    qrels: Dict[str, Dict[str, int]] = {}
-    with _open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
-            fields = line.strip().split("\t") if "\t" in line else line.split()
-            if len(fields) < 3:
-                if line.strip():
-                    raise CorruptFileError(f"{path}:{lineno}: a qrels row needs query-id, corpus-id, score")
-                continue
-            if fields[2] == "score" or fields[0] in ("query-id", "query_id", "qid"):
-                continue
-            try:
-                grade = int(float(fields[2]))
-            except ValueError:
-                raise CorruptFileError(f"{path}:{lineno}: score {fields[2]!r} is not a number") from None
-            qrels.setdefault(fields[0], {})[fields[1]] = grade
-    return qrels
-
-
-def read_beir(root: PathLike, split: str = "test") -> BeirData:
-    """Read ``root/corpus.jsonl``, ``root/queries.jsonl`` and ``root/qrels/<split>.tsv``."""
-    root = Path(root)
-    return BeirData(
-        corpus=read_beir_corpus(root / "corpus.jsonl"),
-        queries=read_beir_queries(root / "queries.jsonl"),
-        qrels=read_qrels(root / "qrels" / f"{split}.tsv"),
-    )
 
 
 def qrels_to_pairs(
@@ -326,7 +90,7 @@ def qrels_to_pairs(
         for d, g in sorted(rel.items()):
             pairs.append((qtext, data.doc_text(d), g / top))
         # best cosine of a relevant passage, to spot unlabelled positives among candidates
-        best_rel = max((h.score for h in hits if _doc_of(h) in rel), default=None)
+        best_rel = max((h.score for h in hits if document_id(h) in rel), default=None)
         if best_rel is None and n_hard:
             if q_vecs is None:
                 enc = index.encoder
@@ -336,7 +100,7 @@ def qrels_to_pairs(
         seen = set(rel)
         n = skipped = 0
         for h in hits:
-            d = _doc_of(h)
+            d = document_id(h)
             if d in seen or d not in data.corpus:
                 continue
             seen.add(d)
@@ -357,35 +121,3 @@ def qrels_to_pairs(
                     pairs.append((qtext, data.doc_text(d), random_score))
                     break
     return pairs
-
-
-def _doc_of(hit: Any) -> str:
-    meta = getattr(hit, "metadata", None) or {}
-    if "doc_id" in meta:
-        return str(meta["doc_id"])
-    hid = str(hit.id)
-    return hid.split("#", 1)[0]
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def _open_text(path: Path) -> io.TextIOWrapper:
-    try:
-        return open(path, "r", encoding="utf-8", errors="replace", newline="")
-    except FileNotFoundError:
-        raise ConfigError(f"{path} does not exist") from None
-
-
-def _iter_jsonl(path: Path) -> Iterable[Tuple[int, Dict[str, Any]]]:
-    with _open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise CorruptFileError(f"{path}:{lineno}: not valid JSON ({e})") from None
-            if not isinstance(row, dict):
-                raise CorruptFileError(f"{path}:{lineno}: expected a JSON object")
-            yield lineno, row

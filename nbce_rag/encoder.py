@@ -77,10 +77,15 @@ def identity_digest(identity: str) -> str:
 
 
 def identities_match(a: Optional[str], b: Optional[str]) -> bool:
-    """True when two encoder identities denote the same weights (names may differ)."""
+    """True when two encoder identities denote the same weights. Identities are
+    ``"<name>@sha256:<hex>"``: when both carry a digest (an ``@``), the digest after the last
+    ``@`` decides and the names may differ; identities without one compare whole. A missing
+    identity never matches. (The one comparison: the index and the calibration use it.)"""
     if not a or not b:
         return False
-    return identity_digest(a) == identity_digest(b)
+    if "@" in a and "@" in b:
+        return identity_digest(a) == identity_digest(b)
+    return a == b
 
 
 @dataclass

@@ -407,6 +407,28 @@ def test_cli_train_on_pairs(tiny_dir, tmp_path, capsys):
     assert CoSENTEncoder.from_pretrained(out).identity == report["identity_after"]
 
 
+def test_cli_train_reads_trec_qrels(tiny_dir, tmp_path, capsys):
+    """A 4-column TREC qrels file ('qid 0 docid rel') trains on the same pairs as the BEIR TSV
+    with the same labels (it used to raise CorruptFileError here while `calibrate` read it)."""
+    from nbce_rag.cli import main
+
+    root = _beir(tmp_path)
+    beir = read_qrels(root / "qrels" / "train.tsv")
+    trec = tmp_path / "train.trec"
+    trec.write_text("".join(f"{q} 0 {d} {g:g}\n" for q, ds in beir.items() for d, g in ds.items()))
+    assert read_qrels(trec) == beir
+    reports = []
+    for i, qrels in enumerate((root / "qrels" / "train.tsv", trec)):
+        out = tmp_path / f"out{i}"
+        rc = main(["train", "--qrels", str(qrels), "--corpus", str(root / "corpus.jsonl"),
+                   "--queries", str(root / "queries.jsonl"), "--out", str(out), "--encoder", str(tiny_dir),
+                   "--epochs", "1", "--no-progress"])
+        assert rc == 0, capsys.readouterr().err
+        reports.append(json.loads((out / "training_report.json").read_text()))
+    assert reports[0]["n_pairs"] == reports[1]["n_pairs"] > 0
+    assert reports[0]["identity_after"] == reports[1]["identity_after"]  # same pairs, same seed: same weights
+
+
 def test_cli_train_on_qrels(tiny_dir, tmp_path, capsys):
     from nbce_rag.cli import main
 
