@@ -17,22 +17,12 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch = pytest.importorskip("torch")
 
-from nbce_rag.data import (  # noqa: E402
-    BeirData,
-    as_pairs,
-    qrels_to_pairs,
-    read_beir,
-    read_pairs,
-    read_qrels,
-    read_stsb,
-)
-from nbce_rag.encoder import (  # noqa: E402
-    CoSENTEncoder,
-    CoSENTTrainingConfig,
-    identities_match,
-    make_tiny_encoder,
-)
+from nbce_rag.encoder import CoSENTEncoder, identities_match  # noqa: E402
+from nbce_rag.readers import BeirData, as_pairs, read_beir, read_pairs, read_qrels, read_stsb  # noqa: E402
+from nbce_rag.training import CoSENTTrainingConfig, qrels_to_pairs  # noqa: E402
 from nbce_rag.errors import ConfigError, CorruptFileError, ModelLoadError  # noqa: E402
+
+from conftest import make_tiny_encoder  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 
@@ -199,7 +189,7 @@ def test_fit_keep_best_and_max_steps(tiny):
 
 
 def test_epoch_batches_plain_shuffle_and_grouped_packing():
-    from nbce_rag.encoder import _epoch_batches
+    from nbce_rag.training import _epoch_batches
 
     # plain: a permutation cut into batch_size slices (the order fit always used)
     pairs = [(f"s{i}", "t", 0.5) for i in range(10)]

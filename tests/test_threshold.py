@@ -652,7 +652,7 @@ def tiny_index_dir(tmp_path_factory):
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from nbce_rag.encoder import make_tiny_encoder
+    from conftest import make_tiny_encoder
     from nbce_rag.index import VectorIndex
 
     root = tmp_path_factory.mktemp("cal_index")
@@ -745,7 +745,7 @@ def test_cli_calibrate_bad_input(tiny_index_dir, tmp_path, capsys):
 
 
 def test_real_index_encoder_mismatch(tiny_index_dir, tmp_path):
-    from nbce_rag.encoder import make_tiny_encoder
+    from conftest import make_tiny_encoder
     from nbce_rag.index import VectorIndex
 
     root, queries, qrels, _ = tiny_index_dir
