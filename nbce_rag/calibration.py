@@ -3,16 +3,9 @@
 :class:`~nbce_rag.threshold.MarginThreshold` (the filter, its persistence and report) is
 built from :func:`calibrate_rule`; everything here takes arrays and returns numbers.
 
-Retrieval always returns ``k`` hits, relevant or not, and NBCE fuses whatever it is given.
-:class:`MarginThreshold` decides, per query, which candidates to keep, with every number
-*calibrated from labelled data* (a hand-picked cut-off is all LangChain's
-``EmbeddingsFilter`` and LlamaIndex's ``SimilarityPostprocessor`` offer).
+Scores are the canonical cosine of the CoSENT encoder, ``s = cos(E(q), E(p))``.
 
-Scores are the canonical cosine of the CoSENT encoder, ``s = cos(E(q), E(p))``. Candidates
-from an external store (which may report a distance or a transformed "relevance") are
-re-scored with :meth:`MarginThreshold.rescore` first.
-
-Calibration (:meth:`MarginThreshold.calibrate`), from cosine scores ``s``, 0/1 labels ``y``
+Calibration (:func:`calibrate_rule`), from cosine scores ``s``, 0/1 labels ``y``
 and the query id of every score (the candidates of a query, e.g. its top-k; ``s_max(q)`` is
 the best candidate's score of query ``q``):
 
@@ -49,21 +42,11 @@ The filter rule, for one query's candidates ``s_1..s_k`` with ``s_max = max_j s_
 
     keep i  iff  s_i >= threshold  and  s_i >= s_max - margin        (no margin: m = +inf)
 
-``threshold`` equals ``t*`` when no margin is used. The band does not change the decision:
-it labels kept and dropped hits ``confident`` / ``uncertain`` (what a reranker or a monitor
-consumes) and is reported with the calibration. Why this rule and not another (``t*`` alone,
-the margin alone, ``t*`` AND a fixed-quantile margin, the band edges as the decision, ...):
-the cross-validated comparison on SciFact train in ``benchmarks/RESULTS_filter.md``.
-
-When nothing passes the result is empty (``FilterResult.kept == []``): the pipeline answers
-closed-book and flags the answer as unsupported; there is no fall-back to top-k.
-
-The calibration records the encoder identity; :meth:`MarginThreshold.filter`,
-:meth:`MarginThreshold.check_encoder` and :meth:`MarginThreshold.for_index` refuse another
-encoder with :class:`~nbce_rag.errors.EncoderMismatchError`. It is saved as
-``calibration.json`` (:data:`CALIBRATION_FILENAME`) inside an index directory, where the
-pipeline picks it up.
-
+``threshold`` equals ``t*`` when no margin is used; the band does not change the decision
+(it labels hits ``confident`` / ``uncertain``). Why this rule and not another (``t*`` alone,
+the margin alone, a fixed-quantile margin, the band edges as the decision, ...): the
+cross-validated comparison on SciFact train in ``benchmarks/RESULTS_filter.md``. How the rule
+is applied, saved and checked against the encoder: :mod:`nbce_rag.threshold`.
 """
 
 from __future__ import annotations

@@ -21,9 +21,7 @@ The filter rule, for one query's candidates ``s_1..s_k`` with ``s_max = max_j s_
 
 ``threshold`` equals ``t*`` when no margin is used. The band does not change the decision:
 it labels kept and dropped hits ``confident`` / ``uncertain`` (what a reranker or a monitor
-consumes) and is reported with the calibration. Why this rule and not another (``t*`` alone,
-the margin alone, ``t*`` AND a fixed-quantile margin, the band edges as the decision, ...):
-the cross-validated comparison on SciFact train in ``benchmarks/RESULTS_filter.md``.
+consumes) and is reported with the calibration.
 
 When nothing passes the result is empty (``FilterResult.kept == []``): the pipeline answers
 closed-book and flags the answer as unsupported; there is no fall-back to top-k.
@@ -42,8 +40,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union

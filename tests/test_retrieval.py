@@ -61,7 +61,7 @@ def test_select_rescoring_sorts_cuts_and_maps_back_positions():
     assert [p.id for p in sel.kept] == ["z", "y"] and sel.kept_index == [2, 1]  # by cosine, cut to k
     assert [p.metadata["store_score"] for p in sel.kept] == [0.50, 0.10]
     kept, dropped = sel  # unpacks like the tuple RAGPipeline.select used to return
-    assert kept is sel.kept and dropped == [] and sel[0] is sel.kept and sel.result is None
+    assert isinstance(sel, Selection) and kept is sel.kept and dropped == [] and sel[0] is sel.kept and sel.result is None
 
     th = MarginThreshold(threshold=0.8, lower=0.3, upper=0.9, margin=None, encoder_identity=enc.identity)
     sel = select("apple", store, threshold=th, encoder=enc, rescore=True)
