@@ -216,3 +216,14 @@ def test_scheduler_refuses_misuse(tiny_decoder):
     assert state.done
     with pytest.raises(ValueError, match="already done"):
         sched.add(state)
+
+
+@pytest.mark.slow
+def test_bundled_model_scheduled_equals_alone(bundled_decoder):
+    """The real model (fp32 on the CPU): requests decoded together are token-identical to alone."""
+    cases = [(q, p, dict(o, max_new_tokens=min(o["max_new_tokens"], 8))) for q, p, o in CASES[:5]]
+    expected = _alone(bundled_decoder, cases)
+    states = [bundled_decoder.start(q, p, **o) for q, p, o in cases]
+    for (state, err), exp in zip(StepScheduler(bundled_decoder).run(states), expected):
+        assert err is None
+        _same(state.answer, exp)
