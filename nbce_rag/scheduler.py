@@ -278,7 +278,7 @@ class StepScheduler:
         return None
 
     def step(self) -> List[StepResult]:
-        """One iteration: admission, one prefill chunk, one decode step (see the policy).
+        """One iteration: admission, a prefill budget, one decode step (see the policy).
         Returns one :class:`StepResult` per request that made progress or failed."""
         self.steps += 1
         cfg = self.config
