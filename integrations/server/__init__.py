@@ -116,7 +116,18 @@ or a list of strings (token arrays are refused: with LangChain use
 """
 
 from .app import DEFAULT_MODEL_NAME, ServerLimits, create_app, nbce_info
-from .protocol import OpenAIError
+from .protocol import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    DocumentIn,
+    EmbeddingRequest,
+    NBCEOptions,
+    OpenAIError,
+    StreamOptions,
+)
 from .worker import ModelWorker
 
-__all__ = ["create_app", "ServerLimits", "ModelWorker", "OpenAIError", "DEFAULT_MODEL_NAME", "nbce_info"]
+__all__ = ["create_app", "ServerLimits", "ModelWorker", "OpenAIError", "DEFAULT_MODEL_NAME", "nbce_info",
+           "ChatCompletionRequest", "CompletionRequest", "EmbeddingRequest", "ChatMessage", "DocumentIn",
+           "NBCEOptions", "StreamOptions"]
