@@ -443,7 +443,7 @@ def markdown(rows) -> str:
         lines.append("|---|" + "---|" * len(ns))
         known = ["closed", "concat"] + POOLINGS + ["filter"]
         extra = sorted({r["method"] for r in rows if r["method"] not in known})  # POOLING+VARIANT
-        for m in known + extra:
+        for m in [m for m in known + extra if any(r["method"] == m and r["dataset"] == ds for r in rows)]:
             cells = []
             for n in ns:
                 r = next((r for r in rows if r["dataset"] == ds and r["method"] == m and r["gold_position"] is None
