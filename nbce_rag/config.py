@@ -86,7 +86,7 @@ class NBCEConfig:
         for name in ("do_sample", "use_chat_template"):
             v = getattr(self, name)
             if not isinstance(v, bool):
-                if type(v).__name__ != "bool_":  # numpy's bool
+                if not (type(v).__module__ == "numpy" and type(v).__name__ in ("bool", "bool_")):  # numpy's bool
                     raise bad(f"{name} must be true or false (got {_show(v)})")
                 setattr(self, name, bool(v))
         if "{question}" not in self.prompt_template or "{passage}" not in self.prompt_template:
