@@ -885,7 +885,7 @@ def _check_calibration_fields(d: Mapping[str, Any], bad: Any) -> Dict[str, Any]:
     if not isinstance(stats, Mapping):
         raise bad(f"field 'stats' must be an object (got {stats!r})")
     for k in _NUMERIC_STATS:
-        if stats.get(k) is not None:
+        if stats.get(k) is not None or (k == "ci_level" and k in stats):
             number(f"stats.{k}", stats[k])
     for k in ("rule", "global_threshold_metrics"):
         sub = stats.get(k)
@@ -893,9 +893,8 @@ def _check_calibration_fields(d: Mapping[str, Any], bad: Any) -> Dict[str, Any]:
             continue
         if not isinstance(sub, Mapping):
             raise bad(f"stats.{k} must be an object (got {sub!r})")
-        for key in ("precision", "recall", "f1"):
-            if key in sub:
-                number(f"stats.{k}.{key}", sub[key])
+        for key in ("precision", "recall", "f1") if sub else ():
+            number(f"stats.{k}.{key}", sub.get(key))
     return dict(threshold=t, lower=lo, upper=up, margin=m, encoder_identity=ident, ci=ci, stats=dict(stats))
 
 
