@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import logging
 import os
 import tempfile
 import threading
@@ -12,6 +14,8 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, Optional, Tuple, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
+
+logger = logging.getLogger(__name__)
 
 
 def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
@@ -80,6 +84,10 @@ def _try_lock(fd: int) -> bool:
     return True
 
 
+#: errors of a file system that cannot lock at all (some network file systems)
+_NO_LOCKING = {getattr(errno, n) for n in ("ENOLCK", "EOPNOTSUPP", "ENOSYS", "ENOTSUP") if hasattr(errno, n)}
+
+
 def _unlock(fd: int) -> None:
     try:
         import fcntl
@@ -127,7 +135,16 @@ def file_lock(path: PathLike, *, timeout: Optional[float], what: str = "") -> It
     try:
         deadline = None if timeout is None else time.monotonic() + timeout
         delay = 0.005
-        while not _try_lock(fd):
+        while True:
+            try:
+                if _try_lock(fd):
+                    break
+            except OSError as e:
+                if e.errno not in _NO_LOCKING:
+                    raise
+                logger.warning("cannot lock %s (%s): this file system has no file locks, so concurrent "
+                               "writers are not serialised", key, e.strerror or e)
+                break
             if deadline is not None and time.monotonic() >= deadline:
                 raise LockTimeoutError(
                     f"{what or key} is locked by another writer (lock file {key}) and was not released "
@@ -142,6 +159,9 @@ def file_lock(path: PathLike, *, timeout: Optional[float], what: str = "") -> It
         finally:
             with _HELD_GUARD:
                 del _HELD[key]
-            _unlock(fd)
+            try:
+                _unlock(fd)
+            except OSError:  # no locking on this file system (warned above); closing releases anyway
+                pass
     finally:
         os.close(fd)

@@ -606,7 +606,10 @@ class VectorIndex:
                 f"another writer saved the index at {path} after this copy was loaded, and the newer "
                 f"index cannot be read to merge into ({e}); nothing was written"
             ) from None
-        if (disk.dim != self.dim or disk.encoder_identity != self._encoder_identity
+        from .encoder import identities_match
+
+        if (disk.dim != self.dim or not (disk.encoder_identity == self._encoder_identity
+                                         or identities_match(disk.encoder_identity, self._encoder_identity))
                 or (disk.chunk_tokens, disk.overlap) != (self.chunk_tokens, self.overlap)):
             raise ConflictError(
                 f"the index at {path} was rebuilt by another writer (encoder {disk.encoder_identity}, dim "

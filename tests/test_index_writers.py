@@ -366,3 +366,18 @@ def test_journal_is_not_kept_for_a_copy_never_saved(tmp_path):
     idx.save(tmp_path / "idx")
     assert idx._journal == []
     assert index_mod.DEFAULT_LOCK_TIMEOUT > 0
+
+
+def test_a_file_system_without_locks_still_saves_with_a_warning(tmp_path, monkeypatch, caplog):
+    import errno
+
+    import nbce_rag._io as io_mod
+
+    def no_locks(fd):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(io_mod, "_try_lock", no_locks)
+    with caplog.at_level("WARNING", logger="nbce_rag"):
+        _new_index(tmp_path / "idx", n=3)
+    assert len(VectorIndex.load(tmp_path / "idx")) == 3
+    assert any("no file locks" in r.getMessage() for r in caplog.records)
