@@ -133,3 +133,13 @@ def test_good_scores_are_floats():
     assert Passage("t", 3).score == 3.0 and Passage("t").score is None
     assert as_passage({"text": "t", "score": "0.7"}).score == 0.7
     assert Passage("t", -SCORE_LIMIT).score == -SCORE_LIMIT
+
+
+@pytest.mark.parametrize("param", ["temperature", "max_tokens", "max_completion_tokens", "top_p", "seed"])
+@pytest.mark.parametrize("value", [math.nan, math.inf, 1e308, "x"], ids=repr)
+def test_openai_parameters_are_checked_and_named(param, value):
+    """The server and the adapters map OpenAI parameters through NBCEConfig.from_openai_params."""
+    with pytest.raises(ConfigError, match=f"^{param} must be"):
+        NBCEConfig.from_openai_params({param: value})
+    with pytest.raises(ConfigError, match="beta must be"):
+        NBCEConfig.from_openai_params({"beta": math.nan})
