@@ -16,7 +16,7 @@ import os
 from typing import Any, Iterable, Iterator, List, Optional
 
 from .decoder import NBCEDecoder
-from .retrieval import Selection, select
+from .retrieval import Selection, check_k, select
 from .types import Answer, Passage, StreamEvent, as_passage
 
 logger = logging.getLogger(__name__)
@@ -32,12 +32,10 @@ class RAGPipeline:
     """
 
     def __init__(self, decoder: NBCEDecoder, index: Any = None, threshold: Any = None, *, k: int = 10):
-        if k < 1:
-            raise ValueError(f"k must be >= 1 (got {k})")
         self.decoder = decoder
         self.index = index
         self.threshold = threshold
-        self.k = k
+        self.k = check_k(k)
         if threshold is not None and index is not None:
             threshold.check_encoder(index)
 
@@ -96,10 +94,7 @@ class RAGPipeline:
         """Top-``k`` candidates from the index, scored with the canonical cosine."""
         if self.index is None:
             raise ValueError("this pipeline has no index: pass passages= to ask(), or build it with an index")
-        k = self.k if k is None else k
-        if k < 1:
-            raise ValueError(f"k must be >= 1 (got {k})")
-        return list(self.index.search(question, k=k))
+        return list(self.index.search(question, k=check_k(self.k if k is None else k)))
 
     def select(self, question: str, passages: Optional[Iterable[Any]] = None, k: Optional[int] = None) -> Selection:
         """The passages that will reach the decoder, and the filter's decisions.

@@ -110,7 +110,7 @@ def test_concurrent_writer_processes_keep_every_reported_row(tmp_path, n_writers
 @pytest.mark.slow  # two CLI processes load torch and the encoder: over a minute on a busy 2-core box
 def test_concurrent_cli_appends_both_land(tmp_path):
     """Two `nbce-rag index --append` processes at once (the issue's report): both rows are kept."""
-    from nbce_rag.encoder import make_tiny_encoder
+    from conftest import make_tiny_encoder
 
     make_tiny_encoder(tmp_path / "enc", seed=0)
     docs = tmp_path / "docs"
@@ -172,7 +172,7 @@ def test_same_row_added_by_two_copies_is_a_conflict_and_writes_nothing(tmp_path)
 
 
 def test_on_duplicate_policy_decides_concurrent_adds_of_one_document(tmp_path):
-    from nbce_rag.encoder import make_tiny_encoder
+    from conftest import make_tiny_encoder
 
     enc = make_tiny_encoder(tmp_path / "enc", seed=0)
     p = tmp_path / "idx"

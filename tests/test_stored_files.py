@@ -262,7 +262,7 @@ def test_fifo_and_socket_in_a_folder_are_skipped_with_a_warning(tmp_path, caplog
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
 def test_cli_index_of_a_folder_with_a_fifo_does_not_hang(tmp_path, capsys):
     from nbce_rag.cli import main
-    from nbce_rag.encoder import make_tiny_encoder
+    from conftest import make_tiny_encoder
 
     make_tiny_encoder(tmp_path / "enc", seed=0)
     d = tmp_path / "docs"
