@@ -775,6 +775,9 @@ class VectorIndex:
             raise CorruptFileError(
                 f"{vfile} holds {vectors.dtype} {vectors.shape}, the manifest says float32 {(count, dim)}; rebuild the index"
             )
+        # unit rows sum to at most sqrt(dim): a non-finite row sum means NaN/inf (or absurd) values
+        if count and not np.all(np.isfinite(vectors.sum(axis=1, dtype=np.float64))):
+            raise CorruptFileError(f"{vfile} holds NaN or infinite values; rebuild the index")
         ids: List[str] = []
         texts: List[str] = []
         metas: List[Dict[str, Any]] = []

@@ -279,3 +279,24 @@ def test_cli_index_of_a_folder_with_a_fifo_does_not_hang(tmp_path, capsys):
 def test_missing_path_still_reported(tmp_path):
     docs, report = read_documents([Path(tmp_path / "nope")])
     assert not docs and report.unreadable
+
+
+def test_nan_vectors_with_a_matching_checksum_are_corrupt(saved_index, tmp_path):
+    """A manifest edited to match damaged vectors still cannot bring NaN scores into search."""
+    import hashlib
+
+    d = tmp_path / "i"
+    d.mkdir()
+    for f in saved_index.iterdir():
+        (d / f.name).write_bytes(f.read_bytes())
+    m = json.loads((d / "manifest.json").read_text())
+    vf = d / m["files"]["vectors"]["name"]
+    v = np.load(vf)
+    v[2, 3] = np.nan
+    with open(vf, "wb") as f:
+        np.save(f, v)
+    m["files"]["vectors"]["sha256"] = hashlib.sha256(vf.read_bytes()).hexdigest()
+    m["files"]["vectors"]["bytes"] = vf.stat().st_size
+    (d / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(CorruptFileError, match="NaN or infinite"):
+        VectorIndex.load(d)
