@@ -92,11 +92,14 @@ class NBCEConfig:
                 if not (type(v).__module__ == "numpy" and type(v).__name__ in ("bool", "bool_")):  # numpy's bool
                     raise bad(f"{name} must be true or false (got {_show(v)})")
                 setattr(self, name, bool(v))
-        if "{question}" not in self.prompt_template or "{passage}" not in self.prompt_template:
-            raise bad("prompt_template must contain both {passage} and {question}")
+        if (not isinstance(self.prompt_template, str) or "{question}" not in self.prompt_template
+                or "{passage}" not in self.prompt_template):
+            raise bad("prompt_template must be a string containing both {passage} and {question}")
+        if self.system_prompt is not None and not isinstance(self.system_prompt, str):
+            raise bad(f"system_prompt must be a string or None (got {_show(self.system_prompt)})")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        if not all(isinstance(s, str) and s for s in self.stop):
+        if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) and s for s in self.stop):
             raise bad("stop must be a list of non-empty strings")
         from .nbce import get_pooling
 

@@ -143,3 +143,9 @@ def test_openai_parameters_are_checked_and_named(param, value):
         NBCEConfig.from_openai_params({param: value})
     with pytest.raises(ConfigError, match="beta must be"):
         NBCEConfig.from_openai_params({"beta": math.nan})
+
+
+def test_non_numeric_options_of_the_wrong_type_are_config_errors():
+    for bad in ({"prompt_template": 5}, {"system_prompt": 3}, {"stop": 7}, {"stop": [""]}, {"use_chat_template": "yes"}):
+        with pytest.raises(ConfigError):
+            NBCEConfig().update(**bad)
