@@ -248,7 +248,7 @@ def test_openai_table_maps_frequency_and_presence_penalty():
     from nbce_rag.config import OPENAI_PARAMS, openai_options
 
     assert {"frequency_penalty", "presence_penalty"} <= set(OPENAI_PARAMS)
-    assert openai_options({"frequency_penalty": "0.5", "presence_penalty": 1}) == {"frequency_penalty": 0.5, "presence_penalty": 1.0}
+    assert openai_options({"frequency_penalty": 0.5, "presence_penalty": 1}) == {"frequency_penalty": 0.5, "presence_penalty": 1.0}
     cfg = NBCEConfig.from_openai_params({"frequency_penalty": 0.3, "repetition_penalty": 1.2, "no_repeat_ngram_size": 3})
     assert (cfg.frequency_penalty, cfg.repetition_penalty, cfg.no_repeat_ngram_size) == (0.3, 1.2, 3)
     with pytest.raises(ConfigError, match="frequency_penalty must be"):
