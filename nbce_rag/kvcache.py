@@ -121,8 +121,9 @@ def weights_fingerprint(model: torch.nn.Module, samples: int = 256) -> str:
             if t.device.type == "meta" or t.numel() == 0:
                 continue
             flat = t.detach().reshape(-1)
-            idx = torch.linspace(0, flat.numel() - 1, steps=min(samples, flat.numel()), device=flat.device).long()
-            h.update(flat[idx].float().cpu().numpy().tobytes())
+            k = min(samples, flat.numel())
+            idx = (torch.arange(k, dtype=torch.int64) * (flat.numel() - 1)) // max(1, k - 1)
+            h.update(flat[idx.to(flat.device)].float().cpu().numpy().tobytes())
     return h.hexdigest()
 
 
@@ -671,11 +672,12 @@ class PrefillPlan:
                     start = W - n[j]
                     kv = torch.stack([torch.stack([layer.keys[j, :, start:start + a], layer.values[j, :, start:start + a]])
                                       for layer in cache.layers])
-                    entry = self.cache.put(self.ns, self.rows[r][:a], kv)
+                    ids = tuple(self.rows[r][:a])
+                    entry = self.cache.put(self.ns, ids, kv)
                     self.stats.stored += 1
+                    self._new.append((ids, kv))  # for the disk store, even when RAM has no room
                     if entry is not None:
                         self.entries[r], self.cached[r] = entry, a  # later rows of this call reuse it
-                        self._new.append((entry.ids, entry.kv))
         return logits, _Group(members, cache, mask, pos[:, -1:])
 
     def finish(self) -> None:
