@@ -626,6 +626,7 @@ class PrefillPlan:
                 st.misses += 1
         self.stats = st
         self._new: List[Tuple[Tuple[int, ...], torch.Tensor]] = []
+        self.stored_rows: set = set()
 
     def uncached(self, r: int) -> int:
         return len(self.rows[r]) - self.cached[r]
@@ -675,6 +676,7 @@ class PrefillPlan:
                     ids = tuple(self.rows[r][:a])
                     entry = self.cache.put(self.ns, ids, kv)
                     self.stats.stored += 1
+                    self.stored_rows.add(r)
                     self._new.append((ids, kv))  # for the disk store, even when RAM has no room
                     if entry is not None:
                         self.entries[r], self.cached[r] = entry, a  # later rows of this call reuse it
@@ -738,13 +740,16 @@ def fill(decoder, passages: Iterable[Any], *, batch_passages: int = 32, show_pro
             raise ValueError("the passage KV cache cannot be used with this model or prompt_template (see the log)")
         passage_rows = range(1, len(prep.rows))
         todo = [r for r in passage_rows if plan.cached[r] < plan.cacheable[r]]
+        if plan.cached[0] < plan.cacheable[0]:  # the no-passage row's question-free prefix, once
+            todo.append(0)
         todo.sort(key=lambda r: -plan.uncached(r))
         for s in range(0, len(todo), cfg.batch_rows):
             plan.prefill(todo[s : s + cfg.batch_rows])
         total.rows += len(passage_rows)
-        total.hits += len(passage_rows) - len(todo)  # already cached
-        total.misses += len(todo)
-        total.stored += plan.stats.stored
+        new = sum(1 for r in todo if r)
+        total.hits += len(passage_rows) - new  # already cached
+        total.misses += new
+        total.stored += len(plan.stored_rows - {0})
         total.prompt_tokens += sum(plan.cacheable[r] for r in passage_rows)
         plan.stats = KVCacheStats(stored=plan.stats.stored)  # the cache counts what was stored, not lookups
         plan.finish()
@@ -753,3 +758,26 @@ def fill(decoder, passages: Iterable[Any], *, batch_passages: int = 32, show_pro
     if bar is not None:
         bar.close()
     return total
+
+
+# ---------------------------------------------------------------------------------- an index's store
+INDEX_KV_DIR = "kvcache"  #: the disk store of an index directory, filled by ``nbce-rag cache``
+
+
+def index_kv_dir(index_dir: os.PathLike | str) -> Path:
+    """Where ``nbce-rag cache`` writes the passage KV cache of an index: ``<index>/kvcache``."""
+    return Path(index_dir) / INDEX_KV_DIR
+
+
+def cache_for_index(index_dir: os.PathLike | str) -> Optional[PassageKVCache]:
+    """A RAM cache over the index's disk store (read-only: questions do not write into the
+    index directory), or None when the index has none."""
+    d = index_kv_dir(index_dir)
+    if not d.is_dir() or os.environ.get(ENV_OFF, "").strip().lower() in ("0", "off", "false", "no"):
+        return None
+    return PassageKVCache(disk=DiskKVStore(d, writable=False))
+
+
+def index_texts(index) -> List[str]:
+    """The chunk texts of a :class:`~nbce_rag.index.VectorIndex`, in storage order."""
+    return [index.get(i).text for i in index.ids]

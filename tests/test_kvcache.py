@@ -371,3 +371,40 @@ def test_bundled_model_equal_with_and_without_cache(bundled_decoder):
     for q in (q1, q1, q2):
         same(dec.generate(q, passages, max_new_tokens=12), ref.generate(q, passages, max_new_tokens=12))
     assert dec.kv_cache.last.hits == len(passages) + 1
+
+
+# ------------------------------------------------------------------ filling an index ahead of time
+def test_index_build_fills_the_decoder_cache(model_tok, ref, encoder, tmp_path):
+    from nbce_rag import VectorIndex
+
+    dec = cached(model_tok, PassageKVCache(disk=tmp_path))
+    index = VectorIndex.build(encoder, PASSAGES, decoder=dec)
+    assert len(dec.kv_cache) >= len(index) and shards(tmp_path)
+    texts = [h.text for h in index.search(QUESTIONS[0], k=3)]
+    got = dec.generate(QUESTIONS[0], texts, max_new_tokens=N)
+    assert dec.kv_cache.last.hits == 4
+    same(got, ref.generate(QUESTIONS[0], texts, max_new_tokens=N))
+
+
+def test_cache_and_ask_commands(model_tok, encoder, tmp_path, capsys):
+    """`nbce-rag cache` fills <index>/kvcache; `nbce-rag ask` reads it and says how much it reused."""
+    from nbce_rag import VectorIndex
+    from nbce_rag.cli import main
+    from nbce_rag.kvcache import cache_for_index, index_kv_dir
+
+    model, tok = model_tok
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    VectorIndex.build(encoder, PASSAGES).save(tmp_path / "idx")
+    assert cache_for_index(tmp_path / "idx") is None
+    m, idx = str(tmp_path / "model"), str(tmp_path / "idx")
+    assert main(["cache", "--index", idx, "--model", m, "--device", "cpu", "--batch", "2"]) == 0
+    out = capsys.readouterr().out
+    assert f"{len(PASSAGES)} chunk(s) cached" in out and "MiB on disk" in out
+    assert shards(index_kv_dir(idx)) and cache_for_index(idx).disk.writable is False
+    assert main(["cache", "--index", idx, "--model", m, "--device", "cpu"]) == 0
+    assert f"0 chunk(s) cached, {len(PASSAGES)} already there" in capsys.readouterr().out
+    assert main(["ask", QUESTIONS[0], "--index", idx, "--model", m, "--device", "cpu", "-k", "3",
+                 "--no-filter", "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "KV cache: 4/4 rows hit" in out
