@@ -107,7 +107,7 @@ def default_max_bytes() -> int:
 
 
 # ---------------------------------------------------------------------------------- namespace
-_NAMESPACES: "weakref.WeakKeyDictionary[Any, Tuple[str, Dict[str, Any]]]" = weakref.WeakKeyDictionary()
+_NAMESPACES: "weakref.WeakKeyDictionary[Any, Tuple[Any, str, Dict[str, Any]]]" = weakref.WeakKeyDictionary()
 _NS_LOCK = threading.Lock()
 
 
@@ -129,11 +129,16 @@ def weights_fingerprint(model: torch.nn.Module, samples: int = 256) -> str:
 
 def model_namespace(model: torch.nn.Module) -> Tuple[str, Dict[str, Any]]:
     """``(hash, description)`` of everything about ``model`` that changes cached keys/values.
-    Computed once per model object (the weights fingerprint reads ~70k values)."""
+    Remembered per model object and recomputed when its parameters change (moved, cast, or
+    modified in place: torch's version counters), so a fine-tuned model never reads the
+    entries of its former self."""
+    params = list(model.parameters())
+    quick = (tuple((p.dtype, p.device, p.data_ptr()) for p in params[:: max(1, len(params) // 8)]),
+             sum(p._version for p in params), str(getattr(model.config, "_attn_implementation", None)))
     with _NS_LOCK:
         got = _NAMESPACES.get(model)
-    if got is not None:
-        return got
+    if got is not None and got[0] == quick:
+        return got[1], got[2]
     import transformers
 
     from . import __version__
@@ -156,7 +161,7 @@ def model_namespace(model: torch.nn.Module) -> Tuple[str, Dict[str, Any]]:
     }
     ns = hashlib.blake2b(json.dumps(desc, sort_keys=True).encode(), digest_size=12).hexdigest()
     with _NS_LOCK:
-        _NAMESPACES[model] = (ns, desc)
+        _NAMESPACES[model] = (quick, ns, desc)
     return ns, desc
 
 

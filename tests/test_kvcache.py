@@ -408,3 +408,34 @@ def test_cache_and_ask_commands(model_tok, encoder, tmp_path, capsys):
                  "--no-filter", "--max-new-tokens", "4"]) == 0
     out = capsys.readouterr().out
     assert "KV cache: 4/4 rows hit" in out
+
+
+def test_weights_changed_in_place_are_a_new_namespace(tiny_chat_tokenizer):
+    tok = tiny_chat_tokenizer
+    model = make_tiny_llama(len(tok), seed=5)
+    cache = PassageKVCache()
+    dec = NBCEDecoder(model, tok, kv_cache=cache)
+    dec.generate(QUESTIONS[0], PASSAGES[:2], max_new_tokens=2)
+    before = model_namespace(model)[0]
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1.5)  # a fine-tuning step, in place
+        model.model.layers[0].self_attn.k_proj.weight.add_(0.01)
+    assert model_namespace(model)[0] != before
+    got = dec.generate(QUESTIONS[0], PASSAGES[:2], max_new_tokens=N)
+    assert got.cached_tokens == 0
+    same(got, NBCEDecoder(model, tok, kv_cache=None).generate(QUESTIONS[0], PASSAGES[:2], max_new_tokens=N))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("where", ["cpu", "cuda"])
+def test_cuda_cached_equals_uncached(model_tok, where):
+    """On a GPU (fp32): entries kept in host memory (default) or on the device."""
+    model, tok = model_tok
+    gpu = copy.deepcopy(model).to("cuda")
+    ref = NBCEDecoder(gpu, tok, kv_cache=None)
+    dec = NBCEDecoder(gpu, tok, kv_cache=PassageKVCache(device=where))
+    for q in (QUESTIONS[0], QUESTIONS[0], QUESTIONS[1]):
+        same(dec.generate(q, PASSAGES, max_new_tokens=N), ref.generate(q, PASSAGES, max_new_tokens=N))
+    assert dec.kv_cache.last.hits == len(PASSAGES) + 1
+    assert next(iter(dec.kv_cache._ram.entries.values())).kv.device.type == where
