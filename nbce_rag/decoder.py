@@ -97,6 +97,7 @@ class DecodeState:
     gen: Optional[torch.Generator] = None
     pooling: Any = None  #: this request's pooling (one object per request: it may keep state across tokens)
     scores: Optional[torch.Tensor] = None  #: retrieval scores of the passage rows, if every one has one
+    kv: Any = None  #: passage KV cache plan (nbce_rag.kvcache.PrefillPlan): what each row reuses; None = off
     _next: int = 0  # rows of ``order`` prefilled so far
     _chunks: List[torch.Tensor] = field(default_factory=list)
 
@@ -107,6 +108,11 @@ class DecodeState:
     @property
     def prefilled(self) -> bool:
         return self.inverse is not None
+
+    def row_tokens(self, r: int) -> int:
+        """Tokens the prefill computes for row ``r``: its uncached tail when the passage KV cache
+        holds the rest, else the whole row."""
+        return self.kv.uncached(r) if self.kv is not None else len(self.prep.rows[r].ids)
 
 
 class NBCEDecoder:
@@ -336,8 +342,6 @@ class NBCEDecoder:
             lg, cache = self._forward(ids, mask, pos, DynamicCache())
             groups.append(_Group(members, cache, mask, pos[:, -1:]))
             chunks.append(lg)
-        if kv is not None:
-            kv.finish()
         logits = torch.cat(chunks, dim=0)
         return _merge_for_decode(groups, cfg.decode_rows), logits
 
@@ -393,11 +397,12 @@ class NBCEDecoder:
 
     def _new_state(self, prep: _Prepared, cfg: NBCEConfig) -> DecodeState:
         rows = prep.rows
-        # group rows of similar length together (less padding); row 0 first
-        order = [0] + sorted(range(1, len(rows)), key=lambda r: -len(rows[r].ids))
+        kv = self._kv_plan(rows, cfg)
+        # group rows of similar (uncached) length together (less padding); row 0 first
+        order = [0] + sorted(range(1, len(rows)), key=lambda r: -(kv.uncached(r) if kv else len(rows[r].ids)))
         gen = torch.Generator().manual_seed(cfg.seed) if (cfg.do_sample and cfg.seed is not None) else None
         scores = prep.row_scores.to(self.device) if prep.row_scores is not None else None
-        return DecodeState(prep, cfg, order, gen=gen, pooling=get_pooling(cfg.pooling), scores=scores)
+        return DecodeState(prep, cfg, order, gen=gen, pooling=get_pooling(cfg.pooling), scores=scores, kv=kv)
 
     @torch.inference_mode()
     def prefill(self, state: DecodeState, max_tokens: Optional[int] = None) -> bool:
@@ -412,15 +417,18 @@ class NBCEDecoder:
         start = state._next
         take = min(cfg.batch_rows, len(order) - start)
         if max_tokens is not None:  # rows are sorted longest first: the first sets the width
-            width = max(len(rows[r].ids) for r in order[start : start + take])
+            width = max(state.row_tokens(r) for r in order[start : start + take])
             take = max(1, min(take, max_tokens // max(1, width)))
         members = order[start : start + take]
-        groups, logits = self._prefill(rows, members, cfg)
+        groups, logits = self._prefill(rows, members, cfg, state.kv)
         state.groups.extend(groups)
         state._chunks.append(logits)
         state._next = start + take
         if state._next < len(order):
             return False
+        if state.kv is not None:
+            state.kv.finish()  # (drops its references to cache entries)
+            state.prep.cached_tokens = state.kv.stats.cached_tokens
         state.groups = _merge_for_decode(state.groups, cfg.decode_rows)
         inverse = torch.empty(len(order), dtype=torch.long)
         inverse[torch.tensor(order)] = torch.arange(len(order))
@@ -473,7 +481,9 @@ class NBCEDecoder:
         inverse[torch.tensor(order)] = torch.arange(len(order))
         inverse = inverse.to(self.device)
         groups, logits = self._prefill(rows, order, cfg, kv)
-        prep.cached_tokens = kv.stats.cached_tokens if kv else 0
+        if kv is not None:
+            kv.finish()
+            prep.cached_tokens = kv.stats.cached_tokens
         return groups, logits[inverse], inverse
 
     def _kv_plan(self, rows: List[_Row], cfg: NBCEConfig):

@@ -5,7 +5,8 @@ causal, so the keys and values of everything before the question do not depend o
 question. Computed once, they are reused **exactly** by every later question over the same
 passage (each row starts at position 0; positions come from the attention mask).
 
-How the decoder uses it (:meth:`NBCEDecoder._prefill_rows` -> :func:`plan_prefill`):
+How the decoder uses it (:meth:`NBCEDecoder.start` -> :func:`plan_prefill`, then
+:meth:`NBCEDecoder.prefill` chunk by chunk -> :meth:`PrefillPlan.prefill`):
 
 1. For each row, the *cacheable* length is the row minus its question-dependent tail: the
    longest common token suffix with a reference row (the no-passage row for passage rows,
@@ -691,6 +692,7 @@ class PrefillPlan:
         """After the last micro-batch: write new entries to disk, update the cache's counters."""
         self.cache.write_disk(self.ns, self.desc, self._new)
         self._new = []
+        self.entries = [None] * len(self.rows)  # the rows are computed: let the LRU free what it evicts
         with self.cache._lock:
             self.cache.stats.add(self.stats)
             self.cache.last = self.stats  # type: ignore[attr-defined]

@@ -439,3 +439,20 @@ def test_cuda_cached_equals_uncached(model_tok, where):
         same(dec.generate(q, PASSAGES, max_new_tokens=N), ref.generate(q, PASSAGES, max_new_tokens=N))
     assert dec.kv_cache.last.hits == len(PASSAGES) + 1
     assert next(iter(dec.kv_cache._ram.entries.values())).kv.device.type == where
+
+
+def test_step_scheduler_with_the_cache(model_tok, ref):
+    """Requests decoded together by the server's step scheduler, over cached and new passages,
+    in small prefill chunks: each equals the uncached answer alone."""
+    from nbce_rag.scheduler import SchedulerConfig, StepScheduler
+
+    dec = cached(model_tok)
+    dec.generate(QUESTIONS[0], PASSAGES[:3], max_new_tokens=1)  # passages 0-2 cached, 3-4 not
+    cases = [(QUESTIONS[1], PASSAGES), (QUESTIONS[2], PASSAGES[1:4]), (QUESTIONS[0], PASSAGES[3:])]
+    sched = StepScheduler(dec, SchedulerConfig(step_rows=4, prefill_tokens=40))
+    states = [dec.start(q, p, max_new_tokens=N) for q, p in cases]
+    assert states[0].row_tokens(1) < len(states[0].prep.rows[1].ids)  # a cached row costs its tail only
+    for (state, err), (q, p) in zip(sched.run(states), cases):
+        assert err is None
+        same(state.answer, ref.generate(q, p, max_new_tokens=N))
+    assert states[0].answer.cached_tokens > 0
