@@ -56,7 +56,8 @@ carry a top-level ``nbce`` object (the ``openai`` client exposes it as
                           "id": "...", "title": "...", "score": 0.71,   # score: cosine, if known
                           "n_tokens": 12, "share": 0.75,                # tokens drawn from it
                           "text": "..."}],                               # only for retrieved passages
-             "dropped": [{"id", "title", "score", "code"}]}             # what the filter removed
+             "dropped": [{"id", "title", "score", "code"}],             # what the filter removed
+             "calibration": "prior for ... (...)"}                     # which calibration filtered
 
 ``usage`` (``prompt_tokens`` = tokens prefilled over all NBCE rows) is on every non-streaming
 response, and on streams in one extra chunk with ``"choices": []`` when
@@ -726,7 +727,8 @@ def nbce_info(answer: Answer, retrieved: bool) -> Dict[str, Any]:
         dropped.append({"index": None if retrieved else meta.get("request_index"), "id": getattr(hit, "id", None),
                         "title": _title(meta), "score": getattr(hit, "score", None),
                         "code": getattr(d, "code", None)})
-    return {"supported": bool(answer.supported), "retrieved": bool(retrieved), "sources": sources, "dropped": dropped}
+    return {"supported": bool(answer.supported), "retrieved": bool(retrieved), "sources": sources, "dropped": dropped,
+            "calibration": getattr(answer, "calibration", None)}
 
 
 # ---------------------------------------------------------------------------------- the app

@@ -446,6 +446,7 @@ class MarginThreshold:
         min_negatives: int = 10,
         min_margin_queries: int = 5,
         seed: int = 0,
+        objective: Any = None,
     ) -> "MarginThreshold":
         """Calibrate from cosine ``scores``, 0/1 relevance ``labels`` and the query id of every
         score (``groups``; the candidates of one query share an id).
@@ -458,8 +459,15 @@ class MarginThreshold:
         resamples single scores. ``encoder_identity`` may be an identity string, an encoder or
         an index. Raises :class:`CalibrationError` when the data cannot support a calibration
         (NaN scores, too few positives/negatives, all scores equal) and warns
-        (:class:`CalibrationWarning`) when it is thin.
+        (:class:`CalibrationWarning`) when it is thin. ``objective``: what the margin and the
+        threshold maximise -- ``None``: :data:`nbce_rag.objective.DEFAULT_OBJECTIVE`; ``"f1"``, ``"f0.5"`` (F-beta) or ``"coverage0.9"``
+        (highest precision keeping a relevant passage for 90% of answerable queries); see
+        :mod:`nbce_rag.objective`.
         """
+        from .objective import parse_objective
+
+        obj = parse_objective(objective)
+        obj_arg = None if (obj.kind == "fbeta" and obj.beta == 1.0) else obj
         s, y = _validate(scores, labels, min_positives, min_negatives)
         for name, v in (("precision_target", precision_target), ("recall_target", recall_target),
                         ("ci_level", ci_level)):
@@ -482,7 +490,7 @@ class MarginThreshold:
 
         mode = margin if groups is not None else None
         est = _estimate(s, y, gi, G, precision_target, recall_target, mode, qs,
-                        min_margin_queries, warn=True)
+                        min_margin_queries, warn=True, objective=obj_arg)
         n_pos = int(y.sum())
         stats: Dict[str, Any] = {
             "n_scores": int(s.size),
@@ -494,6 +502,7 @@ class MarginThreshold:
             "precision_target": float(precision_target),
             "recall_target": float(recall_target),
             "margin_mode": "auto" if margin == "auto" else ("none" if mode is None else "fixed"),
+            "objective": obj.name,
             "margin_quantile": est["quantile"],  # alpha of the chosen margin (None: 0 or fixed/none)
             "margin_candidates": est["candidates"],
             "global_threshold": est["t_star"],  # t* of the plain scan (no margin)
@@ -526,7 +535,7 @@ class MarginThreshold:
                 if ys.sum() == 0 or ys.sum() == ys.size:
                     continue
                 b = _estimate(s[idx], ys, new_gi, G, precision_target, recall_target, mode, qs,
-                              min_margin_queries, warn=False)
+                              min_margin_queries, warn=False, objective=obj_arg)
                 boot["threshold"].append(b["threshold"])
                 boot["global_threshold"].append(b["t_star"])
                 boot["lower"].append(b["lower"])
@@ -787,9 +796,9 @@ class MarginThreshold:
             mdesc = "no margin (none improved F1)" if st.get("margin_mode") == "auto" else "no margin"
         elif st.get("margin_quantile") is not None:
             mdesc = (f"q{st['margin_quantile']:g} of the within-query spread of relevant scores "
-                     f"({st.get('n_margin_spreads')} spreads), chosen by F1")
+                     f"({st.get('n_margin_spreads')} spreads), chosen by {st.get('objective', 'f1')}")
         elif self.margin == 0.0 and st.get("margin_mode") == "auto":
-            mdesc = "0: keep the best candidate only (chosen by F1)"
+            mdesc = f"0: keep the best candidate only (chosen by {st.get('objective', 'f1')})"
         else:
             mdesc = "fixed"
         lines = [
@@ -800,7 +809,7 @@ class MarginThreshold:
             "rule:       keep iff s >= threshold and s >= s_max(query) - margin",
             f"            [intervals: {int(round(lvl * 100))}% bootstrap over queries, "
             f"{st.get('n_bootstrap_used', st.get('n_bootstrap'))} resamples]",
-            f"threshold:  {f(self.threshold)}{c('threshold')}   best F1 of the rule (exact scan given the margin)",
+            f"threshold:  {f(self.threshold)}{c('threshold')}   best {st.get('objective', 'f1')} of the rule (exact scan given the margin)",
             f"margin:     {f(self.margin)}{c('margin')}   {mdesc}"
             + (f"; no margin in {st['margin_none_fraction']:.0%} of resamples" if st.get("margin_none_fraction") else ""),
             f"band:       [{f(self.lower)}, {f(self.upper)}]   lower: recall >= {st.get('recall_target')} above it"
@@ -882,8 +891,9 @@ def _members(gi: np.ndarray, G: int) -> List[np.ndarray]:
     return [order[bounds[g]:bounds[g + 1]] for g in range(G)]
 
 
-def _estimate(s, y, gi, G, p_target, r_target, mode, quantiles, min_margin_queries, warn):
-    """All calibrated numbers for one data set (the full data or one bootstrap resample)."""
+def _estimate(s, y, gi, G, p_target, r_target, mode, quantiles, min_margin_queries, warn, objective=None):
+    """All calibrated numbers for one data set (the full data or one bootstrap resample).
+    ``objective`` (nbce_rag.objective.Objective; None = F1) picks the margin and its threshold."""
     t_star, f1_star, _, _ = best_f1_threshold(s, y)
     up = precision_target_threshold(s, y, p_target)
     upper_reached = up is not None
@@ -917,11 +927,18 @@ def _estimate(s, y, gi, G, p_target, r_target, mode, quantiles, min_margin_queri
     order = np.argsort(-s, kind="mergesort")
     s_o, y_o, gap_o = s[order], y[order].astype(np.int64), (gmax - s)[order]
     P = int(y.sum())
+    g_o, n_ans = gi[order], int(np.unique(gi[y > 0]).size)
     for m, q in cands:
-        tau, f1, p, r = _best_f1_sorted(s_o if m is None else s_o[gap_o <= m],
-                                        y_o if m is None else y_o[gap_o <= m], P)
-        table.append({"margin": m, "quantile": q, "threshold": tau, "f1": f1, "precision": p, "recall": r})
-        if best is None or f1 > best["f1"] + 1e-12:
+        sel = slice(None) if m is None else gap_o <= m
+        if objective is None:
+            tau, f1, p, r = _best_f1_sorted(s_o[sel], y_o[sel], P)
+            val = f1
+        else:
+            tau, val, p, r = objective.best_sorted(s_o[sel], y_o[sel], P, g_o[sel], n_ans)
+            f1 = 2 * p * r / (p + r) if p + r else 0.0
+        table.append({"margin": m, "quantile": q, "threshold": tau, "f1": f1, "precision": p, "recall": r,
+                      "objective": val})
+        if best is None or val > best["objective"] + 1e-12:
             best = table[-1]
     t, margin = best["threshold"], best["margin"]
     lower, upper = min(lo, t_star, t), max(up, t_star, t)

@@ -116,6 +116,8 @@ class Answer:
     completion_tokens: int = 0
     supported: bool = True  #: False when no passage backed the answer (closed-book)
     dropped: List[Any] = field(default_factory=list)  #: filter decisions, set by the pipeline
+    #: which calibration filtered (labelled / synthetic / prior / none), set by the pipeline
+    calibration: Optional[str] = None
 
     @property
     def cited(self) -> List[SourceInfo]:
