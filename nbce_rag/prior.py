@@ -188,7 +188,7 @@ def _split_rows(n: int, split: str, seed: int) -> np.ndarray:
 
 
 def load_labelled(data_dir: PathLike, name: str, split: str = "cal", *, seed: int = 0,
-                  max_nq_passages: int = 1000, max_scifact_passages: Optional[int] = 2000) -> LabelledSet:
+                  max_nq_passages: int = 500, max_scifact_passages: Optional[int] = 2000) -> LabelledSet:
     """Read one of :data:`DATASETS` from the shared data folder (see its README).
 
     ``split``: ``"cal"`` (what priors are made from) or ``"eval"`` (held out). SciFact: train /

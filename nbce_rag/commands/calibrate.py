@@ -95,6 +95,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def main_synthetic(index_dir, n: int = 200) -> int:
+    """``nbce-rag calibrate --synthetic --index DIR --n N`` with the other options at their defaults
+    (what ``nbce-rag index ... --calibrate`` runs)."""
+    p = argparse.ArgumentParser(prog="nbce-rag calibrate")
+    register(p.add_subparsers())
+    args = p.parse_args(["calibrate", "--synthetic", "--index", str(index_dir), "--n", str(n)])
+    return run(args)
+
+
 def _margin_arg(v: str):
     from ..errors import ConfigError
 

@@ -43,6 +43,11 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     p.add_argument("--delete", action="append", default=[], metavar="DOC_ID",
                    help="remove a document (or chunk id) from the index at --out; repeatable")
     p.add_argument("--batch-size", type=int, default=32, help="encode batch size (default 32)")
+    p.add_argument("--calibrate", action="store_true",
+                   help="then self-calibrate the filter on questions the LM writes about the chunks "
+                   "(= nbce-rag calibrate --synthetic --index OUT; --calibrate-n chunks)")
+    p.add_argument("--calibrate-n", type=int, default=200, metavar="N",
+                   help="chunks to write a question about with --calibrate (default 200)")
     p.set_defaults(func=run)
 
 
@@ -100,4 +105,8 @@ def run(args: argparse.Namespace) -> int:
             extra += f", {rep.oversized_chunks} chunk(s) of one over-long word (truncated by the encoder)"
         print(f"indexed {rep.added_documents} document(s) as {rep.chunks} chunk(s){extra}")
     print(f"{out}: {action}; {len(index)} chunks, dim {index.dim}, encoder {index.encoder_identity} ({dt:.1f}s)")
+    if args.calibrate:
+        from .calibrate import main_synthetic
+
+        return main_synthetic(out, n=args.calibrate_n)
     return 0
