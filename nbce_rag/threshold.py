@@ -79,7 +79,7 @@ import numpy as np
 
 from ._io import atomic_write, read_json, write_json
 from .errors import CalibrationError, CorruptFileError, EncoderMismatchError
-from .types import Passage, as_passage
+from .types import DroppedHit, FilterResult, Passage, as_passage
 
 logger = logging.getLogger(__name__)
 
@@ -280,75 +280,6 @@ def prf(keep: np.ndarray, labels: np.ndarray) -> Tuple[float, float, float]:
     r = tp / P if P else 0.0
     f = 2 * tp / (nk + P) if (nk + P) else 0.0
     return p, r, f
-
-
-# --------------------------------------------------------------------------------------------
-# Results of filtering
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class DroppedHit:
-    """A candidate the filter dropped, and why."""
-
-    hit: Passage
-    reason: str  #: human-readable, with the numbers that decided it
-    code: str  #: machine-readable: "below_threshold" | "outside_margin" | "no_score"
-    zone: str = "uncertain"  #: "confident" (below ``lower``) or "uncertain" (inside the band)
-
-    @property
-    def score(self) -> Optional[float]:
-        return self.hit.score
-
-    def to_dict(self) -> Dict[str, Any]:
-        return {
-            "hit": self.hit.to_dict(),
-            "score": self.hit.score,
-            "reason": self.reason,
-            "code": self.code,
-            "zone": self.zone,
-        }
-
-
-@dataclass
-class FilterResult:
-    """What :meth:`MarginThreshold.filter` decided for one query's candidates.
-
-    ``kept`` keeps the input order. An empty ``kept`` means *no relevant context*: answer
-    closed-book and flag the answer unsupported (never fall back to top-k).
-    """
-
-    kept: List[Passage]
-    dropped: List[DroppedHit]
-    threshold: float
-    margin: Optional[float]
-    best_score: Optional[float]  #: s_max of the candidates (None when there were none)
-    confident: List[bool] = field(default_factory=list)  #: per kept hit: score >= upper
-
-    @property
-    def empty(self) -> bool:
-        return not self.kept
-
-    @property
-    def supported(self) -> bool:
-        """True when at least one passage survived (the answer can be grounded)."""
-        return bool(self.kept)
-
-    def __len__(self) -> int:
-        return len(self.kept)
-
-    def __iter__(self):
-        return iter(self.kept)
-
-    def to_dict(self) -> Dict[str, Any]:
-        return {
-            "kept": [h.to_dict() for h in self.kept],
-            "dropped": [d.to_dict() for d in self.dropped],
-            "threshold": self.threshold,
-            "margin": self.margin,
-            "best_score": self.best_score,
-            "confident": list(self.confident),
-        }
 
 
 # --------------------------------------------------------------------------------------------
@@ -690,31 +621,10 @@ class MarginThreshold:
 
     @staticmethod
     def rescore(encoder: Any, query: str, hits: Sequence[Any]) -> List[Passage]:
-        """Recompute the canonical cosine of ``hits`` against ``query`` with ``encoder``.
+        """The canonical cosine of ``hits`` against ``query`` (see :func:`nbce_rag.retrieval.rescore`)."""
+        from .retrieval import rescore
 
-        Vector stores report scores their own way (a distance, ``1 - d``, ``1 - d/sqrt 2``, an
-        inner product, ...); thresholds are only valid on the encoder's cosine. Returns new
-        passages with ``score`` = cosine; a previous score is kept in
-        ``metadata["store_score"]``. Order and the other fields are unchanged. ``encoder`` may
-        also be an index (its ``.encoder`` is used).
-        """
-        ps = [as_passage(h, where="hits") for h in hits]
-        if not ps:
-            return []
-        if not hasattr(encoder, "encode") and hasattr(encoder, "encoder"):
-            encoder = encoder.encoder  # an index: use its encoder
-        q = np.asarray(encoder.encode([query]), dtype=np.float32).reshape(1, -1)
-        P = np.asarray(encoder.encode([p.text for p in ps]), dtype=np.float32).reshape(len(ps), -1)
-        q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
-        P = P / np.maximum(np.linalg.norm(P, axis=1, keepdims=True), 1e-12)
-        cos = (P @ q[0]).astype(np.float64)
-        out = []
-        for p, c in zip(ps, cos):
-            meta = dict(p.metadata)
-            if p.score is not None:
-                meta.setdefault("store_score", p.score)
-            out.append(Passage(text=p.text, score=float(c), id=p.id, metadata=meta))
-        return out
+        return rescore(encoder, query, hits)
 
     # ---------------- persistence ----------------
     def to_dict(self) -> Dict[str, Any]:
