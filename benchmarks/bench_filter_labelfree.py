@@ -46,21 +46,31 @@ def _sets(data: Path) -> Dict[str, Dict[str, LabelledSet]]:
     return {ds: {sp: load_labelled(data, ds, sp) for sp in ("cal", "eval")} for ds in DATASETS}
 
 
-def _cache(args, enc):
+def _cache(args, enc, part: str = ""):
+    """The embedding cache; ``part`` names a second file a parallel encode job writes (read too)."""
     from bench_filter import _EmbCache
 
     key = hashlib.sha1(enc.identity.encode()).hexdigest()[:12]
-    return _EmbCache(enc, Path(args.cache) / f"labelfree_emb_{key}.npz")
+    c = _EmbCache(enc, Path(args.cache) / f"labelfree_emb_{key}{part}.npz")
+    for extra in sorted(Path(args.cache).glob(f"labelfree_emb_{key}_*.npz")):
+        if extra != c.path:
+            z = np.load(extra, allow_pickle=False)
+            for k_, v in zip(z["keys"], z["vecs"]):
+                c.map.setdefault(str(k_), v)
+    return c
 
 
 def stage_encode(args) -> Dict[str, Any]:
     from bench_filter import load_encoder
 
+    import os
+
     enc = load_encoder(args.encoder)
-    cache = _cache(args, enc)
+    only = [d for d in os.environ.get("LABELFREE_DATASETS", "").split(",") if d]
+    cache = _cache(args, enc, "_" + "_".join(only) if only else "")
     sets = _sets(Path(args.data))
     t0 = time.time()
-    for ds in DATASETS:
+    for ds in only or DATASETS:
         for sp in ("cal", "eval"):
             candidates(sets[ds][sp], cache.encode, args.k, n_queries=QUERIES, seed=args.seed)  # fills the cache
             print(f"encoded {ds} {sp} ({time.time() - t0:.0f}s)", flush=True)
@@ -210,9 +220,24 @@ def stage_labelfree(args) -> Dict[str, Any]:
             for name in ("prior (4 data sets)", "prior, this data set left out", "synthetic (own passages)"):
                 if name in m:
                     indomain.setdefault(name, {})[ds] = m[name]["recall"] / lab_r if lab_r else None
-        res["objectives"][obj] = {"prior": prior.to_dict(), "datasets": rows, "off_topic": summary,
+        # selection of the default objective: calibration splits only (the prior's own data)
+        f1_cal = {ds: _metrics(prior, cand[ds, "cal"]["S"], cand[ds, "cal"]["Y"])["f1"] for ds in DATASETS}
+        flag_cal = []
+        for b in DATASETS:
+            for a in DATASETS:
+                if a != b:
+                    c = candidates(sets[b]["cal"], cache.encode, k, n_queries=QUERIES, seed=args.seed,
+                                   passage_vectors=cand[b, "cal"]["P"], queries_from=sets[a]["cal"])
+                    keep = prior.keep_mask(c["S"].ravel(), np.repeat(np.arange(c["S"].shape[0]), k))
+                    flag_cal.append(float((keep.reshape(c["S"].shape).sum(1) == 0).mean()))
+        selection = {"f1_cal": f1_cal, "mean_f1_cal": float(np.mean(list(f1_cal.values()))),
+                     "off_topic_flagged_cal": float(np.mean(flag_cal)), "off_topic_worst_cal": float(min(flag_cal))}
+        print(f"selection on calibration splits, {obj}: {selection}")
+        res["objectives"][obj] = {"selection_on_cal": selection,
+                                  "prior": prior.to_dict(), "datasets": rows, "off_topic": summary,
                                   "in_domain_recall_vs_labelled": indomain, "seconds": time.time() - t0}
         _print(obj, rows, summary, indomain)
+    print(markdown(res))
     return res
 
 
@@ -318,3 +343,34 @@ def build_shipped_prior(args) -> MarginThreshold:
     cache = _cache(args, enc)
     return build_prior(enc, args.data, k=10, encode=cache.encode, n_bootstrap=args.bootstrap,
                        objective=args.objective)
+
+
+def markdown(res: Dict[str, Any]) -> str:
+    """The RESULTS_filter.md tables of a ``labelfree`` result."""
+    lines: List[str] = []
+    for obj, r in res["objectives"].items():
+        lines.append(f"\n**objective `{obj}`** (P / R / F1, kept per query; evaluation splits, top-{res['k']})\n")
+        dss = list(r["datasets"])
+        lines.append("| method | " + " | ".join(dss) + " |")
+        lines.append("|---|" + "---:|" * len(dss))
+        names: List[str] = []
+        for ds in dss:
+            for n in r["datasets"][ds]["methods"]:
+                if n not in names:
+                    names.append(n)
+        for n in names:
+            cells = []
+            for ds in dss:
+                m = r["datasets"][ds]["methods"].get(n)
+                cells.append("n/a" if m is None else
+                             f"{m['precision']:.3f} / {m['recall']:.3f} / **{m['f1']:.3f}** ({m['kept_per_query']:.2f})")
+            lines.append(f"| {n} | " + " | ".join(cells) + " |")
+        lines.append("")
+        for name, d in r["off_topic"].items():
+            lines.append(f"- off-topic flagged unsupported, {name}: mean {d['mean_flagged']:.1%}, "
+                         f"worst pair {d['min_flagged']:.1%} ("
+                         + ", ".join(f"{k} {v:.0%}" for k, v in d["pairs"].items()) + ")")
+        for name, d in r["in_domain_recall_vs_labelled"].items():
+            lines.append(f"- in-domain recall / labelled recall, {name}: "
+                         + ", ".join(f"{k} {v:.2f}" for k, v in d.items() if v is not None))
+    return "\n".join(lines)

@@ -39,6 +39,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import numpy as np
 
 from .errors import CalibrationError, CorruptFileError
+from .objective import DEFAULT_OBJECTIVE
 from .threshold import CALIBRATION_FILENAME, MarginThreshold, _identities_match, _identity_of
 
 logger = logging.getLogger(__name__)
@@ -364,6 +365,8 @@ def build_prior(
         logger.info("prior: %s: %d queries, %d passages, %d relevant candidates", name, len(c["qids"]),
                     len(ls.passages), int(c["Y"].sum()))
     calibrate_kwargs.setdefault("seed", seed)
+    if calibrate_kwargs.get("objective") is None:
+        calibrate_kwargs["objective"] = DEFAULT_OBJECTIVE
     th = MarginThreshold.calibrate(np.concatenate(S_all), np.concatenate(Y_all), np.concatenate(G_all),
                                    encoder_identity=_identity_of(encoder), **calibrate_kwargs)
     th.stats["k"] = int(k)

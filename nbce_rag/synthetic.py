@@ -24,6 +24,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from .errors import CalibrationError
+from .objective import DEFAULT_OBJECTIVE
 from .prior import SYNTHETIC_FILENAME
 from .threshold import MarginThreshold, _identity_of
 from .types import Passage
@@ -191,6 +192,8 @@ def synthetic_calibration(
             f"({len(chunks) - len(pairs)} replies were not questions): the model or the encoder does not fit "
             "these documents; raise --n, raise filter_top, or calibrate with labelled queries")
     calibrate_kwargs.setdefault("seed", seed)
+    if calibrate_kwargs.get("objective") is None:
+        calibrate_kwargs["objective"] = DEFAULT_OBJECTIVE
     try:
         th = MarginThreshold.calibrate(scores, labels, groups, encoder_identity=_identity_of(index), **calibrate_kwargs)
     except CalibrationError as e:

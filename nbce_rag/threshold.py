@@ -391,13 +391,13 @@ class MarginThreshold:
         an index. Raises :class:`CalibrationError` when the data cannot support a calibration
         (NaN scores, too few positives/negatives, all scores equal) and warns
         (:class:`CalibrationWarning`) when it is thin. ``objective``: what the margin and the
-        threshold maximise -- ``None``: :data:`nbce_rag.objective.DEFAULT_OBJECTIVE`; ``"f1"``, ``"f0.5"`` (F-beta) or ``"coverage0.9"``
+        threshold maximise -- ``None`` / ``"f1"`` (this method's default), ``"f0.5"`` (F-beta) or ``"coverage0.9"``
         (highest precision keeping a relevant passage for 90% of answerable queries); see
         :mod:`nbce_rag.objective`.
         """
         from .objective import parse_objective
 
-        obj = parse_objective(objective)
+        obj = parse_objective("f1" if objective is None else objective)
         obj_arg = None if (obj.kind == "fbeta" and obj.beta == 1.0) else obj
         s, y = _validate(scores, labels, min_positives, min_negatives)
         for name, v in (("precision_target", precision_target), ("recall_target", recall_target),
