@@ -56,7 +56,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 from dataclasses import replace
 
 from ..config import openai_options
-from ..retrieval import Selection, as_encoder, candidate_encoder, select
+from ..retrieval import Selection, as_encoder, candidate_encoder, check_k, select
 from ..types import Answer, Passage, StreamEvent, as_passage, pop_passages
 
 __all__ = [
@@ -605,8 +605,7 @@ class CoSENTRetriever(BaseRetriever):
     def model_post_init(self, __context: Any) -> None:
         if (self.index is None) == (self.vectorstore is None):
             raise ValueError("CoSENTRetriever needs exactly one candidate source: index= or vectorstore=")
-        if self.k < 1:
-            raise ValueError(f"k must be >= 1 (got {self.k})")
+        check_k(self.k)
 
     def _encoder(self) -> Any:
         emb = getattr(self.vectorstore, "embeddings", None)
@@ -615,9 +614,7 @@ class CoSENTRetriever(BaseRetriever):
 
     def select(self, query: str, k: Optional[int] = None) -> Selection:
         """``(kept, dropped)`` passages for ``query`` (what :meth:`RAGPipeline.select` returns)."""
-        k = int(k or self.k)
-        if k < 1:
-            raise ValueError(f"k must be >= 1 (got {k})")
+        k = check_k(k or self.k)
         if self.index is not None:
             enc = self._encoder() if self.threshold is not None else None
             return select(query, self.index, threshold=self.threshold, encoder=enc, k=k)

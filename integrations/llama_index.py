@@ -67,7 +67,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
     ) from e
 
 from ..config import openai_options
-from ..retrieval import Selection, as_encoder, candidate_encoder, select
+from ..retrieval import Selection, as_encoder, candidate_encoder, check_k, select
 from ..types import Answer, Passage, StreamEvent, as_passage, pop_passages
 
 __all__ = [
@@ -525,13 +525,11 @@ class CoSENTRetriever(BaseRetriever):
                  callback_manager: Optional[CallbackManager] = None, verbose: bool = False) -> None:
         if (index is None) == (vector_store is None):
             raise ValueError("CoSENTRetriever needs exactly one candidate source: index= or vector_store=")
-        if similarity_top_k < 1:
-            raise ValueError(f"similarity_top_k must be >= 1 (got {similarity_top_k})")
+        self.similarity_top_k = check_k(similarity_top_k, "similarity_top_k")
         self.index = index
         self.vector_store = vector_store
         self.encoder = encoder
         self.threshold = threshold
-        self.similarity_top_k = int(similarity_top_k)
         self.fetch_k = fetch_k
         self.embed_model = embed_model
         self.last_dropped: List[Any] = []

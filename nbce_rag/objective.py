@@ -58,7 +58,7 @@ class Objective:
         including any not in ``s``; ``g`` = query index of each score, needed for coverage).
         Returns ``(threshold, objective value, precision, recall)``; threshold = +inf and
         value = -inf when no cut is feasible."""
-        from .threshold import _cut_threshold
+        from .calibration import _cut_threshold
 
         if s.size == 0 or P == 0:
             return float("inf"), float("-inf") if self.kind == "coverage" else 0.0, 0.0, 0.0

@@ -40,7 +40,8 @@ import numpy as np
 
 from .errors import CalibrationError, CorruptFileError
 from .objective import DEFAULT_OBJECTIVE
-from .threshold import CALIBRATION_FILENAME, MarginThreshold, _identities_match, _identity_of
+from .encoder import identities_match as _identities_match
+from .threshold import CALIBRATION_FILENAME, MarginThreshold, _identity_of
 
 logger = logging.getLogger(__name__)
 

@@ -32,6 +32,7 @@ __all__ = [
     "EmbeddingEncoder",
     "as_encoder",
     "candidate_encoder",
+    "check_k",
     "identity_of",
     "rescore",
     "select",
@@ -89,6 +90,13 @@ class EmbeddingEncoder:
 
     def encode(self, texts: Sequence[str], **_: Any) -> np.ndarray:
         return np.asarray(self.embed(list(texts)), dtype=np.float32)
+
+
+def check_k(k: Any, name: str = "k") -> int:
+    """``k`` (how many candidates) as an int >= 1, else a ``ValueError`` naming ``name``."""
+    if k is None or int(k) < 1:
+        raise ValueError(f"{name} must be >= 1 (got {k})")
+    return int(k)
 
 
 def as_encoder(
@@ -200,8 +208,7 @@ def select(
         raise TypeError("candidates must be a list of passages or a source with search(); "
                         "wrap a single string in a list")
     if not isinstance(candidates, (list, tuple)) and hasattr(candidates, "search"):
-        if k is None or k < 1:
-            raise ValueError(f"k must be >= 1 (got {k})")
+        k = check_k(k)
         candidates = candidates.search(question, k=max(k, fetch_k or 0))
     ps = [as_passage(c, where=f"candidates[{i}]") for i, c in enumerate(candidates)]
     order = list(range(len(ps)))

@@ -73,6 +73,19 @@ def as_passage(obj: Any, *, where: str = "passages") -> Passage:
     )
 
 
+def document_id(hit: Any) -> Optional[str]:
+    """The document a passage is, or is a chunk of: ``metadata["doc_id"]``, else the part of a
+    ``"<doc id>#<n>"`` chunk id (as :meth:`VectorIndex.add` makes them) before the last ``#``,
+    else its id. The one chunk -> document rule (calibration labels, hard-negative mining)."""
+    meta = getattr(hit, "metadata", None)
+    if isinstance(meta, dict) and meta.get("doc_id") is not None:
+        return str(meta["doc_id"])
+    hid = getattr(hit, "id", None)
+    if hid is None:
+        return None
+    return str(hid).rsplit("#", 1)[0]
+
+
 def pop_passages(kwargs: Dict[str, Any], convert: Callable[[Any], Passage] = as_passage) -> Optional[List[Passage]]:
     """Remove the passages given to a framework's model call as ``contexts=`` (or its alias
     ``documents=``) from ``kwargs`` and return them converted; ``None`` when neither is given."""

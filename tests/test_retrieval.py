@@ -61,7 +61,7 @@ def test_select_rescoring_sorts_cuts_and_maps_back_positions():
     assert [p.id for p in sel.kept] == ["z", "y"] and sel.kept_index == [2, 1]  # by cosine, cut to k
     assert [p.metadata["store_score"] for p in sel.kept] == [0.50, 0.10]
     kept, dropped = sel  # unpacks like the tuple RAGPipeline.select used to return
-    assert kept is sel.kept and dropped == [] and sel[0] is sel.kept and sel.result is None
+    assert isinstance(sel, Selection) and kept is sel.kept and dropped == [] and sel[0] is sel.kept and sel.result is None
 
     th = MarginThreshold(threshold=0.8, lower=0.3, upper=0.9, margin=None, encoder_identity=enc.identity)
     sel = select("apple", store, threshold=th, encoder=enc, rescore=True)
@@ -145,6 +145,28 @@ def test_top_p_semantics_are_the_same_on_every_surface(tiny_chat_decoder, params
     srv = create_app(RAGPipeline(dec), encoder=False).state.nbce
     req = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "q"}], **params})
     assert _effective(dec, srv.decode_options(req, None)) == expected
+
+
+def test_a_new_parameter_is_one_table_line_on_every_surface(tiny_chat_decoder, monkeypatch):
+    """Adding a line to OPENAI_PARAMS makes the parameter work per call in both adapters and
+    in server requests, with no other change."""
+    from nbce_rag import config
+
+    monkeypatch.setitem(config.OPENAI_PARAMS, "contrast", config._to("beta", float))
+    dec = tiny_chat_decoder
+    assert openai_options({"contrast": "0.5"}) == {"beta": 0.5}
+    pytest.importorskip("langchain_core")
+    pytest.importorskip("llama_index.core")
+    pytest.importorskip("fastapi")
+    from nbce_rag.integrations.langchain import ChatNBCE
+    from nbce_rag.integrations.llama_index import NBCELLM as LILLM
+    from nbce_rag.integrations.server import ChatCompletionRequest, create_app
+
+    assert ChatNBCE(decoder=dec)._options(None, {"contrast": 0.5})["beta"] == 0.5
+    assert LILLM(decoder=dec)._options({"contrast": 0.5})["beta"] == 0.5
+    srv = create_app(RAGPipeline(dec), encoder=False).state.nbce
+    req = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "q"}], "contrast": 0.5})
+    assert srv.decode_options(req, None)["beta"] == 0.5
 
 
 def test_top_p_alone_decodes_greedily_everywhere(tiny_chat_decoder):
