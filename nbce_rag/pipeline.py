@@ -67,8 +67,7 @@ class RAGPipeline:
         found: ``calibration.json`` in the index directory (labelled), ``calibration.synthetic.json``
         (``nbce-rag calibrate --synthetic``), the shipped prior of the index's encoder
         (:mod:`nbce_rag.prior`), else no filter; a path, a :class:`MarginThreshold`, or ``None``
-        (no filter: all top-k reach the decoder). ``"labelled"`` / ``"no-prior"``: ``"auto"``
-        without the prior.
+        (no filter: all top-k reach the decoder). ``"no-prior"``: ``"auto"`` without the prior.
         ``decoder_options`` are :class:`NBCEConfig` fields.
         """
         from .threshold import MarginThreshold
