@@ -25,7 +25,7 @@ def index(encoder):
 
 
 def _th(ident, t=0.35, source=None):
-    th = MarginThreshold(threshold=t, lower=t - 0.1, upper=t + 0.2, margin=0.25, encoder_identity=ident)
+    th = MarginThreshold(threshold=t, lower=t - 0.1, upper=min(t + 0.2, 1.0), margin=0.25, encoder_identity=ident)
     if source:
         th.stats["source"] = source
     return th
@@ -79,7 +79,7 @@ def test_corrupt_prior_is_a_clear_error(prior_dir, encoder):
         find_prior(encoder)
     d = _th(None).to_dict()
     (prior_dir / "broken.json").write_text(json.dumps(d))
-    with pytest.raises(CorruptFileError, match="no encoder identity"):
+    with pytest.raises(CorruptFileError, match="broken.json.*encoder.identity"):
         find_prior(encoder)
 
 
