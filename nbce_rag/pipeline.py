@@ -104,9 +104,15 @@ class RAGPipeline:
             th = MarginThreshold.load(threshold, encoder=idx)
             calibration = f"given ({threshold})"
         if decoder is None:
+            if index_dir is not None and "kv_cache" not in decoder_options:  # `nbce-rag cache` output, if any
+                from .kvcache import cache_for_index
+
+                kv = cache_for_index(index_dir)
+                decoder_options["kv_cache"] = "auto" if kv is None else kv
             dec = NBCEDecoder.from_pretrained(model, device=device, dtype=dtype, **decoder_options)
         elif decoder_options:  # a view with its own options; the caller's decoder is left as it was
-            dec = NBCEDecoder(decoder.model, decoder.tokenizer, decoder.config.update(**decoder_options))
+            dec = NBCEDecoder(decoder.model, decoder.tokenizer, decoder.config.update(**decoder_options),
+                              kv_cache=decoder.kv_cache)
         else:
             dec = decoder
         return cls(dec, idx, th, k=k, calibration=calibration)

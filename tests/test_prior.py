@@ -228,3 +228,24 @@ def test_calibrate_command_needs_a_mode(capsys):
     assert "--data" in capsys.readouterr().err
     assert main(["calibrate", "--prior", "--data", "x", "--objective", "bad"]) == 1
     assert "--objective" in capsys.readouterr().err
+
+
+def test_index_calibrate_runs_the_synthetic_recipe(tmp_path, tiny_chat_tokenizer, capsys):
+    """`nbce-rag index ... --calibrate`: the index is written, then the synthetic recipe runs with
+    --model; too few kept questions for a calibration is a clear error that says what to do."""
+    from conftest import make_tiny_llama
+    from nbce_rag.cli import main
+
+    model = make_tiny_llama(len(tiny_chat_tokenizer), seed=1)
+    model.save_pretrained(tmp_path / "model")
+    tiny_chat_tokenizer.save_pretrained(tmp_path / "model")
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(6):
+        (docs / f"d{i}.txt").write_text(" ".join(f"topic{i} word{j}" for j in range(15)))
+    rc = main(["index", str(docs), "--out", str(tmp_path / "idx"), "--calibrate", "--calibrate-n", "4",
+               "--model", str(tmp_path / "model")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "raise --n" in err
+    assert (tmp_path / "idx" / "manifest.json").exists() or any((tmp_path / "idx").iterdir())
+    assert not (tmp_path / "idx" / SYNTHETIC_FILENAME).exists()

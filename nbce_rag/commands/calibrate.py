@@ -95,12 +95,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main_synthetic(index_dir, n: int = 200) -> int:
+def main_synthetic(index_dir, n: int = 200, model=None) -> int:
     """``nbce-rag calibrate --synthetic --index DIR --n N`` with the other options at their defaults
     (what ``nbce-rag index ... --calibrate`` runs)."""
     p = argparse.ArgumentParser(prog="nbce-rag calibrate")
     register(p.add_subparsers())
-    args = p.parse_args(["calibrate", "--synthetic", "--index", str(index_dir), "--n", str(n)])
+    args = p.parse_args(["calibrate", "--synthetic", "--index", str(index_dir), "--n", str(n)]
+                        + (["--model", str(model)] if model else []))
     return run(args)
 
 
