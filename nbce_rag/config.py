@@ -75,6 +75,15 @@ class NBCEConfig:
         def bad(msg: str) -> ConfigError:
             return ConfigError(msg)
 
+        import math  # non-finite values pass every comparison below (nan < x is False)
+
+        for name in ("beta", "eta", "nbce_top_p", "temperature", "top_p"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise bad(f"{name} must be a finite number (got {v!r})")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not 0 <= self.seed < 2**64):
+            raise bad(f"seed must be an integer in [0, 2**64) or None (got {self.seed!r})")
         if self.beta < -1:
             raise bad(f"beta must be >= -1 (got {self.beta}); 0.25 is the reference default")
         if self.eta < 0:
