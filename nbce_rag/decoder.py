@@ -91,13 +91,17 @@ class NBCEDecoder:
         gguf_file: Optional[str] = None,
         device_map=None,
         config: Optional[NBCEConfig] = None,
+        model_kwargs: Optional[dict] = None,
         **options: Any,
     ) -> "NBCEDecoder":
         """Load a model (``None``: the bundled default; an HF id, a local path or a ``.gguf``
-        file) and wrap it. ``options`` are :class:`NBCEConfig` fields (e.g. ``beta=0.5``)."""
+        file) and wrap it. ``options`` are :class:`NBCEConfig` fields (e.g. ``beta=0.5``);
+        ``model_kwargs`` go to transformers' ``from_pretrained`` (e.g. ``revision``,
+        ``attn_implementation``, ``trust_remote_code``)."""
         from .models import load_model
 
-        lm, tok = load_model(model, device=device, dtype=dtype, gguf_file=gguf_file, device_map=device_map)
+        lm, tok = load_model(model, device=device, dtype=dtype, gguf_file=gguf_file, device_map=device_map,
+                             **dict(model_kwargs or {}))
         cfg = (config or NBCEConfig()).update(**options) if options else config
         return cls(lm, tok, cfg)
 
