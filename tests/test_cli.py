@@ -279,3 +279,75 @@ def test_damaged_files_are_one_line_exit_2(setup, index_dir, tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1 and "manifest" in err
     assert main(["search", "tower", "--index", str(tmp_path / "missing")]) == 2
     assert "no index" in capsys.readouterr().err
+
+
+def test_damaged_calibration_is_one_line_exit_2_before_the_llm_loads(setup, index_dir, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    import nbce_rag.decoder
+    from nbce_rag import MarginThreshold, VectorIndex
+
+    bad = tmp_path / "idx"
+    shutil.copytree(index_dir, bad)
+    MarginThreshold(threshold=0.3, lower=0.2, upper=0.5, margin=None,
+                    encoder_identity=VectorIndex.load(bad).encoder_identity).save(bad)
+    cal = json.loads((bad / "calibration.json").read_text(encoding="utf-8"))
+    cal["version"] = "x"
+    (bad / "calibration.json").write_text(json.dumps(cal), encoding="utf-8")
+
+    def boom(*a, **k):
+        raise AssertionError("the LLM was loaded before the calibration was read")
+
+    monkeypatch.setattr(nbce_rag.decoder.NBCEDecoder, "from_pretrained", classmethod(boom))
+    assert main(["ask", "When was the tower built?", "--index", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------------ demo
+
+LOOPING = ("The pass statement is a placeholder. It is used to indicate that a statement is not executed, "
+           "but is instead used to indicate that a statement is not executed.\n\nIn Python")
+
+
+@pytest.mark.parametrize("text, clean", [
+    (LOOPING, "The pass statement is a placeholder."),  # the answer
+    ("It does nothing. It is a null operation", "It does nothing."),  # cut mid-sentence by the limit
+    ("It does nothing. It does nothing at all here. Really.", "It does nothing. It does nothing at all here. Really."),
+    ("pass is a null operation; when it is executed, nothing happens. It is useful as a placeholder. "
+     "It is useful as a placeholder when", "pass is a null operation; when it is executed, nothing happens. "
+                                            "It is useful as a placeholder."),
+    ("It is used to indicate that a statement is not executed, but is instead used to indicate that a",
+     "It is used to indicate that a statement is not executed, but is instead\u2026"),
+    ("Fine answer!", "Fine answer!"),
+    ("", ""),
+])
+def test_demo_answer_ends_on_a_sentence_and_does_not_loop(text, clean):
+    from nbce_rag.commands.demo import clean_answer
+
+    assert clean_answer(text) == clean
+
+
+def test_demo_settings_are_explicit_and_used(monkeypatch, capsys, tmp_path):
+    from nbce_rag.commands import demo
+    from nbce_rag.pipeline import RAGPipeline
+    from nbce_rag.types import Answer, SourceInfo
+
+    seen = {}
+
+    class FakeRag:
+        def ask(self, question, **options):
+            seen.update(options, question=question)
+            return Answer(text=LOOPING, token_ids=[1] * 40, token_sources=[0] * 40, finish_reason="length",
+                          sources=[SourceInfo(index=0, text="pass is a null operation", score=0.7, n_tokens=40,
+                                              share=1.0, id="pydoc:pass")])
+
+    monkeypatch.setattr(demo, "build_demo_index", lambda path, rebuild=False: "an index")
+    monkeypatch.setattr(RAGPipeline, "from_pretrained", classmethod(lambda cls, *a, **k: FakeRag()))
+    assert main(["demo", "--index-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert seen == {**demo.DEMO_OPTIONS, "question": demo.DEFAULT_QUESTION}
+    assert seen["stop"] and seen["max_new_tokens"] == 96 and seen["do_sample"] is False
+    assert "settings: top-3 passages, greedy, at most 96 tokens" in out
+    answer = out.split("Q: ")[1].split("\n\n", 1)[1].split("\n\n")[0]
+    assert answer == "The pass statement is a placeholder." and "pydoc:pass" in out

@@ -118,7 +118,8 @@ def build_demo_index(path, rebuild: bool = False):
     if (path / MANIFEST).exists() and not rebuild:
         return VectorIndex.load(path, encoder=enc)
     t0 = time.perf_counter()
-    index = VectorIndex.build(enc, demo_documents())
+    print(f"indexing the Python language reference once (cached in {path})...", flush=True)
+    index = VectorIndex.build(enc, demo_documents(), show_progress_bar=True)  # tens of seconds on a CPU
     index.save(path)
     print(f"indexed {len(index)} chunks of the Python language reference in {time.perf_counter() - t0:.0f} s -> {path}")
     return index
