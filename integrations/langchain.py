@@ -250,7 +250,6 @@ _CONSTRUCTOR_HINTS = {
     "pipeline_kwargs": "from_model_id(..., pipeline_kwargs={...}) or nbce_options={...}",
     "task": "from_model_id(...); the task is always text generation",
     "tokenizer": "a model directory (model=) holding its tokenizer, or decoder=NBCEDecoder(model, tokenizer)",
-    "api_key": "nothing: decoding is local",
     "base_url": "nothing: decoding is local (for an nbce-rag server, use langchain_openai.ChatOpenAI)",
     "n": "one answer per call (call again, or use .batch())",
     "tools": "nothing: tool calling is not supported",
@@ -387,9 +386,9 @@ class ChatNBCE(_NBCEEngine, BaseChatModel):
     argument that is not a parameter raises ``TypeError`` naming what to use instead;
     ``bind_tools`` and ``with_structured_output`` raise ``NotImplementedError`` (no tool
     calling). Standard parameters: ``max_tokens`` (alias ``max_new_tokens``), ``temperature``
-    (0 = greedy, > 0 samples), ``top_p``, ``seed``, ``stop``; ``timeout`` and ``max_retries``
-    are accepted and unused (decoding is local). Other :class:`NBCEConfig` fields go in
-    ``nbce_options`` or per call (``chat.invoke(msgs, beta=0.5)``).
+    (0 = greedy, > 0 samples), ``top_p``, ``seed``, ``stop``; ``timeout``, ``max_retries`` and
+    ``api_key`` (LangChain's standard parameters) are accepted and unused (decoding is local).
+    Other :class:`NBCEConfig` fields go in ``nbce_options`` or per call (``chat.invoke(msgs, beta=0.5)``).
 
     ``retrieve=True``: with no passages in the messages, retrieve them through the pipeline
     (index + filter), i.e. answer like ``rag.ask(question)``. ``filter_passages=True``: given
@@ -418,6 +417,8 @@ class ChatNBCE(_NBCEEngine, BaseChatModel):
     stop: Optional[List[str]] = Field(default=None, alias="stop_sequences")
     timeout: Optional[float] = None
     max_retries: Optional[int] = None
+    #: LangChain's standard chat-model parameter; accepted, never used or shown (decoding is local)
+    api_key: Optional[Any] = Field(default=None, exclude=True, repr=False)
     streaming: bool = False
     nbce_options: Dict[str, Any] = Field(default_factory=dict)
     retrieve: bool = False

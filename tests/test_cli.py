@@ -243,6 +243,18 @@ def test_ask_stream_and_decoding_options(setup, index_dir, capsys):
     assert runs[0] == runs[1]
 
 
+def test_generate_question_positional_with_options(setup, capsys, tmp_path):
+    f = tmp_path / "p.txt"
+    f.write_text("Mount Everest is the highest mountain above sea level.", encoding="utf-8")
+    base = ["--model", str(setup / "model"), "--device", "cpu", "--max-new-tokens", str(N), "-p",
+            "The Eiffel Tower is in Paris.", "-p", f"@{f}"]
+    assert main(["generate", "Where", "is", "the", "tower?", *base, "--json", "--beta", "0.5"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert len(d["sources"]) == 2 and 1 <= d["completion_tokens"] <= N
+    assert main(["generate", "-q", "Where is the tower?", *base, "--stream", "--beta", "0.5"]) == 0
+    assert capsys.readouterr().out.startswith(d["text"])
+
+
 def test_ask_without_question_loops_with_models_loaded_once(setup, index_dir, capsys, monkeypatch):
     import nbce_rag.models
 
