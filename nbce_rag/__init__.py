@@ -19,7 +19,7 @@ _EXPORTS = {
     "CoSENTTrainingConfig": "nbce_rag.encoder",
     "VectorIndex": "nbce_rag.index",
     "MarginThreshold": "nbce_rag.threshold",
-    "FilterResult": "nbce_rag.threshold",
+    "FilterResult": "nbce_rag.types",
     "RAGPipeline": "nbce_rag.pipeline",
     "Passage": "nbce_rag.types",
     "Hit": "nbce_rag.types",

@@ -68,7 +68,7 @@ def test_ask_has_the_decoding_options_of_generate():
 
 
 def test_file_types_listed_from_the_reader_constants(tmp_path):
-    from nbce_rag.index import JSONL_EXTENSIONS, PDF_EXTENSIONS, TEXT_EXTENSIONS, read_documents
+    from nbce_rag.readers import JSONL_EXTENSIONS, PDF_EXTENSIONS, TEXT_EXTENSIONS, read_documents
 
     text = _subparsers()[1]["index"].format_help()
     flat = " ".join(text.split())
@@ -185,7 +185,7 @@ def test_bad_input_in_a_fresh_process_prints_no_traceback(tmp_path):
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tiny_chat_tokenizer):
     """A folder of documents, a tiny encoder and the tiny chat model saved as a model directory."""
-    from nbce_rag.encoder import make_tiny_encoder
+    from conftest import make_tiny_encoder
 
     root = tmp_path_factory.mktemp("cli")
     make_tiny_encoder(root / "enc", seed=0)

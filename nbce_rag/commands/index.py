@@ -4,7 +4,7 @@
                    [--backend exact|faiss] [--append] [--delete DOC_ID ...]
 
 PATH is a file or a directory (walked recursively); the file types read are those of
-:func:`nbce_rag.index.read_documents` (``TEXT_EXTENSIONS``, ``JSONL_EXTENSIONS`` and, with the
+:func:`nbce_rag.readers.read_documents` (``TEXT_EXTENSIONS``, ``JSONL_EXTENSIONS`` and, with the
 ``pdf`` extra, ``PDF_EXTENSIONS``), listed by ``--help`` from those same constants. Empty
 documents are skipped and counted; unreadable files are named and skipped; non-UTF-8 bytes are
 replaced (with a warning).
@@ -20,7 +20,7 @@ from ._common import examples, nonnegative_int, positive_int
 
 def accepted_file_types() -> str:
     """The extensions ``nbce-rag index`` reads, from the constants the folder reader uses."""
-    from ..index import JSONL_EXTENSIONS, PDF_EXTENSIONS, TEXT_EXTENSIONS
+    from ..readers import JSONL_EXTENSIONS, PDF_EXTENSIONS, TEXT_EXTENSIONS
 
     return " ".join(TEXT_EXTENSIONS + JSONL_EXTENSIONS) + " [" + " ".join(PDF_EXTENSIONS) + " with the pdf extra]"
 
@@ -73,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
 
     from ..encoder import CoSENTEncoder
     from ..errors import ConfigError
-    from ..index import MANIFEST, VectorIndex, read_documents
+    from ..index import MANIFEST, VectorIndex
+    from ..readers import read_documents
 
     if not args.paths and not args.delete:
         raise ConfigError("give at least one PATH to index (or --delete DOC_ID with --out DIR)")
