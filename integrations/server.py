@@ -117,7 +117,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 
 import numpy as np
 
-from nbce_rag.config import openai_options
+from nbce_rag.config import OPENAI_PARAMS, openai_options
 from nbce_rag.errors import ConfigError, NBCERagError, PromptTooLongError
 from nbce_rag.types import Answer, Passage
 
@@ -550,10 +550,12 @@ class _Server:
             raise _bad(f"temperature must be in [0, 2] (got {t})", param="temperature")
         if p is not None and not 0 < p <= 1:
             raise _bad(f"top_p must be in (0, 1] (got {p})", param="top_p")
+        # every parameter of the one mapping (OPENAI_PARAMS) the request carries; max_tokens is set above
+        params = {name: getattr(req, name, None) for name in OPENAI_PARAMS}
+        params.update(max_tokens=None, max_completion_tokens=None)
         nbce = {key: getattr(req.nbce, key) for key in ("pooling", "beta", "eta", "nbce_top_p")} if req.nbce else {}
-        opts.update(openai_options({"stop": opts.pop("stop", None), "temperature": t, "top_p": p, "seed": req.seed,
-                                    "system_prompt": system_prompt, **nbce}))
         try:
+            opts.update(openai_options({**params, "system_prompt": system_prompt, **nbce}))
             self.pipeline.decoder.config.update(**opts)
         except (ConfigError, TypeError, ValueError) as e:
             msg = str(e)

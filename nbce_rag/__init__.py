@@ -16,7 +16,7 @@ _EXPORTS = {
     "NBCEDecoder": "nbce_rag.decoder",
     "NBCEConfig": "nbce_rag.config",
     "CoSENTEncoder": "nbce_rag.encoder",
-    "CoSENTTrainingConfig": "nbce_rag.encoder",
+    "CoSENTTrainingConfig": "nbce_rag.training",
     "VectorIndex": "nbce_rag.index",
     "MarginThreshold": "nbce_rag.threshold",
     "FilterResult": "nbce_rag.types",

@@ -147,6 +147,28 @@ def test_top_p_semantics_are_the_same_on_every_surface(tiny_chat_decoder, params
     assert _effective(dec, srv.decode_options(req, None)) == expected
 
 
+def test_a_new_parameter_is_one_table_line_on_every_surface(tiny_chat_decoder, monkeypatch):
+    """Adding a line to OPENAI_PARAMS makes the parameter work per call in both adapters and
+    in server requests, with no other change."""
+    from nbce_rag import config
+
+    monkeypatch.setitem(config.OPENAI_PARAMS, "contrast", config._to("beta", float))
+    dec = tiny_chat_decoder
+    assert openai_options({"contrast": "0.5"}) == {"beta": 0.5}
+    pytest.importorskip("langchain_core")
+    pytest.importorskip("llama_index.core")
+    pytest.importorskip("fastapi")
+    from nbce_rag.integrations.langchain import ChatNBCE
+    from nbce_rag.integrations.llama_index import NBCELLM as LILLM
+    from nbce_rag.integrations.server import ChatCompletionRequest, create_app
+
+    assert ChatNBCE(decoder=dec)._options(None, {"contrast": 0.5})["beta"] == 0.5
+    assert LILLM(decoder=dec)._options({"contrast": 0.5})["beta"] == 0.5
+    srv = create_app(RAGPipeline(dec), encoder=False).state.nbce
+    req = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "q"}], "contrast": 0.5})
+    assert srv.decode_options(req, None)["beta"] == 0.5
+
+
 def test_top_p_alone_decodes_greedily_everywhere(tiny_chat_decoder):
     """Behaviour, not just mapping: top_p=0.5 without a temperature is the greedy answer."""
     pytest.importorskip("langchain_core")
