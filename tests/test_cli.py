@@ -291,6 +291,15 @@ def test_damaged_files_are_one_line_exit_2(setup, index_dir, tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1 and "manifest" in err
     assert main(["search", "tower", "--index", str(tmp_path / "missing")]) == 2
     assert "no index" in capsys.readouterr().err
+    # a manifest field of the wrong shape (the reliability sweep's `"chunking": {}`)
+    shutil.rmtree(bad)
+    shutil.copytree(index_dir, bad)
+    manifest = json.loads((bad / "manifest.json").read_text(encoding="utf-8"))
+    manifest["chunking"] = {}
+    (bad / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    assert main(["search", "tower", "--index", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "chunking" in err and "Traceback" not in err
 
 
 def test_damaged_calibration_is_one_line_exit_2_before_the_llm_loads(setup, index_dir, tmp_path, capsys, monkeypatch):
