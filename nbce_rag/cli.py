@@ -15,7 +15,7 @@ from .errors import CorruptFileError, NBCERagError
 
 #: Subcommands in the order ``--help`` lists them. A module that is not there yet is skipped.
 #: (``ask`` also registers ``chat``: questions read in a loop with the models loaded once.)
-COMMANDS = ["generate", "ask", "index", "search", "train", "calibrate", "serve", "demo"]
+COMMANDS = ["generate", "ask", "index", "cache", "search", "train", "calibrate", "serve", "demo"]
 
 #: Exit status for bad input (an option, a question, a file): argparse's own, and the one of
 #: every error raised by checking what the user gave. Other failures exit with 1.

@@ -63,7 +63,8 @@ carry a top-level ``nbce`` object (the ``openai`` client exposes it as
                           "id": "...", "title": "...", "score": 0.71,   # score: cosine, if known
                           "n_tokens": 12, "share": 0.75,                # tokens drawn from it
                           "text": "..."}],                               # only for retrieved passages
-             "dropped": [{"id", "title", "score", "code"}]}             # what the filter removed
+             "dropped": [{"id", "title", "score", "code"}],             # what the filter removed
+             "calibration": "prior for ... (...)"}                     # which calibration filtered
 
 ``usage`` (``prompt_tokens`` = tokens prefilled over all NBCE rows) is on every non-streaming
 response, and on streams in one extra chunk with ``"choices": []`` when

@@ -88,8 +88,11 @@ def print_sources(ans: Any, out: Optional[TextIO] = None, width: int = 100) -> N
             note += f", {n_dropped} candidate(s) dropped by the filter"
         print(f"Supported: yes ({note})", file=out)
     else:
-        print("Supported: no -- no passage passed the filter; the answer comes from the model alone "
-              f"(closed-book){f', {n_dropped} candidate(s) dropped' if n_dropped else ''}", file=out)
+        print("Supported: no -- nothing in the index answers this question: no passage passed the filter, "
+              "so the answer above comes from the model alone (closed-book) and may be wrong"
+              f"{f' ({n_dropped} candidate(s) dropped)' if n_dropped else ''}", file=out)
+    if getattr(ans, "calibration", None):
+        print(f"Filter: {ans.calibration}", file=out)
     if not ans.sources:
         return
     print("Sources:", file=out)
@@ -154,6 +157,9 @@ def answer_one(rag: Any, question: str, options: dict, args: argparse.Namespace,
         ans = rag.ask(question, **options)
         print(ans.text.strip() + "\n", file=out)
     print_sources(ans, out=out, width=args.width)
+    last = getattr(getattr(rag.decoder, "kv_cache", None), "last", None)  # passage KV cache of this answer
+    if last is not None:
+        print(last.summary(), file=out)
 
 
 def _loop(rag: Any, options: dict, args: argparse.Namespace) -> int:

@@ -64,6 +64,14 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
                    help="remove a document (or chunk id) from the index at --out; repeatable")
     p.add_argument("--batch-size", type=positive_int, default=32, help="chunks per encoder batch (default 32)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar while embedding")
+    p.add_argument("--kv-cache", action="store_true",
+                   help="also precompute the passage KV cache for --model (as `nbce-rag cache`; costs disk)")
+    p.add_argument("--model", default=None, metavar="M", help="LLM of --kv-cache and --calibrate (default: the bundled one)")
+    p.add_argument("--calibrate", action="store_true",
+                   help="then self-calibrate the filter on questions the LM writes about the chunks "
+                   "(= nbce-rag calibrate --synthetic --index OUT --model M; --calibrate-n chunks)")
+    p.add_argument("--calibrate-n", type=positive_int, default=200, metavar="N",
+                   help="chunks to write a question about with --calibrate (default 200)")
     p.set_defaults(func=run)
 
 
@@ -128,4 +136,13 @@ def run(args: argparse.Namespace) -> int:
             extra += f", {rep.oversized_chunks} chunk(s) of one over-long word (truncated by the encoder)"
         print(f"indexed {rep.added_documents} document(s) as {rep.chunks} chunk(s){extra}")
     print(f"{out}: {action}; {len(index)} chunks, dim {index.dim}, encoder {index.encoder_identity} ({dt:.1f}s)")
+    if args.kv_cache:
+        from .cache import fill_index
+
+        st, disk = fill_index(out, model=args.model)
+        print(f"{disk.root}: {st.stored} chunk(s) KV-cached, {st.hits} already there; {disk.nbytes() / 2**20:.1f} MiB")
+    if args.calibrate:
+        from .calibrate import main_synthetic
+
+        return main_synthetic(out, n=args.calibrate_n, model=args.model)
     return 0
