@@ -55,6 +55,7 @@ carry a top-level ``nbce`` object (the ``openai`` client exposes it as
              "sources": [{"index": 0,    # position in the request's documents (null if retrieved)
                           "id": "...", "title": "...", "score": 0.71,   # score: cosine, if known
                           "n_tokens": 12, "share": 0.75,                # tokens drawn from it
+                          "weight_initial": 0.9, "weight_final": 1.0,   # pooling weight, first/last token
                           "text": "..."}],                               # only for retrieved passages
              "dropped": [{"id", "title", "score", "code"}]}             # what the filter removed
 
@@ -715,7 +716,7 @@ def nbce_info(answer: Answer, retrieved: bool) -> Dict[str, Any]:
         meta = s.metadata or {}
         item = {"index": None if retrieved else meta.get("request_index", s.index), "id": s.id,
                 "title": _title(meta), "score": s.score, "n_tokens": int(s.n_tokens),
-                "share": float(s.share)}
+                "share": float(s.share), "weight_initial": s.weight_initial, "weight_final": s.weight_final}
         if retrieved:
             item["text"] = s.text
         sources.append(item)

@@ -39,6 +39,10 @@ class RAGPipeline:
         self.k = k
         if threshold is not None and index is not None:
             threshold.check_encoder(index)
+        if index is not None and getattr(decoder, "scorer", None) == "auto":
+            # unscored passages (e.g. ask(passages=...)) get the index's canonical cosine, the
+            # scale its retrieval scores and thresholds use, instead of the bundled encoder's
+            decoder.scorer = index
 
     @classmethod
     def from_pretrained(
