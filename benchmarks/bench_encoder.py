@@ -74,7 +74,7 @@ def need(path: Path, what: str) -> bool:
 
 
 def bench_stsb(args: argparse.Namespace) -> int:
-    from nbce_rag.data import read_stsb
+    from nbce_rag.readers import read_stsb
     from nbce_rag.encoder import CoSENTEncoder
 
     d = Path(args.data) / "stsb"
@@ -184,7 +184,8 @@ def _train_on(enc, train, qrels, index0, recipe: Dict[str, Any]) -> Dict[str, An
     fine-tune ``enc`` in place with the recipe; returns what happened."""
     import random
 
-    from nbce_rag.data import BeirData, qrels_to_pairs
+    from nbce_rag.readers import BeirData
+    from nbce_rag.training import qrels_to_pairs
 
     mine = dict(n_hard=recipe["hard_negatives"], n_random=recipe["random_negatives"],
                 hard_score=recipe["hard_score"], skip_top=recipe["skip_top"], seed=recipe["seed"])
@@ -219,7 +220,7 @@ def bench_scifact(args: argparse.Namespace) -> int:
     trained on all train qrels and scored on the test qrels."""
     import random
 
-    from nbce_rag.data import read_beir, read_qrels
+    from nbce_rag.readers import read_beir, read_qrels
     from nbce_rag.encoder import CoSENTEncoder
     from nbce_rag.index import VectorIndex
 
@@ -321,7 +322,7 @@ def bench_scifact(args: argparse.Namespace) -> int:
 def _sentences(data: Path, n: int) -> List[str]:
     f = data / "stsb" / "sts-train.csv"
     if f.exists():
-        from nbce_rag.data import read_stsb
+        from nbce_rag.readers import read_stsb
 
         out: List[str] = []
         for a, b, _ in read_stsb(f):

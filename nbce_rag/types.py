@@ -1,9 +1,15 @@
-"""Plain data types shared by the decoder, the retriever, the filter and the adapters."""
+"""Plain data types shared by the decoder, the retriever, the filter and the adapters.
+
+:class:`Passage` (= :data:`Hit`) goes in; :class:`DroppedHit` and :class:`FilterResult` say
+what the filter decided; :class:`SourceInfo`, :class:`StreamEvent` and :class:`Answer` come
+out of the decoder. ``Answer.usage()`` and ``Answer.metadata()`` are the one place an answer
+is turned into the plain data the adapters and the server report.
+"""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 
 @dataclass
@@ -67,8 +73,98 @@ def as_passage(obj: Any, *, where: str = "passages") -> Passage:
     )
 
 
+def document_id(hit: Any) -> Optional[str]:
+    """The document a passage is, or is a chunk of: ``metadata["doc_id"]``, else the part of a
+    ``"<doc id>#<n>"`` chunk id (as :meth:`VectorIndex.add` makes them) before the last ``#``,
+    else its id. The one chunk -> document rule (calibration labels, hard-negative mining)."""
+    meta = getattr(hit, "metadata", None)
+    if isinstance(meta, dict) and meta.get("doc_id") is not None:
+        return str(meta["doc_id"])
+    hid = getattr(hit, "id", None)
+    if hid is None:
+        return None
+    return str(hid).rsplit("#", 1)[0]
+
+
+def pop_passages(kwargs: Dict[str, Any], convert: Callable[[Any], Passage] = as_passage) -> Optional[List[Passage]]:
+    """Remove the passages given to a framework's model call as ``contexts=`` (or its alias
+    ``documents=``) from ``kwargs`` and return them converted; ``None`` when neither is given."""
+    contexts = kwargs.pop("contexts", None)
+    documents = kwargs.pop("documents", None)
+    if contexts is not None and documents is not None:
+        raise TypeError("pass passages as contexts= or documents=, not both")
+    contexts = contexts if contexts is not None else documents
+    if isinstance(contexts, (str, bytes)):
+        raise TypeError("contexts must be a list of passages; wrap a single string in a list")
+    return None if contexts is None else [convert(c) for c in contexts]
+
+
 def _opt_float(x: Any) -> Optional[float]:
     return None if x is None else float(x)
+
+
+@dataclass
+class DroppedHit:
+    """A candidate the filter dropped, and why."""
+
+    hit: Passage
+    reason: str  #: human-readable, with the numbers that decided it
+    code: str  #: machine-readable: "below_threshold" | "outside_margin" | "no_score"
+    zone: str = "uncertain"  #: "confident" (below ``lower``) or "uncertain" (inside the band)
+
+    @property
+    def score(self) -> Optional[float]:
+        return self.hit.score
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {
+            "hit": self.hit.to_dict(),
+            "score": self.hit.score,
+            "reason": self.reason,
+            "code": self.code,
+            "zone": self.zone,
+        }
+
+
+@dataclass
+class FilterResult:
+    """What :meth:`MarginThreshold.filter` decided for one query's candidates.
+
+    ``kept`` keeps the input order. An empty ``kept`` means *no relevant context*: answer
+    closed-book and flag the answer unsupported (never fall back to top-k).
+    """
+
+    kept: List[Passage]
+    dropped: List[DroppedHit]
+    threshold: float
+    margin: Optional[float]
+    best_score: Optional[float]  #: s_max of the candidates (None when there were none)
+    confident: List[bool] = field(default_factory=list)  #: per kept hit: score >= upper
+
+    @property
+    def empty(self) -> bool:
+        return not self.kept
+
+    @property
+    def supported(self) -> bool:
+        """True when at least one passage survived (the answer can be grounded)."""
+        return bool(self.kept)
+
+    def __len__(self) -> int:
+        return len(self.kept)
+
+    def __iter__(self):
+        return iter(self.kept)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {
+            "kept": [h.to_dict() for h in self.kept],
+            "dropped": [d.to_dict() for d in self.dropped],
+            "threshold": self.threshold,
+            "margin": self.margin,
+            "best_score": self.best_score,
+            "confident": list(self.confident),
+        }
 
 
 @dataclass
@@ -120,14 +216,38 @@ class Answer:
     prompt_tokens: int = 0  #: tokens prefilled over all rows
     completion_tokens: int = 0
     supported: bool = True  #: False when no passage backed the answer (closed-book)
-    dropped: List[Any] = field(default_factory=list)  #: filter decisions, set by the pipeline
+    dropped: List[DroppedHit] = field(default_factory=list)  #: filter decisions, set by the pipeline
 
     @property
     def cited(self) -> List[SourceInfo]:
         """Sources that supplied at least one token, most-used first."""
         return sorted((s for s in self.sources if s.n_tokens), key=lambda s: -s.n_tokens)
 
+    def usage(self) -> Dict[str, int]:
+        """Token counts in the OpenAI ``usage`` shape: ``prompt_tokens`` (prefilled over all
+        rows), ``completion_tokens`` and ``total_tokens``."""
+        return {
+            "prompt_tokens": int(self.prompt_tokens),
+            "completion_tokens": int(self.completion_tokens),
+            "total_tokens": int(self.prompt_tokens + self.completion_tokens),
+        }
+
+    def metadata(self) -> Dict[str, Any]:
+        """What the answer says about its grounding, as plain JSON-able data: ``supported``,
+        ``sources`` (score, tokens, share per passage), ``dropped`` (the filter's decisions)
+        and ``token_sources``."""
+        return {
+            "supported": self.supported,
+            "sources": [s.to_dict() for s in self.sources],
+            "dropped": [_dropped_dict(x) for x in self.dropped],
+            "token_sources": list(self.token_sources),
+        }
+
     def to_dict(self) -> Dict[str, Any]:
         d = asdict(self)
-        d["dropped"] = [x.to_dict() if hasattr(x, "to_dict") else x for x in self.dropped]
+        d["dropped"] = [_dropped_dict(x) for x in self.dropped]
         return d
+
+
+def _dropped_dict(x: Any) -> Any:
+    return x.to_dict() if hasattr(x, "to_dict") else x

@@ -125,3 +125,49 @@ def encoder():
     from nbce_rag import CoSENTEncoder
 
     return CoSENTEncoder.from_pretrained()
+
+
+# ------------------------------------------------------------------ a tiny CoSENT encoder
+
+
+def make_tiny_encoder(
+    path,
+    *,
+    hidden: int = 32,
+    layers: int = 2,
+    heads: int = 2,
+    max_seq_length: int = 256,
+    seed: int = 0,
+):
+    """A tiny randomly initialised BERT encoder (mean pooling + normalise) with the bundled
+    encoder's WordPiece tokenizer, saved at ``path``. For tests: loads and trains in seconds."""
+    import shutil
+    from pathlib import Path
+
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.models import Normalize, Pooling, Transformer
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    path = Path(path)
+    raw = path / "_bert"
+    torch.manual_seed(seed)
+    from nbce_rag.encoder import CoSENTEncoder, bundled_model_path
+
+    tok = AutoTokenizer.from_pretrained(bundled_model_path(), local_files_only=True)
+    cfg = BertConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=hidden * 2,
+        max_position_embeddings=max(max_seq_length, 128),
+    )
+    BertModel(cfg).save_pretrained(raw)
+    tok.save_pretrained(raw)
+    tr = Transformer(str(raw), max_seq_length=max_seq_length)
+    st = SentenceTransformer(modules=[tr, Pooling(hidden, "mean"), Normalize()], device="cpu")
+    enc = CoSENTEncoder(st, name="tiny-random-bert")
+    enc.save_pretrained(path / "model")
+    shutil.rmtree(raw, ignore_errors=True)
+    return CoSENTEncoder.from_pretrained(path / "model", device="cpu")

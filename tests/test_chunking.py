@@ -176,3 +176,26 @@ def test_default_chunks_fit_minilm(wordpiece):
     chunks = chunk_text(text, wordpiece)  # defaults: 200 tokens, 32 overlap
     assert max(c.n_tokens for c in chunks) <= 200
     assert max(len(wordpiece(c.text)["input_ids"]) for c in chunks) <= 256  # with [CLS]/[SEP]
+
+
+def test_decoder_windows_are_chunks_of_whole_words(tiny_tokenizer):
+    """The decoder splits a long passage with chunk_text in the LLM's tokens: every window is
+    a span of the passage made of whole words, within the row budget, overlapping the next."""
+    from conftest import make_tiny_llama
+
+    from nbce_rag import NBCEDecoder
+
+    dec = NBCEDecoder(make_tiny_llama(len(tiny_tokenizer), max_positions=96), tiny_tokenizer)
+    long = " ".join(f"Fact {i}: the river Thames flows through London." for i in range(40))
+    cfg = dec.config.update(max_new_tokens=8, max_passage_tokens=40, window_overlap=8)
+    windows = dec._windows(long, room=80, cfg=cfg, idx=0)
+    assert len(windows) > 3
+    starts = []
+    for w in windows:
+        start = long.find(w)
+        assert start >= 0 and (start == 0 or long[start - 1] == " ") and (start + len(w) == len(long) or long[start + len(w)] == " ")
+        assert len(tiny_tokenizer(w, add_special_tokens=False)["input_ids"]) <= 40
+        starts.append(start)
+    assert starts == sorted(starts) and starts[0] == 0 and windows[-1].endswith("London.")
+    assert all(long.find(windows[i + 1]) < long.find(windows[i]) + len(windows[i]) for i in range(len(windows) - 1))
+    assert windows == [c.text for c in chunk_text(long, tiny_tokenizer, chunk_tokens=40, overlap=8)]

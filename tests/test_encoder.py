@@ -17,22 +17,12 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch = pytest.importorskip("torch")
 
-from nbce_rag.data import (  # noqa: E402
-    BeirData,
-    as_pairs,
-    qrels_to_pairs,
-    read_beir,
-    read_pairs,
-    read_qrels,
-    read_stsb,
-)
-from nbce_rag.encoder import (  # noqa: E402
-    CoSENTEncoder,
-    CoSENTTrainingConfig,
-    identities_match,
-    make_tiny_encoder,
-)
+from nbce_rag.encoder import CoSENTEncoder, identities_match  # noqa: E402
+from nbce_rag.readers import BeirData, as_pairs, read_beir, read_pairs, read_qrels, read_stsb  # noqa: E402
+from nbce_rag.training import CoSENTTrainingConfig, qrels_to_pairs  # noqa: E402
 from nbce_rag.errors import ConfigError, CorruptFileError, ModelLoadError  # noqa: E402
+
+from conftest import make_tiny_encoder  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 
@@ -199,7 +189,7 @@ def test_fit_keep_best_and_max_steps(tiny):
 
 
 def test_epoch_batches_plain_shuffle_and_grouped_packing():
-    from nbce_rag.encoder import _epoch_batches
+    from nbce_rag.training import _epoch_batches
 
     # plain: a permutation cut into batch_size slices (the order fit always used)
     pairs = [(f"s{i}", "t", 0.5) for i in range(10)]
@@ -405,6 +395,28 @@ def test_cli_train_on_pairs(tiny_dir, tmp_path, capsys):
     # scored pairs keep the STS-B recipe where not overridden
     assert (report["config"]["batch_size"], report["config"]["group_batches"]) == (16, False)
     assert CoSENTEncoder.from_pretrained(out).identity == report["identity_after"]
+
+
+def test_cli_train_reads_trec_qrels(tiny_dir, tmp_path, capsys):
+    """A 4-column TREC qrels file ('qid 0 docid rel') trains on the same pairs as the BEIR TSV
+    with the same labels (it used to raise CorruptFileError here while `calibrate` read it)."""
+    from nbce_rag.cli import main
+
+    root = _beir(tmp_path)
+    beir = read_qrels(root / "qrels" / "train.tsv")
+    trec = tmp_path / "train.trec"
+    trec.write_text("".join(f"{q} 0 {d} {g:g}\n" for q, ds in beir.items() for d, g in ds.items()))
+    assert read_qrels(trec) == beir
+    reports = []
+    for i, qrels in enumerate((root / "qrels" / "train.tsv", trec)):
+        out = tmp_path / f"out{i}"
+        rc = main(["train", "--qrels", str(qrels), "--corpus", str(root / "corpus.jsonl"),
+                   "--queries", str(root / "queries.jsonl"), "--out", str(out), "--encoder", str(tiny_dir),
+                   "--epochs", "1", "--no-progress"])
+        assert rc == 0, capsys.readouterr().err
+        reports.append(json.loads((out / "training_report.json").read_text()))
+    assert reports[0]["n_pairs"] == reports[1]["n_pairs"] > 0
+    assert reports[0]["identity_after"] == reports[1]["identity_after"]  # same pairs, same seed: same weights
 
 
 def test_cli_train_on_qrels(tiny_dir, tmp_path, capsys):

@@ -15,7 +15,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch = pytest.importorskip("torch")
 
 import nbce_rag.index as index_mod  # noqa: E402
-from nbce_rag.encoder import CoSENTEncoder, make_tiny_encoder  # noqa: E402
+from nbce_rag.encoder import CoSENTEncoder  # noqa: E402
+
+from conftest import make_tiny_encoder  # noqa: E402
 from nbce_rag.errors import ConfigError, CorruptFileError, EncoderMismatchError  # noqa: E402
 from nbce_rag.index import VectorIndex, faiss_available, read_documents  # noqa: E402
 from nbce_rag.types import Passage  # noqa: E402

@@ -143,7 +143,7 @@ LIMITS = ServerLimits(max_body_bytes=64 * 1024, max_documents=8, max_document_ch
 
 @pytest.fixture(scope="module")
 def tiny_encoder(tmp_path_factory):
-    from nbce_rag.encoder import make_tiny_encoder
+    from conftest import make_tiny_encoder
 
     return make_tiny_encoder(tmp_path_factory.mktemp("srv_enc"), seed=0)
 

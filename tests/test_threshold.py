@@ -652,7 +652,7 @@ def tiny_index_dir(tmp_path_factory):
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from nbce_rag.encoder import make_tiny_encoder
+    from conftest import make_tiny_encoder
     from nbce_rag.index import VectorIndex
 
     root = tmp_path_factory.mktemp("cal_index")
@@ -706,6 +706,28 @@ def test_cli_calibrate_real_index(tiny_index_dir, tmp_path, capsys):
     assert not other.with_suffix(".png").exists()
 
 
+def test_cli_calibrate_reads_trec_qrels_and_tsv_queries(tiny_index_dir, tmp_path, capsys):
+    """A 4-column TREC qrels file ('qid 0 docid rel') and 'id<TAB>text' queries calibrate
+    exactly as the BEIR files with the same labels (one reader for every command)."""
+    from nbce_rag.cli import main
+
+    root, queries, qrels, _ = tiny_index_dir
+    qf, rf = _write_beir(tmp_path, queries, qrels)
+    trec = tmp_path / "qrels.trec"
+    trec.write_text("".join(f"{q} 0 {d} {v}\n" for q, ds in qrels.items() for d, v in ds.items()))
+    tsv = tmp_path / "queries.tsv"
+    tsv.write_text("".join(f"{k}\t{v}\n" for k, v in queries.items()))
+    outs = []
+    for name, q, r in (("beir", qf, rf), ("trec", tsv, trec)):
+        out = tmp_path / f"{name}.json"
+        assert main(["calibrate", "--index", str(root / "index"), "--queries", str(q), "--qrels", str(r),
+                     "-k", "5", "--bootstrap", "0", "--no-plot", "--out", str(out)]) == 0
+        outs.append(MarginThreshold.load(out))
+    capsys.readouterr()
+    assert outs[0].stats["n_positives"] == outs[1].stats["n_positives"] >= 30
+    assert (outs[0].threshold, outs[0].margin) == (outs[1].threshold, outs[1].margin)
+
+
 def test_cli_calibrate_bad_input(tiny_index_dir, tmp_path, capsys):
     from nbce_rag.cli import main
 
@@ -723,7 +745,7 @@ def test_cli_calibrate_bad_input(tiny_index_dir, tmp_path, capsys):
 
 
 def test_real_index_encoder_mismatch(tiny_index_dir, tmp_path):
-    from nbce_rag.encoder import make_tiny_encoder
+    from conftest import make_tiny_encoder
     from nbce_rag.index import VectorIndex
 
     root, queries, qrels, _ = tiny_index_dir

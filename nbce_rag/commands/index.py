@@ -52,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
 
     from ..encoder import CoSENTEncoder
     from ..errors import ConfigError
-    from ..index import MANIFEST, VectorIndex, read_documents
+    from ..index import MANIFEST, VectorIndex
+    from ..readers import read_documents
 
     if not args.paths and not args.delete:
         raise ConfigError("give at least one PATH to index (or --delete DOC_ID with --out DIR)")

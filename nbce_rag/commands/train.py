@@ -31,9 +31,10 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     src = p.add_argument_group("training data (pairs or qrels)")
     src.add_argument("--train", metavar="F", help="pairs: STS-B TSV, CSV or JSONL with text1,text2,score")
     src.add_argument("--dev", metavar="F", help="held-out pairs for Spearman before/after (same formats)")
-    src.add_argument("--qrels", metavar="F", help="retrieval training labels (BEIR qrels TSV)")
+    src.add_argument("--qrels", metavar="F",
+                     help="retrieval training labels: BEIR TSV 'query-id corpus-id score' or TREC 'qid 0 docid rel'")
     src.add_argument("--corpus", metavar="F", help="BEIR corpus.jsonl (with --qrels)")
-    src.add_argument("--queries", metavar="F", help="BEIR queries.jsonl (with --qrels)")
+    src.add_argument("--queries", metavar="F", help="BEIR queries.jsonl or 'id<TAB>text' lines (with --qrels)")
     src.add_argument("--dev-qrels", metavar="F", help="held-out qrels, turned into graded dev pairs")
     src.add_argument("--hard-negatives", type=int, default=3, help="mined hard negatives per query (default 3)")
     src.add_argument("--random-negatives", type=int, default=1, help="random negatives per query (default 1)")
@@ -59,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
     import random
     from pathlib import Path
 
-    from ..data import BeirData, qrels_to_pairs, read_beir_corpus, read_beir_queries, read_pairs, read_qrels
+    from ..data import qrels_to_pairs
+    from ..readers import BeirData, read_beir_corpus, read_pairs, read_qrels, read_queries
     from ..encoder import CoSENTEncoder, CoSENTTrainingConfig
     from ..errors import ConfigError
 
@@ -80,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError("--qrels needs --corpus and --queries")
         from ..index import VectorIndex
 
-        corpus, queries = read_beir_corpus(args.corpus), read_beir_queries(args.queries)
+        corpus, queries = read_beir_corpus(args.corpus), read_queries(args.queries)
         data = BeirData(corpus, queries, read_qrels(args.qrels))
         print(f"mining hard negatives: indexing {len(corpus)} passages with {enc.name}", file=sys.stderr)
         index = VectorIndex.build(
