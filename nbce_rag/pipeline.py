@@ -88,7 +88,8 @@ class RAGPipeline:
         if decoder is None:
             dec = NBCEDecoder.from_pretrained(model, device=device, dtype=dtype, **decoder_options)
         elif decoder_options:  # a view with its own options; the caller's decoder is left as it was
-            dec = NBCEDecoder(decoder.model, decoder.tokenizer, decoder.config.update(**decoder_options))
+            dec = NBCEDecoder(decoder.model, decoder.tokenizer, decoder.config.update(**decoder_options),
+                               scorer=decoder.scorer)
         else:
             dec = decoder
         return cls(dec, idx, th, k=k)

@@ -35,14 +35,15 @@ _BUNDLED: dict = {}  # "scorer" -> the lazily loaded bundled encoder's scorer (o
 
 def encoder_scorer(encoder: Any) -> Scorer:
     """The canonical cosine of ``encoder`` (a :class:`~nbce_rag.CoSENTEncoder`, an index holding
-    one, or anything with ``encode(texts)``) as a :data:`Scorer`."""
-    from .threshold import MarginThreshold
+    one, or anything with ``encode(texts)``) as a :data:`Scorer`
+    (:func:`nbce_rag.retrieval.rescore`, the retrieval path's own cosine)."""
+    from .retrieval import rescore
 
     if not hasattr(encoder, "encode") and hasattr(encoder, "encoder"):
         encoder = encoder.encoder
 
     def score(question: str, texts: Sequence[str]) -> List[float]:
-        return [float(p.score) for p in MarginThreshold.rescore(encoder, question, list(texts))]
+        return [float(p.score) for p in rescore(encoder, question, list(texts))]
 
     score.name = str(getattr(encoder, "name", type(encoder).__name__))  # type: ignore[attr-defined]
     return score

@@ -234,7 +234,7 @@ class Answer:
 
     def metadata(self) -> Dict[str, Any]:
         """What the answer says about its grounding, as plain JSON-able data: ``supported``,
-        ``sources`` (score, tokens, share per passage), ``dropped`` (the filter's decisions)
+        ``sources`` (score, tokens, share, initial and final pooling weight per passage), ``dropped`` (the filter's decisions)
         and ``token_sources``."""
         return {
             "supported": self.supported,
