@@ -14,6 +14,9 @@ through ``RAGPipeline.ask`` in-process (sequential) as a no-HTTP baseline.
     python benchmarks/bench_server.py          # 1/4/16 clients x 4/2/1 requests each, < 10 min on 2 busy cores
     python benchmarks/bench_server.py --levels 1 4 16 --requests 4 2 1 --max-tokens 12 --passages 3 --threads 1
 
+    python benchmarks/bench_server.py --in-process --levels 1 4 16 --max-tokens 12 --out X.json
+        # no HTTP: n requests one by one vs together through the step scheduler, alternated
+
 Writes ``benchmarks/results/server_load.json`` and ``server_load.png``. Needs the ``server``
 extra, httpx and matplotlib. Nothing is downloaded.
 """
@@ -236,6 +239,50 @@ def baseline(reqs: List[Dict[str, Any]], device: Optional[str], threads: int) ->
             "texts": texts}
 
 
+def scheduler_ratio(levels: List[int], n_passages: int, max_tokens: int, repeats: int, threads: int,
+                    device: Optional[str]) -> Dict[str, Any]:
+    """In one process, no HTTP: ``n`` requests answered one after another (``RAGPipeline.ask``)
+    vs all at once through the step scheduler (``RAGPipeline.batch``), alternated ``repeats``
+    times so that the machine's load hits both alike. The ratio of the two is what batching
+    buys; answers must be identical."""
+    sys.path.insert(0, str(ROOT))
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    from nbce_rag import RAGPipeline
+
+    rag = RAGPipeline.from_pretrained(device=device)
+
+    def args(b):
+        return b["messages"][-1]["content"], [f"{d['title']}\n{d['text']}" for d in b["documents"]]
+
+    rag.ask("warm up", ["x"], max_new_tokens=2)
+    out = []
+    for n in levels:
+        reqs = [args(make_request(i, n_passages, max_tokens)) for i in range(n)]
+        seq_t, bat_t, same = [], [], True
+        for _ in range(repeats):
+            load0 = os.getloadavg()[0]
+            t0 = time.perf_counter()
+            one = [rag.ask(q, p, max_new_tokens=max_tokens, system_prompt=SYSTEM) for q, p in reqs]
+            seq_t.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            many = rag.batch([q for q, _ in reqs], [p for _, p in reqs], max_new_tokens=max_tokens,
+                             system_prompt=SYSTEM)
+            bat_t.append(time.perf_counter() - t0)
+            same = same and [a.token_ids for a in one] == [a.token_ids for a in many]
+        toks = sum(a.completion_tokens for a in many)
+        row = {"requests": n, "sequential_s": seq_t, "batched_s": bat_t, "same_tokens": same,
+               "completion_tokens": toks, "speedup": statistics.fmean(seq_t) / statistics.fmean(bat_t),
+               "loadavg_1m": [load0, os.getloadavg()[0]]}
+        out.append(row)
+        print(f"in-process, {n} requests x {max_tokens} tokens: sequential {statistics.fmean(seq_t):.1f} s, "
+              f"batched {statistics.fmean(bat_t):.1f} s -> x{row['speedup']:.2f}, same tokens: {same}, "
+              f"load {load0:.1f}", flush=True)
+    return {"max_tokens": max_tokens, "passages": n_passages, "repeats": repeats, "levels": out}
+
+
 def plot(res: Dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -287,7 +334,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-baseline", action="store_true", help="skip the in-process RAGPipeline baseline")
     ap.add_argument("--out", default=str(RESULTS / "server_load.json"))
+    ap.add_argument("--in-process", action="store_true",
+                    help="no server: n requests one by one vs together through the step scheduler "
+                    "(RAGPipeline.batch), alternated --repeats times; writes --out")
+    ap.add_argument("--repeats", type=int, default=2, help="A/B repeats of --in-process (default 2)")
     args = ap.parse_args(argv)
+    if args.in_process:
+        res = {"command": "python benchmarks/bench_server.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+               "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+               **scheduler_ratio(args.levels, args.passages, args.max_tokens, args.repeats, args.threads, args.device)}
+        Path(args.out).write_text(json.dumps(res, indent=1))
+        return 0
 
     import torch
 

@@ -15,6 +15,9 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "NBCEDecoder": "nbce_rag.decoder",
     "NBCEConfig": "nbce_rag.config",
+    "DecodeState": "nbce_rag.decoder",
+    "StepScheduler": "nbce_rag.scheduler",
+    "SchedulerConfig": "nbce_rag.scheduler",
     "CoSENTEncoder": "nbce_rag.encoder",
     "CoSENTTrainingConfig": "nbce_rag.training",
     "VectorIndex": "nbce_rag.index",

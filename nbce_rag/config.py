@@ -5,8 +5,10 @@ server alike."""
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, Callable, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from .errors import ConfigError
 
@@ -78,36 +80,29 @@ class NBCEConfig:
     window_overlap: int = 32
 
     def validate(self) -> "NBCEConfig":
+        """Check every option (types, finite numbers in range: see :data:`NUMERIC_OPTIONS`) and
+        normalise numbers to ``int``/``float``; raise :class:`ConfigError` with one line that
+        names the option. The API, the CLI and the server all validate through here."""
+
         def bad(msg: str) -> ConfigError:
             return ConfigError(msg)
 
-        if self.beta < -1:
-            raise bad(f"beta must be >= -1 (got {self.beta}); 0.25 is the reference default")
-        if self.eta < 0:
-            raise bad(f"eta must be >= 0 (got {self.eta})")
-        if not 0 < self.nbce_top_p <= 1:
-            raise bad(f"nbce_top_p must be in (0, 1] (got {self.nbce_top_p})")
-        if not 0 < self.top_p <= 1:
-            raise bad(f"top_p must be in (0, 1] (got {self.top_p})")
-        if self.temperature <= 0:
-            raise bad(f"temperature must be > 0 (got {self.temperature}); use do_sample=False for greedy")
-        if self.top_k < 0:
-            raise bad(f"top_k must be >= 0 (got {self.top_k})")
-        if self.max_new_tokens < 1:
-            raise bad(f"max_new_tokens must be >= 1 (got {self.max_new_tokens})")
-        if self.batch_rows < 1:
-            raise bad(f"batch_rows must be >= 1 (got {self.batch_rows})")
-        if self.decode_rows < 1:
-            raise bad(f"decode_rows must be >= 1 (got {self.decode_rows})")
-        if self.max_passage_tokens is not None and self.max_passage_tokens < 8:
-            raise bad(f"max_passage_tokens must be >= 8 or None (got {self.max_passage_tokens})")
-        if self.window_overlap < 0:
-            raise bad(f"window_overlap must be >= 0 (got {self.window_overlap})")
-        if "{question}" not in self.prompt_template or "{passage}" not in self.prompt_template:
-            raise bad("prompt_template must contain both {passage} and {question}")
+        for name, spec in NUMERIC_OPTIONS.items():
+            setattr(self, name, check_number(name, getattr(self, name), *spec))
+        for name in ("do_sample", "use_chat_template"):
+            v = getattr(self, name)
+            if not isinstance(v, bool):
+                if not (type(v).__module__ == "numpy" and type(v).__name__ in ("bool", "bool_")):  # numpy's bool
+                    raise bad(f"{name} must be true or false (got {_show(v)})")
+                setattr(self, name, bool(v))
+        if (not isinstance(self.prompt_template, str) or "{question}" not in self.prompt_template
+                or "{passage}" not in self.prompt_template):
+            raise bad("prompt_template must be a string containing both {passage} and {question}")
+        if self.system_prompt is not None and not isinstance(self.system_prompt, str):
+            raise bad(f"system_prompt must be a string or None (got {_show(self.system_prompt)})")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        if not all(isinstance(s, str) and s for s in self.stop):
+        if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) and s for s in self.stop):
             raise bad("stop must be a list of non-empty strings")
         from .nbce import get_pooling
 
@@ -157,10 +152,14 @@ def _stop_list(v: Any) -> List[str]:
     return [v] if isinstance(v, str) else list(v)
 
 
+def _checked(param: str, name: str) -> Callable[[Any], Any]:
+    """``param``'s value checked against the range of the field ``name`` it sets (the error
+    names ``param``, the name the caller used)."""
+    return lambda v: check_number(param, v, *NUMERIC_OPTIONS[name])
+
+
 def _temperature(v: Any) -> Dict[str, Any]:
-    t = float(v)
-    if t < 0:
-        raise ConfigError(f"temperature must be >= 0 (got {t}); 0 means greedy decoding")
+    t = check_number("temperature", v, "float", 0.0, NUMERIC_OPTIONS["temperature"][2], "0 means greedy decoding")
     return {"do_sample": True, "temperature": t} if t > 0 else {"do_sample": False}
 
 
@@ -174,11 +173,11 @@ def _temperature(v: Any) -> Dict[str, Any]:
 #: decoding, exactly as ``dec.generate(q, ps, top_p=0.9)`` and transformers' ``generate``.
 #: The same on every surface (decoder, LangChain, LlamaIndex, the server).
 OPENAI_PARAMS: Dict[str, Callable[[Any], Dict[str, Any]]] = {
-    "max_completion_tokens": _to("max_new_tokens", int),
-    "max_tokens": _to("max_new_tokens", int),
+    "max_completion_tokens": _to("max_new_tokens", _checked("max_completion_tokens", "max_new_tokens")),
+    "max_tokens": _to("max_new_tokens", _checked("max_tokens", "max_new_tokens")),
     "temperature": _temperature,
-    "top_p": _to("top_p", float),
-    "seed": _to("seed", int),
+    "top_p": _to("top_p", _checked("top_p", "top_p")),
+    "seed": _to("seed", _checked("seed", "seed")),
     "stop": _to("stop", _stop_list),
 }
 
@@ -204,3 +203,68 @@ def openai_options(*layers: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
             opts.pop("temperature", None)
         opts.update(out)
     return opts
+
+
+# ---------------------------------------------------------------------- numeric options
+
+#: ``(kind, low, high, hint)`` of every numeric option: kind ``"float"`` or ``"int"`` (``"int?"``:
+#: ``None`` allowed), the closed range ``[low, high]`` (a float ``low`` given as ``(low,)`` is
+#: exclusive), and what to say besides the range. The bounds keep every value meaningful and
+#: the decoder's float32 arithmetic finite: ``(β+1)·pooled − β·uncond`` and
+#: ``logits / temperature`` cannot overflow, and a seed fits torch's 64-bit generator.
+NUMERIC_OPTIONS: Dict[str, Tuple[str, Any, Any, str]] = {
+    "beta": ("float", -1.0, 100.0, "0.25 is the reference default; 0 turns the contrast off"),
+    "eta": ("float", 0.0, 100.0, "0.1 is the reference default"),
+    "nbce_top_p": ("float", (0.0,), 1.0, "0.95 is the reference default; 1 turns it off"),
+    "temperature": ("float", 1e-6, 100.0, "use do_sample=False for greedy decoding"),
+    "top_k": ("int", 0, 2**31 - 1, "0 turns it off"),
+    "top_p": ("float", (0.0,), 1.0, "1 turns it off"),
+    "max_new_tokens": ("int", 1, 2**20, ""),
+    "seed": ("int?", 0, 2**64 - 1, "None draws a fresh seed"),
+    "batch_rows": ("int", 1, 2**20, ""),
+    "decode_rows": ("int", 1, 2**20, ""),
+    "max_passage_tokens": ("int?", 8, 2**24, "None fits the model's window"),
+    "window_overlap": ("int", 0, 2**24, ""),
+}
+
+
+def _show(v: Any) -> str:
+    r = repr(v)
+    return r if len(r) <= 40 else r[:37] + "..."
+
+
+def check_number(name: str, value: Any, kind: str, low: Any, high: Any, hint: str = "") -> Any:
+    """``value`` as an ``int``/``float`` if it is a finite number of ``kind`` within
+    ``[low, high]`` (``low`` as a 1-tuple: exclusive), else :class:`ConfigError` (one line, naming
+    ``name``, the range and ``hint``). Integral floats (``64.0``) are accepted for ints; bools
+    and strings are not numbers here."""
+    if kind.endswith("?") and value is None:
+        return None
+    lo_open = isinstance(low, tuple)
+    lo = low[0] if lo_open else low
+    integer = kind.startswith("int")
+    rng = f"({lo:g}, {high:g}]" if lo_open else (f"[{lo}, {high}]" if integer else f"[{lo:g}, {high:g}]")
+    what = "an integer" if integer else "a finite number"
+    tail = f"; {hint}" if hint else ""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ConfigError(f"{name} must be {what} in {rng} (got {type(value).__name__} {_show(value)}){tail}")
+    try:
+        f = float(value)
+    except OverflowError:
+        f = math.inf
+    if not math.isfinite(f):
+        raise ConfigError(f"{name} must be {what} in {rng} (got {_show(value)}){tail}")
+    if integer:
+        if isinstance(value, numbers.Integral):
+            v: Any = int(value)
+        elif f.is_integer():
+            v = int(f)
+        else:
+            raise ConfigError(f"{name} must be {what} in {rng} (got {_show(value)}){tail}")
+        ok = lo <= v <= high
+    else:
+        v = f
+        ok = (lo < v if lo_open else lo <= v) and v <= high
+    if not ok:
+        raise ConfigError(f"{name} must be {what} in {rng} (got {_show(value)}){tail}")
+    return v

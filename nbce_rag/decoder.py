@@ -9,7 +9,15 @@ picks one token and feeds it to every row. There is no Python loop over rows, on
 groups (one decode group unless there are more than ``decode_rows`` rows).
 
 :meth:`NBCEDecoder.stream` is the one decode entry point; :meth:`generate` consumes it, and
-every adapter (pipeline, LangChain, LlamaIndex, server) calls one of the two.
+every adapter (pipeline, LangChain, LlamaIndex) calls one of the two.
+
+Step API (what ``stream`` is a loop over, and what the server's scheduler drives):
+:meth:`NBCEDecoder.start` checks the input and builds a request's rows into a
+:class:`DecodeState`; :meth:`NBCEDecoder.prefill` prefills the next chunk of its rows;
+:meth:`NBCEDecoder.advance` fuses the pending logits, picks a token, applies stop strings
+and ``max_new_tokens`` and returns the events; :meth:`NBCEDecoder.forward` feeds the token to
+the rows of one state (:class:`nbce_rag.scheduler.DecodeBatch` does it for many states in
+shared forwards); :meth:`NBCEDecoder.finish` ends a state early (e.g. cancelled).
 """
 
 from __future__ import annotations
@@ -18,8 +26,8 @@ import contextlib
 import copy
 import inspect
 import logging
-from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -60,6 +68,49 @@ class _Prepared:
     rows: List[_Row]
     passages: List[Tuple[int, Passage]]  # (original index, passage) of the kept passages
     row_scores: Optional[torch.Tensor] = None
+
+
+@dataclass(eq=False)
+class DecodeState:
+    """One request in the decoder's step API: its rows, options and progress.
+
+    Made by :meth:`NBCEDecoder.start`; :meth:`NBCEDecoder.prefill` fills ``groups`` (KV caches,
+    masks, positions) a chunk at a time; :meth:`NBCEDecoder.advance` turns the pending
+    ``logits`` (``[n+1, V]``, row order) into the next token and its events; a forward
+    (:meth:`NBCEDecoder.forward` alone, or :class:`nbce_rag.scheduler.DecodeBatch` batched with
+    other states) feeds ``token`` to every row and sets the next ``logits``. Options (stop,
+    max_new_tokens, sampling, seed, pooling) live in ``cfg``, per request.
+    """
+
+    prep: _Prepared
+    cfg: NBCEConfig
+    order: List[int]  #: prefill order of the rows (row 0 first, then longest first)
+    groups: List[_Group] = field(default_factory=list)
+    inverse: Optional[torch.Tensor] = None  #: position in ``order`` of each row
+    logits: Optional[torch.Tensor] = None  #: [n+1, V] in row order, waiting for advance()
+    token: Optional[int] = None  #: the last token, waiting to be fed to every row
+    done: bool = False
+    answer: Optional[Answer] = None
+    finalize: Optional[Callable[[Answer], None]] = None  #: called on the final Answer (e.g. the pipeline's flags)
+    tokens: List[int] = field(default_factory=list)
+    sources: List[int] = field(default_factory=list)
+    emitted: int = 0
+    prev: Optional[int] = None
+    gen: Optional[torch.Generator] = None
+    pooling: Any = None  #: this request's pooling (one object per request: it may keep state across tokens)
+    scores: Optional[torch.Tensor] = None  #: retrieval scores of the passage rows, if every one has one
+    begun: bool = False  #: pooling.begin() done (after the prefill: it may use log p(question | passage))
+    weights: List[Optional[torch.Tensor]] = field(default_factory=lambda: [None, None])  #: row weights, first/last token
+    _next: int = 0  # rows of ``order`` prefilled so far
+    _chunks: List[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.prep.rows)
+
+    @property
+    def prefilled(self) -> bool:
+        return self.inverse is not None
 
 
 class NBCEDecoder:
@@ -393,6 +444,61 @@ class NBCEDecoder:
         prep = self._prepare(question, kept, cfg)
         return self._run(prep, cfg)
 
+    # ------------------------------------------------------------------ step API
+    def start(self, question: str, passages: Optional[Iterable[Any]] = None, **options: Any) -> DecodeState:
+        """Begin decoding ``question`` over ``passages`` without running the model: checks the
+        input, builds the rows and returns a :class:`DecodeState`. Drive it with
+        :meth:`prefill` (a chunk of rows per call), then :meth:`advance` / :meth:`forward` per
+        token, or hand it to :class:`nbce_rag.scheduler.StepScheduler` to decode it together
+        with other requests. ``stream()`` is exactly this loop."""
+        question = self._check_question(question)
+        kept = self._score_passages(question, self._check_passages(passages))
+        cfg = self.config.update(**options) if options else self.config
+        return self._new_state(self._prepare(question, kept, cfg), cfg)
+
+    def _new_state(self, prep: _Prepared, cfg: NBCEConfig) -> DecodeState:
+        rows = prep.rows
+        # group rows of similar length together (less padding); row 0 first
+        order = [0] + sorted(range(1, len(rows)), key=lambda r: -len(rows[r].ids))
+        gen = torch.Generator().manual_seed(cfg.seed) if (cfg.do_sample and cfg.seed is not None) else None
+        scores = prep.row_scores.to(self.device) if prep.row_scores is not None else None
+        return DecodeState(prep, cfg, order, gen=gen, pooling=get_pooling(cfg.pooling), scores=scores)
+
+    @torch.inference_mode()
+    def prefill(self, state: DecodeState, max_tokens: Optional[int] = None) -> bool:
+        """Prefill the next chunk of ``state``'s rows: ``cfg.batch_rows`` rows, fewer when
+        ``max_tokens`` (padded tokens per chunk, at least one row) says so. Returns ``True``
+        once every row is prefilled (the caches are then merged into decode groups and the
+        first token's logits wait in ``state.logits``). Chunking bounds how long one call
+        holds the model: a scheduler interleaves these calls with other requests' steps."""
+        if state.prefilled:
+            return True
+        cfg, rows, order = state.cfg, state.prep.rows, state.order
+        start = state._next
+        take = min(cfg.batch_rows, len(order) - start)
+        if max_tokens is not None:  # rows are sorted longest first: the first sets the width
+            width = max(len(rows[r].ids) for r in order[start : start + take])
+            take = max(1, min(take, max_tokens // max(1, width)))
+        members = order[start : start + take]
+        groups, logits = self._prefill(rows, members, cfg)
+        state.groups.extend(groups)
+        state._chunks.append(logits)
+        state._next = start + take
+        if state._next < len(order):
+            return False
+        state.groups = _merge_for_decode(state.groups, cfg.decode_rows)
+        inverse = torch.empty(len(order), dtype=torch.long)
+        inverse[torch.tensor(order)] = torch.arange(len(order))
+        state.inverse = inverse.to(self.device)
+        state.logits = torch.cat(state._chunks, dim=0)[state.inverse]
+        state._chunks = []
+        return True
+
+    @torch.inference_mode()
+    def forward(self, state: DecodeState) -> None:
+        """Feed ``state.token`` to every row of this one state and set ``state.logits``."""
+        state.logits = self._decode_step(state.groups, state.token)[state.inverse]
+
     def generate(self, question: str, passages: Optional[Iterable[Any]] = None, **options: Any) -> Answer:
         """Answer ``question`` from ``passages`` (greedy by default). See :meth:`stream`."""
         answer = None
@@ -463,69 +569,98 @@ class NBCEDecoder:
 
     @torch.inference_mode()
     def _run(self, prep: _Prepared, cfg: NBCEConfig, prefilled=None) -> Iterator[StreamEvent]:
-        rows = prep.rows
-        n = len(rows) - 1
-        pooling = get_pooling(cfg.pooling)
-        scores = prep.row_scores.to(self.device) if prep.row_scores is not None else None
-        gen = torch.Generator().manual_seed(cfg.seed) if (cfg.do_sample and cfg.seed is not None) else None
-        groups, logits, inverse = prefilled or self._prefill_rows(prep, cfg)
-        row_source = [r.source for r in rows]
-        qll = [r.q_loglik for r in rows[1:]]
-        pooling = pooling.begin(scores, torch.tensor(qll) if qll and None not in qll else None)
-        weights: List[Optional[torch.Tensor]] = [None, None]  # the rows' pooling weights: first and last
+        """The plain (one request) decode loop over the step API."""
+        state = self._new_state(prep, cfg)
+        if prefilled is not None:
+            state.groups, state.logits, state.inverse = prefilled
+        while not self.prefill(state):
+            pass
+        while True:
+            yield from self.advance(state)
+            if state.done:
+                return
+            self.forward(state)
 
-        tokens: List[int] = []
-        sources: List[int] = []
-        emitted = 0
-        finish = "length"
-        prev: Optional[int] = None
+    @torch.inference_mode()
+    def advance(self, state: DecodeState) -> List[StreamEvent]:
+        """Pick the next token from ``state.logits`` (fusion, sampling, stop strings,
+        max_new_tokens) and return the events it makes; the last one carries the
+        :class:`Answer` and sets ``state.done``. Otherwise ``state.token`` waits for a forward."""
+        if state.done:
+            return []
+        if state.logits is None:
+            raise RuntimeError("advance() needs logits: prefill() the state first, then forward() after each token")
+        prep, cfg, logits = state.prep, state.cfg, state.logits
+        state.logits = None
+        n = len(prep.rows) - 1
+        events: List[StreamEvent] = []
         stop_hold = max((len(s) for s in cfg.stop), default=0)
-        for step in range(cfg.max_new_tokens):
-            if not torch.isfinite(logits).any(dim=-1).all():
-                raise RuntimeError("the model returned non-finite logits for a whole row; try dtype='float32'")
-            if n == 0:
-                fused = log_softmax(logits[0])
-                token = self._sample(fused, cfg, gen)
-                src = NO_PASSAGE
-            else:
-                st = nbce_step(logits, beta=cfg.beta, eta=cfg.eta, top_p=cfg.nbce_top_p, pooling=pooling, scores=scores, prev=prev)
-                token = self._sample(st.logits, cfg, gen)
-                prev = attribute(st, token)
-                src = row_source[prev + 1]
-                weights[0] = st.weights if weights[0] is None else weights[0]
-                updated = pooling.observe(st, token)
-                weights[1] = updated if updated is not None else st.weights
-            if token in self._eos_ids:
-                finish = "stop"
-                break
+        finish = None
+        if not torch.isfinite(logits).any(dim=-1).all():
+            raise RuntimeError("the model returned non-finite logits for a whole row; try dtype='float32'")
+        if n == 0:
+            fused = log_softmax(logits[0])
+            token = self._sample(fused, cfg, state.gen)
+            src = NO_PASSAGE
+        else:
+            if not state.begun:  # the per-answer pooling, given scores and log p(question | passage)
+                qll = [r.q_loglik for r in prep.rows[1:]]
+                state.pooling = state.pooling.begin(state.scores, None if None in qll else torch.tensor(qll))
+                state.begun = True
+            st = nbce_step(logits, beta=cfg.beta, eta=cfg.eta, top_p=cfg.nbce_top_p, pooling=state.pooling,
+                           scores=state.scores, prev=state.prev)
+            token = self._sample(st.logits, cfg, state.gen)
+            state.prev = attribute(st, token)
+            src = prep.rows[state.prev + 1].source
+            updated = state.pooling.observe(st, token)
+            state.weights = [st.weights if state.weights[0] is None else state.weights[0],
+                             updated if updated is not None else st.weights]
+        if token in self._eos_ids:
+            finish = "stop"
+        else:
+            tokens = state.tokens
             tokens.append(token)
-            sources.append(src)
+            state.sources.append(src)
             text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-            cut = _find_stop(text, cfg.stop, max(0, emitted - stop_hold))
+            cut = _find_stop(text, cfg.stop, max(0, state.emitted - stop_hold))
             if cut is not None:
                 text = text[:cut]
                 finish = "stop"
-                if len(text) > emitted:
-                    yield StreamEvent(text[emitted:], token, src)
-                    emitted = len(text)
-                break
-            safe = len(text) - _held_back(text, cfg.stop)
-            if text[safe - 1 : safe] == "\ufffd":  # an incomplete multi-byte character
-                safe -= 1
-            if safe > emitted:
-                yield StreamEvent(text[emitted:safe], token, src)
-                emitted = safe
+                if len(text) > state.emitted:
+                    events.append(StreamEvent(text[state.emitted:], token, src))
+                    state.emitted = len(text)
             else:
-                yield StreamEvent("", token, src)
-            if step + 1 < cfg.max_new_tokens:
-                logits = self._decode_step(groups, token)[inverse]
+                safe = len(text) - _held_back(text, cfg.stop)
+                if text[safe - 1 : safe] == "\ufffd":  # an incomplete multi-byte character
+                    safe -= 1
+                if safe > state.emitted:
+                    events.append(StreamEvent(text[state.emitted:safe], token, src))
+                    state.emitted = safe
+                else:
+                    events.append(StreamEvent("", token, src))
+                if len(tokens) >= cfg.max_new_tokens:
+                    finish = "length"
+        if finish is None:
+            state.token = token
+            return events
+        events.append(self.finish(state, finish))
+        return events
 
+    def finish(self, state: DecodeState, reason: str) -> StreamEvent:
+        """End ``state`` now (``reason``: "stop", "length", or e.g. "cancelled") and return its
+        final event, with the :class:`Answer` of what was decoded so far."""
+        tokens = state.tokens
         final = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        if finish == "stop" and cfg.stop:
-            cut = _find_stop(final, cfg.stop, 0)
+        if reason == "stop" and state.cfg.stop:
+            cut = _find_stop(final, state.cfg.stop, 0)
             final = final[:cut] if cut is not None else final
-        answer = self._answer(final, tokens, sources, prep, finish, n_steps=len(tokens) + (finish == "stop"), weights=weights)
-        yield StreamEvent(final[emitted:], None, None, finish, answer)
+        answer = self._answer(final, tokens, state.sources, state.prep, reason,
+                              n_steps=len(tokens) + (reason == "stop"), weights=state.weights)
+        if state.finalize is not None:
+            state.finalize(answer)
+        state.done, state.answer, state.token, state.logits = True, answer, None, None
+        state.groups = []  # the KV caches go now, not when the state is collected
+        return StreamEvent(final[state.emitted:], None, None, reason, answer)
 
     def _answer(self, text: str, tokens: List[int], sources: List[int], prep: _Prepared, finish: str, n_steps: int,
                 weights=(None, None)) -> Answer:

@@ -29,3 +29,11 @@ class CalibrationError(NBCERagError, ValueError):
 
 class ConfigError(NBCERagError, ValueError):
     """An option has a value outside its documented range."""
+
+
+class LockTimeoutError(NBCERagError, TimeoutError):
+    """Another writer held a stored file's lock (e.g. an index being saved) for longer than the timeout."""
+
+
+class ConflictError(NBCERagError):
+    """A save would overwrite changes another writer made meanwhile; nothing was written."""

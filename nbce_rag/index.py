@@ -16,8 +16,23 @@ Storage (``save(dir)``) is a directory::
 A save writes a new generation of data files (each temp file + rename), then atomically
 replaces ``manifest.json``, which is the commit point, then removes the files of older
 generations. A crash at any moment leaves either the old or the new index complete. Loading
-checks the manifest, sizes, checksums, shapes, dtype and record count, raises
-:class:`~nbce_rag.errors.CorruptFileError` on any mismatch, and never writes.
+checks the manifest (every field's type and range), sizes, checksums, shapes, dtype and
+record count, raises :class:`~nbce_rag.errors.CorruptFileError` on any mismatch, and never
+writes.
+
+Several writers (processes or threads) may save one directory. A save holds an exclusive
+lock (``flock`` on ``.index.lock`` in the directory; released by the kernel if the writer
+dies) from reading the current manifest to removing the superseded files, so it only ever
+deletes the generation it replaced and the leftovers of killed saves (orphaned data and
+temp files). A copy remembers the generation it was loaded from (or last saved as) and the
+changes made to it since; when another writer saved in between, :meth:`VectorIndex.save`
+**merges**: it replays this copy's ``add``/``delete`` calls on the newest saved index, so
+both writers' changes survive. Two writers adding the same row id is a conflict: with
+``on_duplicate="replace"`` (as ``nbce-rag index --append`` does) the later save wins, with
+``"skip"`` the earlier one, and with ``"error"`` (and :meth:`add_vectors`) the later save
+raises :class:`~nbce_rag.errors.ConflictError` and writes nothing. For a
+read-modify-write that must see the latest state, hold the lock throughout with
+:meth:`VectorIndex.edit`. Readers take no lock.
 
 The FAISS structure is not stored: the vectors are the single source of truth and the FAISS
 index is rebuilt from them on load (instant for ``Flat``; minutes for HNSW over millions).
@@ -32,15 +47,16 @@ import os
 import re
 import secrets
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ._io import atomic_write, read_json, write_json
+from ._io import atomic_write, file_lock, read_json, write_json
 from .chunking import DEFAULT_CHUNK_TOKENS, DEFAULT_OVERLAP, chunk_text
-from .errors import ConfigError, CorruptFileError, EncoderMismatchError
+from .errors import ConfigError, ConflictError, CorruptFileError, EncoderMismatchError
 from .readers import JSONL_EXTENSIONS, PDF_EXTENSIONS, TEXT_EXTENSIONS, ReadReport, read_documents  # noqa: F401 - re-exported
 from .types import Hit, Passage, as_passage
 
@@ -56,6 +72,14 @@ BACKENDS = ("exact", "faiss")
 #: rows used to train FAISS indexes that need training (IVF, PQ); more only slows k-means down
 FAISS_TRAIN_MAX = 100_000
 _DATA_FILE = re.compile(r"^(vectors|records)-[0-9a-f]+-[0-9a-f]+\.(npy|jsonl)$")
+#: temp files of an interrupted save (``atomic_write`` names them ``.<name>.<random>.tmp``)
+_TEMP_FILE = re.compile(r"^\.((vectors|records)-[0-9a-f]+-[0-9a-f]+\.(npy|jsonl)|manifest\.json)\.[A-Za-z0-9_]+\.tmp$")
+#: lock file serialising the saves of one index directory (never deleted, never written)
+LOCK_FILE = ".index.lock"
+#: seconds a save waits for another writer's lock before LockTimeoutError
+DEFAULT_LOCK_TIMEOUT = 120.0
+#: reads of a manifest that concurrent saves keep replacing, before load() gives up
+_LOAD_ATTEMPTS = 8
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -135,6 +159,10 @@ class VectorIndex:
         self._faiss: Any = None
         #: report of the last :meth:`build`/:meth:`add`
         self.last_report: Optional[AddReport] = None
+        #: (index directory, generation) this copy was loaded from or last saved as
+        self._base: Optional[Tuple[str, str]] = None
+        #: add/delete calls since then, replayed by save() if another writer saved meanwhile
+        self._journal: List[Tuple[Any, ...]] = []
 
     # ------------------------------------------------------------------ construction
 
@@ -333,6 +361,7 @@ class VectorIndex:
         if replaced:
             self.delete(replaced)
         self._append(vecs, ids, texts, metas)
+        self._log("add", ids, on_duplicate)
         report.added_documents = len(docs)
         report.chunks = len(ids)
         report.ids = ids
@@ -360,7 +389,9 @@ class VectorIndex:
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)
         if np.any(norms == 0) or not np.all(np.isfinite(norms)):
             raise ConfigError("vectors must be finite and non-zero")
-        self._append(vectors / norms, list(map(str, ids)), list(texts), [dict(m) for m in metadatas])
+        ids = list(map(str, ids))
+        self._append(vectors / norms, ids, list(texts), [dict(m) for m in metadatas])
+        self._log("add", ids, "error")
 
     def _append(self, vecs: np.ndarray, ids: List[str], texts: List[str], metas: List[Dict[str, Any]]) -> None:
         if not ids:
@@ -384,7 +415,10 @@ class VectorIndex:
         if isinstance(ids, str):
             ids = [ids]
         wanted = set(ids)
-        if not wanted or not len(self):
+        if not wanted:
+            return 0
+        self._log("delete", frozenset(wanted))
+        if not len(self):
             return 0
         keep = np.array(
             [not (i in wanted or m.get("doc_id") in wanted) for i, m in zip(self._ids, self._metas)], dtype=bool
@@ -508,13 +542,111 @@ class VectorIndex:
 
     # ------------------------------------------------------------------ persistence
 
-    def save(self, path: PathLike) -> None:
+    def _log(self, op: str, *args: Any) -> None:
+        """Record a change for :meth:`save`'s merge (only once this copy has a saved base)."""
+        if self._base is not None:
+            self._journal.append((op, *args))
+
+    def save(self, path: PathLike, *, lock_timeout: Optional[float] = DEFAULT_LOCK_TIMEOUT) -> None:
         """Write the index to directory ``path`` (created if needed), atomically: readers and
-        crashes see either the previous index or this one, never a mix."""
+        crashes see either the previous index or this one, never a mix.
+
+        The save holds the directory's writer lock (waiting up to ``lock_timeout`` seconds,
+        ``None`` = forever, then :class:`~nbce_rag.errors.LockTimeoutError`). If this copy was
+        loaded from (or last saved to) ``path`` and another writer saved there since, this
+        copy's changes are merged into the newest index first (see the module docstring) and
+        this object then holds the merged rows; a conflict raises
+        :class:`~nbce_rag.errors.ConflictError` and writes nothing. A copy saved to another
+        directory replaces whatever index was there. Leftovers of interrupted saves are removed.
+        """
         path = Path(path)
         if path.exists() and not path.is_dir():
             raise ConfigError(f"{path} exists and is not a directory")
         path.mkdir(parents=True, exist_ok=True)
+        with file_lock(path / LOCK_FILE, timeout=lock_timeout, what=f"the index at {path}"):
+            key = os.path.realpath(path)
+            if self._base is not None and self._base[0] == key:
+                current = _current_generation(path)
+                if current is not None and current != self._base[1]:
+                    self._merge_into(path, current)
+            gen = self._write_generation(path)
+            self._base, self._journal = (key, gen), []
+            _remove_leftovers(path, keep=(f"vectors-{gen}.npy", f"records-{gen}.jsonl"))
+
+    @classmethod
+    @contextmanager
+    def edit(
+        cls,
+        path: PathLike,
+        encoder: Optional["CoSENTEncoder"] = None,
+        *,
+        lock_timeout: Optional[float] = DEFAULT_LOCK_TIMEOUT,
+    ) -> Iterator["VectorIndex"]:
+        """Load, change and save the index at ``path`` under its writer lock, so no other save
+        interleaves (``with VectorIndex.edit(p) as idx: idx.add(docs)``). The index is saved
+        when the block ends normally, and not at all when it raises. Other writers wait (up to
+        their own ``lock_timeout``) for as long as the block runs; :meth:`save` alone (which
+        merges) keeps the lock only for the write itself."""
+        path = Path(path)
+        if not (path / MANIFEST).is_file():
+            raise CorruptFileError(f"no index at {path}: {MANIFEST} is missing (build one with `nbce-rag index`)")
+        with file_lock(path / LOCK_FILE, timeout=lock_timeout, what=f"the index at {path}"):
+            index = cls.load(path, encoder)
+            yield index
+            index.save(path, lock_timeout=lock_timeout)
+
+    def _merge_into(self, path: Path, current: str) -> None:
+        """Replay this copy's changes since its base on the index saved at ``path`` (generation
+        ``current``, newer than the base) and adopt the result. Raises ConflictError (and
+        changes nothing) when the two cannot be combined."""
+        try:
+            disk = type(self)._load(path, None, backend=self.backend, verify=True)
+        except CorruptFileError as e:
+            raise ConflictError(
+                f"another writer saved the index at {path} after this copy was loaded, and the newer "
+                f"index cannot be read to merge into ({e}); nothing was written"
+            ) from None
+        from .encoder import identities_match
+
+        if (disk.dim != self.dim or not (disk.encoder_identity == self._encoder_identity
+                                         or identities_match(disk.encoder_identity, self._encoder_identity))
+                or (disk.chunk_tokens, disk.overlap) != (self.chunk_tokens, self.overlap)):
+            raise ConflictError(
+                f"the index at {path} was rebuilt by another writer (encoder {disk.encoder_identity}, dim "
+                f"{disk.dim}, chunks {disk.chunk_tokens}/{disk.overlap}) after this copy was loaded; "
+                "nothing was written: load it again and redo the changes"
+            )
+        for op in self._journal:
+            if op[0] == "delete":
+                disk.delete(op[1])
+                continue
+            _, ids, policy = op
+            rows = [self._row[i] for i in ids if i in self._row]  # rows deleted later are skipped
+            if not rows:
+                continue
+            docs = {self._metas[r].get("doc_id") for r in rows} - {None}
+            clash = [self._ids[r] for r in rows if self._ids[r] in disk._row]
+            if policy == "replace":
+                disk.delete(set(self._ids[r] for r in rows) | docs)
+            elif policy == "skip":
+                there = set(disk.document_ids())
+                rows = [r for r in rows if self._ids[r] not in disk._row
+                        and self._metas[r].get("doc_id", self._ids[r]) not in there]
+            elif clash:
+                raise ConflictError(
+                    f"another writer added row(s) {clash[:3]} to the index at {path} after this copy was "
+                    "loaded, and this copy adds them too; nothing was written: load the index again and "
+                    "redo the change (or add with on_duplicate='replace' to let the later save win)"
+                )
+            disk._append(self._vectors[rows], [self._ids[r] for r in rows], [self._texts[r] for r in rows],
+                         [self._metas[r] for r in rows])
+        logger.info("merged %d change(s) into generation %s of %s written by another writer",
+                    len(self._journal), current, path)
+        self._vectors, self._ids, self._texts, self._metas = disk._vectors, disk._ids, disk._texts, disk._metas
+        self._row, self._faiss = disk._row, None
+
+    def _write_generation(self, path: Path) -> str:
+        """Write this index as a new generation in ``path`` (lock held) and return its name."""
         gen = f"{time.time_ns():x}-{secrets.token_hex(4)}"
         vec_name, rec_name = f"vectors-{gen}.npy", f"records-{gen}.jsonl"
         checks: Dict[str, str] = {}
@@ -559,12 +691,7 @@ class VectorIndex:
                 except FileNotFoundError:
                     pass
             raise
-        for p in path.iterdir():  # old generations, now unreferenced
-            if _DATA_FILE.match(p.name) and p.name not in (vec_name, rec_name):
-                try:
-                    p.unlink()
-                except OSError as e:  # pragma: no cover
-                    logger.warning("could not remove old index file %s: %s", p, e)
+        return gen
 
     @classmethod
     def load(
@@ -582,16 +709,17 @@ class VectorIndex:
         needed. ``verify=False`` skips the sha256 checks (sizes, shapes and counts are still
         checked). ``backend`` overrides the stored one. Damage raises :class:`CorruptFileError`.
         """
-        stamp = _manifest_stamp(path)
-        try:
-            return cls._load(path, encoder, backend=backend, verify=verify)
-        except CorruptFileError:
-            # a concurrent save may have replaced the manifest and removed the files being
-            # read; when the manifest changed meanwhile, read the new generation once
-            now = _manifest_stamp(path)
-            if now is None or now == stamp:
-                raise
-            return cls._load(path, encoder, backend=backend, verify=verify)
+        for attempt in range(_LOAD_ATTEMPTS):
+            stamp = _manifest_stamp(path)
+            try:
+                return cls._load(path, encoder, backend=backend, verify=verify)
+            except CorruptFileError:
+                # a concurrent save may have replaced the manifest and removed the files being
+                # read; while the manifest keeps changing meanwhile, read the newer generation
+                now = _manifest_stamp(path)
+                if now is None or now == stamp or attempt == _LOAD_ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
 
     @classmethod
     def _load(
@@ -607,41 +735,27 @@ class VectorIndex:
             raise CorruptFileError(f"no index at {path}: the directory does not exist")
         if not (path / MANIFEST).is_file():
             raise CorruptFileError(f"no index at {path}: {MANIFEST} is missing (build one with `nbce-rag index`)")
-        m = read_json(path / MANIFEST)
         where = path / MANIFEST
-        try:
-            if m.get("format") != FORMAT:
-                raise CorruptFileError(f"{where} is not an nbce-rag index manifest")
-            if int(m["version"]) > FORMAT_VERSION:
-                raise CorruptFileError(
-                    f"{where} has format version {m['version']}; this nbce-rag reads up to {FORMAT_VERSION} (upgrade nbce-rag)"
-                )
-            dim, count = int(m["dim"]), int(m["count"])
-            ident = str(m["encoder"]["identity"])
-            source = m["encoder"].get("source")
-            chunking, be, files = m["chunking"], m["backend"], m["files"]
-            vinfo, rinfo = files["vectors"], files["records"]
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise CorruptFileError(f"{where} is incomplete or malformed ({type(e).__name__}: {e}); rebuild the index") from None
-
+        m = _check_manifest(read_json(where), where)
+        dim, count = m["dim"], m["count"]
+        be, vinfo, rinfo = m["backend"], m["files"]["vectors"], m["files"]["records"]
         index = cls(
             dim,
-            ident,
-            encoder_source=source,
-            chunk_tokens=int(chunking["chunk_tokens"]),
-            overlap=int(chunking["overlap"]),
-            backend=backend or be.get("name", "exact"),
-            faiss_factory=be.get("faiss_factory", "Flat"),
-            faiss_params=be.get("faiss_params", ""),
+            m["encoder"]["identity"],
+            encoder_source=m["encoder"].get("source"),
+            chunk_tokens=m["chunking"]["chunk_tokens"],
+            overlap=m["chunking"]["overlap"],
+            backend=backend or be["name"],
+            faiss_factory=be["faiss_factory"],
+            faiss_params=be["faiss_params"],
         )
-        msl = m["encoder"].get("max_seq_length")
-        index.encoder_max_seq_length = int(msl) if isinstance(msl, int) else None
+        index.encoder_max_seq_length = m["encoder"].get("max_seq_length")
         if encoder is not None:
             index._check_encoder(encoder, where="the given encoder", path=path)
             index._encoder = encoder
             index._checked_version = getattr(encoder, "weights_version", 0)
 
-        vfile, rfile = path / str(vinfo["name"]), path / str(rinfo["name"])
+        vfile, rfile = path / vinfo["name"], path / rinfo["name"]
         for info, f in ((vinfo, vfile), (rinfo, rfile)):
             if not f.is_file():
                 raise CorruptFileError(f"index file {f} named by {where} is missing; rebuild the index")
@@ -661,6 +775,9 @@ class VectorIndex:
             raise CorruptFileError(
                 f"{vfile} holds {vectors.dtype} {vectors.shape}, the manifest says float32 {(count, dim)}; rebuild the index"
             )
+        # unit rows sum to at most sqrt(dim): a non-finite row sum means NaN/inf (or absurd) values
+        if count and not np.all(np.isfinite(vectors.sum(axis=1, dtype=np.float64))):
+            raise CorruptFileError(f"{vfile} holds NaN or infinite values; rebuild the index")
         ids: List[str] = []
         texts: List[str] = []
         metas: List[Dict[str, Any]] = []
@@ -682,10 +799,113 @@ class VectorIndex:
         index._vectors = vectors
         index._ids, index._texts, index._metas = ids, texts, metas
         index._row = {i: r for r, i in enumerate(ids)}
+        index._base = (os.path.realpath(path), m["generation"])
         return index
 
 
 # ---------------------------------------------------------------------- helpers
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_GENERATION = re.compile(r"^[0-9a-f]+-[0-9a-f]+$")
+
+
+def _check_manifest(m: Any, where: Any) -> Dict[str, Any]:
+    """Check the type and range of every manifest field the loader uses; return the manifest
+    with defaults filled in. Any problem is a :class:`CorruptFileError` naming the field."""
+
+    def bad(name: str, problem: str, value: Any = None, *, missing: bool = False) -> CorruptFileError:
+        got = "it is missing" if missing else f"got {_short(value)}"
+        return CorruptFileError(f"{where}: field {name!r} {problem} ({got}); the manifest is damaged, rebuild the index")
+
+    def get(d: Dict[str, Any], name: str, key: str, default: Any = ...) -> Any:
+        if key not in d:
+            if default is ...:
+                raise bad(name, "is required", missing=True)
+            return default
+        return d[key]
+
+    def obj(d: Dict[str, Any], name: str, key: str) -> Dict[str, Any]:
+        v = get(d, name, key)
+        if not isinstance(v, dict):
+            raise bad(name, "must be a JSON object", v)
+        return v
+
+    def integer(d: Dict[str, Any], name: str, key: str, lo: int, hi: int, default: Any = ...) -> Any:
+        v = get(d, name, key, default)
+        if v is None and default is None:
+            return None
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            raise bad(name, f"must be an integer in [{lo}, {hi}]", v)
+        return v
+
+    def string(d: Dict[str, Any], name: str, key: str, default: Any = ..., pattern: Any = None) -> Any:
+        v = get(d, name, key, default)
+        if v is None and default is None:
+            return None
+        if not isinstance(v, str) or (pattern is not None and not pattern.match(v)):
+            raise bad(name, "must be a string" + (f" matching {pattern.pattern}" if pattern is not None else ""), v)
+        return v
+
+    if not isinstance(m, dict):
+        raise CorruptFileError(f"{where} is not an nbce-rag index manifest (not a JSON object); rebuild the index")
+    if m.get("format") != FORMAT:
+        raise CorruptFileError(f"{where} is not an nbce-rag index manifest")
+    version = m.get("version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise bad("version", "must be a positive integer", version, missing="version" not in m)
+    if version > FORMAT_VERSION:
+        raise CorruptFileError(
+            f"{where} has format version {version}; this nbce-rag reads up to {FORMAT_VERSION} (upgrade nbce-rag)"
+        )
+    out: Dict[str, Any] = {"version": version}
+    out["generation"] = string(m, "generation", "generation", pattern=_GENERATION)
+    out["dim"] = integer(m, "dim", "dim", 1, 1 << 20)
+    out["count"] = integer(m, "count", "count", 0, 1 << 40)
+    enc = obj(m, "encoder", "encoder")
+    ident = string(enc, "encoder.identity", "identity")
+    if not ident.strip():
+        raise bad("encoder.identity", "must be a non-empty string", ident)
+    if "dim" in enc and enc["dim"] != out["dim"]:
+        raise bad("encoder.dim", f"must equal dim={out['dim']}", enc["dim"])
+    out["encoder"] = {
+        "identity": ident,
+        "source": string(enc, "encoder.source", "source", None),
+        "max_seq_length": integer(enc, "encoder.max_seq_length", "max_seq_length", 1, 1 << 20, None),
+    }
+    ch = obj(m, "chunking", "chunking")
+    tokens = integer(ch, "chunking.chunk_tokens", "chunk_tokens", 1, 1 << 20)
+    out["chunking"] = {
+        "chunk_tokens": tokens,
+        "overlap": integer(ch, "chunking.overlap", "overlap", 0, tokens - 1),
+    }
+    be = obj(m, "backend", "backend")
+    name = get(be, "backend.name", "name", "exact")
+    if name not in BACKENDS:
+        raise bad("backend.name", f"must be one of {BACKENDS}", name)
+    out["backend"] = {
+        "name": name,
+        "faiss_factory": string(be, "backend.faiss_factory", "faiss_factory", "Flat"),
+        "faiss_params": string(be, "backend.faiss_params", "faiss_params", ""),
+    }
+    files = obj(m, "files", "files")
+    out["files"] = {}
+    for kind, ext in (("vectors", ".npy"), ("records", ".jsonl")):
+        f = obj(files, f"files.{kind}", kind)
+        fname = string(f, f"files.{kind}.name", "name", pattern=_DATA_FILE)
+        if not (fname.startswith(kind + "-") and fname.endswith(ext)):
+            raise bad(f"files.{kind}.name", f"must be a {kind}-<generation>{ext} file name", fname)
+        out["files"][kind] = {
+            "name": fname,
+            "bytes": integer(f, f"files.{kind}.bytes", "bytes", 0, 1 << 50),
+            "sha256": string(f, f"files.{kind}.sha256", "sha256", pattern=_SHA256),
+        }
+    return out
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    r = repr(value)
+    return r if len(r) <= limit else r[: limit - 3] + "..."
+
 
 
 def _topk_exact(vectors: np.ndarray, q: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -723,6 +943,31 @@ def _sha256_file(path: PathLike) -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def _current_generation(path: Path) -> Optional[str]:
+    """The generation named by the manifest in ``path``; None when there is no readable one."""
+    try:
+        m = read_json(path / MANIFEST)
+    except (CorruptFileError, OSError):
+        return None
+    g = m.get("generation") if isinstance(m, dict) else None
+    return g if isinstance(g, str) else None
+
+
+def _remove_leftovers(path: Path, keep: Tuple[str, ...]) -> None:
+    """After a commit (writer lock held): remove every data file the new manifest does not
+    name -- the generation just superseded and files of saves that were killed -- and the
+    temp files such saves left. Other files in the directory are never touched."""
+    for p in path.iterdir():
+        name = p.name
+        if (_DATA_FILE.match(name) and name not in keep) or _TEMP_FILE.match(name):
+            try:
+                p.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as e:  # pragma: no cover
+                logger.warning("could not remove old index file %s: %s", p, e)
 
 
 def _write_data_file(path: Path, write: Any) -> None:

@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Iterable, Iterator, List, Optional
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, List, Optional, Sequence
 
 from .decoder import NBCEDecoder
 from .retrieval import Selection, check_k, select
 from .types import Answer, Passage, StreamEvent, as_passage
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .decoder import DecodeState
+    from .scheduler import SchedulerConfig
 
 logger = logging.getLogger(__name__)
 
@@ -163,6 +167,50 @@ class RAGPipeline:
         for ev in self.stream(question, passages, k=k, **options):
             answer = ev.answer or answer
         return answer
+
+    def start(self, question: str, passages: Optional[Iterable[Any]] = None, *, k: Optional[int] = None,
+              **options: Any) -> "DecodeState":
+        """Retrieve and filter now, and return the decoder's :class:`DecodeState` for the kept
+        passages (nothing is run on the model yet): the unit a :class:`StepScheduler` decodes.
+        Its final answer gets ``supported`` and ``dropped`` as in :meth:`stream`."""
+        NBCEDecoder._check_question(question)
+        kept, dropped = self.select(question, passages, k)
+        state = self.decoder.start(question, kept, **options)
+
+        def finalize(answer: Answer) -> None:
+            answer.supported = bool(kept)
+            answer.dropped = dropped
+
+        state.finalize = finalize
+        return state
+
+    def batch(self, questions: Sequence[str], passages: Optional[Sequence[Optional[Iterable[Any]]]] = None, *,
+              k: Optional[int] = None, scheduler: Optional["SchedulerConfig"] = None, **options: Any) -> List[Answer]:
+        """Answer many questions together (offline jobs): every question is a request of the
+        server's step scheduler, so their rows share decode forwards. ``passages``: one list
+        per question (``None`` in it, or no ``passages`` at all: retrieve from the index).
+        Answers are in the order of ``questions`` and equal to :meth:`ask`'s one by one (up to
+        float rounding in padded attention). ``scheduler``: a
+        :class:`~nbce_rag.scheduler.SchedulerConfig`. A question whose decoding fails raises
+        its error after the others finished."""
+        from .scheduler import StepScheduler
+
+        if isinstance(questions, str):
+            raise TypeError("questions must be a list of questions; wrap a single question in a list")
+        questions = list(questions)
+        if passages is None:
+            per = [None] * len(questions)
+        else:
+            per = list(passages)
+            if len(per) != len(questions):
+                raise ValueError(f"passages has {len(per)} lists for {len(questions)} questions; give one per question")
+        states = [self.start(q, p, k=k, **options) for q, p in zip(questions, per)]
+        results = StepScheduler(self.decoder, scheduler).run(states)
+        for i, (_, err) in enumerate(results):
+            if err is not None:
+                logger.error("batch: question %d failed: %s", i, err)
+                raise err
+        return [s.answer for s, _ in results]
 
     # ------------------------------------------------------------------ conveniences
     def as_langchain_retriever(self, **kwargs: Any):

@@ -31,6 +31,7 @@ import io
 import json
 import logging
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
@@ -339,6 +340,7 @@ class ReadReport:
     unreadable: List[str] = field(default_factory=list)  #: "path: reason"
     replaced_characters: List[str] = field(default_factory=list)  #: non-UTF-8 files decoded with U+FFFD
     ignored: int = 0  #: files with other extensions found while walking directories
+    special: List[str] = field(default_factory=list)  #: FIFOs, sockets, devices skipped while walking
 
     def lines(self) -> List[str]:
         out = [f"read {self.files} file(s): {self.documents} document(s)"]
@@ -351,6 +353,8 @@ class ReadReport:
             out.append(f"skipped unreadable {u}")
         if self.ignored:
             out.append(f"ignored {self.ignored} file(s) with other extensions")
+        if self.special:
+            out.append(f"skipped {len(self.special)} special file(s) (not regular files): " + ", ".join(self.special))
         return out
 
 
@@ -358,7 +362,9 @@ def read_documents(paths: Iterable[PathLike], *, root_relative_ids: bool = True)
     """Read ``.txt``/``.md``/``.rst`` files (one document each), ``.jsonl`` files (one per row:
     ``text``/``contents``, optional ``title``, ``id``/``_id`` and ``metadata``) and ``.pdf``
     (one per page, with the ``pdf`` extra). Directories are walked recursively in sorted
-    order; hidden entries are skipped.
+    order; hidden entries are skipped, and so are entries that are not regular files (FIFOs,
+    sockets, devices: reported, never opened, so a FIFO cannot block indexing). A FIFO named
+    directly (e.g. ``<(command)``) is read.
 
     Document ids are stable: the path relative to the directory given (or the file name for
     a file given directly), plus ``:<row id>`` for JSONL rows and ``:p<page>`` for PDF pages.
@@ -374,6 +380,11 @@ def read_documents(paths: Iterable[PathLike], *, root_relative_ids: bool = True)
             for f in sorted(_walk(given)):
                 if f.suffix.lower() not in TEXT_EXTENSIONS + JSONL_EXTENSIONS + PDF_EXTENSIONS:
                     report.ignored += 1
+                    continue
+                kind = _special_kind(f)
+                if kind:
+                    report.special.append(f"{f} ({kind})")
+                    logger.warning("skipped %s: a %s, not a regular file", f, kind)
                     continue
                 _read_one(f, f.relative_to(given).as_posix() if root_relative_ids else f.as_posix(), docs, report)
         elif given.exists():
@@ -391,6 +402,24 @@ def _walk(root: Path) -> Iterable[Path]:
         for name in filenames:
             if not name.startswith("."):
                 yield Path(dirpath) / name
+
+
+def _special_kind(path: Path) -> Optional[str]:
+    """What ``path`` (symlinks followed) is when it is not a regular file; None for a regular
+    file or one that cannot be stat'ed (its read then reports why)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISFIFO(mode):
+        return "FIFO"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "device"
+    return "special file"
 
 
 def _read_text(path: Path, report: ReadReport) -> Optional[str]:

@@ -331,29 +331,30 @@ class MarginThreshold:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], *, source: str = "calibration") -> "MarginThreshold":
+        """Rebuild a calibration from :meth:`to_dict`'s output. Every field is checked (type,
+        finite, cosine range, ``lower <= threshold <= upper``, ``0 <= margin``, an encoder
+        identity present): any problem raises :class:`CorruptFileError` naming the field."""
         if not isinstance(d, Mapping) or d.get("format") != FORMAT_NAME:
             raise CorruptFileError(f"{source} is not an nbce-rag calibration (format {FORMAT_NAME!r} expected)")
-        if int(d.get("version", 0)) > FORMAT_VERSION:
-            raise CorruptFileError(f"{source} has calibration format version {d.get('version')}, newer than "
+        version = d.get("version")
+        if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+            raise CorruptFileError(f"{source} has calibration format version {version}, newer than "
                                    f"this nbce-rag supports ({FORMAT_VERSION}); upgrade nbce-rag")
-        try:
-            t, lo, up = float(d["threshold"]), float(d["lower"]), float(d["upper"])
-            m = None if d.get("margin") is None else float(d["margin"])
-            ci = {k: (None if v is None else (float(v[0]), float(v[1]))) for k, v in dict(d.get("ci") or {}).items()}
-        except (KeyError, TypeError, ValueError, IndexError) as e:
-            raise CorruptFileError(f"{source} is missing or has a malformed field ({e!r}); recalibrate") from None
-        if not all(math.isfinite(x) for x in (t, lo, up)) or (m is not None and not math.isfinite(m)):
-            raise CorruptFileError(f"{source} holds non-finite thresholds; recalibrate")
-        return cls(threshold=t, lower=lo, upper=up, margin=m, encoder_identity=d.get("encoder_identity"),
-                   ci=ci, stats=dict(d.get("stats") or {}))
+        v = _check_calibration_fields(
+            d, lambda msg: CorruptFileError(f"{source} is malformed: {msg}; recalibrate (nbce-rag calibrate)"))
+        return cls(**v)
 
     def save(self, path: PathLike) -> Path:
         """Write the calibration as JSON (atomically). A directory (e.g. an index directory)
-        gets ``calibration.json`` inside it. Returns the file written."""
+        gets ``calibration.json`` inside it. Returns the file written. A calibration that
+        :meth:`load` would refuse (no encoder identity, thresholds outside the cosine range,
+        an inconsistent band) is not written: :class:`CalibrationError`."""
         p = Path(path)
         if p.is_dir():
             p = p / CALIBRATION_FILENAME
-        write_json(p, self.to_dict())
+        d = self.to_dict()
+        _check_calibration_fields(d, lambda msg: CalibrationError(f"cannot save this calibration: {msg}"))
+        write_json(p, d)
         return p
 
     @classmethod
@@ -430,6 +431,78 @@ class MarginThreshold:
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
+
+#: how far a stored threshold may lie outside [-1, 1] (float32 cosines of equal texts exceed 1
+#: by rounding, and "above every score" is the next float above the highest one)
+_COSINE_SLACK = 1e-3
+#: stats keys that report() formats as numbers
+_NUMERIC_STATS = ("ci_level", "margin_quantile", "margin_none_fraction", "recall_target", "precision_target",
+                  "global_threshold", "k", "n_scores", "n_positives", "n_negatives", "n_queries",
+                  "n_bootstrap", "n_bootstrap_used", "n_margin_spreads")
+
+
+def _check_calibration_fields(d: Mapping[str, Any], bad: Any) -> Dict[str, Any]:
+    """Check every field of a calibration dict; return ``MarginThreshold`` keyword arguments.
+    ``bad(message)`` makes the exception to raise (CorruptFileError on load, CalibrationError
+    on save)."""
+
+    def number(key: str, value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise bad(f"{key} must be a finite number (got {value!r})")
+        return float(value)
+
+    def cosine(key: str) -> float:
+        if key not in d:
+            raise bad(f"field {key!r} is missing")
+        x = number(key, d[key])
+        if abs(x) > 1.0 + _COSINE_SLACK:
+            raise bad(f"{key} {x!r} is outside the cosine range [-1, 1]")
+        return x
+
+    version = d.get("version")
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+        raise bad(f"field 'version' must be an integer in [1, {FORMAT_VERSION}] (got {version!r})")
+    ident = d.get("encoder_identity")
+    if not isinstance(ident, str) or not ident.strip():
+        raise bad(f"field 'encoder_identity' must name the encoder the scores came from (got {ident!r}); "
+                  "without it the encoder check is impossible")
+    t, lo, up = cosine("threshold"), cosine("lower"), cosine("upper")
+    if not lo <= t <= up:
+        raise bad(f"the band is inconsistent: need lower <= threshold <= upper, got {lo!r}, {t!r}, {up!r}")
+    m = d.get("margin")
+    if m is not None:
+        m = number("margin", m)
+        if not 0.0 <= m <= 2.0 + _COSINE_SLACK:
+            raise bad(f"margin {m!r} must be in [0, 2] (a difference of cosines), or null for no margin")
+    ci_raw = d.get("ci") or {}
+    if not isinstance(ci_raw, Mapping):
+        raise bad(f"field 'ci' must be an object (got {ci_raw!r})")
+    ci: Dict[str, Optional[Tuple[float, float]]] = {}
+    for k, v in ci_raw.items():
+        if v is None:
+            ci[str(k)] = None
+            continue
+        if not isinstance(v, (list, tuple)) or len(v) != 2:
+            raise bad(f"ci.{k} must be a [low, high] pair or null (got {v!r})")
+        a, b = number(f"ci.{k}[0]", v[0]), number(f"ci.{k}[1]", v[1])
+        if a > b:
+            raise bad(f"ci.{k} has low {a!r} > high {b!r}")
+        ci[str(k)] = (a, b)
+    stats = d.get("stats") or {}
+    if not isinstance(stats, Mapping):
+        raise bad(f"field 'stats' must be an object (got {stats!r})")
+    for k in _NUMERIC_STATS:
+        if stats.get(k) is not None or (k == "ci_level" and k in stats):
+            number(f"stats.{k}", stats[k])
+    for k in ("rule", "global_threshold_metrics"):
+        sub = stats.get(k)
+        if sub is None:
+            continue
+        if not isinstance(sub, Mapping):
+            raise bad(f"stats.{k} must be an object (got {sub!r})")
+        for key in ("precision", "recall", "f1") if sub else ():
+            number(f"stats.{k}.{key}", sub.get(key))
+    return dict(threshold=t, lower=lo, upper=up, margin=m, encoder_identity=ident, ci=ci, stats=dict(stats))
 
 
 def _search_all(index: Any, texts: List[str], k: int, show_progress: bool) -> List[List[Passage]]:

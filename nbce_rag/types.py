@@ -8,21 +8,32 @@ is turned into the plain data the adapters and the server report.
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Optional
+
+#: largest |score| a passage may carry: far above any cosine, BM25 or store distance, and small
+#: enough that score arithmetic (softmax(score / temperature) in float32) stays finite
+SCORE_LIMIT = 1e9
 
 
 @dataclass
 class Passage:
     """A passage given to the decoder, or a hit returned by :meth:`VectorIndex.search`.
 
-    ``score`` is the retrieval score (canonical cosine of the CoSENT encoder) when known.
+    ``score`` is the retrieval score (canonical cosine of the CoSENT encoder) when known: a
+    finite number with ``|score| <= SCORE_LIMIT`` (stored as ``float``), or ``None``; anything
+    else raises ``ValueError`` when the passage is made.
     """
 
     text: str
     score: Optional[float] = None
     id: Optional[str] = None
     metadata: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.score = check_score(self.score)
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -38,6 +49,7 @@ def as_passage(obj: Any, *, where: str = "passages") -> Passage:
     (and optional ``score``/``id``/``metadata``), or any object with ``.text`` / ``.page_content``
     (LangChain ``Document``) and an optional ``.score``. Raises ``TypeError`` otherwise."""
     if isinstance(obj, Passage):
+        check_score(obj.score, where=where)  # it may have been changed since it was made
         return obj
     if isinstance(obj, str):
         return Passage(text=obj)
@@ -49,7 +61,7 @@ def as_passage(obj: Any, *, where: str = "passages") -> Passage:
             )
         return Passage(
             text=text,
-            score=_opt_float(obj.get("score")),
+            score=check_score(obj.get("score"), where=where),
             id=None if obj.get("id") is None else str(obj.get("id")),
             metadata=dict(obj.get("metadata") or {}),
         )
@@ -63,7 +75,7 @@ def as_passage(obj: Any, *, where: str = "passages") -> Passage:
             score = meta.get("score")
         return Passage(
             text=text,
-            score=_opt_float(score),
+            score=check_score(score, where=where),
             id=None if getattr(obj, "id", None) is None else str(getattr(obj, "id")),
             metadata=dict(meta) if isinstance(meta, dict) else {},
         )
@@ -71,6 +83,27 @@ def as_passage(obj: Any, *, where: str = "passages") -> Passage:
         f"{where}: expected a str, a Passage, a dict with 'text', or an object with a .text "
         f"attribute; got {type(obj).__name__}"
     )
+
+
+def check_score(x: Any, *, where: str = "passage") -> Optional[float]:
+    """A passage score as ``float`` (or ``None``); ``ValueError`` unless it is a finite number
+    (a numeric string counts) with ``|x| <= SCORE_LIMIT``."""
+    if x is None:
+        return None
+    if isinstance(x, bool):
+        raise ValueError(f"{where}: a passage score must be a number or None, got {x!r}")
+    try:
+        f = float(x) if isinstance(x, (numbers.Real, str)) or hasattr(x, "__float__") else None
+    except (TypeError, ValueError, OverflowError):
+        f = None
+    if f is None:
+        raise ValueError(f"{where}: a passage score must be a number or None, got {type(x).__name__} {str(x)[:40]!r}")
+    if not math.isfinite(f) or abs(f) > SCORE_LIMIT:
+        raise ValueError(
+            f"{where}: a passage score must be finite with |score| <= {SCORE_LIMIT:g}, got {f!r}; "
+            "drop the score (None) or re-score the passage (MarginThreshold.rescore)"
+        )
+    return f
 
 
 def document_id(hit: Any) -> Optional[str]:
@@ -98,9 +131,6 @@ def pop_passages(kwargs: Dict[str, Any], convert: Callable[[Any], Passage] = as_
         raise TypeError("contexts must be a list of passages; wrap a single string in a list")
     return None if contexts is None else [convert(c) for c in contexts]
 
-
-def _opt_float(x: Any) -> Optional[float]:
-    return None if x is None else float(x)
 
 
 @dataclass

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-ADAPTERS = ["__init__.py", "langchain.py", "llama_index.py", "server.py"]
+ADAPTERS = ["__init__.py", "langchain.py", "llama_index.py", "server/__init__.py", "server/protocol.py", "server/worker.py", "server/app.py"]
 
 
 def _run(cmd, **kw):

@@ -559,7 +559,7 @@ def _stream_first_chunk(base: str, max_tokens: int, holder: dict):
 
 def test_disconnect_mid_stream_frees_the_worker(tiny_chat_decoder):
     slow = SlowPipeline(tiny_chat_decoder, delay=0.02)
-    s = Served(create_app(slow, limits=ServerLimits(max_tokens=1000)))
+    s = Served(create_app(slow, model_name=MODEL, limits=ServerLimits(max_tokens=1000)))
     try:
         holder = {"opened": threading.Event(), "close": threading.Event()}
         t = threading.Thread(target=_stream_first_chunk, args=(s.base, 1000, holder))  # 20 s if not cancelled
@@ -587,7 +587,7 @@ def test_disconnect_mid_stream_frees_the_worker(tiny_chat_decoder):
 
 def test_queue_full_answers_503(tiny_chat_decoder):
     slow = SlowPipeline(tiny_chat_decoder, delay=0.02)
-    s = Served(create_app(slow, limits=ServerLimits(max_tokens=1000, max_queue=1)))
+    s = Served(create_app(slow, model_name=MODEL, limits=ServerLimits(max_tokens=1000, max_queue=1)))
     try:
         holder = {"opened": threading.Event(), "close": threading.Event()}
         a = threading.Thread(target=_stream_first_chunk, args=(s.base, 1000, holder))
@@ -614,7 +614,7 @@ def test_queue_full_answers_503(tiny_chat_decoder):
 
 def test_request_timeout(tiny_chat_decoder):
     slow = SlowPipeline(tiny_chat_decoder, delay=0.02)
-    s = Served(create_app(slow, limits=ServerLimits(max_tokens=1000, request_timeout_s=0.5)))
+    s = Served(create_app(slow, model_name=MODEL, limits=ServerLimits(max_tokens=1000, request_timeout_s=0.5)))
     try:
         t0 = time.monotonic()
         err = assert_openai_error(s.post("/v1/chat/completions", _body(max_tokens=1000)), 504, "timeout", "timeout")
@@ -636,6 +636,203 @@ def test_request_timeout(tiny_chat_decoder):
         s.close()
 
 
+# ----------------------------------------------------------------------------- the step scheduler
+def _slow_decoder(decoder, delay: float):
+    """The same tiny model, each forward slowed by ``delay`` s (timing-independent tests)."""
+    from nbce_rag import NBCEDecoder
+
+    dec = NBCEDecoder(decoder.model, decoder.tokenizer, decoder.config)
+    forward = dec._forward
+
+    def slow(*a, **kw):
+        time.sleep(delay)
+        return forward(*a, **kw)
+
+    dec._forward = slow
+    return dec
+
+
+def test_concurrent_requests_share_steps_and_errors_stay_apart(tiny_chat_decoder):
+    rag = RAGPipeline(_slow_decoder(tiny_chat_decoder, 0.01))
+    s = Served(create_app(rag, limits=LIMITS, model_name=MODEL))
+    cases = [(f"Question {i}: where is the tower?", [d["text"] for d in DOCS[: 1 + i % 3]],
+              dict(max_tokens=6 + i, **({"seed": i, "temperature": 0.9} if i % 2 else {})))
+             for i in range(8)]
+    expected = [ask(RAGPipeline(tiny_chat_decoder), q, docs, max_new_tokens=o["max_tokens"],
+                    **({"do_sample": True, "seed": o["seed"], "temperature": 0.9} if "seed" in o else {})).text
+                for q, docs, o in cases]
+
+    async def one(client, q, docs, o, stream):
+        kw = dict(model=MODEL, messages=[{"role": "user", "content": q}], extra_body={"documents": docs}, **o)
+        if stream:
+            out = []
+            async for ch in await client.chat.completions.create(stream=True, **kw):
+                if ch.choices and ch.choices[0].delta.content:
+                    out.append(ch.choices[0].delta.content)
+            return "".join(out)
+        return (await client.chat.completions.create(**kw)).choices[0].message.content
+
+    async def failing(client):  # too long for the window: fails in the worker, among the others
+        with pytest.raises(openai.BadRequestError) as ei:
+            await client.completions.create(model=MODEL, prompt="q!z~" * 120, max_tokens=128)
+        return ei.value.code
+
+    async def main():
+        client = s.aclient()
+        try:
+            return await asyncio.gather(failing(client), *(one(client, *c, i % 2 == 0) for i, c in enumerate(cases)))
+        finally:
+            await client.close()
+
+    try:
+        code, *got = asyncio.run(main())
+        assert code == "context_length_exceeded"
+        assert got == expected
+        s.wait_idle()
+        sched = s.worker.scheduler
+        # 8 answers of 6..13 tokens took far fewer iterations than tokens: they shared steps
+        assert sched.steps < 0.6 * sum(6 + i for i in range(8))
+        assert s.worker.stats["completed"] == 8 and s.worker.stats["failed"] == 1 and sched.batch.rows == 0
+    finally:
+        s.close()
+
+
+def test_disconnect_frees_its_rows_at_the_next_step(tiny_chat_decoder):
+    rag = RAGPipeline(_slow_decoder(tiny_chat_decoder, 0.01))
+    s = Served(create_app(rag, limits=ServerLimits(max_tokens=400), model_name=MODEL))
+    try:
+        res = {}
+        other = threading.Thread(target=lambda: res.setdefault("r", s.post(
+            "/v1/chat/completions", _body(max_tokens=60, documents=DOCS[:2]))))
+        holder = {"opened": threading.Event(), "close": threading.Event()}
+
+        def streamer():  # closed-book (1 row), 400 tokens; reads one content chunk, then goes away
+            with httpx.Client(timeout=30) as c:
+                with c.stream("POST", s.base + "/v1/chat/completions", json=_body(max_tokens=400, stream=True)) as r:
+                    holder["status"] = r.status_code
+                    lines = r.iter_lines()
+                    for line in lines:
+                        if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+                            break
+                    holder["opened"].set()
+                    holder["close"].wait(30)
+
+        t = threading.Thread(target=streamer, daemon=True)
+        other.start()
+        t.start()
+        assert holder["opened"].wait(20) and holder["status"] == 200
+        sched = s.worker.scheduler
+        deadline = time.monotonic() + 20
+        while sched.batch.rows < 1 + 3:  # both are decoding: 1 row + (1 + 2 passages) rows
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        holder["close"].set()
+        t.join(10)
+        t0 = time.monotonic()
+        while s.worker.stats["cancelled"] < 1:
+            assert time.monotonic() - t0 < 2, "the disconnected stream kept its rows"
+            time.sleep(0.005)
+        assert sched.batch.rows == 3 and s.worker.active == 1  # only the other request's rows are left
+        other.join(30)
+        r = res["r"]
+        assert r.status_code == 200
+        assert r.json()["choices"][0]["message"]["content"] == ask(
+            RAGPipeline(tiny_chat_decoder), Q, PASSAGES[:2], max_new_tokens=60).text
+        s.wait_idle()
+        assert sched.batch.rows == 0 and s.worker.stats["completed"] == 1
+    finally:
+        s.close()
+
+
+def test_huge_prefill_times_out_and_the_next_request_is_served(tiny_chat_decoder, pipe):
+    limits = ServerLimits(max_documents=64, max_document_chars=2000, max_prompt_tokens=10**6, max_row_tokens=16,
+                          prefill_tokens=64, request_timeout_s=1.0, max_tokens=64)
+    s = Served(create_app(pipe, limits=limits, model_name=MODEL))
+    try:
+        text = " ".join(d["text"] for d in DOCS)
+        huge = _body(max_tokens=64, documents=[(text * 20)[:2000] for _ in range(64)])
+        t0 = time.monotonic()
+        assert_openai_error(s.post("/v1/chat/completions", huge), 504, "timeout", "timeout")
+        assert time.monotonic() - t0 < 3
+        s.wait_idle(timeout=2)  # its rows left within an iteration or two
+        assert s.worker.stats["timed_out"] == 1, s.worker.stats
+        t0 = time.monotonic()
+        r = s.post("/v1/chat/completions", _body(max_tokens=8, documents=DOCS))
+        assert r.status_code == 200 and time.monotonic() - t0 < 1.0
+        assert r.json()["choices"][0]["message"]["content"] == ask(pipe, max_new_tokens=8).text
+    finally:
+        s.close()
+
+
+# ----------------------------------------------------------------------------- protocol checks
+def test_content_type_json_depth_model_and_unsupported_parameters(served):
+    p = served.post
+    body = json.dumps(_body()).encode()
+    for ctype in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"):
+        assert_openai_error(p("/v1/chat/completions", content=body, headers={"content-type": ctype}), 415,
+                            "unsupported_media_type")
+    assert_openai_error(p("/v1/chat/completions", content=body), 415, "unsupported_media_type")  # no type
+    r = p("/v1/chat/completions", content=body, headers={"content-type": "application/json; charset=utf-8"})
+    assert r.status_code == 200, r.text
+    hdr = {"content-type": "application/json"}
+    for depth in (40, 15_000):
+        deep = b'{"model": "nbce-test", "x": ' + b"[" * depth + b"]" * depth + b"}"
+        err = assert_openai_error(p("/v1/chat/completions", content=deep, headers=hdr), 400, "invalid_json")
+        assert "deep" in err["message"]
+    assert p("/v1/chat/completions", content=json.dumps(_body(x=[[["a \\\" [[[["]]])), headers=hdr).status_code == 200
+    # unknown model: 404 in OpenAI's format; omitted: the served model
+    err = assert_openai_error(p("/v1/chat/completions", _body(model="gpt-4o")), 404, "model_not_found")
+    assert err["param"] == "model" and MODEL in err["message"]
+    with pytest.raises(openai.NotFoundError):
+        served.client().chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": Q}])
+    assert_openai_error(p("/v1/completions", {"model": "other", "prompt": "q"}), 404, "model_not_found")
+    no_model = _body()
+    del no_model["model"]
+    assert p("/v1/chat/completions", no_model).status_code == 200
+    # tools and structured output: 400, never silently ignored
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    for extra, param in ((dict(tools=[tool]), "tools"), (dict(tool_choice="auto"), "tool_choice"),
+                         (dict(functions=[tool["function"]]), "functions"),
+                         (dict(response_format={"type": "json_object"}), "response_format"),
+                         (dict(response_format={"type": "json_schema", "json_schema": {"name": "x"}}), "response_format")):
+        err = assert_openai_error(p("/v1/chat/completions", _body(**extra)), 400, "unsupported_parameter")
+        assert err["param"] == param and "not supported" in err["message"]
+    for ok in (dict(response_format={"type": "text"}), dict(tool_choice="none"), dict(tools=[])):
+        assert p("/v1/chat/completions", _body(**ok)).status_code == 200
+
+
+def test_model_aliases(pipe):
+    s = Served(create_app(pipe, limits=LIMITS, model_name="main", aliases=["alias-1"]))
+    try:
+        r = s.post("/v1/chat/completions", _body(model="alias-1", max_tokens=2))
+        assert r.status_code == 200 and r.json()["model"] == "main"
+        assert httpx.get(s.base + "/v1/models/alias-1").status_code == 200
+        assert_openai_error(httpx.get(s.base + "/v1/models/nope"), 404, "model_not_found")
+        assert_openai_error(s.post("/v1/chat/completions", _body(model=MODEL)), 404, "model_not_found")
+    finally:
+        s.close()
+
+
+def test_host_header_is_checked_when_asked(pipe):
+    from nbce_rag.commands.serve import allowed_hosts
+
+    s = Served(create_app(pipe, limits=LIMITS, model_name=MODEL, allowed_hosts=allowed_hosts("127.0.0.1", None, None)))
+    try:
+        assert s.post("/v1/chat/completions", _body(max_tokens=2)).status_code == 200  # Host: 127.0.0.1:port
+        for host in ("evil.example", "evil.example:8000", "127.0.0.1.evil.example"):
+            err = assert_openai_error(s.post("/v1/chat/completions", _body(), headers={"host": host}), 400,
+                                      "invalid_host")
+            assert "--allowed-hosts" in err["message"]
+            assert httpx.get(s.base + "/health", headers={"host": host}).status_code == 400
+        assert s.post("/v1/chat/completions", _body(max_tokens=2), headers={"host": "localhost:1234"}).status_code == 200
+    finally:
+        s.close()
+    assert sorted(allowed_hosts("localhost", None, None)) == ["127.0.0.1", "::1", "localhost"]
+    assert allowed_hosts("127.0.0.1", "key", None) is None  # a key protects it
+    assert allowed_hosts("0.0.0.0", None, None) is None
+    assert allowed_hosts("127.0.0.1", None, ["my.host"]) == ["my.host"]
+
+
 # ----------------------------------------------------------------------------- CLI
 def test_serve_command_is_registered():
     from nbce_rag.cli import build_parser
@@ -644,3 +841,7 @@ def test_serve_command_is_registered():
                                       "--max-documents", "5", "--timeout", "10"])
     assert args.command == "serve" and args.port == 9999 and args.api_key == "k"
     assert args.host == "127.0.0.1" and args.max_documents == 5 and args.timeout == 10.0
+    args = build_parser().parse_args(["serve", "--served-model-name", "a", "b", "--allowed-hosts", "h",
+                                      "--max-active", "4", "--prefill-tokens", "128"])
+    assert args.model_name == ["a", "b"] and args.allowed_hosts == ["h"] and args.max_active == 4
+    assert build_parser().parse_args(["serve", "--model-name", "x"]).model_name == ["x"]

@@ -404,9 +404,11 @@ def test_empty_result_path():
 
 def test_filter_accepts_dicts_and_missing_scores():
     th = _th()
-    res = th.filter([{"text": "a", "score": 0.9, "id": "x"}, {"text": "b"}, Passage("c", float("nan"))])
+    res = th.filter([{"text": "a", "score": 0.9, "id": "x"}, {"text": "b"}, Passage("c")])
     assert [h.id for h in res.kept] == ["x"]
     assert [d.code for d in res.dropped] == ["no_score", "no_score"]
+    with pytest.raises(ValueError, match="finite"):  # a NaN score is an error, not a missing one
+        th.filter([{"text": "c", "score": float("nan")}])
 
 
 class _FakeEncoder:

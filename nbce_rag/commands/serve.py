@@ -39,8 +39,13 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--api-key", default=os.environ.get("NBCE_RAG_API_KEY"), metavar="K",
                    help="require `Authorization: Bearer K` (default: $NBCE_RAG_API_KEY; unset = no auth)")
-    p.add_argument("--model-name", default=None, metavar="NAME",
-                   help="model id listed by /v1/models and echoed in responses (default nbce-rag)")
+    p.add_argument("--served-model-name", "--model-name", dest="model_name", nargs="+", default=None, metavar="NAME",
+                   help="model id listed by /v1/models and echoed in responses (default nbce-rag); more names are "
+                   "aliases a request's `model` may use (any other name is a 404)")
+    p.add_argument("--allowed-hosts", nargs="+", default=None, metavar="HOST",
+                   help="host names the Host header may carry ('*': any). Default: bound to loopback without "
+                   "--api-key, only 127.0.0.1/localhost/::1 (a web page cannot reach the server by DNS rebinding); "
+                   "otherwise not checked")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="torch CPU threads (default: torch's choice; 1 is best on a busy or small machine)")
@@ -48,15 +53,36 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
                    help="answer length when a request gives no max_tokens (default 64)")
     g = p.add_argument_group("limits")
     g.add_argument("--max-queue", type=int, default=64, help="requests waiting for the model (503 beyond; default 64)")
-    g.add_argument("--timeout", type=float, default=300.0, metavar="S",
-                   help="per-request timeout in seconds, queue time included (504; default 300)")
+    g.add_argument("--timeout", type=float, default=120.0, metavar="S",
+                   help="per-request timeout in seconds, queue time included (504; default 120)")
     g.add_argument("--max-body-bytes", type=int, default=2 * 1024 * 1024, help="request body size (413; default 2 MiB)")
     g.add_argument("--max-documents", type=int, default=64, help="passages per request (default 64)")
     g.add_argument("--max-document-chars", type=int, default=20_000, help="characters per passage (default 20000)")
     g.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens a request may ask (default 1024)")
+    g.add_argument("--max-prompt-tokens", type=int, default=16_384,
+                   help="prompt tokens over all NBCE rows of one request (400 beyond; default 16384)")
+    g.add_argument("--max-row-tokens", type=int, default=512,
+                   help="passage tokens per NBCE row; longer passages are split into windows, which bounds one "
+                   "row's prefill (default 512; 0: the decoder's own limit)")
+    s_ = p.add_argument_group("scheduler (concurrent requests share decode steps)")
+    s_.add_argument("--max-active", type=int, default=32, help="requests decoded together (default 32)")
+    s_.add_argument("--step-rows", type=int, default=256,
+                    help="rows per decode step; a request with more rows steps alone, in turns (default 256)")
+    s_.add_argument("--prefill-tokens", type=int, default=512,
+                    help="padded tokens per prefill chunk, interleaved with decode steps (default 512)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn log level (default info)")
     p.set_defaults(func=run)
+
+
+def allowed_hosts(host: str, api_key, given):
+    """The Host names the server accepts: ``--allowed-hosts`` when given; on loopback without
+    an API key the loopback names; else ``None`` (not checked)."""
+    if given:
+        return list(given)
+    if host in _LOOPBACK and not api_key:
+        return sorted(_LOOPBACK)
+    return None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -80,7 +106,9 @@ def run(args: argparse.Namespace) -> int:
     limits = ServerLimits(
         max_body_bytes=args.max_body_bytes, max_documents=args.max_documents,
         max_document_chars=args.max_document_chars, max_tokens=args.max_tokens,
-        max_queue=args.max_queue, request_timeout_s=args.timeout,
+        max_queue=args.max_queue, request_timeout_s=args.timeout, max_prompt_tokens=args.max_prompt_tokens,
+        max_row_tokens=args.max_row_tokens or None, max_active=args.max_active, step_rows=args.step_rows,
+        prefill_tokens=args.prefill_tokens,
     )
     encoder = None
     if args.encoder:
@@ -94,9 +122,11 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.host not in _LOOPBACK and not args.api_key:
         log.warning("serving on %s without an API key: anyone who can reach it can use it (set --api-key)", args.host)
+    names = args.model_name or [DEFAULT_MODEL_NAME]
+    allowed = allowed_hosts(args.host, args.api_key, args.allowed_hosts)
     app = create_app(pipeline, encoder=encoder, api_key=args.api_key, limits=limits,
-                     model_name=args.model_name or DEFAULT_MODEL_NAME)
-    print(f"nbce-rag: serving {args.model_name or DEFAULT_MODEL_NAME} on http://{args.host}:{args.port}/v1 "
+                     model_name=names[0], aliases=names[1:], allowed_hosts=allowed)
+    print(f"nbce-rag: serving {names[0]} on http://{args.host}:{args.port}/v1 "
           f"(index: {args.index or 'none'}, auth: {'on' if args.api_key else 'off'})", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

@@ -1,94 +1,6 @@
-"""An OpenAI-compatible HTTP server over a :class:`~nbce_rag.pipeline.RAGPipeline`.
-
-RAG app backends speak the OpenAI API; this makes nbce-rag one of them. Needs the ``server``
-extra (``pip install 'nbce-rag[server]'``: fastapi, uvicorn, pydantic). Start it with
-``nbce-rag serve [--index DIR] [--model M] [--host H --port P] [--api-key K]``, or build the
-app yourself::
-
-    from nbce_rag import RAGPipeline
-    from nbce_rag.integrations.server import create_app, ServerLimits
-    app = create_app(RAGPipeline.from_pretrained(index="my_index"), api_key="secret")
-    # uvicorn.run(app, host="127.0.0.1", port=8000)
-
-Endpoints
----------
-``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /v1/chat/completions``,
-``POST /v1/completions``, ``POST /v1/embeddings`` (the CoSENT encoder), ``GET /health``
-(never needs the API key: ``{"status": "ok", "queued", "busy", "stats"}``).
-
-Requests (what is read, what it maps to)
-----------------------------------------
-* The **question** is the text of the last ``user`` message (``content`` a string, or a list
-  of ``{"type": "text", "text": ...}`` parts joined by newlines); ``system``/``developer``
-  messages are joined and become the decoder's ``system_prompt``; earlier user/assistant
-  turns are ignored (NBCE answers one question). ``/v1/completions`` reads ``prompt`` (a
-  string or a list of one string).
-* ``max_tokens`` / ``max_completion_tokens`` -> ``max_new_tokens`` (default: the decoder's,
-  64). ``stop`` (a string or up to ``ServerLimits.max_stop`` strings), ``seed``.
-* ``temperature``: omitted or ``0`` = greedy (the decoder's default, as
-  ``RAGPipeline.ask``); ``> 0`` = sampling at that temperature. ``top_p`` shapes sampling
-  and never turns it on (the one mapping of every surface, ``nbce_rag.config.OPENAI_PARAMS``).
-  ``n`` must be 1; ``logprobs``/``echo`` are refused. Other
-  OpenAI parameters (``frequency_penalty``, ``user``, ...) are accepted and ignored.
-* The ``model`` field is accepted whatever it says; responses carry the served name.
-
-Passages (request extension fields, sent by the ``openai`` client through ``extra_body``)
--------------------------------------------------------------------------------------------
-* ``documents``: vLLM's field, a list of ``{"title": str, "text": str}`` (also accepted:
-  ``"id"``, ``"score"``, or a plain string). The model reads ``title + "\\n" + text`` (just
-  ``text`` without a title), one NBCE row per document. ``contexts: [str]`` is an alias.
-* When neither field is sent and the pipeline has an index, the server retrieves ``k``
-  candidates and filters them with the pipeline's calibration; with no index the question
-  is answered closed-book. ``"documents": []`` means "no passages" (no retrieval).
-* With a calibration, given documents are re-scored and filtered too (as ``RAGPipeline``).
-* ``nbce``: optional NBCE settings, ``{"pooling": "auto"|"min_entropy"|"mean"|"max"|"replug"|
-  "scored_entropy", "beta": 0.25, "eta": 0.1, "nbce_top_p": 0.95, "k": 10}`` (``k``: how
-  many candidates to retrieve from the index). Unknown keys are a 400.
-
-Responses (extension field)
----------------------------
-Non-streaming responses, and the last chunk of a stream (the one with ``finish_reason``),
-carry a top-level ``nbce`` object (the ``openai`` client exposes it as
-``response.model_extra["nbce"]``)::
-
-    "nbce": {"supported": true,          # false: no passage backed the answer (closed-book)
-             "retrieved": false,         # true: passages came from the server's index
-             "sources": [{"index": 0,    # position in the request's documents (null if retrieved)
-                          "id": "...", "title": "...", "score": 0.71,   # score: cosine, if known
-                          "n_tokens": 12, "share": 0.75,                # tokens drawn from it
-                          "weight_initial": 0.9, "weight_final": 1.0,   # pooling weight, first/last token
-                          "text": "..."}],                               # only for retrieved passages
-             "dropped": [{"id", "title", "score", "code"}]}             # what the filter removed
-
-``usage`` (``prompt_tokens`` = tokens prefilled over all NBCE rows) is on every non-streaming
-response, and on streams in one extra chunk with ``"choices": []`` when
-``stream_options: {"include_usage": true}``. Streams end with ``data: [DONE]``.
-
-Robustness
-----------
-* One model worker thread consumes a bounded queue (``ServerLimits.max_queue`` waiting
-  requests): requests are never interleaved, and a full queue answers **503**
-  (``code: "server_overloaded"``) at once.
-* Per-request timeout (``request_timeout_s``, counted from arrival, queue time included):
-  **504** (``type: "timeout"``) before the first token; on a stream that already started,
-  an OpenAI-format error event ``data: {"error": {...}}`` followed by ``data: [DONE]`` (the
-  ``openai`` client raises ``APIError``). The worker stops decoding that request.
-* A client that disconnects (mid-stream, or while waiting) cancels its request: the worker
-  checks a flag between tokens, closes the decoder's generator and moves on.
-* Limits (``ServerLimits``): body size (**413**), number of documents, characters per
-  document, question length, ``max_tokens``, stop strings, embedding inputs (**400**).
-* Every error is ``{"error": {"message", "type", "param", "code"}}``, including malformed
-  JSON (400, ``code: "invalid_json"``), unknown routes (404) and a missing or wrong API key
-  (401, ``code: "invalid_api_key"``; send ``Authorization: Bearer <key>``).
-
-Embeddings
-----------
-``/v1/embeddings`` encodes with the CoSENT encoder (``encoder=`` of :func:`create_app`; else the
-index's encoder; else the bundled all-MiniLM-L6-v2, loaded on first use). ``input`` is a string
-or a list of strings (token arrays are refused: with LangChain use
-``OpenAIEmbeddings(check_embedding_ctx_length=False)``); ``encoding_format`` ``"float"`` or
-``"base64"`` (little-endian float32, the ``openai`` client's default).
-"""
+"""The FastAPI app: routes, request checks (auth, Host, content type, body size and depth,
+model name), the mapping from a request to the pipeline, and server-sent events. The model
+work happens in :mod:`.worker`; the wire format is :mod:`.protocol`."""
 
 from __future__ import annotations
 
@@ -97,18 +9,16 @@ import base64
 import hmac
 import json
 import logging
-import queue
 import re
 import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Literal, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 try:
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, StreamingResponse
-    from pydantic import BaseModel, ConfigDict, ValidationError
     from starlette.exceptions import HTTPException as StarletteHTTPException
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError(
@@ -119,14 +29,28 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 import numpy as np
 
 from nbce_rag.config import OPENAI_PARAMS, openai_options
-from nbce_rag.errors import ConfigError, NBCERagError, PromptTooLongError
+from nbce_rag.errors import ConfigError
 from nbce_rag.types import Answer, Passage
 
-logger = logging.getLogger(__name__)
+from .protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    OpenAIError,
+    _bad,
+    _chat_question,
+    _completion_question,
+    _error_from_exception,
+    _GenerationRequest,
+    _timeout_error,
+    _validate,
+    check_unsupported,
+)
+from .worker import _CANCELLED, ModelWorker, _Job
+
+logger = logging.getLogger("nbce_rag.integrations.server")
 
 DEFAULT_MODEL_NAME = "nbce-rag"
-
-__all__ = ["create_app", "ServerLimits", "ModelWorker", "OpenAIError", "DEFAULT_MODEL_NAME"]
 
 
 # ---------------------------------------------------------------------------------- limits
@@ -142,342 +66,81 @@ class ServerLimits:
     max_tokens: int = 1024  #: largest ``max_tokens`` a request may ask for
     max_stop: int = 4  #: stop strings per request (OpenAI's limit)
     max_embedding_inputs: int = 256  #: strings per /v1/embeddings request
-    max_queue: int = 64  #: requests waiting for the model worker (503 beyond)
-    request_timeout_s: float = 300.0  #: wall time per request from arrival, queue included (504)
+    max_queue: int = 64  #: requests waiting for admission to the model worker (503 beyond)
+    request_timeout_s: float = 120.0  #: wall time per request from arrival, queue included (504)
+    max_prompt_tokens: int = 16_384  #: prompt tokens over all of a request's NBCE rows (400 beyond)
+    max_row_tokens: Optional[int] = 512  #: passage tokens per row: longer passages become windows (None: the decoder's)
+    max_json_depth: int = 32  #: nesting of the JSON body (400 beyond)
+    max_active: int = 32  #: requests decoded together by the step scheduler (the rest wait in the queue)
+    step_rows: int = 256  #: row budget of one decode step (a request with more rows steps alone, in turns)
+    prefill_tokens: int = 512  #: padded tokens per prefill chunk: bounds how long one iteration holds the model
 
     def __post_init__(self) -> None:
         for name in ("max_body_bytes", "max_documents", "max_document_chars", "max_question_chars",
-                     "max_tokens", "max_embedding_inputs", "max_queue"):
+                     "max_tokens", "max_embedding_inputs", "max_queue", "max_prompt_tokens", "max_json_depth",
+                     "max_active", "step_rows", "prefill_tokens"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"ServerLimits.{name} must be >= 1 (got {getattr(self, name)})")
         if self.max_stop < 0:
             raise ConfigError(f"ServerLimits.max_stop must be >= 0 (got {self.max_stop})")
         if not self.request_timeout_s > 0:
             raise ConfigError(f"ServerLimits.request_timeout_s must be > 0 (got {self.request_timeout_s})")
+        if self.max_row_tokens is not None and self.max_row_tokens < 16:
+            raise ConfigError(f"ServerLimits.max_row_tokens must be >= 16 or None (got {self.max_row_tokens})")
 
+    def scheduler_config(self) -> Any:
+        from nbce_rag.scheduler import SchedulerConfig
 
-# ---------------------------------------------------------------------------------- errors
-class OpenAIError(Exception):
-    """An error answered in the OpenAI format ``{"error": {"message", "type", "param", "code"}}``."""
+        return SchedulerConfig(max_active=self.max_active, step_rows=self.step_rows,
+                               prefill_tokens=self.prefill_tokens)
 
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: Optional[str] = None, code: Optional[str] = None):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.type = type
-        self.param = param
-        self.code = code
-
-    def body(self) -> Dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
-
-
-def _bad(message: str, param: Optional[str] = None, code: Optional[str] = None) -> OpenAIError:
-    return OpenAIError(400, message, param=param, code=code)
-
-
-def _timeout_error(limit: float) -> OpenAIError:
-    return OpenAIError(504, f"the request did not finish within the server's timeout of {limit:g} s "
-                            "(queue time included); retry later or ask for fewer tokens",
-                       type="timeout", code="timeout")
-
-
-def _error_from_exception(exc: BaseException) -> OpenAIError:
-    """Map an exception raised inside the worker (pipeline, decoder, encoder) to an HTTP error."""
-    if isinstance(exc, OpenAIError):
-        return exc
-    if isinstance(exc, PromptTooLongError):
-        return OpenAIError(400, str(exc), param="messages", code="context_length_exceeded")
-    if isinstance(exc, (ConfigError, ValueError, TypeError)):
-        return _bad(str(exc))
-    if isinstance(exc, NBCERagError):
-        return OpenAIError(500, str(exc), type="server_error")
-    logger.exception("internal error while serving a request", exc_info=exc)
-    return OpenAIError(500, f"internal server error ({type(exc).__name__})", type="server_error")
-
-
-# ---------------------------------------------------------------------------------- worker
-_CANCELLED = "cancelled"
-
-
-class _Job:
-    """One request's work for the model worker, and the channel its results come back on."""
-
-    __slots__ = ("fn", "stream", "final_only", "loop", "out", "cancel", "reason", "deadline", "outcome")
-
-    def __init__(self, fn: Callable[[], Any], *, stream: bool, final_only: bool, deadline: float):
-        self.fn = fn
-        self.stream = stream
-        self.final_only = final_only  #: push only the event carrying the Answer (non-streaming requests)
-        self.loop = asyncio.get_running_loop()
-        self.out: "asyncio.Queue[Tuple[str, Any]]" = asyncio.Queue()
-        self.cancel = threading.Event()
-        self.reason: Optional[str] = None  #: why it was cancelled: "cancelled" (client gone) or "timed_out"
-        self.deadline = deadline
-        self.outcome: Optional[str] = None
-
-    def abort(self, reason: str = _CANCELLED) -> None:
-        """Ask the worker to drop this job (checked between tokens)."""
-        if self.reason is None:
-            self.reason = reason
-        self.cancel.set()
-
-    def push(self, kind: str, value: Any = None) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.out.put_nowait, (kind, value))
-        except RuntimeError:  # the event loop is gone (server shutting down)
-            pass
-
-
-class ModelWorker:
-    """A single thread that runs every model call, one request at a time, from a bounded queue.
-
-    ``stats`` counts outcomes: completed, cancelled (client went away), timed_out, failed,
-    rejected (queue full).
-    """
-
-    def __init__(self, max_queue: int):
-        self._queue: "queue.Queue[Optional[_Job]]" = queue.Queue(maxsize=max_queue)
-        self._thread: Optional[threading.Thread] = None
-        self._lock = threading.Lock()
-        self.busy = False
-        self.stats = {"completed": 0, "cancelled": 0, "timed_out": 0, "failed": 0, "rejected": 0}
-
-    @property
-    def queued(self) -> int:
-        return self._queue.qsize()
-
-    def start(self) -> None:
-        with self._lock:
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._loop, name="nbce-rag-model-worker", daemon=True)
-                self._thread.start()
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """Cancel what is waiting, let the running job notice, and end the thread."""
-        with self._lock:
-            t = self._thread
-            self._thread = None
-        while True:
-            try:
-                job = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if job is not None:
-                job.abort(_CANCELLED)
-                job.push("error", OpenAIError(503, "the server is shutting down", type="server_error",
-                                              code="server_shutting_down"))
-        if t is not None and t.is_alive():
-            try:
-                self._queue.put(None, timeout=timeout)
-            except queue.Full:  # pragma: no cover
-                pass
-            t.join(timeout)
-
-    def submit(self, job: _Job) -> None:
-        self.start()
-        try:
-            self._queue.put_nowait(job)
-        except queue.Full:
-            self.stats["rejected"] += 1
-            raise OpenAIError(503, f"the server is busy ({self._queue.maxsize} requests are waiting); "
-                                   "retry in a moment", type="server_error", code="server_overloaded") from None
-
-    def _loop(self) -> None:
-        while True:
-            job = self._queue.get()
-            if job is None:
-                return
-            self.busy = True
-            try:
-                self._run(job)
-            finally:
-                self.busy = False
-                self.stats[job.outcome or "failed"] = self.stats.get(job.outcome or "failed", 0) + 1
-
-    def _run(self, job: _Job) -> None:
-        if job.cancel.is_set():
-            job.outcome = job.reason or _CANCELLED
-            return
-        if time.monotonic() >= job.deadline:
-            job.outcome = "timed_out"
-            job.push("timeout")
-            return
-        it = None
-        try:
-            result = job.fn()
-            if not job.stream:
-                job.outcome = "completed"
-                job.push("result", result)
-                return
-            it = iter(result)
-            for ev in it:
-                if not job.final_only or ev.answer is not None:
-                    job.push("event", ev)
-                if job.cancel.is_set():
-                    job.outcome = job.reason or _CANCELLED
-                    return
-                if time.monotonic() >= job.deadline:
-                    job.outcome = "timed_out"
-                    job.push("timeout")
-                    return
-            job.outcome = "completed"
-            job.push("done")
-        except Exception as e:  # noqa: BLE001 - handed to the request, which answers it
-            job.outcome = "failed"
-            job.push("error", e)
-        finally:
-            close = getattr(it, "close", None)
-            if close is not None:
-                try:
-                    close()  # a cancelled decode frees its KV cache now
-                except Exception:  # noqa: BLE001  # pragma: no cover
-                    logger.exception("closing a decode stream failed")
-
-
-# ---------------------------------------------------------------------------------- request models
-class _Open(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-
-class DocumentIn(BaseModel):
-    """One passage of the ``documents`` field (vLLM's shape, plus optional id/score)."""
-
-    model_config = ConfigDict(extra="allow")
-    text: str
-    title: Optional[str] = None
-    id: Optional[Union[str, int]] = None
-    score: Optional[float] = None
-
-
-class NBCEOptions(BaseModel):
-    """The ``nbce`` request extension: NBCE settings for this request."""
-
-    model_config = ConfigDict(extra="forbid")
-    pooling: Optional[str] = None
-    beta: Optional[float] = None
-    eta: Optional[float] = None
-    nbce_top_p: Optional[float] = None
-    k: Optional[int] = None
-
-
-class StreamOptions(_Open):
-    include_usage: Optional[bool] = False
-
-
-class _GenerationRequest(_Open):
-    model: Optional[str] = None
-    stream: Optional[bool] = False
-    stream_options: Optional[StreamOptions] = None
-    max_tokens: Optional[int] = None
-    max_completion_tokens: Optional[int] = None
-    temperature: Optional[float] = None
-    top_p: Optional[float] = None
-    seed: Optional[int] = None
-    stop: Optional[Union[str, List[str]]] = None
-    n: Optional[int] = None
-    logprobs: Optional[Union[bool, int]] = None
-    documents: Optional[List[Union[str, DocumentIn]]] = None
-    contexts: Optional[List[str]] = None
-    nbce: Optional[NBCEOptions] = None
-
-
-class ChatMessage(_Open):
-    role: str
-    content: Optional[Union[str, List[Dict[str, Any]]]] = None
-
-
-class ChatCompletionRequest(_GenerationRequest):
-    messages: List[ChatMessage]
-
-
-class CompletionRequest(_GenerationRequest):
-    prompt: Union[str, List[Any]]
-    echo: Optional[bool] = None
-
-
-class EmbeddingRequest(_Open):
-    input: Union[str, List[Any]]
-    model: Optional[str] = None
-    encoding_format: Optional[Literal["float", "base64"]] = "float"
-    dimensions: Optional[int] = None
-
-
-_UNION_TAG = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\]|function-.*|[A-Z]\w*)$")
-
-
-def _validate(model: type, obj: Dict[str, Any]) -> Any:
-    """Parse a request body; a validation error becomes a 400 naming the offending field."""
-    try:
-        return model.model_validate(obj)
-    except ValidationError as e:
-        errors = e.errors()
-        # in a union, the deepest error is the informative one ("documents.0.text: Field required")
-        err = max(errors, key=lambda x: len(x.get("loc", ())))
-        loc = ".".join(str(x) for x in err.get("loc", ()) if not (isinstance(x, str) and _UNION_TAG.match(x)))
-        msg = err.get("msg", "invalid value")
-        raise _bad(f"invalid request: {loc or 'body'}: {msg}", param=loc or None) from None
-
-
-# ---------------------------------------------------------------------------------- helpers
-def _text_of(content: Any, where: str) -> str:
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    parts = []
-    for i, part in enumerate(content):
-        kind = part.get("type")
-        if kind in ("text", "input_text") and isinstance(part.get("text"), str):
-            parts.append(part["text"])
-        else:
-            raise _bad(f"{where}.content[{i}]: only text parts are supported (got type {kind!r})",
-                       param=f"{where}.content", code="unsupported_content")
-    return "\n".join(parts)
-
-
-def _chat_question(req: ChatCompletionRequest) -> Tuple[str, Optional[str]]:
-    if not req.messages:
-        raise _bad("messages is empty; send at least one user message", param="messages")
-    system = [_text_of(m.content, f"messages[{i}]") for i, m in enumerate(req.messages)
-              if m.role in ("system", "developer")]
-    users = [(i, m) for i, m in enumerate(req.messages) if m.role == "user"]
-    if not users:
-        raise _bad("messages has no user message: the last user message is the question", param="messages")
-    i, last = users[-1]
-    question = _text_of(last.content, f"messages[{i}]")
-    system_prompt = "\n\n".join(s for s in system if s.strip()) or None
-    return question, system_prompt
-
-
-def _completion_question(req: CompletionRequest) -> str:
-    p = req.prompt
-    if isinstance(p, list):
-        if len(p) != 1 or not isinstance(p[0], str):
-            raise _bad("prompt must be a string or a list of exactly one string (batched and token prompts are "
-                       "not supported)", param="prompt")
-        p = p[0]
-    return p
 
 
 class _Server:
     """State shared by the endpoints of one app."""
 
     def __init__(self, pipeline: Any, *, encoder: Any, api_key: Optional[str], limits: ServerLimits,
-                 model_name: str):
+                 model_name: str, aliases: Sequence[str] = (), allowed_hosts: Optional[Iterable[str]] = None):
         self.pipeline = pipeline
         self._encoder = encoder
         self._encoder_lock = threading.Lock()
         self.api_key = api_key
         self.limits = limits
         self.model_name = model_name
+        self.model_names = {model_name, *aliases}
+        hosts = None if allowed_hosts is None else {h.strip().lower() for h in allowed_hosts if h.strip()}
+        self.allowed_hosts = None if hosts is None or "*" in hosts else hosts
         self.created = int(time.time())
-        self.worker = ModelWorker(limits.max_queue)
+        #: pipelines with the step API (RAGPipeline) are decoded together; others one at a time
+        self.stepped = callable(getattr(pipeline, "start", None)) and getattr(pipeline, "decoder", None) is not None
+        scheduler = None
+        if self.stepped:
+            from nbce_rag.scheduler import StepScheduler
+
+            scheduler = StepScheduler(pipeline.decoder, limits.scheduler_config())
+        self.worker = ModelWorker(limits.max_queue, scheduler)
+
+    # ---------------- Host / model
+    def check_host(self, request: Request) -> None:
+        """With ``allowed_hosts`` (``nbce-rag serve`` sets it on loopback without an API key),
+        a ``Host`` header naming another host is a 400: a web page cannot reach the server
+        through DNS rebinding."""
+        if self.allowed_hosts is None:
+            return
+        host = request.headers.get("host", "")
+        name = _host_name(host)
+        if name not in self.allowed_hosts:
+            raise OpenAIError(400, f"Host {host!r} is not allowed; this server answers "
+                                   f"{sorted(self.allowed_hosts)} (nbce-rag serve --allowed-hosts)",
+                              code="invalid_host")
+
+    def check_model(self, model: Optional[str]) -> None:
+        if model is None or model in self.model_names:
+            return
+        names = ", ".join(repr(n) for n in sorted(self.model_names))
+        raise OpenAIError(404, f"the model {model!r} does not exist on this server; it serves {names} "
+                               "(nbce-rag serve --served-model-name adds aliases)",
+                          param="model", code="model_not_found")
 
     # ---------------- auth / body
     def check_auth(self, request: Request) -> None:
@@ -492,6 +155,11 @@ class _Server:
             raise OpenAIError(401, "incorrect API key", code="invalid_api_key")
 
     async def read_json(self, request: Request) -> Dict[str, Any]:
+        ctype = request.headers.get("content-type", "")
+        media = ctype.split(";", 1)[0].strip().lower()
+        if media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
+            raise OpenAIError(415, f"the request body must be JSON sent with `Content-Type: application/json` "
+                                   f"(got {ctype or 'no Content-Type'!r})", code="unsupported_media_type")
         limit = self.limits.max_body_bytes
         too_big = OpenAIError(413, f"the request body is larger than the server's limit of {limit} bytes; "
                                    "send fewer or shorter documents", code="request_too_large")
@@ -513,9 +181,13 @@ class _Server:
         raw = b"".join(chunks)
         if not raw.strip():
             raise _bad("the request body is empty; send a JSON object", code="invalid_json")
+        depth = _json_depth(raw)
+        if depth > self.limits.max_json_depth:
+            raise _bad(f"the request body nests JSON {depth} levels deep; this server accepts at most "
+                       f"{self.limits.max_json_depth}", code="invalid_json")
         try:
             obj = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
             raise _bad(f"the request body is not valid JSON: {e}", code="invalid_json") from None
         if not isinstance(obj, dict):
             raise _bad(f"the request body must be a JSON object, got {type(obj).__name__}", code="invalid_json")
@@ -555,6 +227,10 @@ class _Server:
         params = {name: getattr(req, name, None) for name in OPENAI_PARAMS}
         params.update(max_tokens=None, max_completion_tokens=None)
         nbce = {key: getattr(req.nbce, key) for key in ("pooling", "beta", "eta", "nbce_top_p")} if req.nbce else {}
+        row = lim.max_row_tokens
+        current = self.pipeline.decoder.config.max_passage_tokens
+        if row is not None and (current is None or current > row):
+            opts["max_passage_tokens"] = row  # bounds one row's prefill (see ServerLimits)
         try:
             opts.update(openai_options({**params, "system_prompt": system_prompt, **nbce}))
             self.pipeline.decoder.config.update(**opts)
@@ -599,7 +275,12 @@ class _Server:
         return out
 
     def prepare(self, req: _GenerationRequest, question: str, system_prompt: Optional[str]):
+        """Check the request and return ``(job arguments, retrieved)``: ``start`` (a callable
+        the worker runs to get the request's DecodeState) for a pipeline with the step API,
+        else ``fn`` (a callable returning the event stream, run alone)."""
         lim = self.limits
+        self.check_model(req.model)
+        check_unsupported(req)
         if not isinstance(question, str) or not question.strip():
             raise _bad("the question is empty: send a non-empty user message (or prompt)", param="messages")
         if len(question) > lim.max_question_chars:
@@ -614,15 +295,27 @@ class _Server:
         if passages is None and not retrieved:
             passages = []  # no index: closed-book
         pipeline = self.pipeline
+        psg = None if retrieved else passages
 
-        def run():
-            return pipeline.stream(question, None if retrieved else passages, k=k, **opts)
+        if not self.stepped:
+            return {"fn": lambda: pipeline.stream(question, psg, k=k, **opts)}, retrieved
 
-        return run, retrieved
+        def start():
+            state = pipeline.start(question, psg, k=k, **opts)
+            n_tok = sum(len(r.ids) for r in state.prep.rows)
+            if n_tok > lim.max_prompt_tokens:
+                raise OpenAIError(400, f"the request needs {n_tok} prompt tokens over its {state.n_rows} NBCE rows; "
+                                       f"this server accepts at most {lim.max_prompt_tokens} per request "
+                                       "(send fewer or shorter documents)", param="documents",
+                                  code="context_length_exceeded")
+            return state
+
+        return {"start": start}, retrieved
 
     # ---------------- the worker channel
-    def new_job(self, fn: Callable[[], Any], *, stream: bool, final_only: bool = False) -> _Job:
-        job = _Job(fn, stream=stream, final_only=final_only,
+    def new_job(self, fn: Optional[Callable[[], Any]] = None, *, stream: bool, final_only: bool = False,
+                start: Optional[Callable[[], Any]] = None) -> _Job:
+        job = _Job(fn, stream=stream, final_only=final_only, start=start,
                    deadline=time.monotonic() + self.limits.request_timeout_s)
         self.worker.submit(job)
         return job
@@ -670,6 +363,30 @@ class _Server:
 
                     self._encoder = CoSENTEncoder.from_pretrained()
             return self._encoder
+
+
+
+_LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+
+
+def _host_name(host: str) -> str:
+    """The host part of a Host header (``[::1]:8000`` -> ``::1``, ``Example.com:80`` -> ``example.com``)."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].split("]", 1)[0]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def _json_depth(raw: bytes) -> int:
+    """How deep brackets nest in a JSON text (outside strings), without parsing it: the json
+    module would recurse (and fail with a RecursionError) on hostile nesting."""
+    if not (b"[" in raw or b"{" in raw):
+        return 0
+    stripped = _JSON_STRING.sub(b'""', raw)
+    arr = np.frombuffer(stripped, dtype=np.uint8)
+    step = ((arr == ord("[")) | (arr == ord("{"))).astype(np.int32) - ((arr == ord("]")) | (arr == ord("}"))).astype(np.int32)
+    return int(np.cumsum(step).max(initial=0))
 
 
 async def _wait_disconnect(request: Request) -> None:
@@ -723,17 +440,25 @@ def create_app(
     api_key: Optional[str] = None,
     limits: ServerLimits = ServerLimits(),
     model_name: str = DEFAULT_MODEL_NAME,
+    aliases: Sequence[str] = (),
+    allowed_hosts: Optional[Iterable[str]] = None,
 ) -> FastAPI:
     """An OpenAI-compatible FastAPI app over ``pipeline`` (a :class:`RAGPipeline`).
 
     ``encoder``: the CoSENT encoder behind ``/v1/embeddings`` (``None``: the index's, else the
     bundled one, loaded on first use; ``False``: no embeddings endpoint, 404).
     ``api_key``: require ``Authorization: Bearer <api_key>`` (``None``: open).
-    ``limits``: :class:`ServerLimits`. ``model_name``: the id ``/v1/models`` lists.
+    ``limits``: :class:`ServerLimits`. ``model_name``: the id ``/v1/models`` lists; a request's
+    ``model`` must be it or one of ``aliases`` (else 404). ``allowed_hosts``: host names the
+    ``Host`` header may carry (``None``: not checked; ``"*"`` in it: any) -- ``nbce-rag serve``
+    sets the loopback names when bound to loopback without an API key (DNS rebinding).
+    A :class:`RAGPipeline` is decoded by the step scheduler (concurrent requests share decode
+    steps); any other object with a ``stream()`` like it is served one request at a time.
     """
     from contextlib import asynccontextmanager
 
-    srv = _Server(pipeline, encoder=encoder, api_key=api_key, limits=limits, model_name=model_name)
+    srv = _Server(pipeline, encoder=encoder, api_key=api_key, limits=limits, model_name=model_name,
+                  aliases=aliases, allowed_hosts=allowed_hosts)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -750,6 +475,14 @@ def create_app(
     @app.exception_handler(OpenAIError)
     async def _openai_error(request: Request, exc: OpenAIError):
         return exc.response()
+
+    @app.middleware("http")
+    async def _host_check(request: Request, call_next):
+        try:
+            srv.check_host(request)
+        except OpenAIError as e:
+            return e.response()
+        return await call_next(request)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
@@ -769,7 +502,11 @@ def create_app(
     @app.get("/health")
     async def health():
         w = srv.worker
-        return {"status": "ok", "model": srv.model_name, "queued": w.queued, "busy": w.busy, "stats": dict(w.stats)}
+        out = {"status": "ok", "model": srv.model_name, "queued": w.queued, "busy": w.busy, "active": w.active,
+               "stats": dict(w.stats)}
+        if w.scheduler is not None:
+            out["scheduler"] = {"steps": w.scheduler.steps, "rows": w.scheduler.batch.rows}
+        return out
 
     def _model_card() -> Dict[str, Any]:
         return {"id": srv.model_name, "object": "model", "created": srv.created, "owned_by": "nbce-rag",
@@ -785,9 +522,7 @@ def create_app(
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str, request: Request):
         srv.check_auth(request)
-        if model_id != srv.model_name:
-            raise OpenAIError(404, f"model {model_id!r} not found; this server serves {srv.model_name!r}",
-                              param="model", code="model_not_found")
+        srv.check_model(model_id)
         return _model_card()
 
     # ------------------------------------------------------------ generation
@@ -802,13 +537,13 @@ def create_app(
             if req.echo:
                 raise _bad("echo is not supported", param="echo")
             question, system_prompt = _completion_question(req), None
-        fn, retrieved = srv.prepare(req, question, system_prompt)
+        work, retrieved = srv.prepare(req, question, system_prompt)
         stream = bool(req.stream)
         include_usage = bool(stream and req.stream_options is not None and req.stream_options.include_usage)
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
         t0 = time.perf_counter()
-        job = srv.new_job(fn, stream=True, final_only=not stream)
+        job = srv.new_job(stream=True, final_only=not stream, **work)
         kind0, value0 = await srv.first(job, request)
         if kind0 == "disconnected":
             logger.info("%s: client went away before the answer", rid)
@@ -903,6 +638,7 @@ def create_app(
     return app
 
 
+
 class _EventStream(StreamingResponse):
     """A StreamingResponse that cancels its job however the response ends (even when the
     client is gone before the body generator ever started)."""
@@ -970,3 +706,4 @@ async def _stream_body(srv: _Server, job: _Job, first: Tuple[str, Any], *, kind:
         yield _DONE
     finally:
         job.abort(_CANCELLED)  # no-op when the job is finished; stops it when the client went away
+
