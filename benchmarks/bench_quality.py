@@ -28,6 +28,16 @@ scores) here and run them there, sharded over processes:
     python benchmarks/bench_quality.py --items items.json.gz --device cuda --shard 0/4 --work W &
     ...                                                                     --shard 3/4 --work W
     python benchmarks/bench_quality.py --summary-only --work W
+
+Unscored passages and the ``posterior`` pooling (issue 14; ``--methods relevance`` = the
+poolings of :data:`RELEVANCE`, ``u:`` = run as if the passages had no score). What ran on the
+shared 2-core CPU, and the full run for a GPU::
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_quality.py --methods relevance-cpu --ns 5,10 \
+        --positions "" --max-new-tokens 16 --threads 1 --work benchmarks/_work_relevance \
+        --shard i/2 --deadline-min 58          # i = 0, 1 in parallel, then --summary-only
+    python benchmarks/bench_quality.py --export-items items.json.gz --questions 60
+    QUALITY_ARGS="--methods relevance --ns 5,10,20,50" bash benchmarks/run_gpu.sh OUT 30 items.json.gz 8
 """
 
 from __future__ import annotations
