@@ -7,6 +7,12 @@ data set is needed), measures with the bundled SmolLM2-135M-Instruct:
 * ``nbce_unbatched``: the same rows, but ``batch_rows=n+1`` (no micro-batching) -- for memory
 * ``naive``: one forward per row per step, each row with its own cache (what a plain loop does)
 * ``concat``: ``model.generate`` on one prompt with all passages concatenated (greedy)
+* ``nbce_kv``: NBCEDecoder with the passage KV cache (:mod:`nbce_rag.kvcache`), in one process
+  per n: ``cold`` (empty cache: every passage is computed and stored, also to a disk store),
+  ``warm`` (the same question again: tokens must be identical), ``warm_q2`` (another question
+  over the same passages: the realistic case), ``disk`` (a fresh RAM cache over the disk store
+  the cold run wrote, as after a restart); plus RAM and disk bytes per cached token.
+* ``--fill N``: time :func:`nbce_rag.kvcache.fill` (what ``nbce-rag cache`` runs) on N passages
 
 time to first token (prefill + first step), decode time per token, and peak RSS (CPU) or peak
 CUDA memory. Each (method, n) runs in its own subprocess so peak memory is clean.
@@ -51,6 +57,7 @@ def make_passages(n: int, tokenizer, target_tokens: int = 150, seed: int = 0):
 
 
 QUESTION = "Describe in detail what was built, where and when."
+QUESTION2 = "Which castle is mentioned, and in which year?"
 
 
 def _peak_mem(device):
@@ -72,7 +79,8 @@ def worker(args) -> list:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    dec = NBCEDecoder.from_pretrained(device=args.device, dtype=args.dtype)
+    # no passage KV cache except where measured (nbce_kv): a warm-up must not warm the timed run
+    dec = NBCEDecoder.from_pretrained(device=args.device, dtype=args.dtype, kv_cache=None)
     out = []
     for n in map(int, args.worker_ns.split(",")):
         r = measure(dec, args, n)
@@ -153,6 +161,8 @@ def measure(dec, args, n) -> dict:
         ntok = out.shape[1] - ids.input_ids.shape[1]
         times = clock.times
         res.update(tokens=ntok, prompt_tokens=int(ids.input_ids.shape[1]))
+    elif args.method == "nbce_kv":
+        return measure_kv(dec, args, n, passages, res)
     else:
         raise SystemExit(f"unknown method {args.method}")
     res["ttft_s"] = times[0]
@@ -160,6 +170,88 @@ def measure(dec, args, n) -> dict:
     res["peak_mem_mib"] = _peak_mem(args.device)
     res["base_mem_mib"] = base_mem
     return res
+
+
+def _timed_stream(dec, question, passages, N, sync):
+    t0 = time.perf_counter()
+    times, answer = [], None
+    for ev in dec.stream(question, passages, max_new_tokens=N):
+        if ev.token_id is not None:
+            sync()
+            times.append(time.perf_counter() - t0)
+        answer = ev.answer or answer
+    return {"ttft_s": times[0], "decode_s_per_token": (times[-1] - times[0]) / max(1, len(times) - 1),
+            "tokens": len(times), "cached_tokens": answer.cached_tokens, "prompt_tokens": answer.prompt_tokens}, answer
+
+
+def measure_kv(dec, args, n, passages, res) -> dict:
+    """Cold / warm / another question / from disk, in one process (ratios measured together)."""
+    import shutil
+    import tempfile
+
+    from nbce_rag.kvcache import PassageKVCache
+
+    sync = (lambda: __import__("torch").cuda.synchronize()) if args.device == "cuda" else (lambda: None)
+    N = args.max_new_tokens
+    tmp = tempfile.mkdtemp(prefix="kvbench-")
+    try:
+        dec.kv_cache = PassageKVCache(max_bytes="64GiB", disk=tmp)
+        dec.generate(QUESTION, make_passages(1, dec.tokenizer, seed=99), max_new_tokens=2)  # warm-up, other text
+        res["cold"], a = _timed_stream(dec, QUESTION, passages, N, sync)
+        res["warm"], b = _timed_stream(dec, QUESTION, passages, N, sync)
+        res["warm_tokens_equal_cold"] = a.token_ids == b.token_ids
+        runs = [_timed_stream(dec, QUESTION2, passages, N, sync)[0] for _ in range(max(1, args.warm_repeats))]
+        res["warm_q2"] = sorted(runs, key=lambda r: r["ttft_s"])[len(runs) // 2]  # the median run
+        res["warm_q2_ttft_all"] = [r["ttft_s"] for r in runs]
+        cache = dec.kv_cache
+        tokens = sum(len(e.ids) for e in cache._ram.entries.values())
+        res["ram_bytes"] = cache.nbytes
+        res["ram_bytes_per_token"] = cache.nbytes / max(1, tokens)
+        res["disk_bytes"] = cache.disk.nbytes()
+        res["disk_bytes_per_token"] = res["disk_bytes"] / max(1, tokens)
+        res["cached_positions"] = tokens
+        dec.kv_cache = PassageKVCache(max_bytes="64GiB", disk=tmp)  # RAM empty: as after a restart
+        res["disk"], c = _timed_stream(dec, QUESTION2, passages, N, sync)
+        res["ttft_s"] = res["warm_q2"]["ttft_s"]
+        res["decode_s_per_token"] = res["warm_q2"]["decode_s_per_token"]
+        res["ttft_cold_over_warm_q2"] = res["cold"]["ttft_s"] / res["warm_q2"]["ttft_s"]
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    res["peak_mem_mib"] = _peak_mem(args.device)
+    res["load_avg"] = os.getloadavg()
+    return res
+
+
+def measure_fill(args) -> dict:
+    """Time kvcache.fill() (what ``nbce-rag cache`` runs) on --fill passages, written to a disk store."""
+    import shutil
+    import tempfile
+
+    import torch
+
+    from nbce_rag import NBCEDecoder
+    from nbce_rag.kvcache import PassageKVCache, fill
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tmp = tempfile.mkdtemp(prefix="kvfill-")
+    try:
+        dec = NBCEDecoder.from_pretrained(device=args.device, dtype=args.dtype,
+                                          kv_cache=PassageKVCache(max_bytes=0, disk=tmp))
+        passages = make_passages(args.fill, dec.tokenizer, seed=7)
+        fill(dec, make_passages(1, dec.tokenizer, seed=99))  # warm-up
+        before = dec.kv_cache.disk.nbytes()
+        t0 = time.perf_counter()
+        st = fill(dec, passages, batch_passages=args.batch_rows)
+        dt = time.perf_counter() - t0
+        disk = dec.kv_cache.disk.nbytes() - before
+        ptoks = sum(len(dec.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in passages)
+        return {"method": "fill", "n": args.fill, "fill_s": dt, "s_per_passage": dt / args.fill,
+                "est_s_per_1000": 1000 * dt / args.fill, "stored": st.stored, "cached_positions": st.prompt_tokens,
+                "passage_tokens": ptoks, "disk_bytes": disk, "disk_bytes_per_passage_token": disk / ptoks,
+                "load_avg": os.getloadavg(), "dtype": str(next(dec.model.parameters()).dtype)}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def naive_nbce(dec, passages, N, sync):
@@ -214,7 +306,7 @@ def plot(results, path):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for method in ("nbce", "nbce_unbatched", "naive", "concat"):
+    for method in ("nbce", "nbce_unbatched", "naive", "concat", "nbce_kv"):
         rs = sorted((r for r in results if r["method"] == method and "error" not in r), key=lambda r: r["n"])
         if not rs:
             continue
@@ -235,6 +327,8 @@ def plot(results, path):
 def markdown(results) -> str:
     """One row per n: time to first token, decode ms/token and peak memory of each method."""
     methods = [m for m in ("nbce", "nbce_unbatched", "concat", "naive") if any(r["method"] == m for r in results)]
+    if not methods:
+        return ""
     by = {(r["method"], r["n"]): r for r in results}
     ns = sorted({r["n"] for r in results})
     head = "| n | " + " | ".join(f"{m}: TTFT / decode / peak" for m in methods) + " |"
@@ -255,6 +349,32 @@ def markdown(results) -> str:
     return "\n".join(lines) + "\n"
 
 
+def markdown_kv(results) -> str:
+    """The passage KV cache: TTFT cold / warm (same question) / warm (another question) / from
+    disk, decode ms/token warm, and the cold/warm ratio, one row per n."""
+    rs = sorted((r for r in results if r["method"] == "nbce_kv" and "error" not in r), key=lambda r: r["n"])
+    if not rs:
+        return ""
+
+    def t(x):
+        return f"{x * 1000:.0f} ms" if x < 1 else f"{x:.1f} s"
+
+    lines = ["| n | TTFT cold | TTFT warm (same q) | TTFT warm (other q) | TTFT from disk | cold / warm | "
+             "decode ms/token cold / warm | prompt tokens reused | load avg |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rs:
+        w = r["warm_q2"]
+        lines.append(f"| {r['n']} | {t(r['cold']['ttft_s'])} | {t(r['warm']['ttft_s'])} | {t(w['ttft_s'])} | "
+                     f"{t(r['disk']['ttft_s'])} | {r['ttft_cold_over_warm_q2']:.1f}x | "
+                     f"{1000 * r['cold']['decode_s_per_token']:.0f} / {1000 * w['decode_s_per_token']:.0f} | "
+                     f"{w['cached_tokens']}/{w['prompt_tokens']} | {r['load_avg'][0]:.1f} |")
+    r = rs[-1]
+    lines.append(f"\nRAM {r['ram_bytes_per_token'] / 1024:.1f} KiB and disk {r['disk_bytes_per_token'] / 1024:.1f} KiB "
+                 f"per cached token ({r['dtype']}); warm tokens identical to cold: "
+                 f"{all(x['warm_tokens_equal_cold'] for x in rs)}")
+    return "\n".join(lines) + "\n"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
@@ -267,6 +387,10 @@ def main():
     ap.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
     ap.add_argument("--concat-max-n", type=int, default=64)
     ap.add_argument("--unbatched-ns", default="8,32,64", help="ns for the no-micro-batching memory comparison")
+    ap.add_argument("--warm-repeats", type=int, default=1, metavar="R",
+                    help="nbce_kv: repeat the warm (other question) run R times, report the median (noisy machines)")
+    ap.add_argument("--fill", type=int, default=0, metavar="N",
+                    help="only time filling the passage KV cache with N passages (kvcache.fill), print JSON")
     ap.add_argument("--out", default=None)
     ap.add_argument("--merge", action="store_true", help="keep the results already in --out, replacing re-measured ones")
     ap.add_argument("--table-only", action="store_true", help="only rewrite the markdown table and plot from --out")
@@ -274,6 +398,13 @@ def main():
     ap.add_argument("--method", help=argparse.SUPPRESS)
     ap.add_argument("--worker-ns", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.fill:
+        r = measure_fill(args)
+        r.update(machine=machine(args.device), threads=args.threads, command=" ".join(sys.argv))
+        print(json.dumps(r, indent=2))
+        if args.out:
+            Path(args.out).write_text(json.dumps(r, indent=2))
+        return
     if args.worker:
         worker(args)
         return
@@ -282,8 +413,8 @@ def main():
     if args.table_only:
         results = json.loads(out.read_text())["results"]
         plot(results, out.with_suffix(".png"))
-        out.with_suffix(".md").write_text(markdown(results))
-        print(markdown(results))
+        out.with_suffix(".md").write_text(markdown(results) + "\n" + markdown_kv(results))
+        print(markdown(results) + "\n" + markdown_kv(results))
         return
     results = []
     if args.merge and out.exists():
@@ -304,7 +435,8 @@ def main():
                 continue
             cmd = [sys.executable, __file__, "--worker", "--method", method, "--worker-ns", ",".join(map(str, batch)),
                    "--device", args.device, "--max-new-tokens", str(args.max_new_tokens),
-                   "--batch-rows", str(args.batch_rows), "--threads", str(args.threads)]
+                   "--batch-rows", str(args.batch_rows), "--threads", str(args.threads),
+                   "--warm-repeats", str(args.warm_repeats)]
             if args.dtype:
                 cmd += ["--dtype", args.dtype]
             p = subprocess.run(cmd, capture_output=True, text=True)
@@ -316,7 +448,8 @@ def main():
                 print(json.dumps(r), flush=True)
             save()
     plot(results, out.with_suffix(".png"))
-    out.with_suffix(".md").write_text(markdown(results))
+    out.with_suffix(".md").write_text(markdown(results) + "\n" + markdown_kv(results))
+    print(markdown_kv(results))
     print(f"wrote {out}, {out.with_suffix('.png')} and {out.with_suffix('.md')}")
 
 

@@ -32,6 +32,11 @@ echo "== speed ($(($(date +%s) - t0)) s)"
 python3 "$HERE/bench_speed.py" --device cuda --max-new-tokens 32 --naive-max-n 32 \
     --out "$OUT/speed_cuda.json" 2>&1 | cut -c1-220
 
+echo "== passage KV cache: cold vs warm, and the GPU cache tests ($(($(date +%s) - t0)) s)"
+python3 -m pytest -q -p no:cacheprovider "$HERE/../tests/test_kvcache.py" -m gpu 2>&1 | tail -3
+python3 "$HERE/bench_speed.py" --device cuda --methods nbce_kv --ns 1,8,32,64 --max-new-tokens 32 --warm-repeats 3 \
+    --out "$OUT/speed_cuda_kv.json" 2>&1 | cut -c1-220
+
 if [ -n "$ITEMS" ]; then
     echo "== quality, $SHARDS shards, $QMIN min ($(($(date +%s) - t0)) s)"
     W="$OUT/quality_work"

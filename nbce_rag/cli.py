@@ -14,7 +14,7 @@ from . import __version__
 from .errors import NBCERagError
 
 #: Subcommands in the order ``--help`` lists them. A module that is not there yet is skipped.
-COMMANDS = ["generate", "ask", "index", "search", "train", "calibrate", "serve", "demo"]
+COMMANDS = ["generate", "ask", "index", "cache", "search", "train", "calibrate", "serve", "demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:

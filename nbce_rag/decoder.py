@@ -68,6 +68,7 @@ class _Prepared:
     rows: List[_Row]
     passages: List[Tuple[int, Passage]]  # (original index, passage) of the kept passages
     row_scores: Optional[torch.Tensor] = None
+    cached_tokens: int = 0  # prompt tokens taken from the passage KV cache (set by the prefill)
 
 
 @dataclass(eq=False)
@@ -99,6 +100,7 @@ class DecodeState:
     gen: Optional[torch.Generator] = None
     pooling: Any = None  #: this request's pooling (one object per request: it may keep state across tokens)
     scores: Optional[torch.Tensor] = None  #: retrieval scores of the passage rows, if every one has one
+    kv: Any = None  #: passage KV cache plan (nbce_rag.kvcache.PrefillPlan): what each row reuses; None = off
     begun: bool = False  #: pooling.begin() done (after the prefill: it may use log p(question | passage))
     weights: List[Optional[torch.Tensor]] = field(default_factory=lambda: [None, None])  #: row weights, first/last token
     _next: int = 0  # rows of ``order`` prefilled so far
@@ -112,6 +114,11 @@ class DecodeState:
     def prefilled(self) -> bool:
         return self.inverse is not None
 
+    def row_tokens(self, r: int) -> int:
+        """Tokens the prefill computes for row ``r``: its uncached tail when the passage KV cache
+        holds the rest, else the whole row."""
+        return self.kv.uncached(r) if self.kv is not None else len(self.prep.rows[r].ids)
+
 
 class NBCEDecoder:
     """Naive Bayes-based Context Extension over a Hugging Face causal LM.
@@ -121,7 +128,9 @@ class NBCEDecoder:
     >>> ans.text, ans.token_sources, ans.sources
     """
 
-    def __init__(self, model, tokenizer, config: Optional[NBCEConfig] = None, *, scorer: Any = "auto"):
+    def __init__(self, model, tokenizer, config: Optional[NBCEConfig] = None, *, kv_cache: Any = "auto",
+                 scorer: Any = "auto"):
+        from .kvcache import resolve_cache
         from .models import prepare_tokenizer
 
         self.model = model
@@ -137,6 +146,8 @@ class NBCEDecoder:
         # transformers >= 5.2x renamed past_key_values -> cache
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._logits_to_keep = "logits_to_keep" in params
+        #: passage KV cache (:mod:`nbce_rag.kvcache`): "auto" = the process-wide RAM cache; None = off
+        self.kv_cache = resolve_cache(kv_cache)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -149,16 +160,19 @@ class NBCEDecoder:
         gguf_file: Optional[str] = None,
         device_map=None,
         config: Optional[NBCEConfig] = None,
+        kv_cache: Any = "auto",
         **options: Any,
     ) -> "NBCEDecoder":
         """Load a model (``None``: the bundled default; an HF id, a local path or a ``.gguf``
-        file) and wrap it. ``options`` are :class:`NBCEConfig` fields (e.g. ``beta=0.5``)."""
+        file) and wrap it. ``options`` are :class:`NBCEConfig` fields (e.g. ``beta=0.5``).
+        ``kv_cache``: the passage KV cache ("auto": shared, in RAM; a directory: with a disk
+        store; a :class:`~nbce_rag.kvcache.PassageKVCache`; None: off)."""
         from .models import load_model
 
         scorer = options.pop("scorer", "auto")
         lm, tok = load_model(model, device=device, dtype=dtype, gguf_file=gguf_file, device_map=device_map)
         cfg = (config or NBCEConfig()).update(**options) if options else config
-        return cls(lm, tok, cfg, scorer=scorer)
+        return cls(lm, tok, cfg, kv_cache=kv_cache, scorer=scorer)
 
     @property
     def device(self) -> torch.device:
@@ -344,7 +358,7 @@ class NBCEDecoder:
         new_cache = getattr(out, "cache", None)
         return logits, new_cache if new_cache is not None else out.past_key_values
 
-    def _prefill(self, rows: List[_Row], order: List[int], cfg: NBCEConfig) -> Tuple[List[_Group], torch.Tensor]:
+    def _prefill(self, rows: List[_Row], order: List[int], cfg: NBCEConfig, kv=None) -> Tuple[List[_Group], torch.Tensor]:
         from transformers import DynamicCache
 
         dev = self.device
@@ -353,6 +367,13 @@ class NBCEDecoder:
         chunks = []
         for start in range(0, len(order), cfg.batch_rows):
             members = order[start : start + cfg.batch_rows]
+            if kv is not None:  # passage KV cache: only each row's uncached tail is computed
+                with self._last_hidden(any(rows[r].q_span for r in members)) as hidden:
+                    lg, group = kv.prefill(members)  # the tail always holds the question + the position before it
+                self._question_logliks([rows[r] for r in members], hidden)
+                groups.append(group)
+                chunks.append(lg)
+                continue
             width = max(len(rows[r].ids) for r in members)
             ids = torch.full((len(members), width), pad, dtype=torch.long)
             mask = torch.zeros((len(members), width), dtype=torch.long)
@@ -458,11 +479,12 @@ class NBCEDecoder:
 
     def _new_state(self, prep: _Prepared, cfg: NBCEConfig) -> DecodeState:
         rows = prep.rows
-        # group rows of similar length together (less padding); row 0 first
-        order = [0] + sorted(range(1, len(rows)), key=lambda r: -len(rows[r].ids))
+        kv = self._kv_plan(rows, cfg)
+        # group rows of similar (uncached) length together (less padding); row 0 first
+        order = [0] + sorted(range(1, len(rows)), key=lambda r: -(kv.uncached(r) if kv else len(rows[r].ids)))
         gen = torch.Generator().manual_seed(cfg.seed) if (cfg.do_sample and cfg.seed is not None) else None
         scores = prep.row_scores.to(self.device) if prep.row_scores is not None else None
-        return DecodeState(prep, cfg, order, gen=gen, pooling=get_pooling(cfg.pooling), scores=scores)
+        return DecodeState(prep, cfg, order, gen=gen, pooling=get_pooling(cfg.pooling), scores=scores, kv=kv)
 
     @torch.inference_mode()
     def prefill(self, state: DecodeState, max_tokens: Optional[int] = None) -> bool:
@@ -477,15 +499,18 @@ class NBCEDecoder:
         start = state._next
         take = min(cfg.batch_rows, len(order) - start)
         if max_tokens is not None:  # rows are sorted longest first: the first sets the width
-            width = max(len(rows[r].ids) for r in order[start : start + take])
+            width = max(state.row_tokens(r) for r in order[start : start + take])
             take = max(1, min(take, max_tokens // max(1, width)))
         members = order[start : start + take]
-        groups, logits = self._prefill(rows, members, cfg)
+        groups, logits = self._prefill(rows, members, cfg, state.kv)
         state.groups.extend(groups)
         state._chunks.append(logits)
         state._next = start + take
         if state._next < len(order):
             return False
+        if state.kv is not None:
+            state.kv.finish()  # (drops its references to cache entries)
+            state.prep.cached_tokens = state.kv.stats.cached_tokens
         state.groups = _merge_for_decode(state.groups, cfg.decode_rows)
         inverse = torch.empty(len(order), dtype=torch.long)
         inverse[torch.tensor(order)] = torch.arange(len(order))
@@ -531,13 +556,25 @@ class NBCEDecoder:
     def _prefill_rows(self, prep: _Prepared, cfg: NBCEConfig):
         """Prefill every row; returns ``(groups, logits in row order, inverse permutation)``."""
         rows = prep.rows
-        # group rows of similar length together (less padding); row 0 first
-        order = [0] + sorted(range(1, len(rows)), key=lambda r: -len(rows[r].ids))
+        kv = self._kv_plan(rows, cfg)
+        # group rows of similar (uncached) length together (less padding); row 0 first
+        order = [0] + sorted(range(1, len(rows)), key=lambda r: -(kv.uncached(r) if kv else len(rows[r].ids)))
         inverse = torch.empty(len(order), dtype=torch.long)
         inverse[torch.tensor(order)] = torch.arange(len(order))
         inverse = inverse.to(self.device)
-        groups, logits = self._prefill(rows, order, cfg)
+        groups, logits = self._prefill(rows, order, cfg, kv)
+        if kv is not None:
+            kv.finish()
+            prep.cached_tokens = kv.stats.cached_tokens
         return groups, logits[inverse], inverse
+
+    def _kv_plan(self, rows: List[_Row], cfg: NBCEConfig):
+        """What each row can take from the passage KV cache (None: no cache, or not usable here)."""
+        if self.kv_cache is None:
+            return None
+        from .kvcache import plan_prefill
+
+        return plan_prefill(self, rows, cfg)
 
     def compare(self, question: str, passages: Optional[Iterable[Any]], variants: Sequence[dict], **options: Any) -> List[Answer]:
         """Decode the same question and passages under several decode-time option sets
@@ -685,6 +722,7 @@ class NBCEDecoder:
             sources=infos,
             finish_reason=finish,
             prompt_tokens=sum(len(r.ids) for r in prep.rows),
+            cached_tokens=prep.cached_tokens,
             completion_tokens=n_steps,
             supported=bool(prep.passages),
         )

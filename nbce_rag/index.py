@@ -179,10 +179,13 @@ class VectorIndex:
         faiss_params: str = "",
         batch_size: int = 32,
         show_progress_bar: Optional[bool] = None,
+        decoder: Any = None,
     ) -> "VectorIndex":
         """Chunk and embed ``documents`` (strings, :class:`Passage`, or dicts with ``text``
         and optional ``id``/``metadata``) into a new index. ``chunk_tokens`` and ``overlap``
-        count encoder tokens; see :mod:`nbce_rag.chunking` for the rules."""
+        count encoder tokens; see :mod:`nbce_rag.chunking` for the rules. ``decoder``: an
+        :class:`~nbce_rag.NBCEDecoder` whose passage KV cache (RAM, and its disk store if it
+        has one) is filled with every chunk, so its first questions are already fast."""
         max_content = encoder.max_seq_length - encoder.num_special_tokens
         if chunk_tokens > max_content:
             raise ConfigError(
@@ -201,6 +204,10 @@ class VectorIndex:
             faiss_params=faiss_params,
         )
         index.add(documents, batch_size=batch_size, show_progress_bar=show_progress_bar)
+        if decoder is not None:
+            from .kvcache import fill, index_texts
+
+            fill(decoder, index_texts(index), show_progress=bool(show_progress_bar))
         return index
 
     # ------------------------------------------------------------------ properties

@@ -90,10 +90,15 @@ class RAGPipeline:
         elif isinstance(threshold, (str, os.PathLike)):
             th = MarginThreshold.load(threshold, encoder=idx)
         if decoder is None:
+            if index_dir is not None and "kv_cache" not in decoder_options:  # `nbce-rag cache` output, if any
+                from .kvcache import cache_for_index
+
+                kv = cache_for_index(index_dir)
+                decoder_options["kv_cache"] = "auto" if kv is None else kv
             dec = NBCEDecoder.from_pretrained(model, device=device, dtype=dtype, **decoder_options)
         elif decoder_options:  # a view with its own options; the caller's decoder is left as it was
             dec = NBCEDecoder(decoder.model, decoder.tokenizer, decoder.config.update(**decoder_options),
-                               scorer=decoder.scorer)
+                              kv_cache=decoder.kv_cache, scorer=decoder.scorer)
         else:
             dec = decoder
         return cls(dec, idx, th, k=k)

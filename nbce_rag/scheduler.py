@@ -307,7 +307,7 @@ class StepScheduler:
                 results.append(StepResult(state, [], e))
                 continue
             taken = state.order[before:state._next] if state._next > before else state.order[before:]
-            budget -= len(taken) * max(len(state.prep.rows[r].ids) for r in taken)  # padded tokens run
+            budget -= len(taken) * max(state.row_tokens(r) for r in taken)  # padded tokens run
         if len(self.batch):
             try:
                 stepped = self.batch.step(cfg.step_rows)
@@ -338,7 +338,7 @@ class StepScheduler:
             return []
 
         def left(s: DecodeState) -> int:
-            return sum(len(s.prep.rows[r].ids) for r in s.order[s._next:])
+            return sum(s.row_tokens(r) for r in s.order[s._next:])
 
         order = sorted(self.prefilling, key=left)
         oldest = self.prefilling[0]

@@ -244,6 +244,7 @@ class Answer:
     sources: List[SourceInfo]  #: one per passage given, in the order given
     finish_reason: str = "length"
     prompt_tokens: int = 0  #: tokens prefilled over all rows
+    cached_tokens: int = 0  #: of prompt_tokens, those taken from the passage KV cache (not recomputed)
     completion_tokens: int = 0
     supported: bool = True  #: False when no passage backed the answer (closed-book)
     dropped: List[DroppedHit] = field(default_factory=list)  #: filter decisions, set by the pipeline

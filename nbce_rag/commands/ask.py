@@ -103,4 +103,7 @@ def run(args: argparse.Namespace) -> int:
         ans = ev.answer or ans
     print("\n")
     print_sources(ans, width=args.width)
+    last = getattr(rag.decoder.kv_cache, "last", None)  # passage KV cache of this answer
+    if last is not None:
+        print(last.summary())
     return 0

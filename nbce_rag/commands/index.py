@@ -43,6 +43,9 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     p.add_argument("--delete", action="append", default=[], metavar="DOC_ID",
                    help="remove a document (or chunk id) from the index at --out; repeatable")
     p.add_argument("--batch-size", type=int, default=32, help="encode batch size (default 32)")
+    p.add_argument("--kv-cache", action="store_true",
+                   help="also precompute the passage KV cache for --model (as `nbce-rag cache`; costs disk)")
+    p.add_argument("--model", default=None, metavar="M", help="LLM of --kv-cache (default: the bundled one)")
     p.set_defaults(func=run)
 
 
@@ -101,4 +104,9 @@ def run(args: argparse.Namespace) -> int:
             extra += f", {rep.oversized_chunks} chunk(s) of one over-long word (truncated by the encoder)"
         print(f"indexed {rep.added_documents} document(s) as {rep.chunks} chunk(s){extra}")
     print(f"{out}: {action}; {len(index)} chunks, dim {index.dim}, encoder {index.encoder_identity} ({dt:.1f}s)")
+    if args.kv_cache:
+        from .cache import fill_index
+
+        st, disk = fill_index(out, model=args.model)
+        print(f"{disk.root}: {st.stored} chunk(s) KV-cached, {st.hits} already there; {disk.nbytes() / 2**20:.1f} MiB")
     return 0

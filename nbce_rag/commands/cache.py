@@ -1,0 +1,63 @@
+"""``nbce-rag cache``: precompute the passage KV cache of an index for one model.
+
+    nbce-rag cache --index DIR [--model M] [--device D] [--dtype T] [--out KVDIR] [--batch N]
+
+Every chunk's ``[template prefix][chunk]`` keys and values are computed once and written as
+safetensors shards under ``DIR/kvcache`` (or ``--out``), one folder per model namespace
+(model, weights, dtype, device type, attention, library versions). ``nbce-rag ask`` and
+``RAGPipeline.from_pretrained(index=DIR)`` then read them: a question costs its own tokens,
+not the passages'. Chunks already cached are skipped, so it can be re-run after
+``nbce-rag index --append``. The cache must be made with the model, dtype and device type
+that will answer (a cache of another one is never used).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: "argparse._SubParsersAction") -> None:
+    p = subparsers.add_parser(
+        "cache",
+        help="precompute the passage KV cache of an index (faster answers: only the question is computed)",
+        description="Compute the keys/values of every chunk of an index for one LLM and store them under "
+        "DIR/kvcache (safetensors shards), so later questions reuse them exactly. Costs disk: about "
+        "45 KiB per chunk token for the bundled model in fp32 (22.5 KiB in bf16).",
+    )
+    p.add_argument("--index", required=True, metavar="DIR", help="index directory (nbce-rag index)")
+    p.add_argument("--out", default=None, metavar="KVDIR", help="where to write (default DIR/kvcache)")
+    p.add_argument("--model", default=None, metavar="M",
+                   help="LLM: HF id, local path or .gguf file (default: bundled SmolLM2-135M-Instruct)")
+    p.add_argument("--device", default=None, help="cpu, cuda, mps or auto (default); must match the one that answers")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto (default)")
+    p.add_argument("--batch", type=int, default=32, metavar="N", help="chunks per shard (default 32)")
+    p.set_defaults(func=run)
+
+
+def fill_index(index_dir, *, out=None, model=None, device=None, dtype=None, batch: int = 32, progress: bool = True):
+    """Fill the KV cache of the index at ``index_dir`` (shared by ``cache`` and ``index --kv-cache``)."""
+    from ..decoder import NBCEDecoder
+    from ..index import VectorIndex
+    from ..kvcache import PassageKVCache, fill, index_kv_dir, index_texts
+
+    index = VectorIndex.load(index_dir)
+    target = out or index_kv_dir(index_dir)
+    dec = NBCEDecoder.from_pretrained(model, device=device, dtype=dtype,
+                                      kv_cache=PassageKVCache(max_bytes=0, disk=target))
+    return fill(dec, index_texts(index), batch_passages=batch, show_progress=progress), dec.kv_cache.disk
+
+
+def run(args: argparse.Namespace) -> int:
+    import time
+
+    from ..errors import ConfigError
+
+    if args.batch < 1:
+        raise ConfigError("--batch must be >= 1")
+    t0 = time.perf_counter()
+    st, disk = fill_index(args.index, out=args.out, model=args.model, device=args.device, dtype=args.dtype,
+                          batch=args.batch)
+    dt = time.perf_counter() - t0
+    print(f"{disk.root}: {st.stored} chunk(s) cached, {st.hits} already there ({st.prompt_tokens} token positions); "
+          f"{disk.nbytes() / 2**20:.1f} MiB on disk ({dt:.1f}s)")
+    return 0
