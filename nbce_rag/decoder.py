@@ -640,16 +640,16 @@ class NBCEDecoder:
             token = self._sample(fused, cfg, state.gen)
             src = NO_PASSAGE
         else:
-            if not state.begun:  # the per-answer pooling, given scores and log p(question | passage)
-                qll = [r.q_loglik for r in prep.rows[1:]]
+            if not state.begun and hasattr(state.pooling, "begin"):  # the per-answer pooling, given
+                qll = [r.q_loglik for r in prep.rows[1:]]  # scores and log p(question | passage)
                 state.pooling = state.pooling.begin(state.scores, None if None in qll else torch.tensor(qll))
-                state.begun = True
+            state.begun = True
             st = nbce_step(logits, beta=cfg.beta, eta=cfg.eta, top_p=cfg.nbce_top_p, pooling=state.pooling,
                            scores=state.scores, prev=state.prev)
             token = self._sample(st.logits, cfg, state.gen)
             state.prev = attribute(st, token)
             src = prep.rows[state.prev + 1].source
-            updated = state.pooling.observe(st, token)
+            updated = state.pooling.observe(st, token) if hasattr(state.pooling, "observe") else None
             state.weights = [st.weights if state.weights[0] is None else state.weights[0],
                              updated if updated is not None else st.weights]
         if token in self._eos_ids:

@@ -344,3 +344,16 @@ def test_two_documents_answer_guido_everywhere(bundled_decoder):
             assert max(src, key=lambda s: s["weight_initial"])["index"] == docs.index(PY_DOCS[0])
     finally:
         served.close()
+
+
+def test_question_loglik_through_the_passage_kv_cache(tiny_decoder):
+    """With the passage KV cache (second call: the passages' prefixes come from the cache and
+    only the tails are computed) the question likelihood, hence the posterior's weights, is
+    that of a plain prefill."""
+    plain = NBCEDecoder(tiny_decoder.model, tiny_decoder.tokenizer, kv_cache=None, scorer=None)
+    cached = NBCEDecoder(tiny_decoder.model, tiny_decoder.tokenizer, kv_cache="auto", scorer=None)
+    want = plain.generate(Q, PASSAGES, pooling="posterior:question,static", max_new_tokens=4)
+    for _ in range(2):  # cold, then warm
+        got = cached.generate(Q, PASSAGES, pooling="posterior:question,static", max_new_tokens=4)
+        assert got.token_ids == want.token_ids
+        assert [s.weight_initial for s in got.sources] == pytest.approx([s.weight_initial for s in want.sources], abs=1e-4)
