@@ -40,6 +40,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from nbce_rag.calibration import (  # noqa: E402
     best_f1_threshold,
@@ -707,9 +708,33 @@ def stage_hotpot(args) -> Dict[str, Any]:
 # ============================================================================ main
 
 
+def _stage_prior(args) -> Dict[str, Any]:
+    """Write the shipped prior (nbce_rag/priors/) with the package recipe on cached embeddings."""
+    import bench_filter_labelfree as lf
+
+    th = lf.build_shipped_prior(args)
+    out = ROOT / "nbce_rag" / "priors" / "all-MiniLM-L6-v2.json"
+    th.save(out)
+    print(th.report())
+    return {"stage": "labelfree-prior", "written": str(out.relative_to(ROOT)), "calibration": th.to_dict()}
+
+
+def _labelfree(name: str):
+    def run(args):
+        import bench_filter_labelfree as lf
+
+        return {"labelfree-encode": lf.stage_encode, "labelfree-synth": lf.stage_synth,
+                "labelfree": lf.stage_labelfree, "labelfree-e2e": lf.stage_e2e}[name](args)
+    return run
+
+
+LABELFREE = {n: _labelfree(n) for n in ("labelfree-encode", "labelfree-synth", "labelfree", "labelfree-e2e")}
+LABELFREE["labelfree-prior"] = _stage_prior
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=["design", "scifact", "hotpot", "e2e"])
+    ap.add_argument("stage", choices=["design", "scifact", "hotpot", "e2e", *LABELFREE])
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
     ap.add_argument("--cache", default="/tmp/nbce_bench")
     ap.add_argument("--encoder", default="auto", choices=["auto", "nbce", "st"])
@@ -726,6 +751,10 @@ def main(argv=None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--n-synth", type=int, default=100, help="labelfree: chunks per data set for synthetic questions")
+    ap.add_argument("--skip-all", action="store_true", help="labelfree-e2e: skip the no-filter (20 passages) baseline")
+    ap.add_argument("--objective", default=None, help="labelfree-prior: objective of the shipped prior")
+    ap.add_argument("--results", default=str(RESULTS))
     args = ap.parse_args(argv)
     if not Path(args.data).exists():
         print(f"skip: data folder {args.data} not found (see ../shared/data/README.md)")
@@ -736,7 +765,7 @@ def main(argv=None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     res = {"design": stage_design, "scifact": stage_scifact, "hotpot": stage_hotpot,
-           "e2e": stage_e2e}[args.stage](args)
+           "e2e": stage_e2e, **LABELFREE}[args.stage](args)
     res["command"] = "python benchmarks/bench_filter.py " + " ".join(argv if argv is not None else sys.argv[1:])
     res["wall_seconds"] = time.time() - t0
     out = RESULTS / f"filter_{args.stage}.json"

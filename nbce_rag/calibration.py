@@ -96,12 +96,17 @@ def calibrate_rule(
     min_negatives: int = 10,
     min_margin_queries: int = 5,
     seed: int = 0,
+    objective: Any = None,
 ) -> Dict[str, Any]:
     """Every calibrated number of the rule (see the module docstring), as a dict:
     ``threshold``, ``lower``, ``upper``, ``margin``, ``ci`` (bootstrap intervals), ``stats``
     (counts, targets, in-sample metrics) and ``data`` (the validated arrays). The arguments are
     those of :meth:`MarginThreshold.calibrate <nbce_rag.threshold.MarginThreshold.calibrate>`.
     """
+    from .objective import parse_objective
+
+    obj = parse_objective("f1" if objective is None else objective)  # None: best F1
+    obj_arg = None if (obj.kind == "fbeta" and obj.beta == 1.0) else obj
     s, y = _validate(scores, labels, min_positives, min_negatives)
     for name, v in (("precision_target", precision_target), ("recall_target", recall_target),
                     ("ci_level", ci_level)):
@@ -124,7 +129,7 @@ def calibrate_rule(
 
     mode = margin if groups is not None else None
     est = _estimate(s, y, gi, G, precision_target, recall_target, mode, qs,
-                    min_margin_queries, warn=True)
+                    min_margin_queries, warn=True, objective=obj_arg)
     n_pos = int(y.sum())
     stats: Dict[str, Any] = {
         "n_scores": int(s.size),
@@ -136,6 +141,7 @@ def calibrate_rule(
         "precision_target": float(precision_target),
         "recall_target": float(recall_target),
         "margin_mode": "auto" if margin == "auto" else ("none" if mode is None else "fixed"),
+        "objective": obj.name,
         "margin_quantile": est["quantile"],  # alpha of the chosen margin (None: 0 or fixed/none)
         "margin_candidates": est["candidates"],
         "global_threshold": est["t_star"],  # t* of the plain scan (no margin)
@@ -168,7 +174,7 @@ def calibrate_rule(
             if ys.sum() == 0 or ys.sum() == ys.size:
                 continue
             b = _estimate(s[idx], ys, new_gi, G, precision_target, recall_target, mode, qs,
-                          min_margin_queries, warn=False)
+                          min_margin_queries, warn=False, objective=obj_arg)
             boot["threshold"].append(b["threshold"])
             boot["global_threshold"].append(b["t_star"])
             boot["lower"].append(b["lower"])
@@ -419,7 +425,7 @@ def _members(gi: np.ndarray, G: int) -> List[np.ndarray]:
     return [order[bounds[g]:bounds[g + 1]] for g in range(G)]
 
 
-def _estimate(s, y, gi, G, p_target, r_target, mode, quantiles, min_margin_queries, warn):
+def _estimate(s, y, gi, G, p_target, r_target, mode, quantiles, min_margin_queries, warn, objective=None):
     """All calibrated numbers for one data set (the full data or one bootstrap resample)."""
     t_star, f1_star, _, _ = best_f1_threshold(s, y)
     up = precision_target_threshold(s, y, p_target)
@@ -454,11 +460,18 @@ def _estimate(s, y, gi, G, p_target, r_target, mode, quantiles, min_margin_queri
     order = np.argsort(-s, kind="mergesort")
     s_o, y_o, gap_o = s[order], y[order].astype(np.int64), (gmax - s)[order]
     P = int(y.sum())
-    for m, q in cands:
-        tau, f1, p, r = _best_f1_sorted(s_o if m is None else s_o[gap_o <= m],
-                                        y_o if m is None else y_o[gap_o <= m], P)
-        table.append({"margin": m, "quantile": q, "threshold": tau, "f1": f1, "precision": p, "recall": r})
-        if best is None or f1 > best["f1"] + 1e-12:
+    g_o, n_ans = gi[order], int(np.unique(gi[y > 0]).size)
+    for m, q in cands:  # objective: nbce_rag.objective.Objective (None: F1)
+        sel = slice(None) if m is None else gap_o <= m
+        if objective is None:
+            tau, f1, p, r = _best_f1_sorted(s_o[sel], y_o[sel], P)
+            val = f1
+        else:
+            tau, val, p, r = objective.best_sorted(s_o[sel], y_o[sel], P, g_o[sel], n_ans)
+            f1 = 2 * p * r / (p + r) if p + r else 0.0
+        table.append({"margin": m, "quantile": q, "threshold": tau, "f1": f1, "precision": p, "recall": r,
+                      "objective": val})
+        if best is None or val > best["objective"] + 1e-12:
             best = table[-1]
     t, margin = best["threshold"], best["margin"]
     lower, upper = min(lo, t_star, t), max(up, t_star, t)

@@ -35,7 +35,8 @@ class RAGPipeline:
     >>> ans.text, ans.supported, [(s.id, s.score, s.share) for s in ans.sources]
     """
 
-    def __init__(self, decoder: NBCEDecoder, index: Any = None, threshold: Any = None, *, k: int = 10):
+    def __init__(self, decoder: NBCEDecoder, index: Any = None, threshold: Any = None, *, k: int = 10,
+                 calibration: Optional[str] = None):
         self.decoder = decoder
         self.index = index
         self.threshold = threshold
@@ -46,6 +47,8 @@ class RAGPipeline:
             # unscored passages (e.g. ask(passages=...)) get the index's canonical cosine, the
             # scale its retrieval scores and thresholds use, instead of the bundled encoder's
             decoder.scorer = index
+        #: which calibration filters (labelled / synthetic / prior / none), set on every Answer
+        self.calibration = calibration or _describe(threshold)
 
     @classmethod
     def from_pretrained(
@@ -64,9 +67,11 @@ class RAGPipeline:
         """Build a pipeline from an index directory (or a loaded :class:`VectorIndex`).
 
         ``model``: the LLM (``None`` = bundled SmolLM2-135M-Instruct). ``encoder``: the query
-        encoder (``None`` = the one recorded in the index). ``threshold``: ``"auto"`` loads
-        ``calibration.json`` from the index directory when present; a path, a
-        :class:`MarginThreshold`, or ``None`` (no filter: all top-k reach the decoder).
+        encoder (``None`` = the one recorded in the index). ``threshold``: ``"auto"`` picks, first
+        found: ``calibration.json`` in the index directory (labelled), ``calibration.synthetic.json``
+        (``nbce-rag calibrate --synthetic``), the shipped prior of the index's encoder
+        (:mod:`nbce_rag.prior`), else no filter; a path, a :class:`MarginThreshold`, or ``None``
+        (no filter: all top-k reach the decoder). ``"no-prior"``: ``"auto"`` without the prior.
         ``decoder_options`` are :class:`NBCEConfig` fields.
         """
         from .threshold import MarginThreshold
@@ -81,14 +86,27 @@ class RAGPipeline:
         elif index is not None and encoder is not None:
             idx.encoder = encoder
         th = threshold
-        if isinstance(threshold, str) and threshold == "auto":
-            th = MarginThreshold.for_index(index_dir, encoder=idx) if index_dir is not None else None
+        calibration = None
+        if isinstance(threshold, str) and threshold in ("auto", "no-prior"):
+            from .prior import resolve_calibration
+
+            res = resolve_calibration(index_dir, idx, use_prior=threshold == "auto") if idx is not None \
+                else resolve_calibration(None, None)
+            th, calibration = res.threshold, res.describe()
             if th is None and idx is not None:
                 logger.warning(
-                    "no calibration.json next to the index: every top-%d candidate reaches the decoder. "
-                    "Run `nbce-rag calibrate` to filter irrelevant passages.", k)
+                    "no calibration for this index and no prior for its encoder: every top-%d candidate "
+                    "reaches the decoder. Run `nbce-rag calibrate --synthetic --index DIR` (no labels "
+                    "needed) or `nbce-rag calibrate --queries --qrels` to filter irrelevant passages.", k)
+            elif res.source == "prior":
+                _log_once(logging.WARNING, "no calibration.json next to the index: filtering with %s. "
+                          "`nbce-rag calibrate --synthetic --index DIR` calibrates on your own documents.",
+                          calibration)
+            else:
+                _log_once(logging.INFO, "filtering with the %s calibration %s", res.source, res.path)
         elif isinstance(threshold, (str, os.PathLike)):
             th = MarginThreshold.load(threshold, encoder=idx)
+            calibration = f"given ({threshold})"
         if decoder is None:
             if index_dir is not None and "kv_cache" not in decoder_options:  # `nbce-rag cache` output, if any
                 from .kvcache import cache_for_index
@@ -101,7 +119,7 @@ class RAGPipeline:
                               kv_cache=decoder.kv_cache, scorer=decoder.scorer)
         else:
             dec = decoder
-        return cls(dec, idx, th, k=k)
+        return cls(dec, idx, th, k=k, calibration=calibration)
 
     # ------------------------------------------------------------------ retrieval
     def retrieve(self, question: str, k: Optional[int] = None) -> List[Passage]:
@@ -140,6 +158,7 @@ class RAGPipeline:
             if ev.answer is not None:
                 ev.answer.supported = bool(kept)
                 ev.answer.dropped = dropped
+                ev.answer.calibration = self.calibration
             yield ev
 
     def answer_stream(self, question: str, passages: Optional[Iterable[Any]] = None, *, retrieve: bool = False,
@@ -235,3 +254,22 @@ class RAGPipeline:
         from .integrations.llama_index import NBCEQueryEngine
 
         return NBCEQueryEngine.from_pipeline(self, **kwargs)
+
+
+_LOGGED: set = set()
+
+
+def _log_once(level: int, msg: str, *args: Any) -> None:
+    """Log a message once per process (the calibration in use is said once, not per question)."""
+    key = (msg, args)
+    if key not in _LOGGED:
+        _LOGGED.add(key)
+        logger.log(level, msg, *args)
+
+
+def _describe(threshold: Any) -> str:
+    """Which calibration a filter given directly is (its ``stats["source"]`` when recorded)."""
+    if threshold is None:
+        return "none (no calibration: every candidate reaches the decoder)"
+    st = getattr(threshold, "stats", None) or {}
+    return f"{st.get('source', 'given')} (threshold {threshold.threshold:.3f})"

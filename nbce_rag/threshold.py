@@ -165,6 +165,7 @@ class MarginThreshold:
         min_negatives: int = 10,
         min_margin_queries: int = 5,
         seed: int = 0,
+        objective: Any = None,
     ) -> "MarginThreshold":
         """Calibrate from cosine ``scores``, 0/1 relevance ``labels`` and the query id of every
         score (``groups``; the candidates of one query share an id).
@@ -177,12 +178,15 @@ class MarginThreshold:
         resamples single scores. ``encoder_identity`` may be an identity string, an encoder or
         an index. Raises :class:`CalibrationError` when the data cannot support a calibration
         (NaN scores, too few positives/negatives, all scores equal) and warns
-        (:class:`CalibrationWarning`) when it is thin.
+        (:class:`CalibrationWarning`) when it is thin. ``objective``: what the margin and the
+        threshold maximise -- ``None`` / ``"f1"`` (this method's default), ``"f0.5"`` (F-beta) or
+        ``"coverage0.9"`` (highest precision keeping a relevant passage for 90% of answerable
+        queries); see :mod:`nbce_rag.objective`.
         """
         c = calibrate_rule(scores, labels, groups, margin=margin, margin_quantiles=margin_quantiles,
                            precision_target=precision_target, recall_target=recall_target, n_bootstrap=n_bootstrap,
                            ci_level=ci_level, min_positives=min_positives, min_negatives=min_negatives,
-                           min_margin_queries=min_margin_queries, seed=seed)
+                           min_margin_queries=min_margin_queries, seed=seed, objective=objective)
         th = cls(threshold=c["threshold"], lower=c["lower"], upper=c["upper"], margin=c["margin"],
                  encoder_identity=_identity_of(encoder_identity), ci=c["ci"], stats=c["stats"])
         th.data = c["data"]
@@ -395,9 +399,9 @@ class MarginThreshold:
             mdesc = "no margin (none improved F1)" if st.get("margin_mode") == "auto" else "no margin"
         elif st.get("margin_quantile") is not None:
             mdesc = (f"q{st['margin_quantile']:g} of the within-query spread of relevant scores "
-                     f"({st.get('n_margin_spreads')} spreads), chosen by F1")
+                     f"({st.get('n_margin_spreads')} spreads), chosen by {st.get('objective', 'f1')}")
         elif self.margin == 0.0 and st.get("margin_mode") == "auto":
-            mdesc = "0: keep the best candidate only (chosen by F1)"
+            mdesc = f"0: keep the best candidate only (chosen by {st.get('objective', 'f1')})"
         else:
             mdesc = "fixed"
         lines = [
@@ -408,7 +412,7 @@ class MarginThreshold:
             "rule:       keep iff s >= threshold and s >= s_max(query) - margin",
             f"            [intervals: {int(round(lvl * 100))}% bootstrap over queries, "
             f"{st.get('n_bootstrap_used', st.get('n_bootstrap'))} resamples]",
-            f"threshold:  {f(self.threshold)}{c('threshold')}   best F1 of the rule (exact scan given the margin)",
+            f"threshold:  {f(self.threshold)}{c('threshold')}   best {st.get('objective', 'f1')} of the rule (exact scan given the margin)",
             f"margin:     {f(self.margin)}{c('margin')}   {mdesc}"
             + (f"; no margin in {st['margin_none_fraction']:.0%} of resamples" if st.get("margin_none_fraction") else ""),
             f"band:       [{f(self.lower)}, {f(self.upper)}]   lower: recall >= {st.get('recall_target')} above it"

@@ -248,6 +248,8 @@ class Answer:
     completion_tokens: int = 0
     supported: bool = True  #: False when no passage backed the answer (closed-book)
     dropped: List[DroppedHit] = field(default_factory=list)  #: filter decisions, set by the pipeline
+    #: which calibration filtered (labelled / synthetic / prior / none), set by the pipeline
+    calibration: Optional[str] = None
 
     @property
     def cited(self) -> List[SourceInfo]:
@@ -265,13 +267,14 @@ class Answer:
 
     def metadata(self) -> Dict[str, Any]:
         """What the answer says about its grounding, as plain JSON-able data: ``supported``,
-        ``sources`` (score, tokens, share, initial and final pooling weight per passage), ``dropped`` (the filter's decisions)
-        and ``token_sources``."""
+        ``sources`` (score, tokens, share, initial and final pooling weight per passage), ``dropped``
+        (the filter's decisions), ``token_sources`` and ``calibration`` (which calibration filtered)."""
         return {
             "supported": self.supported,
             "sources": [s.to_dict() for s in self.sources],
             "dropped": [_dropped_dict(x) for x in self.dropped],
             "token_sources": list(self.token_sources),
+            "calibration": self.calibration,
         }
 
     def to_dict(self) -> Dict[str, Any]:

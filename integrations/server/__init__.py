@@ -64,7 +64,8 @@ carry a top-level ``nbce`` object (the ``openai`` client exposes it as
                           "n_tokens": 12, "share": 0.75,                # tokens drawn from it
                           "weight_initial": 0.9, "weight_final": 1.0,   # pooling weight, first/last token
                           "text": "..."}],                               # only for retrieved passages
-             "dropped": [{"id", "title", "score", "code"}]}             # what the filter removed
+             "dropped": [{"id", "title", "score", "code"}],             # what the filter removed
+             "calibration": "prior for ... (...)"}                     # which calibration filtered
 
 ``usage`` (``prompt_tokens`` = tokens prefilled over all NBCE rows) is on every non-streaming
 response, and on streams in one extra chunk with ``"choices": []`` when

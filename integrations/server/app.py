@@ -429,7 +429,8 @@ def nbce_info(answer: Answer, retrieved: bool) -> Dict[str, Any]:
         dropped.append({"index": None if retrieved else meta.get("request_index"), "id": getattr(hit, "id", None),
                         "title": _title(meta), "score": getattr(hit, "score", None),
                         "code": getattr(d, "code", None)})
-    return {"supported": bool(answer.supported), "retrieved": bool(retrieved), "sources": sources, "dropped": dropped}
+    return {"supported": bool(answer.supported), "retrieved": bool(retrieved), "sources": sources, "dropped": dropped,
+            "calibration": getattr(answer, "calibration", None)}
 
 
 # ---------------------------------------------------------------------------------- the app

@@ -51,8 +51,11 @@ def print_sources(ans: Any, out: Optional[TextIO] = None, width: int = 100) -> N
             note += f", {n_dropped} candidate(s) dropped by the filter"
         print(f"Supported: yes ({note})", file=out)
     else:
-        print("Supported: no -- no passage passed the filter; the answer comes from the model alone "
-              f"(closed-book){f', {n_dropped} candidate(s) dropped' if n_dropped else ''}", file=out)
+        print("Supported: no -- nothing in the index answers this question: no passage passed the filter, "
+              "so the answer above comes from the model alone (closed-book) and may be wrong"
+              f"{f' ({n_dropped} candidate(s) dropped)' if n_dropped else ''}", file=out)
+    if getattr(ans, "calibration", None):
+        print(f"Filter: {ans.calibration}", file=out)
     if not ans.sources:
         return
     print("Sources:", file=out)

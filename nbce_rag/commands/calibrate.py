@@ -1,6 +1,8 @@
 """``nbce-rag calibrate``: calibrate the margin filter of an index from labelled queries.
 
     nbce-rag calibrate --index DIR --queries queries.jsonl --qrels qrels.tsv [--out F] [--plot F]
+    nbce-rag calibrate --synthetic --index DIR [--n 200]      (no labels: calibrate_modes.py)
+    nbce-rag calibrate --prior --data DIR [--encoder E]        (a prior for an encoder)
 
 Searches the index for every labelled query (top ``--k``), calibrates
 :class:`~nbce_rag.threshold.MarginThreshold` on those candidates, prints a report (threshold,
@@ -14,6 +16,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from . import calibrate_modes
+
 
 def register(subparsers: "argparse._SubParsersAction") -> None:
     p = subparsers.add_parser(
@@ -23,10 +27,10 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
         "precision/recall band, within-query margin, bootstrap intervals) on an index's own "
         "top-k candidates of labelled queries.",
     )
-    p.add_argument("--index", required=True, metavar="DIR", help="index directory (nbce-rag index)")
-    p.add_argument("--queries", required=True, metavar="F",
+    p.add_argument("--index", metavar="DIR", help="index directory (nbce-rag index)")
+    p.add_argument("--queries", metavar="F",
                    help="queries: BEIR queries.jsonl (_id, text) or 'id<TAB>text' lines")
-    p.add_argument("--qrels", required=True, metavar="F",
+    p.add_argument("--qrels", metavar="F",
                    help="relevance labels: BEIR TSV 'query-id corpus-id score' or TREC 'qid 0 docid rel'")
     p.add_argument("--out", metavar="F", default=None,
                    help="calibration file to write (default: DIR/calibration.json)")
@@ -44,6 +48,7 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples over queries (default 1000)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the calibration as JSON instead of the report")
+    calibrate_modes.add_options(p)
     p.set_defaults(func=run)
 
 
@@ -54,6 +59,13 @@ def run(args: argparse.Namespace) -> int:
     from ..threshold import MarginThreshold, plot_distributions
 
     margin = _margin_arg(args.margin)  # validate before loading anything
+    if calibrate_modes.wanted(args):
+        return calibrate_modes.run(args, margin)
+    if not (args.index and args.queries and args.qrels):
+        from ..errors import ConfigError
+
+        raise ConfigError("give --index DIR --queries F --qrels F (labelled queries), or calibrate without "
+                          "labels: --synthetic --index DIR, or --prior --data DIR")
     index = VectorIndex.load(args.index)
     th = MarginThreshold.calibrate_from_qrels(
         index,
@@ -65,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
         margin=margin,
         n_bootstrap=args.bootstrap,
         seed=args.seed,
+        objective=calibrate_modes.objective_arg(args),
         show_progress=True,
     )
     out = Path(args.out) if args.out else Path(args.index)
@@ -80,6 +93,16 @@ def run(args: argparse.Namespace) -> int:
         print(th.report())
         print(f"wrote:      {written}" + (f" and {plot_path}" if plot_path else ""))
     return 0
+
+
+def main_synthetic(index_dir, n: int = 200, model=None) -> int:
+    """``nbce-rag calibrate --synthetic --index DIR --n N`` with the other options at their defaults
+    (what ``nbce-rag index ... --calibrate`` runs)."""
+    p = argparse.ArgumentParser(prog="nbce-rag calibrate")
+    register(p.add_subparsers())
+    args = p.parse_args(["calibrate", "--synthetic", "--index", str(index_dir), "--n", str(n)]
+                        + (["--model", str(model)] if model else []))
+    return run(args)
 
 
 def _margin_arg(v: str):

@@ -45,7 +45,12 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     p.add_argument("--batch-size", type=int, default=32, help="encode batch size (default 32)")
     p.add_argument("--kv-cache", action="store_true",
                    help="also precompute the passage KV cache for --model (as `nbce-rag cache`; costs disk)")
-    p.add_argument("--model", default=None, metavar="M", help="LLM of --kv-cache (default: the bundled one)")
+    p.add_argument("--model", default=None, metavar="M", help="LLM of --kv-cache and --calibrate (default: the bundled one)")
+    p.add_argument("--calibrate", action="store_true",
+                   help="then self-calibrate the filter on questions the LM writes about the chunks "
+                   "(= nbce-rag calibrate --synthetic --index OUT --model M; --calibrate-n chunks)")
+    p.add_argument("--calibrate-n", type=int, default=200, metavar="N",
+                   help="chunks to write a question about with --calibrate (default 200)")
     p.set_defaults(func=run)
 
 
@@ -109,4 +114,8 @@ def run(args: argparse.Namespace) -> int:
 
         st, disk = fill_index(out, model=args.model)
         print(f"{disk.root}: {st.stored} chunk(s) KV-cached, {st.hits} already there; {disk.nbytes() / 2**20:.1f} MiB")
+    if args.calibrate:
+        from .calibrate import main_synthetic
+
+        return main_synthetic(out, n=args.calibrate_n, model=args.model)
     return 0
