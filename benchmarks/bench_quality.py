@@ -28,6 +28,16 @@ scores) here and run them there, sharded over processes:
     python benchmarks/bench_quality.py --items items.json.gz --device cuda --shard 0/4 --work W &
     ...                                                                     --shard 3/4 --work W
     python benchmarks/bench_quality.py --summary-only --work W
+
+Unscored passages and the ``posterior`` pooling (issue 14; ``--methods relevance`` = the
+poolings of :data:`RELEVANCE`, ``u:`` = run as if the passages had no score). What ran on the
+shared 2-core CPU, and the full run for a GPU::
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_quality.py --methods relevance-cpu --ns 5,10 \
+        --positions "" --max-new-tokens 16 --threads 1 --work benchmarks/_work_relevance \
+        --shard i/2 --deadline-min 58          # i = 0, 1 in parallel, then --summary-only
+    python benchmarks/bench_quality.py --export-items items.json.gz --questions 60
+    QUALITY_ARGS="--methods relevance --ns 5,10,20,50" bash benchmarks/run_gpu.sh OUT 30 items.json.gz 8
 """
 
 from __future__ import annotations
@@ -47,6 +57,39 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 POOLINGS = ["min_entropy", "mean", "max", "replug", "scored_entropy"]
+#: the study of issue 14 (passages without scores; the posterior pooling). "u:" = the pooling
+#: run as if the passages carried no score (what a plain-passage path sees with scorer=None);
+#: the others see the retrieval scores, which on this benchmark are the canonical cosine of
+#: the bundled encoder, i.e. exactly what the decoder's default scorer gives unscored passages.
+RELEVANCE = ["min_entropy", "replug", "posterior:product,static", "posterior:product,online",
+             "u:posterior:question,static", "u:posterior:question,online", "scored_entropy", "posterior:scores,online"]
+#: what fits a shared 2-core CPU (see README): the decision set of ``auto``
+RELEVANCE_CPU = RELEVANCE[:6]
+NOT_POOLINGS = ("closed", "concat", "filter")
+
+
+def pooling_for(method: str):
+    """The pooling of a method name; ``u:<name>`` hides the retrieval scores from it."""
+    from nbce_rag.nbce import Pooling, get_pooling
+
+    if not method.startswith("u:"):
+        return method
+
+    inner = get_pooling(method[2:])
+
+    class Unscored(Pooling):
+        name = method
+
+        def needs_question_loglik(self, has_scores):
+            return inner.needs_question_loglik(False)
+
+        def begin(self, scores=None, question_loglik=None):
+            return inner.begin(None, question_loglik)
+
+        def __call__(self, logp, ent, scores, prev, eta):
+            return inner(logp, ent, None, prev, eta)
+
+    return Unscored()
 
 
 # ------------------------------------------------------------------ metrics (SQuAD's)
@@ -172,7 +215,8 @@ def main():
     ap.add_argument("--questions", type=int, default=20)
     ap.add_argument("--ns", default="1,5,10,20,50")
     ap.add_argument("--methods", default="closed,concat," + ",".join(POOLINGS) + ",filter",
-                    help="closed, concat, the poolings, and 'filter' (margin filter + default NBCE; needs scored items)")
+                    help="closed, concat, the poolings, and 'filter' (margin filter + default NBCE; needs scored items); "
+                         "'relevance' = the issue-14 study: " + ";".join(RELEVANCE) + "; 'relevance-cpu' = its first 6")
     ap.add_argument("--positions", default="0,3,6,9", help="gold positions for the sweep at --position-n")
     ap.add_argument("--position-n", type=int, default=10)
     ap.add_argument("--max-new-tokens", type=int, default=24)
@@ -229,10 +273,10 @@ def main():
     cache_file = work / ("quality_cache.jsonl" if shard_k == 1 else f"quality_cache.shard{shard_i}of{shard_k}.jsonl")
     label = f"{dec.name}, {str(next(dec.model.parameters()).dtype).replace('torch.', '')}, {dec.device.type}"
     t_start = time.monotonic()
-    methods = args.methods.split(",")
+    methods = (RELEVANCE if args.methods == "relevance" else RELEVANCE_CPU if args.methods == "relevance-cpu" else args.methods.split(";" if ";" in args.methods else ","))
     variants = parse_variants(args.decode_variants)
     if variants:  # every pooling once per decode variant: "replug+base", "replug+rp1.2", ...
-        methods = [f"{m}+{v}" for m in methods if m in POOLINGS for v in variants] + [m for m in methods if m not in POOLINGS]
+        methods = [f"{m}+{v}" for m in methods if m not in NOT_POOLINGS for v in variants] + [m for m in methods if m in NOT_POOLINGS]
 
     def key_of(ds, qi, n, pos, method):
         return f"{ds}|{qi}|{n}|{pos}|{method}|{args.max_new_tokens}"
@@ -307,10 +351,10 @@ def main():
                 with open(cache_file, "a") as f:
                     f.write(json.dumps(rec) + "\n")
                 cache[rec["key"]] = rec
-        pools = [m for m in todo if m.split("+")[0] in POOLINGS]
+        pools = [m for m in todo if m.split("+")[0] not in NOT_POOLINGS]
         if pools:
             t0 = time.perf_counter()
-            opts = [dict({"pooling": m.split("+")[0]}, **(variants[m.split("+")[1]] if "+" in m else {})) for m in pools]
+            opts = [dict({"pooling": pooling_for(m.split("+")[0])}, **(variants[m.split("+")[1]] if "+" in m else {})) for m in pools]
             answers = dec.compare(item["question"], scored(item, ps), opts, max_new_tokens=args.max_new_tokens)
             secs = (time.perf_counter() - t0) / len(pools)
             for m, ans in zip(pools, answers):
@@ -441,9 +485,9 @@ def markdown(rows) -> str:
         lines.append("")
         lines.append("| method | " + " | ".join(f"n={n}" for n in ns) + " |")
         lines.append("|---|" + "---|" * len(ns))
-        known = ["closed", "concat"] + POOLINGS + ["filter"]
-        extra = sorted({r["method"] for r in rows if r["method"] not in known})  # POOLING+VARIANT
-        for m in [m for m in known + extra if any(r["method"] == m and r["dataset"] == ds for r in rows)]:
+        present = {r["method"] for r in rows if r["dataset"] == ds}
+        order = ["closed", "concat"] + POOLINGS + [m for m in RELEVANCE if m not in POOLINGS] + ["filter"]
+        for m in [m for m in order if m in present] + sorted(present - set(order)):
             cells = []
             for n in ns:
                 r = next((r for r in rows if r["dataset"] == ds and r["method"] == m and r["gold_position"] is None
@@ -476,7 +520,7 @@ def plot(rows, path):
         return
     fig, axes = plt.subplots(1, len(dss) + 1, figsize=(5 * (len(dss) + 1), 4), squeeze=False)
     for ax, ds in zip(axes[0], dss):
-        for m in ["concat"] + POOLINGS + ["filter"]:
+        for m in ["concat"] + POOLINGS + [m for m in RELEVANCE if m not in POOLINGS] + ["filter"]:
             rs = sorted((r for r in rows if r["dataset"] == ds and r["method"] == m and r["gold_position"] is None), key=lambda r: r["n"])
             if rs:
                 ax.plot([r["n"] for r in rs], [100 * r["accuracy"] for r in rs], "o-", label=m)

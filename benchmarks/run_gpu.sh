@@ -9,6 +9,8 @@
 #   bash benchmarks/run_gpu.sh OUTDIR [QUALITY_MIN] [ITEMS] [SHARDS]
 #
 # ITEMS comes from: python benchmarks/bench_quality.py --export-items items.json.gz
+# QUALITY_ARGS (environment) adds options to every quality worker, e.g. the unscored-passages
+# study of the README: QUALITY_ARGS="--methods relevance --ns 5,10,20,50"
 # Needs nbce_rag importable and the bundled model installed (or NBCE_RAG_CACHE pre-filled).
 set -uo pipefail
 OUT=${1:?usage: run_gpu.sh OUTDIR [QUALITY_MIN] [ITEMS] [SHARDS]}
@@ -41,7 +43,7 @@ if [ -n "$ITEMS" ]; then
     mkdir -p "$W"
     for i in $(seq 0 $((SHARDS - 1))); do
         OMP_NUM_THREADS=1 python3 "$HERE/bench_quality.py" --items "$ITEMS" --device cuda --dtype float32 \
-            --shard "$i/$SHARDS" --deadline-min "$QMIN" --work "$W" >"$W/log$i.txt" 2>&1 &
+            --shard "$i/$SHARDS" --deadline-min "$QMIN" --work "$W" ${QUALITY_ARGS:-} >"$W/log$i.txt" 2>&1 &
     done
     wait
     tail -n 2 "$W"/log*.txt

@@ -46,9 +46,13 @@ def main(question: str = QUESTION) -> None:
     # 4. question -> retriever -> ChatNBCE, streamed token by token.
     chain = create_nbce_rag_chain(retriever, chat)
     print("\nA: ", end="", flush=True)
-    for piece in chain.stream(question):
-        print(piece, end="", flush=True)
+    sources = []
+    for chunk in chain.stream(question):  # {"input"}, {"context"}, {"answer": piece}..., {"sources", ...}
+        print(chunk.get("answer", ""), end="", flush=True)
+        sources = chunk.get("sources", sources)
     print()
+    for i, s in enumerate(sources, 1):
+        print(f"  [{i}] {s['id']}  share of the answer {s['share']:.0%}")
 
 
 if __name__ == "__main__":

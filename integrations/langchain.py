@@ -15,14 +15,17 @@ stop strings, token accounting and per-token attribution are the core's.
                                ``VectorStore``; candidates are re-scored with the canonical
                                cosine, then filtered by a :class:`MarginThreshold`; ``k`` per call
 ``MarginThresholdFilter``      ``BaseDocumentCompressor`` applying a :class:`MarginThreshold`
-``create_nbce_rag_chain``      question -> retrieve -> filter -> NBCE answer, streaming
+``create_nbce_rag_chain``      question -> retrieve -> filter -> NBCE answer, streaming; returns
+                               ``input``, ``context``, ``answer`` (like ``create_retrieval_chain``)
+                               plus ``sources`` and ``supported``
 ``create_nbce_documents_chain``  drop-in for ``create_stuff_documents_chain`` inside
                                ``create_retrieval_chain``
 =============================  =====================================================
 
 >>> rag = RAGPipeline.from_pretrained(index="my_index")
 >>> chain = create_nbce_rag_chain(rag.as_langchain_retriever(), rag.as_langchain_chat_model())
->>> for piece in chain.stream("How do I open a file?"): print(piece, end="")
+>>> for piece in chain.pick("answer").stream("How do I open a file?"): print(piece, end="")
+>>> chain.invoke("How do I open a file?")["sources"]   # score and share of each passage
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ from typing import Any, AsyncIterator, Dict, Iterable, Iterator, List, Mapping, 
 try:
     from langchain_core.callbacks import (
         AsyncCallbackManagerForRetrieverRun,
+        BaseCallbackHandler,
+        BaseCallbackManager,
         CallbackManagerForLLMRun,
         CallbackManagerForRetrieverRun,
         Callbacks,
@@ -46,7 +51,8 @@ try:
     from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult, Generation, GenerationChunk, LLMResult
     from langchain_core.retrievers import BaseRetriever
     from langchain_core.runnables import Runnable, RunnableConfig, RunnableLambda
-    from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+    from langchain_core.runnables.utils import AddableDict
+    from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError(
         "nbce_rag.integrations.langchain needs LangChain: pip install 'nbce-rag[langchain]' "
@@ -55,6 +61,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 
 from dataclasses import replace
 
+from .._adapter_args import check_constructor_arguments, device_name, generation_options
 from ..config import openai_options
 from ..retrieval import Selection, as_encoder, candidate_encoder, check_k, select
 from ..types import Answer, Passage, StreamEvent, as_passage, pop_passages
@@ -219,10 +226,49 @@ def answer_metadata(answer: Answer) -> Dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
+#: what users of other LangChain models pass, and what to pass here instead
+_CONSTRUCTOR_HINTS = {
+    "model_id": "model= (or ChatNBCE.from_model_id(model_id, ...))",
+    "torch_dtype": "dtype=",
+    "max_length": "max_tokens= (it counts new tokens only)",
+    "generate_kwargs": "nbce_options={...} (NBCEConfig fields) or keywords of the call",
+    "pipeline_kwargs": "from_model_id(..., pipeline_kwargs={...}) or nbce_options={...}",
+    "task": "from_model_id(...); the task is always text generation",
+    "tokenizer": "a model directory (model=) holding its tokenizer, or decoder=NBCEDecoder(model, tokenizer)",
+    "base_url": "nothing: decoding is local (for an nbce-rag server, use langchain_openai.ChatOpenAI)",
+    "n": "one answer per call (call again, or use .batch())",
+    "tools": "nothing: tool calling is not supported",
+    "response_format": "nothing: structured output is not supported",
+}
+
+
+def _check_arguments(cls: Any, data: Any) -> Any:
+    if isinstance(data, dict):
+        check_constructor_arguments(cls.__name__, data, cls.model_fields, _CONSTRUCTOR_HINTS)
+    return data
+
+
+def _from_model_id(cls: Any, model_id: Optional[str], *, task: Optional[str], device: Any, device_map: Any,
+                   model_kwargs: Optional[Dict[str, Any]], pipeline_kwargs: Optional[Dict[str, Any]],
+                   kwargs: Dict[str, Any]) -> Any:
+    if task not in (None, "text-generation"):
+        raise ValueError(f"task {task!r} is not supported: NBCE answers by text generation (task='text-generation')")
+    options = dict(kwargs.pop("nbce_options", None) or {})
+    options.update(generation_options(pipeline_kwargs, f"{cls.__name__}.from_model_id pipeline_kwargs"))
+    return cls(model=model_id, device=device_name(device), device_map=device_map, model_kwargs=dict(model_kwargs or {}),
+               nbce_options=options, **kwargs)
+
+
+_NO_TOOLS = ("{name}.{method}: NBCE decoding has no tool calling or structured output (it fuses per-passage "
+             "next-token distributions of a plain chat model). Parse the text answer yourself, or use a "
+             "tool-calling model for this step.")
+
+
 class _NBCEEngine:
     """Shared behaviour of the two LangChain language models (the pydantic fields
-    ``pipeline, decoder, model_name, device, max_tokens, temperature, top_p, seed, stop,
-    nbce_options, retrieve, filter_passages, k`` live on each class)."""
+    ``pipeline, decoder, model_name, device, dtype, device_map, model_kwargs, max_tokens,
+    temperature, top_p, seed, stop, nbce_options, retrieve, filter_passages, k`` live on each
+    class)."""
 
     def _get_pipeline(self) -> Any:
         if self.pipeline is not None:
@@ -234,7 +280,8 @@ class _NBCEEngine:
 
                 dec = self.decoder
                 if dec is None:
-                    dec = NBCEDecoder.from_pretrained(self.model_name, device=self.device)
+                    dec = NBCEDecoder.from_pretrained(self.model_name, device=self.device, dtype=self.dtype,
+                                                      device_map=self.device_map, model_kwargs=self.model_kwargs)
                 self._rag = RAGPipeline(dec)
         return self._rag
 
@@ -302,11 +349,16 @@ class ChatNBCE(_NBCEEngine, BaseChatModel):
     Build it over a loaded decoder (``ChatNBCE(decoder=dec)``), a pipeline
     (``ChatNBCE(pipeline=rag)`` / ``rag.as_langchain_chat_model()``), or a model to load
     lazily (``ChatNBCE(model="HuggingFaceTB/SmolLM2-360M-Instruct")``; ``None`` = the bundled
-    default). Standard parameters: ``max_tokens`` (alias ``max_new_tokens``), ``temperature``
+    default), as langchain_huggingface does: ``ChatNBCE.from_model_id(model_id, device=0,
+    device_map=None, model_kwargs={...}, pipeline_kwargs={...})``. Loading options: ``device``,
+    ``dtype``, ``device_map``, ``model_kwargs`` (to transformers' ``from_pretrained``). An
+    argument that is not a parameter raises ``TypeError`` naming what to use instead;
+    ``bind_tools`` and ``with_structured_output`` raise ``NotImplementedError`` (no tool
+    calling). Standard parameters: ``max_tokens`` (alias ``max_new_tokens``), ``temperature``
     (0 = greedy, > 0 samples), ``top_p``, ``top_k``, ``seed``, ``stop``, ``repetition_penalty``,
-    ``frequency_penalty``, ``presence_penalty``; ``timeout`` and ``max_retries``
-    are accepted and unused (decoding is local). Other :class:`NBCEConfig` fields go in
-    ``nbce_options`` or per call (``chat.invoke(msgs, beta=0.5)``).
+    ``frequency_penalty``, ``presence_penalty``; ``timeout``, ``max_retries`` and
+    ``api_key`` (LangChain's standard parameters) are accepted and unused (decoding is local).
+    Other :class:`NBCEConfig` fields go in ``nbce_options`` or per call (``chat.invoke(msgs, beta=0.5)``).
 
     ``retrieve=True``: with no passages in the messages, retrieve them through the pipeline
     (index + filter), i.e. answer like ``rag.ask(question)``. ``filter_passages=True``: given
@@ -325,6 +377,9 @@ class ChatNBCE(_NBCEEngine, BaseChatModel):
     decoder: Any = Field(default=None, exclude=True)
     model_name: Optional[str] = Field(default=None, alias="model")
     device: Optional[str] = None
+    dtype: Optional[str] = None
+    device_map: Any = None
+    model_kwargs: Dict[str, Any] = Field(default_factory=dict)
     max_tokens: Optional[int] = Field(default=None, alias="max_new_tokens")
     temperature: Optional[float] = None
     top_p: Optional[float] = None
@@ -336,6 +391,8 @@ class ChatNBCE(_NBCEEngine, BaseChatModel):
     stop: Optional[List[str]] = Field(default=None, alias="stop_sequences")
     timeout: Optional[float] = None
     max_retries: Optional[int] = None
+    #: LangChain's standard chat-model parameter; accepted, never used or shown (decoding is local)
+    api_key: Optional[Any] = Field(default=None, exclude=True, repr=False)
     streaming: bool = False
     nbce_options: Dict[str, Any] = Field(default_factory=dict)
     retrieve: bool = False
@@ -345,11 +402,39 @@ class ChatNBCE(_NBCEEngine, BaseChatModel):
     _rag: Any = PrivateAttr(default=None)
     _lock: Any = PrivateAttr(default_factory=threading.Lock)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _check_arguments(cls, data: Any) -> Any:
+        return _check_arguments(cls, data)
+
     @classmethod
     def from_pipeline(cls, pipeline: Any, **kwargs: Any) -> "ChatNBCE":
         """A chat model over ``pipeline``'s decoder (and, with ``retrieve=True`` or
         ``filter_passages=True``, its index and filter)."""
         return cls(pipeline=pipeline, **kwargs)
+
+    @classmethod
+    def from_model_id(cls, model_id: Optional[str] = None, task: Optional[str] = None, *, device: Any = None,
+                      device_map: Any = None, model_kwargs: Optional[Dict[str, Any]] = None,
+                      pipeline_kwargs: Optional[Dict[str, Any]] = None, **kwargs: Any) -> "ChatNBCE":
+        """Like ``langchain_huggingface.HuggingFacePipeline.from_model_id``: ``model_id`` (an HF
+        id, a local path or a ``.gguf`` file; ``None`` = the bundled model), ``device`` (``-1``/
+        ``"cpu"``, ``0``/``"cuda:0"``, ``"mps"``), ``device_map`` (e.g. ``"auto"``),
+        ``model_kwargs`` for transformers' ``from_pretrained`` (``revision``,
+        ``attn_implementation``, ...; the dtype is ``dtype=``), ``pipeline_kwargs`` with
+        generation options (``max_new_tokens``, ``temperature``, ``do_sample``, ``top_p``, ...,
+        any :class:`NBCEConfig` field). Other keywords are this class's parameters. The model
+        loads on first use."""
+        return _from_model_id(cls, model_id, task=task, device=device, device_map=device_map,
+                              model_kwargs=model_kwargs, pipeline_kwargs=pipeline_kwargs, kwargs=kwargs)
+
+    def bind_tools(self, tools: Sequence[Any], **kwargs: Any) -> Any:
+        """Not supported: raises ``NotImplementedError`` saying why and what to do."""
+        raise NotImplementedError(_NO_TOOLS.format(name=type(self).__name__, method="bind_tools"))
+
+    def with_structured_output(self, schema: Any, **kwargs: Any) -> Any:
+        """Not supported: raises ``NotImplementedError`` saying why and what to do."""
+        raise NotImplementedError(_NO_TOOLS.format(name=type(self).__name__, method="with_structured_output"))
 
     @property
     def _llm_type(self) -> str:
@@ -444,6 +529,9 @@ class NBCELLM(_NBCEEngine, LLM):
     decoder: Any = Field(default=None, exclude=True)
     model_name: Optional[str] = Field(default=None, alias="model")
     device: Optional[str] = None
+    dtype: Optional[str] = None
+    device_map: Any = None
+    model_kwargs: Dict[str, Any] = Field(default_factory=dict)
     max_tokens: Optional[int] = Field(default=None, alias="max_new_tokens")
     temperature: Optional[float] = None
     top_p: Optional[float] = None
@@ -461,9 +549,26 @@ class NBCELLM(_NBCEEngine, LLM):
     _rag: Any = PrivateAttr(default=None)
     _lock: Any = PrivateAttr(default_factory=threading.Lock)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _check_arguments(cls, data: Any) -> Any:
+        return _check_arguments(cls, data)
+
     @classmethod
     def from_pipeline(cls, pipeline: Any, **kwargs: Any) -> "NBCELLM":
         return cls(pipeline=pipeline, **kwargs)
+
+    @classmethod
+    def from_model_id(cls, model_id: Optional[str] = None, task: Optional[str] = None, *, device: Any = None,
+                      device_map: Any = None, model_kwargs: Optional[Dict[str, Any]] = None,
+                      pipeline_kwargs: Optional[Dict[str, Any]] = None, **kwargs: Any) -> "NBCELLM":
+        """Like ``HuggingFacePipeline.from_model_id``; see :meth:`ChatNBCE.from_model_id`."""
+        return _from_model_id(cls, model_id, task=task, device=device, device_map=device_map,
+                              model_kwargs=model_kwargs, pipeline_kwargs=pipeline_kwargs, kwargs=kwargs)
+
+    def with_structured_output(self, schema: Any, **kwargs: Any) -> Any:
+        """Not supported: raises ``NotImplementedError`` saying why and what to do."""
+        raise NotImplementedError(_NO_TOOLS.format(name=type(self).__name__, method="with_structured_output"))
 
     @property
     def _llm_type(self) -> str:
@@ -755,15 +860,103 @@ def create_nbce_documents_chain(llm: Any, *, document_variable_name: str = "cont
     return RunnableLambda(answer, afunc=aanswer, name="nbce_documents_chain")
 
 
-def create_nbce_rag_chain(retriever: Any, llm: Any, filter: Optional[BaseDocumentCompressor] = None) -> Runnable:
-    """question -> ``retriever`` -> ``filter`` (optional) -> NBCE answer, as one runnable.
+class _GroundingCatcher(BaseCallbackHandler):
+    """Keeps the ``nbce`` grounding (sources, shares, supported) of a string LLM's run: its
+    ``stream()`` yields bare strings, but the final generation reaches ``on_llm_end``."""
 
-    Input: a question string (or ``{"input"|"question"|"query": ...}``); output: the answer
-    string. ``chain.stream(q)`` yields the answer as it is decoded, ``invoke``, ``ainvoke``,
-    ``astream`` and ``batch`` work as for any runnable; callbacks nest (retriever and model
-    runs appear under the chain's run). ``llm`` is a :class:`ChatNBCE` (passages as
-    ``text-plain`` blocks) or an :class:`NBCELLM` (passages as ``contexts``). When the
-    retriever/filter keep nothing, the model answers closed-book.
+    def __init__(self) -> None:
+        self.nbce: Optional[Dict[str, Any]] = None
+
+    def on_llm_end(self, response: LLMResult, **kwargs: Any) -> None:
+        for gens in response.generations:
+            for g in gens:
+                info = g.generation_info or {}
+                if isinstance(info.get("nbce"), dict):
+                    self.nbce = info["nbce"]
+
+
+def _with_handler(config: Optional[RunnableConfig], handler: BaseCallbackHandler) -> RunnableConfig:
+    config = dict(config or {})
+    cbs = config.get("callbacks")
+    if cbs is None:
+        cbs = [handler]
+    elif isinstance(cbs, BaseCallbackManager):
+        cbs = cbs.copy()
+        cbs.add_handler(handler, inherit=False)
+    else:
+        cbs = list(cbs) + [handler]
+    config["callbacks"] = cbs
+    return config  # type: ignore[return-value]
+
+
+def _grounding(meta: Optional[Mapping[str, Any]]) -> AddableDict:
+    meta = meta or {}
+    return AddableDict(sources=list(meta.get("sources") or []), supported=bool(meta.get("supported", False)))
+
+
+def _rag_chunks(llm: Any, question: str, docs: List[Any], config: RunnableConfig) -> Iterator[AddableDict]:
+    """``create_retrieval_chain``'s stream (``input``, ``context``, then ``answer`` pieces), then
+    the grounding: ``sources`` (per passage: score, tokens, share of the answer) and ``supported``."""
+    yield AddableDict(input=question)
+    yield AddableDict(context=docs)
+    said, meta = False, None
+    if isinstance(llm, BaseChatModel):
+        for chunk in llm.stream([documents_to_message(question, docs)], config=config):
+            meta = chunk.response_metadata.get("nbce") or meta
+            if chunk.text:
+                said = True
+                yield AddableDict(answer=chunk.text)
+    else:
+        catcher = _GroundingCatcher()
+        for piece in llm.stream(question, config=_with_handler(config, catcher), contexts=list(docs)):
+            if piece:
+                said = True
+                yield AddableDict(answer=piece)
+        meta = catcher.nbce
+    if not said:
+        yield AddableDict(answer="")
+    yield _grounding(meta)
+
+
+async def _arag_chunks(llm: Any, question: str, docs: List[Any], config: RunnableConfig) -> AsyncIterator[AddableDict]:
+    yield AddableDict(input=question)
+    yield AddableDict(context=docs)
+    said, meta = False, None
+    if isinstance(llm, BaseChatModel):
+        async for chunk in llm.astream([documents_to_message(question, docs)], config=config):
+            meta = chunk.response_metadata.get("nbce") or meta
+            if chunk.text:
+                said = True
+                yield AddableDict(answer=chunk.text)
+    else:
+        catcher = _GroundingCatcher()
+        async for piece in llm.astream(question, config=_with_handler(config, catcher), contexts=list(docs)):
+            if piece:
+                said = True
+                yield AddableDict(answer=piece)
+        meta = catcher.nbce
+    if not said:
+        yield AddableDict(answer="")
+    yield _grounding(meta)
+
+
+def create_nbce_rag_chain(retriever: Any, llm: Any, filter: Optional[BaseDocumentCompressor] = None) -> Runnable:
+    """question -> ``retriever`` -> ``filter`` (optional) -> NBCE answer, as one runnable that
+    returns what LangChain's ``create_retrieval_chain`` returns, plus the grounding:
+
+    ``{"input": question, "context": [Document, ...], "answer": str, "sources": [...],
+    "supported": bool}`` where ``context`` holds the documents that reached the model and
+    ``sources`` one dict per passage (``id``, ``text``, ``score``, ``n_tokens``, ``share`` of
+    the answer's tokens); ``supported`` is False when the answer is closed-book.
+
+    Input: a question string (or ``{"input"|"question"|"query": ...}``). ``chain.stream(q)``
+    yields ``{"input"}``, ``{"context"}``, then ``{"answer": piece}`` as it is decoded, then
+    ``{"sources", "supported"}``; for the answer string alone use
+    ``chain.pick("answer")`` (``.invoke(q)`` -> ``str``, ``.stream(q)`` -> pieces). ``ainvoke``,
+    ``astream``, ``batch`` and ``astream_events`` work as for any runnable; callbacks nest
+    (retriever and model runs appear under the chain's run). ``llm`` is a :class:`ChatNBCE`
+    (passages as ``text-plain`` blocks) or an :class:`NBCELLM` (passages as ``contexts``). When
+    the retriever/filter keep nothing, the model answers closed-book.
     """
 
     def _docs(question: str, config: RunnableConfig) -> List[Document]:
@@ -778,13 +971,13 @@ def create_nbce_rag_chain(retriever: Any, llm: Any, filter: Optional[BaseDocumen
             docs = list(await filter.acompress_documents(docs, question, callbacks=config.get("callbacks")))
         return list(docs)
 
-    def answer(x: Any, config: RunnableConfig) -> Iterator[str]:
+    def answer(x: Any, config: RunnableConfig) -> Iterator[AddableDict]:
         q = _question_of(x)
-        yield from _stream_answer(llm, q, _docs(q, config), config)
+        yield from _rag_chunks(llm, q, _docs(q, config), config)
 
-    async def aanswer(x: Any, config: RunnableConfig) -> AsyncIterator[str]:
+    async def aanswer(x: Any, config: RunnableConfig) -> AsyncIterator[AddableDict]:
         q = _question_of(x)
-        async for piece in _astream_answer(llm, q, await _adocs(q, config), config):
-            yield piece
+        async for chunk in _arag_chunks(llm, q, await _adocs(q, config), config):
+            yield chunk
 
     return RunnableLambda(answer, afunc=aanswer, name="nbce_rag_chain")

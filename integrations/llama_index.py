@@ -48,7 +48,8 @@ try:
         Response,
         StreamingResponse,
     )
-    from llama_index.core.bridge.pydantic import ConfigDict, Field, PrivateAttr
+    from llama_index.core.bridge.pydantic import ConfigDict, Field, PrivateAttr, model_validator
+    from pydantic import AliasChoices
     from llama_index.core.callbacks import CallbackManager
     from llama_index.core.callbacks.schema import CBEventType, EventPayload
     from llama_index.core.instrumentation import get_dispatcher
@@ -66,6 +67,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
         f"(missing: {e.name})"
     ) from e
 
+from .._adapter_args import check_constructor_arguments, device_name, generation_options
 from ..config import openai_options
 from ..retrieval import Selection, as_encoder, candidate_encoder, check_k, select
 from ..types import Answer, Passage, StreamEvent, as_passage, pop_passages
@@ -151,6 +153,22 @@ async def _aiter_thread(it: Iterator[Any]) -> AsyncGenerator[Any, None]:
 # --------------------------------------------------------------------------------------------
 
 
+#: what users of other LlamaIndex LLMs (HuggingFaceLLM, OpenAI) pass, and what to pass here instead
+_LLM_HINTS = {
+    "model_id": "model= (or NBCELLM.from_model_id(model_id, ...))",
+    "torch_dtype": "dtype=",
+    "max_length": "max_new_tokens=",
+    "generate_kwargs": "nbce_options={...} (NBCEConfig fields) or NBCELLM.from_model_id(..., generate_kwargs=...)",
+    "tokenizer_name": "a model directory (model=) holding its tokenizer, or decoder=NBCEDecoder(model, tokenizer)",
+    "tokenizer": "decoder=NBCEDecoder(model, tokenizer)",
+    "tokenizer_kwargs": "a model directory holding the tokenizer as it should be",
+    "stopping_ids": "stop=[strings] (the tokenizer's EOS always stops)",
+    "is_chat_model": "nothing: NBCELLM is a completion LLM; chat() answers the last user message",
+    "api_key": "nothing: decoding is local",
+    "api_base": "nothing: decoding is local (for an nbce-rag server, use llama_index's OpenAILike)",
+}
+
+
 class NBCELLM(CustomLLM):
     """A LlamaIndex LLM answering with NBCE decoding: the prompt is the question, the
     passages are ``contexts=[...]`` (``str``, node, ``NodeWithScore``, dict or
@@ -160,7 +178,11 @@ class NBCELLM(CustomLLM):
         for r in llm.stream_complete("Who built it?", contexts=nodes): print(r.delta, end="")
 
     Build it over a decoder (``NBCELLM(decoder=dec)``), a pipeline (``NBCELLM(pipeline=rag)``)
-    or a model loaded on first use (``NBCELLM(model="...")``, ``None`` = bundled). Options:
+    or a model loaded on first use (``NBCELLM(model="...")`` or ``model_name=`` as in
+    ``HuggingFaceLLM``; ``None`` = bundled), also as ``NBCELLM.from_model_id(model_id,
+    device=, device_map=, model_kwargs=, generate_kwargs=)``; loading options ``device``,
+    ``dtype``, ``device_map``, ``model_kwargs``. An argument that is not a parameter raises
+    ``TypeError`` naming what to use instead. Options:
     ``max_new_tokens``, ``temperature`` (0/None greedy, > 0 samples), ``top_p``, ``top_k``,
     ``repetition_penalty``, ``frequency_penalty``, ``presence_penalty``, ``seed``,
     ``stop``, ``nbce_options`` (other :class:`NBCEConfig` fields), and per call the same
@@ -180,9 +202,14 @@ class NBCELLM(CustomLLM):
 
     pipeline: Any = Field(default=None, exclude=True, description="a RAGPipeline")
     decoder: Any = Field(default=None, exclude=True, description="an NBCEDecoder")
-    model: Optional[str] = Field(default=None, description="model to load when no decoder is given (None = bundled)")
+    model: Optional[str] = Field(default=None, validation_alias=AliasChoices("model", "model_name"),
+                                 description="model to load when no decoder is given (None = bundled); "
+                                 "model_name= as in HuggingFaceLLM")
     model_display_name: Optional[str] = Field(default=None, description="name reported in metadata")
     device: Optional[str] = None
+    dtype: Optional[str] = Field(default=None, description="float32, bfloat16, float16 or auto (default: by device)")
+    device_map: Any = Field(default=None, description="transformers device_map, e.g. 'auto'")
+    model_kwargs: Dict[str, Any] = Field(default_factory=dict, description="keywords for transformers' from_pretrained")
     max_new_tokens: Optional[int] = Field(default=None, alias="max_tokens")
     temperature: Optional[float] = None
     top_p: Optional[float] = None
@@ -205,9 +232,31 @@ class NBCELLM(CustomLLM):
         kwargs.setdefault("messages_to_prompt", messages_to_question)
         super().__init__(**kwargs)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _check_arguments(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            check_constructor_arguments(cls.__name__, data, cls.model_fields, _LLM_HINTS)
+        return data
+
     @classmethod
     def from_pipeline(cls, pipeline: Any, **kwargs: Any) -> "NBCELLM":
         return cls(pipeline=pipeline, **kwargs)
+
+    @classmethod
+    def from_model_id(cls, model_id: Optional[str] = None, *, device: Any = None, device_map: Any = None,
+                      model_kwargs: Optional[Dict[str, Any]] = None, generate_kwargs: Optional[Dict[str, Any]] = None,
+                      **kwargs: Any) -> "NBCELLM":
+        """The LLM over ``model_id`` (an HF id, a local path or a ``.gguf`` file; ``None`` = the
+        bundled model), loaded on first use, with the loading arguments of LangChain's
+        ``HuggingFacePipeline.from_model_id`` and LlamaIndex's ``HuggingFaceLLM``: ``device``
+        (``-1``/``"cpu"``, ``0``/``"cuda:0"``, ``"mps"``), ``device_map``, ``model_kwargs`` for
+        transformers' ``from_pretrained`` (the dtype is ``dtype=``), ``generate_kwargs`` with
+        generation options (any :class:`NBCEConfig` field). Other keywords are this class's."""
+        options = dict(kwargs.pop("nbce_options", None) or {})
+        options.update(generation_options(generate_kwargs, "NBCELLM.from_model_id generate_kwargs"))
+        return cls(model=model_id, device=device_name(device), device_map=device_map,
+                   model_kwargs=dict(model_kwargs or {}), nbce_options=options, **kwargs)
 
     @classmethod
     def class_name(cls) -> str:
@@ -230,7 +279,9 @@ class NBCELLM(CustomLLM):
                 from ..decoder import NBCEDecoder
                 from ..pipeline import RAGPipeline
 
-                dec = self.decoder if self.decoder is not None else NBCEDecoder.from_pretrained(self.model, device=self.device)
+                dec = self.decoder if self.decoder is not None else NBCEDecoder.from_pretrained(
+                    self.model, device=self.device, dtype=self.dtype, device_map=self.device_map,
+                    model_kwargs=self.model_kwargs)
                 self._rag = RAGPipeline(dec)
         return self._rag
 

@@ -25,12 +25,15 @@ class NBCEConfig:
             ``(β+1)·pooled − β·uncond``. 0 disables it; larger pushes answers to the passages.
         eta: entropy bonus of the passage chosen at the previous step (stickiness).
         nbce_top_p: per-row nucleus truncation applied before entropy and pooling.
-        pooling: ``"auto"`` (default: ``"replug"``, a mixture weighted by the retrieval scores,
-            when every passage has a score; the reference ``"min_entropy"`` when none has),
+        pooling: ``"auto"`` (default: ``"posterior:product,online"``, a mixture whose weights
+            start at softmax(score/0.1 + log p(question | passage)) and follow each generated
+            token, when every passage has a score, which the decoder's scorer gives unscored
+            passages; the reference ``"min_entropy"`` when none has, i.e. with ``scorer=None``),
             ``"min_entropy"``, ``"mean"``, ``"max"``, ``"replug"``, ``"scored_entropy"`` (ours:
-            min-entropy selection that also weighs the retrieval score), or a
+            min-entropy selection that also weighs the retrieval score), ``"posterior"`` /
+            ``"posterior:<scores|question|product|uniform>[,online|,static]"``, or a
             :class:`~nbce_rag.nbce.Pooling` instance. Chosen by benchmarks/bench_quality.py
-            (SQuAD, HotpotQA, NQ with 5-50 passages; see the README's quality table).
+            (SQuAD, HotpotQA, NQ; see the README's quality tables).
 
     Sampling (applied to the fused distribution):
         do_sample: False = greedy. temperature, top_k (0 = off), top_p (1.0 = off), min_p

@@ -22,6 +22,7 @@ shared forwards); :meth:`NBCEDecoder.finish` ends a state early (e.g. cancelled)
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import logging
@@ -52,6 +53,8 @@ _DECODE_ONLY = frozenset({"beta", "eta", "nbce_top_p", "pooling", "max_new_token
 class _Row:
     ids: List[int]
     source: int  # original passage index, -1 for the no-passage row
+    q_span: Optional[Tuple[int, int]] = None  # token positions of the question (when its likelihood is needed)
+    q_loglik: Optional[float] = None  # log p(question | passage), set by the prefill when q_span is set
 
 
 @dataclass
@@ -104,6 +107,8 @@ class DecodeState:
     sampler: Any = None  #: this request's nbce_rag.sampling.Sampler (processors, warpers, generator)
     stepper: Any = None  #: the static-cache step of forward() (cfg.compile), False when not used
     kv: Any = None  #: passage KV cache plan (nbce_rag.kvcache.PrefillPlan): what each row reuses; None = off
+    begun: bool = False  #: pooling.begin() done (after the prefill: it may use log p(question | passage))
+    weights: List[Optional[torch.Tensor]] = field(default_factory=lambda: [None, None])  #: row weights, first/last token
     _next: int = 0  # rows of ``order`` prefilled so far
     _chunks: List[torch.Tensor] = field(default_factory=list)
 
@@ -129,7 +134,8 @@ class NBCEDecoder:
     >>> ans.text, ans.token_sources, ans.sources
     """
 
-    def __init__(self, model, tokenizer, config: Optional[NBCEConfig] = None, *, kv_cache: Any = "auto"):
+    def __init__(self, model, tokenizer, config: Optional[NBCEConfig] = None, *, kv_cache: Any = "auto",
+                 scorer: Any = "auto"):
         from .kvcache import resolve_cache
         from .models import prepare_tokenizer
 
@@ -137,6 +143,10 @@ class NBCEDecoder:
         self.tokenizer = tokenizer
         prepare_tokenizer(tokenizer)
         self.config = (config or NBCEConfig()).validate()
+        #: scores passages given without one (see nbce_rag.scoring.resolve_scorer): "auto" = the
+        #: bundled encoder's cosine, loaded on first need; None = leave them unscored (the
+        #: behaviour before scorers); an encoder/index; or a callable (question, texts) -> scores
+        self.scorer = scorer
         self._eos_ids = self._find_eos_ids()
         params = inspect.signature(model.forward).parameters
         # transformers >= 5.2x renamed past_key_values -> cache
@@ -157,17 +167,22 @@ class NBCEDecoder:
         device_map=None,
         config: Optional[NBCEConfig] = None,
         kv_cache: Any = "auto",
+        model_kwargs: Optional[dict] = None,
         **options: Any,
     ) -> "NBCEDecoder":
         """Load a model (``None``: the bundled default; an HF id, a local path or a ``.gguf``
         file) and wrap it. ``options`` are :class:`NBCEConfig` fields (e.g. ``beta=0.5``).
         ``kv_cache``: the passage KV cache ("auto": shared, in RAM; a directory: with a disk
-        store; a :class:`~nbce_rag.kvcache.PassageKVCache`; None: off)."""
+        store; a :class:`~nbce_rag.kvcache.PassageKVCache`; None: off). ``model_kwargs`` go to
+        transformers' ``from_pretrained`` (e.g. ``revision``, ``attn_implementation``,
+        ``trust_remote_code``)."""
         from .models import load_model
 
-        lm, tok = load_model(model, device=device, dtype=dtype, gguf_file=gguf_file, device_map=device_map)
+        scorer = options.pop("scorer", "auto")
+        lm, tok = load_model(model, device=device, dtype=dtype, gguf_file=gguf_file, device_map=device_map,
+                             **dict(model_kwargs or {}))
         cfg = (config or NBCEConfig()).update(**options) if options else config
-        return cls(lm, tok, cfg, kv_cache=kv_cache)
+        return cls(lm, tok, cfg, kv_cache=kv_cache, scorer=scorer)
 
     @property
     def device(self) -> torch.device:
@@ -254,7 +269,12 @@ class NBCEDecoder:
             logger.info("dropped %d empty passage(s)", dropped)
         return kept
 
-    def _prepare(self, question: str, kept: List[Tuple[int, Passage]], cfg: NBCEConfig) -> _Prepared:
+    def _prepare(self, question: str, kept: List[Tuple[int, Passage]], cfg: NBCEConfig,
+                 question_spans: Optional[bool] = None) -> _Prepared:
+        """The rows. ``question_spans``: locate the question's tokens in every row (for
+        ``log p(question | passage)``); ``None`` = when ``cfg.pooling`` needs it."""
+        if question_spans is None:
+            question_spans = get_pooling(cfg.pooling).needs_question_loglik(all(p.score is not None for _, p in kept))
         window = self.context_window
         base = self._encode_prompt(self.build_prompt(question, None, config=cfg), cfg)
         room = window - len(base) - cfg.max_new_tokens
@@ -263,7 +283,7 @@ class NBCEDecoder:
                 f"the question prompt is {len(base)} tokens and max_new_tokens is {cfg.max_new_tokens}; "
                 f"together they exceed the model's window of {window} tokens. Shorten the question or lower max_new_tokens."
             )
-        rows = [_Row(base, NO_PASSAGE)]
+        rows = [_Row(base, NO_PASSAGE, self._question_span(question, None, base, cfg) if question_spans else None)]
         scores: List[Optional[float]] = []
         for idx, psg in kept:
             for text in self._windows(psg.text, room, cfg, idx):
@@ -272,12 +292,38 @@ class NBCEDecoder:
                     over = len(ids) + cfg.max_new_tokens - window
                     text = self._trim_tokens(text, over)
                     ids = self._encode_prompt(self.build_prompt(question, text, config=cfg), cfg)
-                rows.append(_Row(ids, idx))
+                rows.append(_Row(ids, idx, self._question_span(question, text, ids, cfg) if question_spans else None))
                 scores.append(psg.score)
         row_scores = None
         if scores and all(s is not None for s in scores):
             row_scores = torch.tensor(scores, dtype=torch.float32)
         return _Prepared(rows, kept, row_scores)
+
+    def _question_span(self, question: str, passage: Optional[str], ids: List[int], cfg: NBCEConfig) -> Optional[Tuple[int, int]]:
+        """Token positions ``[start, end)`` of the question in a row's ``ids`` (None if unknown)."""
+        from .scoring import question_span
+
+        prompt = self.build_prompt(question, passage, config=cfg)
+        full = cfg.prompt_template.format(passage=passage or "", question=question)
+        before = cfg.prompt_template.split("{question}", 1)[0].format(passage=passage or "")
+        content = full.strip()
+        at = prompt.find(content)
+        if at < 0:
+            return None
+        start = at + len(before) - (len(full) - len(full.lstrip()))
+        chat = bool(cfg.use_chat_template and getattr(self.tokenizer, "chat_template", None))
+        span = question_span(self.tokenizer, prompt, ids, start, start + len(question), not chat)
+        if span is None:
+            logger.debug("question tokens not found in a row: no question likelihood for it")
+        return span
+
+    def _score_passages(self, question: str, kept: List[Tuple[int, Passage]]) -> List[Tuple[int, Passage]]:
+        """Fill in the scores of passages given without one (``self.scorer``)."""
+        if self.scorer is None or all(p.score is not None for _, p in kept):
+            return kept
+        from .scoring import resolve_scorer, score_missing
+
+        return score_missing(resolve_scorer(self.scorer), question, kept)
 
     def _windows(self, text: str, room: int, cfg: NBCEConfig, idx: int) -> List[str]:
         """Split a passage into overlapping windows that fit the row budget (a row each).
@@ -332,7 +378,9 @@ class NBCEDecoder:
         for start in range(0, len(order), cfg.batch_rows):
             members = order[start : start + cfg.batch_rows]
             if kv is not None:  # passage KV cache: only each row's uncached tail is computed
-                lg, group = kv.prefill(members)
+                with self._last_hidden(any(rows[r].q_span for r in members)) as hidden:
+                    lg, group = kv.prefill(members)  # the tail always holds the question + the position before it
+                self._question_logliks([rows[r] for r in members], hidden)
                 groups.append(group)
                 chunks.append(lg)
                 continue
@@ -345,11 +393,49 @@ class NBCEDecoder:
                 mask[j, width - len(seq) :] = 1
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
             ids, mask, pos = ids.to(dev), mask.to(dev), pos.to(dev)
-            lg, cache = self._forward(ids, mask, pos, DynamicCache())
+            with self._last_hidden(any(rows[r].q_span for r in members)) as hidden:
+                lg, cache = self._forward(ids, mask, pos, DynamicCache())
+            self._question_logliks([rows[r] for r in members], hidden)
             groups.append(_Group(members, cache, mask, pos[:, -1:]))
             chunks.append(lg)
         logits = torch.cat(chunks, dim=0)
         return _merge_for_decode(groups, cfg.decode_rows), logits
+
+    @contextlib.contextmanager
+    def _last_hidden(self, wanted: bool):
+        """Capture the decoder stack's final hidden states ``[rows, L, H]`` of the forward run
+        inside (already computed by it: no extra forward, no extra full-sequence tensor)."""
+        box: List[torch.Tensor] = []
+        if not wanted:
+            yield box
+            return
+
+        def hook(_mod, _args, out):
+            box[:] = [out[0] if isinstance(out, tuple) else out.last_hidden_state]
+
+        handle = self.model.get_decoder().register_forward_hook(hook)
+        try:
+            yield box
+        finally:
+            handle.remove()
+
+    def _question_logliks(self, rows: List[_Row], hidden: List[torch.Tensor]) -> None:
+        """Set ``row.q_loglik = log p(question | passage)`` from the prefill's final hidden states
+        (left-padded batch): the LM head runs on each row's question positions only."""
+        if not hidden:
+            return
+        from .scoring import question_loglik
+
+        head = self.model.get_output_embeddings()
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        for j, row in enumerate(rows):
+            if row.q_span is None:
+                continue
+            m = len(row.ids) - row.q_span[0] + 1  # from the position before the first question token
+            tail = head(hidden[0][j, -m:]).float()
+            if cap:
+                tail = torch.tanh(tail / cap) * cap
+            row.q_loglik = question_loglik(tail, row.ids, row.q_span)
 
     def _decode_step(self, groups: List[_Group], token: int) -> torch.Tensor:
         chunks = []
@@ -375,7 +461,7 @@ class NBCEDecoder:
         passage index). The last event carries ``finish_reason`` and the full :class:`Answer`.
         ``options`` override :class:`NBCEConfig` fields for this call."""
         question = self._check_question(question)
-        kept = self._check_passages(passages)
+        kept = self._score_passages(question, self._check_passages(passages))
         cfg = self.config.update(**options) if options else self.config
         prep = self._prepare(question, kept, cfg)
         return self._run(prep, cfg)
@@ -388,7 +474,7 @@ class NBCEDecoder:
         token, or hand it to :class:`nbce_rag.scheduler.StepScheduler` to decode it together
         with other requests. ``stream()`` is exactly this loop."""
         question = self._check_question(question)
-        kept = self._check_passages(passages)
+        kept = self._score_passages(question, self._check_passages(passages))
         cfg = self.config.update(**options) if options else self.config
         return self._new_state(self._prepare(question, kept, cfg), cfg)
 
@@ -504,7 +590,7 @@ class NBCEDecoder:
         Variants may only change options that act after the prefill: beta, eta, nbce_top_p,
         pooling, max_new_tokens, do_sample, temperature, top_k, top_p, seed, stop."""
         question = self._check_question(question)
-        kept = self._check_passages(passages)
+        kept = self._score_passages(question, self._check_passages(passages))
         for v in variants:
             bad = sorted(set(v) - _DECODE_ONLY)
             if bad:
@@ -512,7 +598,9 @@ class NBCEDecoder:
         base = self.config.update(**options) if options else self.config
         cfgs = [base.update(**v) for v in variants]
         longest = max(c.max_new_tokens for c in cfgs) if cfgs else base.max_new_tokens
-        prep = self._prepare(question, kept, base.update(max_new_tokens=longest))
+        has_scores = all(p.score is not None for _, p in kept)
+        spans = any(get_pooling(c.pooling).needs_question_loglik(has_scores) for c in cfgs)
+        prep = self._prepare(question, kept, base.update(max_new_tokens=longest), question_spans=spans)
         groups, logits, inverse = self._prefill_rows(prep, base)
         answers = []
         for cfg in cfgs:
@@ -559,11 +647,18 @@ class NBCEDecoder:
             token = state.sampler(fused, state.tokens)
             src = NO_PASSAGE
         else:
+            if not state.begun and hasattr(state.pooling, "begin"):  # the per-answer pooling, given
+                qll = [r.q_loglik for r in prep.rows[1:]]  # scores and log p(question | passage)
+                state.pooling = state.pooling.begin(state.scores, None if None in qll else torch.tensor(qll))
+            state.begun = True
             st = nbce_step(logits, beta=cfg.beta, eta=cfg.eta, top_p=cfg.nbce_top_p, pooling=state.pooling,
                            scores=state.scores, prev=state.prev)
             token = state.sampler(st.logits, state.tokens)
             state.prev = attribute(st, token)
             src = prep.rows[state.prev + 1].source
+            updated = state.pooling.observe(st, token) if hasattr(state.pooling, "observe") else None
+            state.weights = [st.weights if state.weights[0] is None else state.weights[0],
+                             updated if updated is not None else st.weights]
         if token in self._eos_ids:
             finish = "stop"
         else:
@@ -604,21 +699,28 @@ class NBCEDecoder:
             cut = _find_stop(final, state.cfg.stop, 0)
             final = final[:cut] if cut is not None else final
         answer = self._answer(final, tokens, state.sources, state.prep, reason,
-                              n_steps=len(tokens) + (reason == "stop"))
+                              n_steps=len(tokens) + (reason == "stop"), weights=state.weights)
         if state.finalize is not None:
             state.finalize(answer)
         state.done, state.answer, state.token, state.logits = True, answer, None, None
         state.groups = []  # the KV caches go now, not when the state is collected
         return StreamEvent(final[state.emitted:], None, None, reason, answer)
 
-    def _answer(self, text: str, tokens: List[int], sources: List[int], prep: _Prepared, finish: str, n_steps: int) -> Answer:
+    def _answer(self, text: str, tokens: List[int], sources: List[int], prep: _Prepared, finish: str, n_steps: int,
+                weights=(None, None)) -> Answer:
         total = len(tokens)
         infos = []
+        row_src = [r.source for r in prep.rows[1:]]
+
+        def weight_of(w: Optional[torch.Tensor], idx: int) -> Optional[float]:  # summed over the passage's windows
+            return None if w is None else float(sum(float(w[j]) for j, s in enumerate(row_src) if s == idx))
+
         for idx, p in prep.passages:
             cnt = sum(1 for s in sources if s == idx)
             infos.append(
                 SourceInfo(index=idx, text=p.text, score=p.score, n_tokens=cnt,
-                           share=(cnt / total) if total else 0.0, id=p.id, metadata=dict(p.metadata))
+                           share=(cnt / total) if total else 0.0, id=p.id, metadata=dict(p.metadata),
+                           weight_initial=weight_of(weights[0], idx), weight_final=weight_of(weights[1], idx))
             )
         return Answer(
             text=text,

@@ -22,6 +22,7 @@ that attribution uses.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Dict, Optional, Type
 
@@ -144,9 +145,29 @@ def _mixture(logp: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 
 
 class Pooling:
-    """Base class: ``pool(logp [n,V], ent [n], scores [n] | None, prev, eta) -> Pooled``."""
+    """Base class: ``pool(logp [n,V], ent [n], scores [n] | None, prev, eta) -> Pooled``.
+
+    A pooling with state across the tokens of one answer (``posterior``) overrides
+    :meth:`begin` (called once per answer, after the prefill; returns the per-answer pooling)
+    and :meth:`observe` (called after each sampled token). Stateless poolings keep the
+    defaults, so the same instance can serve concurrent answers."""
 
     name = "base"
+
+    def needs_question_loglik(self, has_scores: bool) -> bool:
+        """Whether :meth:`begin` uses ``log p(question | passage)`` (the decoder computes it in
+        the prefill only then)."""
+        return False
+
+    def begin(self, scores: Optional[torch.Tensor] = None, question_loglik: Optional[torch.Tensor] = None) -> "Pooling":
+        """The pooling for one answer, given the rows' retrieval scores ``[n]`` and question
+        log-likelihoods ``[n]`` (either may be ``None``)."""
+        return self
+
+    def observe(self, step: "Step", token: int) -> Optional[torch.Tensor]:
+        """Called with each step and the token sampled from it; returns the updated row weights
+        when the pooling keeps some (else ``None``)."""
+        return None
 
     def __call__(
         self,
@@ -243,19 +264,122 @@ class ScoredEntropyPooling(Pooling):
         return Pooled(logp[k], _one_hot(logp.shape[0], k, logp))
 
 
+class PosteriorPooling(Pooling):
+    """A mixture whose weights are a posterior over the passages (ours; RAG-Sequence computed
+    online, with REPLUG's and UPR's priors)::
+
+        prior     π_k ∝ exp( s_k / τ  ·[prior uses scores]  +  ℓ_k / τ_q ·[prior uses question] )
+        step t    p(T) = Σ_k w_k · p_k(T),        w_k = π_k at t = 0
+        update    w_k ← w_k · p_k(y_t) / Σ_j w_j · p_j(y_t)       (after each token y_t; optional)
+
+    ``s_k`` is the retrieval score (canonical cosine), ``ℓ_k = log p(question | passage_k)``
+    from the prefill, ``p_k`` the row's truncated (top-p) next-token probabilities; a token
+    outside row k's nucleus counts as ``p_k = e^-100``. ``prior``: ``"scores"`` (static it is
+    exactly ``replug``), ``"question"`` (UPR's zero-shot posterior), ``"product"`` (both),
+    ``"uniform"``. A missing signal (no scores, no question likelihood) counts as uniform. The
+    update makes the weights the sequence posterior ``p(passage | question, answer so far)``:
+    a principled form of η's stickiness (η is not used). Permuting the passages permutes the
+    weights and changes no token.
+
+    Spec strings for ``pooling=``: ``"posterior"`` (the defaults below) or
+    ``"posterior:<prior>[,online|,static]"``, e.g. ``"posterior:question,static"``."""
+
+    name = "posterior"
+    PRIORS = ("scores", "question", "product", "uniform")
+
+    def __init__(self, prior: str = "product", update: bool = True, temperature: float = 0.1,
+                 question_temperature: float = 1.0):
+        if prior not in self.PRIORS:
+            raise ValueError(f"posterior prior must be one of {self.PRIORS} (got {prior!r})")
+        if temperature <= 0 or question_temperature <= 0:
+            raise ValueError("posterior temperatures must be > 0")
+        self.prior = prior
+        self.update = bool(update)
+        self.temperature = float(temperature)
+        self.question_temperature = float(question_temperature)
+        self._logw: Optional[torch.Tensor] = None
+
+    @classmethod
+    def from_spec(cls, arg: str) -> "PosteriorPooling":
+        kw: dict = {}
+        for part in filter(None, (x.strip() for x in arg.split(","))):
+            if part in cls.PRIORS:
+                kw["prior"] = part
+            elif part in ("online", "static"):
+                kw["update"] = part == "online"
+            else:
+                raise ValueError(f"unknown posterior option {part!r}: use one of {cls.PRIORS} and online/static")
+        return cls(**kw)
+
+    @property
+    def spec(self) -> str:
+        return f"posterior:{self.prior},{'online' if self.update else 'static'}"
+
+    def needs_question_loglik(self, has_scores: bool) -> bool:
+        return self.prior in ("question", "product")
+
+    def prior_logw(self, n: int, scores: Optional[torch.Tensor], question_loglik: Optional[torch.Tensor],
+                   device=None) -> torch.Tensor:
+        """``log π`` ``[n]`` (see the class docstring)."""
+        z = torch.zeros(n, dtype=torch.float32, device=device)
+        if self.prior in ("scores", "product") and scores is not None:
+            z = z + scores.float().to(z.device) / self.temperature
+        if self.prior in ("question", "product") and question_loglik is not None:
+            z = z + question_loglik.float().to(z.device) / self.question_temperature
+        return torch.log_softmax(z, dim=0)
+
+    def begin(self, scores=None, question_loglik=None) -> "PosteriorPooling":
+        n = len(scores) if scores is not None else (len(question_loglik) if question_loglik is not None else 0)
+        new = copy.copy(self)
+        new._logw = self.prior_logw(n, scores, question_loglik) if n else None
+        return new
+
+    def __call__(self, logp, ent, scores, prev, eta):
+        n = logp.shape[0]
+        if self._logw is None or self._logw.shape[0] != n:
+            # not begun (called as a plain function): the prior from the scores, kept nowhere
+            w = self.prior_logw(n, scores, None, device=logp.device).exp()
+        else:
+            self._logw = self._logw.to(logp.device)
+            w = self._logw.exp()
+        return Pooled(_mixture(logp, w), w)
+
+    def observe(self, step, token):
+        if not self.update or self._logw is None:
+            return None
+        lik = step.row_logp[:, token].float().clamp(min=NEG_FLOOR).to(self._logw.device)
+        logw = self._logw + lik
+        self._logw = logw - torch.logsumexp(logw, dim=0)
+        return self._logw.exp()
+
+
 class AutoPooling(Pooling):
-    """The default: ``replug`` when every passage carries a retrieval score, the reference
-    ``min_entropy`` otherwise. Chosen by ``benchmarks/bench_quality.py`` (SQuAD, HotpotQA, NQ;
-    5 to 50 passages; 16-24 questions per cell on the bundled model): with scores, ``replug``
-    was the best pooling (or tied) in 11 of 12 cells with distractors and drew 69-100% of its
-    answer tokens from gold passages; without scores it would mix the rows uniformly (close to
-    ``mean``, the worst pooling there), hence ``min_entropy``."""
+    """The default: ``posterior:product,online`` when every passage carries a score (retrieval
+    score, or the decoder's scorer's cosine: with ``NBCEDecoder(scorer="auto")`` that is every
+    passage), the reference ``min_entropy`` otherwise (``scorer=None`` and plain strings: the
+    behaviour before scorers, token for token).
+
+    Why (``benchmarks/bench_quality.py --methods relevance-cpu``; SQuAD, HotpotQA, NQ at n = 5
+    and 10; bundled SmolLM2-135M, greedy, 16 new tokens; a small CPU run of 4-6 questions per
+    cell, 31 in all, see the README's "Unscored passages" table): ``posterior:product,online``
+    answered the same 4 of 31 as ``replug`` (no paired win or loss), with SQuAD F1 12.3 vs 10.5
+    and 100% vs 91% of its answer tokens from gold passages; ``min_entropy`` answered 0 of 31
+    and drew 45%. A provisional choice on few questions. The earlier run
+    (16-24 questions per cell, n up to 50) had ``replug`` best of the older poolings with scores
+    in 11 of 12 cells; the posterior with a scores-only static prior *is* ``replug``."""
 
     name = "auto"
 
     def __init__(self):
-        self.with_scores = ReplugPooling()
-        self.without_scores = MinEntropyPooling()
+        self.with_scores: Pooling = PosteriorPooling(prior="product", update=True)
+        self.without_scores: Pooling = MinEntropyPooling()
+
+    def needs_question_loglik(self, has_scores: bool) -> bool:
+        return (self.with_scores if has_scores else self.without_scores).needs_question_loglik(has_scores)
+
+    def begin(self, scores=None, question_loglik=None) -> Pooling:
+        pool = self.without_scores if scores is None else self.with_scores
+        return pool.begin(scores, question_loglik)
 
     def __call__(self, logp, ent, scores, prev, eta):
         pool = self.without_scores if scores is None else self.with_scores
@@ -264,18 +388,22 @@ class AutoPooling(Pooling):
 
 POOLINGS: Dict[str, Type[Pooling]] = {
     cls.name: cls
-    for cls in (AutoPooling, MinEntropyPooling, MeanPooling, MaxPooling, ReplugPooling, ScoredEntropyPooling)
+    for cls in (AutoPooling, MinEntropyPooling, MeanPooling, MaxPooling, ReplugPooling, ScoredEntropyPooling,
+                PosteriorPooling)
 }
 
 
 def get_pooling(pooling) -> Pooling:
     """A :class:`Pooling` from a name (``auto``, ``min_entropy``, ``mean``, ``max``, ``replug``,
-    ``scored_entropy``) or an instance (returned as is)."""
+    ``scored_entropy``, ``posterior`` or ``posterior:<prior>[,online|,static]``) or an instance
+    (returned as is)."""
     if isinstance(pooling, Pooling):
         return pooling
+    if isinstance(pooling, str) and pooling.startswith("posterior:"):
+        return PosteriorPooling.from_spec(pooling.split(":", 1)[1])
     try:
         return POOLINGS[pooling]()
-    except KeyError:
+    except (KeyError, TypeError):
         raise ValueError(f"unknown pooling {pooling!r}; choose one of {sorted(POOLINGS)} or pass a Pooling") from None
 
 

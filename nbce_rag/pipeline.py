@@ -43,6 +43,10 @@ class RAGPipeline:
         self.k = check_k(k)
         if threshold is not None and index is not None:
             threshold.check_encoder(index)
+        if index is not None and getattr(decoder, "scorer", None) == "auto":
+            # unscored passages (e.g. ask(passages=...)) get the index's canonical cosine, the
+            # scale its retrieval scores and thresholds use, instead of the bundled encoder's
+            decoder.scorer = index
         #: which calibration filters (labelled / synthetic / prior / none), set on every Answer
         self.calibration = calibration or _describe(threshold)
 
@@ -112,7 +116,7 @@ class RAGPipeline:
             dec = NBCEDecoder.from_pretrained(model, device=device, dtype=dtype, **decoder_options)
         elif decoder_options:  # a view with its own options; the caller's decoder is left as it was
             dec = NBCEDecoder(decoder.model, decoder.tokenizer, decoder.config.update(**decoder_options),
-                              kv_cache=decoder.kv_cache)
+                              kv_cache=decoder.kv_cache, scorer=decoder.scorer)
         else:
             dec = decoder
         return cls(dec, idx, th, k=k, calibration=calibration)

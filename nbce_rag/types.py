@@ -203,11 +203,16 @@ class SourceInfo:
 
     index: int  #: position in the ``passages`` list given to the decoder
     text: str
-    score: Optional[float] = None  #: retrieval score, when the passage carried one
+    score: Optional[float] = None  #: retrieval score, or the decoder's scorer's (``metadata["score_from"]``)
     n_tokens: int = 0  #: generated tokens drawn from this passage
     share: float = 0.0  #: n_tokens / all generated tokens
     id: Optional[str] = None
     metadata: Dict[str, Any] = field(default_factory=dict)
+    #: the pooling's weight of this passage (summed over its windows) at the first generated
+    #: token, and at the last (for ``posterior`` with the online update: the posterior after the
+    #: answer); selection poolings give 0/1. None without passages.
+    weight_initial: Optional[float] = None
+    weight_final: Optional[float] = None
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -262,8 +267,8 @@ class Answer:
 
     def metadata(self) -> Dict[str, Any]:
         """What the answer says about its grounding, as plain JSON-able data: ``supported``,
-        ``sources`` (score, tokens, share per passage), ``dropped`` (the filter's decisions),
-        ``token_sources`` and ``calibration`` (which calibration filtered)."""
+        ``sources`` (score, tokens, share, initial and final pooling weight per passage), ``dropped``
+        (the filter's decisions), ``token_sources`` and ``calibration`` (which calibration filtered)."""
         return {
             "supported": self.supported,
             "sources": [s.to_dict() for s in self.sources],

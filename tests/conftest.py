@@ -80,14 +80,16 @@ def tiny_chat_tokenizer():
 def tiny_decoder(tiny_tokenizer):
     from nbce_rag import NBCEDecoder
 
-    return NBCEDecoder(make_tiny_llama(len(tiny_tokenizer)), tiny_tokenizer)
+    # scorer=None: the unit tests check the decoding mechanics on unscored passages (as before
+    # scorers); tests/test_scoring.py sets scorers explicitly
+    return NBCEDecoder(make_tiny_llama(len(tiny_tokenizer)), tiny_tokenizer, scorer=None)
 
 
 @pytest.fixture(scope="session")
 def tiny_chat_decoder(tiny_chat_tokenizer):
     from nbce_rag import NBCEDecoder
 
-    return NBCEDecoder(make_tiny_llama(len(tiny_chat_tokenizer), seed=1), tiny_chat_tokenizer)
+    return NBCEDecoder(make_tiny_llama(len(tiny_chat_tokenizer), seed=1), tiny_chat_tokenizer, scorer=None)
 
 
 @pytest.fixture(scope="session")

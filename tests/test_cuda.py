@@ -25,7 +25,7 @@ Q = "When was it completed?"
 
 @pytest.fixture(scope="module")
 def cuda_decoder(tiny_decoder):
-    return NBCEDecoder(copy.deepcopy(tiny_decoder.model).to("cuda"), tiny_decoder.tokenizer)
+    return NBCEDecoder(copy.deepcopy(tiny_decoder.model).to("cuda"), tiny_decoder.tokenizer, scorer=None)
 
 
 def test_auto_device_and_dtype_on_cuda():
@@ -60,7 +60,7 @@ def test_cuda_stream_equals_generate(cuda_decoder):
 
 
 def test_bf16_runs_end_to_end(tiny_decoder):
-    dec = NBCEDecoder(copy.deepcopy(tiny_decoder.model).to("cuda", torch.bfloat16), tiny_decoder.tokenizer)
+    dec = NBCEDecoder(copy.deepcopy(tiny_decoder.model).to("cuda", torch.bfloat16), tiny_decoder.tokenizer, scorer=None)
     ans = dec.generate(Q, PASSAGES, max_new_tokens=12)
     assert len(ans.token_ids) == len(ans.token_sources) > 0
     assert set(ans.token_sources) <= {-1, 0, 1, 2, 3}

@@ -258,7 +258,10 @@ EIFFEL_PS = [
 
 
 def assert_equals_reference(dec, question, passages, max_new_tokens):
-    """generate() gives the reference's tokens and sources exactly; returns the answer."""
+    """generate() gives the reference's tokens and sources exactly; returns the answer. The
+    reference decodes unscored passages, so the decoder is compared with its scorer off (the
+    scorer's own path is tested in test_scoring.py)."""
+    dec = NBCEDecoder(dec.model, dec.tokenizer, dec.config, kv_cache=dec.kv_cache, scorer=None)
     ans = dec.generate(question, passages, max_new_tokens=max_new_tokens)
     ref_ids, ref_src = reference_generate(dec, question, passages, max_new_tokens)
     assert ans.token_ids == ref_ids

@@ -438,7 +438,7 @@ def test_cli_train_on_qrels(tiny_dir, tmp_path, capsys):
                "--epochs", "1", "--no-group-batches", "--lr", "1e-4", "--no-progress"])
     cfg = json.loads((out / "training_report.json").read_text())["config"]
     assert rc == 0 and (cfg["learning_rate"], cfg["group_batches"]) == (1e-4, False)
-    assert main(["train", "--out", str(out)]) == 1  # neither --train nor --qrels
+    assert main(["train", "--out", str(out)]) == 2  # neither --train nor --qrels: bad input
     assert "error" in capsys.readouterr().err
 
 

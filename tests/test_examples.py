@@ -28,6 +28,12 @@ def _run(name: str, *args: str) -> tuple:
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     # on a shared, busy machine one intra-op thread is several times faster than spinning two
     env.setdefault("OMP_NUM_THREADS", "1")
+    # the child imports the nbce_rag this test imported, whether it is installed (venv, CI) or
+    # found from the working directory of a plain `python -m pytest`
+    import nbce_rag
+
+    here = str(Path(nbce_rag.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH", "")) if p)
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, str(EXAMPLES / name), *args], capture_output=True, text=True,
                           timeout=300, env=env, cwd=str(EXAMPLES.parent))

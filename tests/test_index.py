@@ -512,7 +512,7 @@ def test_cli_index_then_search(enc_dir, tmp_path, capsys):
     text = capsys.readouterr().out
     assert text.count("\n") == 6 and "pets.txt#0" in text and "chars 0-" in text
 
-    assert main(["search", "--index", str(out), " "]) == 1
+    assert main(["search", "--index", str(out), " "]) == 2  # bad input: exit 2
     assert "empty" in capsys.readouterr().err
 
     (d / "more.txt").write_text("Volcanoes erupt.")
@@ -523,9 +523,9 @@ def test_cli_index_then_search(enc_dir, tmp_path, capsys):
 
     empty = tmp_path / "nothing"
     empty.mkdir()
-    assert main(["index", str(empty), "--out", str(tmp_path / "x"), "--encoder", str(enc_dir)]) == 1
+    assert main(["index", str(empty), "--out", str(tmp_path / "x"), "--encoder", str(enc_dir)]) == 2
     assert "no documents" in capsys.readouterr().err
-    assert main(["search", "--index", str(tmp_path / "nope"), "q"]) == 1
+    assert main(["search", "--index", str(tmp_path / "nope"), "q"]) == 2
     assert "no index" in capsys.readouterr().err
 
 

@@ -292,6 +292,71 @@ def test_chat_lazy_model_name_and_ls_params(dec):
     assert ChatNBCE(decoder=dec, max_new_tokens=4).max_tokens == 4  # alias
 
 
+# ------------------------------------------------------------------------------------ constructors
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tiny_chat_tokenizer):
+    from conftest import make_tiny_llama
+
+    d = tmp_path_factory.mktemp("lc_model")
+    make_tiny_llama(len(tiny_chat_tokenizer), seed=1).save_pretrained(d)
+    tiny_chat_tokenizer.save_pretrained(d)
+    return d
+
+
+def test_from_model_id_like_langchain_huggingface(model_dir):
+    """from_model_id(model_id, task, device=, device_map=, model_kwargs=, pipeline_kwargs=) as
+    HuggingFacePipeline takes them; dtype and model_kwargs reach the loaded model."""
+    import torch
+
+    chat = ChatNBCE.from_model_id(str(model_dir), task="text-generation", device=-1, dtype="bfloat16",
+                                  model_kwargs={"attn_implementation": "eager"}, pipeline_kwargs={"max_new_tokens": 3})
+    assert chat.nbce_options == {"max_new_tokens": 3} and chat.device == "cpu"
+    dec = chat._get_pipeline().decoder
+    assert dec.model.dtype == torch.bfloat16 and dec.model.config._attn_implementation == "eager"
+    assert dec.device.type == "cpu"
+    assert 1 <= chat.invoke("Who built the tower?").usage_metadata["output_tokens"] <= 3
+    llm = NBCELLM.from_model_id(str(model_dir), device="cpu", model_kwargs={"attn_implementation": "sdpa"},
+                                max_tokens=2)
+    assert llm._get_pipeline().decoder.model.config._attn_implementation == "sdpa"
+    assert isinstance(llm.invoke("Who?"), str)
+    assert ChatNBCE.from_model_id(None, device=1).device == "cuda:1"  # nothing loads until used
+
+
+@pytest.mark.parametrize("cls", [ChatNBCE, NBCELLM])
+@pytest.mark.parametrize("kwargs, says", [
+    ({"torch_dtype": "float16"}, "use dtype="),
+    ({"beta": 0.5}, "nbce_options={'beta'"),
+    ({"temprature": 0.5}, "did you mean 'temperature'"),
+    ({"max_length": 10}, "max_tokens="),
+    ({"generate_kwargs": {"top_k": 3}}, "nbce_options="),
+    ({"model_kwargs": {"torch_dtype": "float16"}}, "dtype="),
+    ({"nbce_options": {"num_beams": 4}}, "no NBCE equivalent"),
+])
+def test_unknown_constructor_arguments_are_errors(cls, kwargs, says):
+    with pytest.raises(TypeError, match=says.replace("(", r"\(").replace("{", r"\{").replace("[", r"\[")):
+        cls(**kwargs)
+
+
+def test_from_model_id_rejects_what_nbce_cannot_do():
+    with pytest.raises(TypeError, match="num_beams"):
+        ChatNBCE.from_model_id("m", pipeline_kwargs={"num_beams": 4})
+    with pytest.raises(ValueError, match="text-generation"):
+        ChatNBCE.from_model_id("m", task="summarization")
+    with pytest.raises(TypeError, match="device"):
+        ChatNBCE.from_model_id("m", device=1.5)
+
+
+def test_tools_and_structured_output_say_why(dec):
+    chat = ChatNBCE(decoder=dec)
+    for call in (lambda: chat.bind_tools([]), lambda: chat.with_structured_output(dict),
+                 lambda: NBCELLM(decoder=dec).with_structured_output(dict)):
+        with pytest.raises(NotImplementedError, match="no tool calling or structured output") as e:
+            call()
+        assert "use a tool-calling model" in str(e.value)
+
+
 # ------------------------------------------------------------------------------------ NBCELLM
 
 
@@ -433,32 +498,49 @@ def test_filter_compressor(rag, encoder):
 # ------------------------------------------------------------------------------------ chains
 
 
+def _same_as_answer(out, ref, question):
+    """The chain's output is create_retrieval_chain's (input, context, answer) plus the grounding."""
+    assert set(out) == {"input", "context", "answer", "sources", "supported"}
+    assert out["input"] == question and out["answer"] == ref.text and out["supported"] == ref.supported
+    assert [d.page_content for d in out["context"]] == [s.text for s in ref.sources]
+    keys = ("index", "id", "text", "score", "n_tokens", "share")
+    assert [{k: s[k] for k in keys} for s in out["sources"]] == [{k: getattr(s, k) for k in keys} for s in ref.sources]
+    if ref.sources:
+        assert sum(s["share"] for s in out["sources"]) == pytest.approx(1.0, abs=1e-6)
+
+
 def test_rag_chain_equals_pipeline(rag):
     chain = create_nbce_rag_chain(rag.as_langchain_retriever(), rag.as_langchain_chat_model(max_tokens=N))
+    answer_only = chain.pick("answer")
     for q in (Q, Q_NONE):
-        ref = rag.ask(q, max_new_tokens=N).text
-        assert chain.invoke(q) == ref
-        assert chain.invoke({"input": q}) == ref
+        ref = rag.ask(q, max_new_tokens=N)
+        _same_as_answer(chain.invoke(q), ref, q)
+        _same_as_answer(chain.invoke({"input": q}), ref, q)
+        assert answer_only.invoke(q) == ref.text
         cb = TokenCounter()
-        pieces = list(chain.stream(q, config={"callbacks": [cb]}))
-        assert "".join(pieces) == ref and len(pieces) >= 2
+        pieces = list(answer_only.stream(q, config={"callbacks": [cb]}))
+        assert "".join(pieces) == ref.text and len(pieces) >= 2
         assert cb.events[:2] == ["retriever_start", "chat_model_start"]
-    assert asyncio.run(chain.ainvoke(Q)) == rag.ask(Q, max_new_tokens=N).text
-    assert chain.batch([Q, Q_NONE]) == [rag.ask(q, max_new_tokens=N).text for q in (Q, Q_NONE)]
+        chunks = list(chain.stream(q))  # create_retrieval_chain's order, then the grounding
+        assert list(chunks[0]) == ["input"] and list(chunks[1]) == ["context"]
+        assert all(list(c) == ["answer"] for c in chunks[2:-1]) and set(chunks[-1]) == {"sources", "supported"}
+    _same_as_answer(asyncio.run(chain.ainvoke(Q)), rag.ask(Q, max_new_tokens=N), Q)
+    assert [o["answer"] for o in chain.batch([Q, Q_NONE])] == [rag.ask(q, max_new_tokens=N).text for q in (Q, Q_NONE)]
 
 
 def test_rag_chain_with_llm_and_filter(rag):
     # unfiltered retriever + separate filter + string LLM == pipeline
     chain = create_nbce_rag_chain(CoSENTRetriever(index=rag.index, k=rag.k), NBCELLM.from_pipeline(rag, max_tokens=N),
                                   filter=MarginThresholdFilter.from_pipeline(rag))
-    ref = rag.ask(Q, max_new_tokens=N).text
-    assert chain.invoke(Q) == ref
-    assert "".join(chain.stream(Q)) == ref
+    ref = rag.ask(Q, max_new_tokens=N)
+    _same_as_answer(chain.invoke(Q), ref, Q)  # the string LLM's sources come through too
+    assert "".join(chain.pick("answer").stream(Q)) == ref.text
 
     async def run():
-        return "".join([p async for p in chain.astream(Q)])
+        return "".join([p async for p in chain.pick("answer").astream(Q)])
 
-    assert asyncio.run(run()) == ref
+    assert asyncio.run(run()) == ref.text
+    _same_as_answer(asyncio.run(chain.ainvoke(Q)), ref, Q)
 
 
 def test_rag_chain_astream_events(rag):
@@ -510,7 +592,7 @@ def test_faiss_vectorstore_end_to_end(rag, encoder):
             assert [d.page_content for d in got] == [p.text for p in kept]
             assert [d.metadata["score"] for d in got] == pytest.approx([p.score for p in kept], abs=1e-5)
         chain = create_nbce_rag_chain(ret, rag.as_langchain_chat_model(max_tokens=N))
-        assert chain.invoke(Q) == rag.ask(Q, max_new_tokens=N).text
+        assert chain.invoke(Q)["answer"] == rag.ask(Q, max_new_tokens=N).text
 
 
 # ------------------------------------------------------------------------------------ bundled models
@@ -521,7 +603,7 @@ def test_bundled_chain_equals_pipeline(bundled_decoder, index):
     rag = RAGPipeline(bundled_decoder, index, _threshold(), k=4)
     chain = create_nbce_rag_chain(rag.as_langchain_retriever(), rag.as_langchain_chat_model(max_tokens=24))
     ref = rag.ask(Q, max_new_tokens=24)
-    pieces = list(chain.stream(Q))
+    pieces = list(chain.pick("answer").stream(Q))
     assert "".join(pieces) == ref.text
     assert "eiffel" in ref.text.lower()
     assert ref.supported and all(s.id in ("d0#0", "d1#0") for s in ref.sources)

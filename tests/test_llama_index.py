@@ -57,6 +57,39 @@ def _nodes() -> List[TextNode]:
 # ------------------------------------------------------------------------------------ LLM
 
 
+def test_from_model_id_and_loading_arguments(tmp_path, tiny_chat_tokenizer):
+    """The loading arguments of HuggingFaceLLM / HuggingFacePipeline.from_model_id reach the model."""
+    import torch
+    from conftest import make_tiny_llama
+
+    make_tiny_llama(len(tiny_chat_tokenizer), seed=1).save_pretrained(tmp_path)
+    tiny_chat_tokenizer.save_pretrained(tmp_path)
+    llm = NBCELLM.from_model_id(str(tmp_path), device=-1, dtype="bfloat16", model_kwargs={"attn_implementation": "eager"},
+                                generate_kwargs={"max_new_tokens": 2})
+    assert llm.nbce_options == {"max_new_tokens": 2} and llm.device == "cpu"
+    model = llm.get_pipeline().decoder.model
+    assert model.dtype == torch.bfloat16 and model.config._attn_implementation == "eager"
+    assert isinstance(llm.complete("Who built it?", contexts=["The tower was built by Eiffel."]).text, str)
+    assert NBCELLM(model_name="some/model").model == "some/model"  # HuggingFaceLLM's name for it
+
+
+@pytest.mark.parametrize("kwargs, says", [
+    ({"torch_dtype": "float16"}, "use dtype="),
+    ({"tokenizer_name": "x"}, "holding its tokenizer"),
+    ({"stopping_ids": [2]}, "stop="),
+    ({"beta": 0.5}, "nbce_options"),
+    ({"max_new_token": 5}, "did you mean 'max_new_tokens'"),
+    ({"model_kwargs": {"device_map": "auto"}}, "device_map="),
+    ({"nbce_options": {"num_beams": 2}}, "no NBCE equivalent"),
+])
+def test_unknown_llm_arguments_are_errors(kwargs, says):
+    with pytest.raises(TypeError) as e:
+        NBCELLM(**kwargs)
+    assert says in str(e.value)
+    with pytest.raises(TypeError, match="num_beams"):
+        NBCELLM.from_model_id("m", generate_kwargs={"num_beams": 2})
+
+
 def test_llm_complete_and_stream_equal_decoder(dec):
     llm = NBCELLM(decoder=dec, max_new_tokens=N)
     ref = dec.generate(Q, DOCS[:2], max_new_tokens=N)

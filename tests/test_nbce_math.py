@@ -66,6 +66,11 @@ def np_pool(name, rows, ent, scores, prev, eta):
         with np.errstate(divide="ignore"):
             pooled = np.log((w[:, None] * np.exp(rows)).sum(0))
         return pooled, w
+    if name == "posterior":
+        # at its first step, with no question likelihood given, the posterior's prior is
+        # softmax(score / 0.1) (uniform without scores): replug's mixture (its online update is
+        # checked against NumPy in tests/test_scoring.py)
+        return np_pool("replug", rows, ent, scores, prev, eta)
     raise AssertionError(name)
 
 

@@ -3,6 +3,7 @@ prove the mapping for a wheel install and for an editable install, each in a fre
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import zipfile
@@ -43,16 +44,50 @@ def test_wheel_install_maps_integrations(tmp_path):
     assert Path(pkg) == site / "nbce_rag" / "__init__.py"
 
 
+def _site_dirs() -> list:
+    """The directories the running interpreter imports installed packages from, whether it is
+    a venv (with or without --system-site-packages), a plain interpreter or CI's."""
+    import site
+
+    dirs = list(site.getsitepackages())
+    if site.ENABLE_USER_SITE:
+        dirs.append(site.getusersitepackages())
+    return [d for d in dict.fromkeys(dirs) if Path(d).is_dir()]
+
+
+def _clean_env() -> dict:
+    """This environment without PYTHONPATH, so a child imports only what its own site gives it."""
+    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONNOUSERSITE")}
+
+
 @pytest.mark.slow
 def test_editable_install_maps_integrations(tmp_path):
+    # A fresh venv without pip of its own. `--system-site-packages` would give it the *base*
+    # interpreter's packages: run from inside a venv, that is not the active environment (an
+    # old setuptools there fails with "invalid command 'bdist_wheel'"). So the new venv gets the
+    # running interpreter's own site directories through a .pth file instead: pip, setuptools
+    # and wheel are exactly those of the environment running this test, wherever it runs.
     venv = tmp_path / "venv"
-    # no pip of its own: the venv uses this interpreter's pip and setuptools (system site)
-    _run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)])
+    _run([sys.executable, "-m", "venv", "--without-pip", str(venv)])
     py = str(venv / "bin" / "python")
-    _run([py, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-q", "-e", str(REPO)])
-    integ, pkg = _where(py, cwd=tmp_path)
-    assert Path(integ) == REPO / "integrations" / "__init__.py"
-    assert Path(pkg) == REPO / "nbce_rag" / "__init__.py"
+    venv_site = Path(_run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).strip())
+    parent = venv_site / "_nbce_test_parent_env.pth"
+    parent.write_text("\n".join(_site_dirs()) + "\n", encoding="utf-8")
+    import setuptools
+
+    seen = _run([py, "-c", "import setuptools; print(setuptools.__file__)"], env=_clean_env()).strip()
+    assert Path(seen) == Path(setuptools.__file__), "the test venv must build with this environment's setuptools"
+    _run([py, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-q", "-e", str(REPO)], cwd=tmp_path,
+         env=_clean_env())
+    # the console script is installed and points at the CLI
+    script = (venv / "bin" / "nbce-rag").read_text(encoding="utf-8")
+    assert "nbce_rag.cli" in script and "main" in script
+    # import with the venv's own site only: the editable finder must map both packages
+    parent.unlink()
+    integ, pkg = _where(py, cwd=tmp_path, env=_clean_env())
+    # resolved: a development checkout may also link nbce_rag/integrations -> ../integrations
+    assert Path(integ).resolve() == (REPO / "integrations" / "__init__.py").resolve()
+    assert Path(pkg).resolve() == (REPO / "nbce_rag" / "__init__.py").resolve()
 
 
 def test_core_never_imports_an_integration():
@@ -72,7 +107,8 @@ def test_cli_help_on_every_subcommand():
     assert "generate" in sub.choices
     for name, p in sub.choices.items():
         assert p.format_help().startswith("usage: nbce-rag " + name)
-    out = _run(["nbce-rag", "generate", "--help"])
+    # through the interpreter running the tests, not a `nbce-rag` that may or may not be on PATH
+    out = _run([sys.executable, "-m", "nbce_rag.cli", "generate", "--help"], cwd=REPO)
     assert "--passage" in out and "--question" in out
 
 

@@ -70,9 +70,9 @@ def test_langchain_pgvector_end_to_end(pg, rag, encoder):
     chain = create_nbce_rag_chain(ret, rag.as_langchain_chat_model(max_tokens=N))
     for q in (Q, Q_NONE):
         ref = rag.ask(q, max_new_tokens=N).text
-        assert chain.invoke(q) == ref
-        assert "".join(chain.stream(q)) == ref
-        assert asyncio.run(chain.ainvoke(q)) == ref
+        assert chain.invoke(q)["answer"] == ref
+        assert "".join(chain.pick("answer").stream(q)) == ref
+        assert asyncio.run(chain.ainvoke(q))["answer"] == ref
 
 
 def test_llama_index_pgvector_end_to_end(pg, rag, encoder):

@@ -179,7 +179,7 @@ def test_ask_command(ask_setup, capsys):
 
 
 def test_ask_command_errors(ask_setup, tmp_path, capsys):
-    assert main(["ask", Q, "--index", str(tmp_path / "missing"), "--model", str(ask_setup / "model")]) == 1
+    assert main(["ask", Q, "--index", str(tmp_path / "missing"), "--model", str(ask_setup / "model")]) == 2
     assert "no index" in capsys.readouterr().err
 
 

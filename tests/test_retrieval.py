@@ -83,7 +83,8 @@ def test_answer_usage_and_metadata_are_the_core_s():
     a = Answer(text="t", token_ids=[1, 2], token_sources=[0, -1], sources=[], prompt_tokens=7, completion_tokens=2,
                dropped=[d])
     assert a.usage() == {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9}
-    assert a.metadata() == {"supported": True, "sources": [], "dropped": [d.to_dict()], "token_sources": [0, -1]}
+    assert a.metadata() == {"supported": True, "sources": [], "dropped": [d.to_dict()], "token_sources": [0, -1],
+                            "calibration": None}
 
 
 # ------------------------------------------------------------------------------------ options mapping

@@ -644,7 +644,7 @@ def _slow_decoder(decoder, delay: float):
     """The same tiny model, each forward slowed by ``delay`` s (timing-independent tests)."""
     from nbce_rag import NBCEDecoder
 
-    dec = NBCEDecoder(decoder.model, decoder.tokenizer, decoder.config)
+    dec = NBCEDecoder(decoder.model, decoder.tokenizer, decoder.config, scorer=decoder.scorer)
     forward = dec._forward
 
     def slow(*a, **kw):

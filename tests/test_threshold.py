@@ -739,10 +739,10 @@ def test_cli_calibrate_bad_input(tiny_index_dir, tmp_path, capsys):
     rc = main(["calibrate", "--index", str(root / "index"), "--queries", str(qf), "--qrels", str(rf),
                "-k", "5", "--bootstrap", "0", "--out", str(tmp_path / "x.json")])
     err = capsys.readouterr().err
-    assert rc == 1 and "at least 10 relevant" in err
+    assert rc == 2 and "at least 10 relevant" in err
     assert not (tmp_path / "x.json").exists()
     assert main(["calibrate", "--index", str(root / "index"), "--queries", str(qf), "--qrels", str(rf),
-                 "--margin", "wide"]) == 1
+                 "--margin", "wide"]) == 2
     assert "--margin" in capsys.readouterr().err
 
 

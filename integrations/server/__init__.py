@@ -62,6 +62,7 @@ carry a top-level ``nbce`` object (the ``openai`` client exposes it as
              "sources": [{"index": 0,    # position in the request's documents (null if retrieved)
                           "id": "...", "title": "...", "score": 0.71,   # score: cosine, if known
                           "n_tokens": 12, "share": 0.75,                # tokens drawn from it
+                          "weight_initial": 0.9, "weight_final": 1.0,   # pooling weight, first/last token
                           "text": "..."}],                               # only for retrieved passages
              "dropped": [{"id", "title", "score", "code"}],             # what the filter removed
              "calibration": "prior for ... (...)"}                     # which calibration filtered

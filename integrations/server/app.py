@@ -418,7 +418,7 @@ def nbce_info(answer: Answer, retrieved: bool) -> Dict[str, Any]:
         meta = s.metadata or {}
         item = {"index": None if retrieved else meta.get("request_index", s.index), "id": s.id,
                 "title": _title(meta), "score": s.score, "n_tokens": int(s.n_tokens),
-                "share": float(s.share)}
+                "share": float(s.share), "weight_initial": s.weight_initial, "weight_final": s.weight_final}
         if retrieved:
             item["text"] = s.text
         sources.append(item)

@@ -1,11 +1,15 @@
-"""``nbce-rag ask``: retrieve, filter and answer a question from an index, with sources.
+"""``nbce-rag ask`` / ``nbce-rag chat``: retrieve, filter and answer questions from an index,
+with sources.
 
-    nbce-rag ask "question" --index DIR [-k K] [--max-new-tokens N] [--json]
-                 [--model M] [--encoder E] [--no-filter]
+    nbce-rag ask "question" --index DIR [-k K] [--stream] [--json] [decoding options]
+    nbce-rag ask --index DIR            # no question: read questions from stdin, one per line
+    nbce-rag chat --index DIR           # the same loop
 
-The answer streams as it is decoded, then the command says whether it is supported (some
-passage passed the filter) and lists the passages that reached the decoder, numbered, with
-their cosine score, id and share of the answer's tokens.
+The answer is printed (streamed as it is decoded with ``--stream``), then the command says
+whether it is supported (some passage passed the filter) and lists the passages that reached
+the decoder, numbered, with their cosine score, id and share of the answer's tokens. Without a
+question, the index and the models are loaded once and questions are read in a loop (an empty
+line is skipped; ``exit``, ``quit`` or end of input stops).
 """
 
 from __future__ import annotations
@@ -14,33 +18,63 @@ import argparse
 import sys
 from typing import Optional, Any, TextIO
 
-from .generation_options import add_generation_flags, generation_options
+from ._common import (add_decoding_options, bad_words_options, add_question, check_device, decoding_options, examples, positive_int,
+                      question_of)
+
+_QUIT = {"exit", "quit", ":q"}
 
 
 def register(subparsers: "argparse._SubParsersAction") -> None:
+    desc = ("Retrieve the top-k chunks of the index for each question, keep those that pass the calibrated "
+            "filter (calibration.json in the index directory, from `nbce-rag calibrate`), and answer with NBCE "
+            "decoding, one row per kept passage. When no passage passes, the answer is closed-book and marked "
+            "unsupported. Options are checked before anything loads.")
     p = subparsers.add_parser(
         "ask",
         help="answer a question from an index (retrieve -> filter -> NBCE), with sources",
-        description="Retrieve the top-k chunks of the index for QUESTION, keep those that pass the "
-        "calibrated filter (calibration.json in the index directory, from `nbce-rag calibrate`), and "
-        "answer with NBCE decoding, one row per kept passage. When no passage passes, the answer is "
-        "closed-book and marked unsupported.",
+        description=desc + " Without a question, questions are read from stdin in a loop with the models loaded "
+        "once (like `nbce-rag chat`).",
+        epilog=examples(
+            'nbce-rag ask "How do I open a file?" --index my_index',
+            'nbce-rag ask "What does pass do?" --index my_index -k 5 --stream --max-new-tokens 128',
+            'nbce-rag ask -q "What does pass do?" --index my_index --json --no-filter',
+            'nbce-rag ask --index my_index < questions.txt   # one question per line, models loaded once',
+        ),
     )
-    p.add_argument("question", nargs="+", help="the question (several words are joined with spaces)")
+    add_question(p, required=False,
+                 help="the question (several words are joined with spaces); none: read questions from stdin")
+    _add_options(p)
+    c = subparsers.add_parser(
+        "chat",
+        help="answer questions typed one per line (models loaded once), with sources",
+        description=desc + " Questions are read from stdin, one per line; an empty line is skipped, "
+        "`exit`, `quit` or end of input (Ctrl-D) stops.",
+        epilog=examples(
+            "nbce-rag chat --index my_index",
+            "nbce-rag chat --index my_index --stream -k 5",
+            "printf 'What is NBCE?\\nWhat does pass do?\\n' | nbce-rag chat --index my_index --json",
+        ),
+    )
+    c.set_defaults(question=[], question_opt=None, _question_dest="question", _question_required=False)
+    _add_options(c)
+
+
+def _add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--index", required=True, metavar="DIR", help="index directory (nbce-rag index)")
-    p.add_argument("-k", "--k", type=int, default=10, help="candidates retrieved before the filter (default 10)")
-    p.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
-                   help="longest answer in tokens (default: the decoder's, 64)")
-    p.add_argument("--json", action="store_true", help="print the whole answer (sources, dropped candidates) as JSON")
+    p.add_argument("-k", "--k", type=positive_int, default=10, help="candidates retrieved before the filter (default 10)")
     p.add_argument("--model", default=None, metavar="M",
                    help="LLM: HF id, local path or .gguf file (default: bundled SmolLM2-135M-Instruct)")
     p.add_argument("--encoder", default=None, metavar="E",
                    help="query encoder directory or id (default: the one recorded in the index; must match it)")
     p.add_argument("--no-filter", action="store_true",
                    help="no calibrated filter: every top-k candidate reaches the decoder")
-    p.add_argument("--device", default=None, help="cpu, cuda, mps or auto (default)")
-    add_generation_flags(p)
-    p.add_argument("--width", type=int, default=100, help="characters of each source to print (default 100)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps or auto (default)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto (default: by device)")
+    add_decoding_options(p)
+    p.add_argument("--stream", action="store_true", help="print the answer token by token as it is decoded")
+    p.add_argument("--json", action="store_true",
+                   help="print each answer (sources, dropped candidates, usage) as one JSON object")
+    p.add_argument("--width", type=positive_int, default=100, help="characters of each source to print (default 100)")
     p.set_defaults(func=run)
 
 
@@ -73,19 +107,18 @@ def print_sources(ans: Any, out: Optional[TextIO] = None, width: int = 100) -> N
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
+    # everything the user gave is checked before the index and the models load
+    question = question_of(args)
+    options = decoding_options(args)
+    check_device(args.device, args.dtype)
 
     from ..pipeline import RAGPipeline
 
-    question = " ".join(args.question)
-    if args.k < 1:
-        print("nbce-rag ask: error: -k must be >= 1", file=sys.stderr)
-        return 2
     encoder = None
     if args.encoder:
         from ..encoder import CoSENTEncoder
 
-        encoder = CoSENTEncoder.from_pretrained(args.encoder)
+        encoder = CoSENTEncoder.from_pretrained(args.encoder, device=args.device)
     rag = RAGPipeline.from_pretrained(
         index=args.index,
         model=args.model,
@@ -93,24 +126,71 @@ def run(args: argparse.Namespace) -> int:
         threshold=None if args.no_filter else "auto",
         k=args.k,
         device=args.device,
+        dtype=args.dtype,
     )
-    options = {} if args.max_new_tokens is None else {"max_new_tokens": args.max_new_tokens}
-    options.update(generation_options(args, rag.decoder.tokenizer))
-    if args.json:
-        ans = rag.ask(question, **options)
-        d = ans.to_dict()
-        d["question"] = question
-        print(json.dumps(d, indent=2, ensure_ascii=False))
+    options.update(bad_words_options(args, rag.decoder.tokenizer))
+    if question is not None:
+        answer_one(rag, question, options, args)
         return 0
-    ans = None
-    for ev in rag.stream(question, **options):
-        if ev.text:
-            sys.stdout.write(ev.text)
-            sys.stdout.flush()
-        ans = ev.answer or ans
-    print("\n")
-    print_sources(ans, width=args.width)
-    last = getattr(rag.decoder.kv_cache, "last", None)  # passage KV cache of this answer
+    return _loop(rag, options, args)
+
+
+def answer_one(rag: Any, question: str, options: dict, args: argparse.Namespace, out: Optional[TextIO] = None) -> None:
+    """Answer one question and print it as ``args`` asks (``--json``, ``--stream``, ``--width``)."""
+    import json
+
+    out = out or sys.stdout
+    if args.json:
+        d = rag.ask(question, **options).to_dict()
+        d["question"] = question
+        print(json.dumps(d, indent=None if getattr(args, "_loop", False) else 2,
+                         ensure_ascii=False), file=out, flush=True)
+        return
+    if args.stream:
+        ans = None
+        for ev in rag.stream(question, **options):
+            if ev.text:
+                out.write(ev.text)
+                out.flush()
+            ans = ev.answer or ans
+        print("\n", file=out)
+    else:
+        ans = rag.ask(question, **options)
+        print(ans.text.strip() + "\n", file=out)
+    print_sources(ans, out=out, width=args.width)
+    last = getattr(getattr(rag.decoder, "kv_cache", None), "last", None)  # passage KV cache of this answer
     if last is not None:
-        print(last.summary())
-    return 0
+        print(last.summary(), file=out)
+
+
+def _loop(rag: Any, options: dict, args: argparse.Namespace) -> int:
+    """Questions from stdin, one per line, with the loaded pipeline; a bad question is reported
+    and the loop goes on. ``--json`` prints one JSON object per line (JSONL)."""
+    from ..cli import exit_code, one_line
+
+    args._loop = True
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("Ask a question (empty line: skip; exit, quit or Ctrl-D: stop).", file=sys.stderr)
+    failures = 0
+    while True:
+        if interactive:
+            print("? ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        question = line.strip()
+        if not question:
+            continue
+        if question.lower() in _QUIT:
+            break
+        try:
+            answer_one(rag, question, options, args)
+        except Exception as e:  # noqa: BLE001 - report a bad question, keep the session
+            if exit_code(e) is None:
+                raise
+            failures += 1
+            print(f"nbce-rag {args.command}: error: {one_line(e)}", file=sys.stderr)
+        if not args.json:
+            print(file=sys.stdout, flush=True)
+    return 0 if not failures else 1

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 
+from ._common import examples
+
 
 def register(subparsers: "argparse._SubParsersAction") -> None:
     p = subparsers.add_parser(
@@ -23,6 +25,11 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
         description="Compute the keys/values of every chunk of an index for one LLM and store them under "
         "DIR/kvcache (safetensors shards), so later questions reuse them exactly. Costs disk: about "
         "45 KiB per chunk token for the bundled model in fp32 (22.5 KiB in bf16).",
+        epilog=examples(
+            "nbce-rag cache --index my_index                       # bundled model, then: nbce-rag ask ... --index my_index",
+            "nbce-rag cache --index my_index --model HuggingFaceTB/SmolLM2-360M-Instruct --device cuda --dtype bfloat16",
+            "nbce-rag index more/ --out my_index --append && nbce-rag cache --index my_index   # only new chunks",
+        ),
     )
     p.add_argument("--index", required=True, metavar="DIR", help="index directory (nbce-rag index)")
     p.add_argument("--out", default=None, metavar="KVDIR", help="where to write (default DIR/kvcache)")

@@ -17,6 +17,7 @@ import argparse
 from pathlib import Path
 
 from . import calibrate_modes
+from ._common import examples, nonnegative_int, positive_int
 
 
 def register(subparsers: "argparse._SubParsersAction") -> None:
@@ -25,7 +26,12 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
         help="calibrate the passage filter of an index from labelled queries (qrels)",
         description="Calibrate the margin-calibrated passage filter (best-F1 threshold, "
         "precision/recall band, within-query margin, bootstrap intervals) on an index's own "
-        "top-k candidates of labelled queries.",
+        "top-k candidates of labelled queries. Options are checked before the index loads.",
+        epilog=examples(
+            "nbce-rag calibrate --index my_index --queries queries.jsonl --qrels qrels/dev.tsv",
+            "nbce-rag calibrate --index my_index --queries queries.tsv --qrels qrels.trec --margin none --no-plot",
+            "nbce-rag calibrate --index my_index --queries q.jsonl --qrels dev.tsv --out other.json --json",
+        ),
     )
     p.add_argument("--index", metavar="DIR", help="index directory (nbce-rag index)")
     p.add_argument("--queries", metavar="F",
@@ -37,7 +43,7 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     p.add_argument("--plot", metavar="F", default=None,
                    help="PNG of the score distributions (default: the --out path with .png)")
     p.add_argument("--no-plot", action="store_true", help="do not write the PNG")
-    p.add_argument("-k", "--k", type=int, default=20, help="candidates per query (default 20)")
+    p.add_argument("-k", "--k", type=positive_int, default=20, help="candidates per query (default 20)")
     p.add_argument("--precision-target", type=float, default=0.9,
                    help="precision above the band's upper edge (default 0.9)")
     p.add_argument("--recall-target", type=float, default=0.9,
@@ -45,8 +51,8 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     p.add_argument("--margin", default="auto", metavar="auto|none|M",
                    help="relative margin to the best candidate: 'auto' (default: chosen by F1 among 0 "
                    "and quantiles of the within-query spread of relevant scores), 'none', or a number")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples over queries (default 1000)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bootstrap", type=nonnegative_int, default=1000, help="bootstrap resamples over queries (default 1000)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the bootstrap resampling (default 0)")
     p.add_argument("--json", action="store_true", help="print the calibration as JSON instead of the report")
     calibrate_modes.add_options(p)
     p.set_defaults(func=run)
@@ -55,10 +61,14 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
+    from ..errors import ConfigError
     from ..index import VectorIndex
     from ..threshold import MarginThreshold, plot_distributions
 
     margin = _margin_arg(args.margin)  # validate before loading anything
+    for name in ("precision_target", "recall_target"):
+        if not 0 < getattr(args, name) <= 1:  # also rejects nan
+            raise ConfigError(f"--{name.replace('_', '-')} must be in (0, 1], got {getattr(args, name)}")
     if calibrate_modes.wanted(args):
         return calibrate_modes.run(args, margin)
     if not (args.index and args.queries and args.qrels):
@@ -116,6 +126,6 @@ def _margin_arg(v: str):
         m = float(v)
     except ValueError:
         raise ConfigError(f"--margin must be 'auto', 'none' or a number >= 0, got {v!r}") from None
-    if not m >= 0:
-        raise ConfigError(f"--margin must be >= 0, got {v}")
+    if not 0 <= m < float("inf"):  # also rejects nan and inf
+        raise ConfigError(f"--margin must be a finite number >= 0, got {v}")
     return m

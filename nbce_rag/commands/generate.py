@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from .generation_options import add_generation_flags, generation_options
+from ._common import add_decoding_options, bad_words_options, add_question, check_device, decoding_options, examples, question_of
 
 
 def register(sub: "argparse._SubParsersAction") -> None:
@@ -14,24 +14,24 @@ def register(sub: "argparse._SubParsersAction") -> None:
         "generate",
         help="answer a question from passages with NBCE (no retrieval)",
         description="Answer QUESTION from the given passages, one NBCE row per passage, and print "
-        "the answer with the passages it drew on.",
+        "the answer with the passages it drew on. Options are checked before the model loads.",
+        epilog=examples(
+            'nbce-rag generate "When was the tower built?" -p "The Eiffel Tower was completed in 1889." '
+            '-p "Paris is the capital of France."',
+            'nbce-rag generate "Summarise the notes" -p @notes1.txt -p @notes2.txt --max-new-tokens 128 --stream',
+            'nbce-rag generate -q "Who wrote it?" -p @a.txt --sample --temperature 0.7 --seed 1 --json',
+        ),
     )
-    p.add_argument("--question", "-q", required=True, help="the question")
+    add_question(p, required=True)
     p.add_argument("--passage", "-p", action="append", default=[], metavar="TEXT",
-                   help="a passage (repeat for several); '@FILE' reads one from a file")
-    p.add_argument("--model", default=None, help="HF id, local path or .gguf file (default: bundled SmolLM2-135M-Instruct)")
-    p.add_argument("--device", default=None, help="cpu, cuda, mps or auto (default)")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto (default)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--pooling", default=None, help="auto (default), min_entropy, mean, max, replug, scored_entropy")
-    p.add_argument("--beta", type=float, default=None, help="contrast weight (default 0.25)")
-    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    add_generation_flags(p)
+                   help="a passage (repeat for several; each is one NBCE row); '@FILE' reads one from a file")
+    p.add_argument("--model", default=None, metavar="M",
+                   help="LLM: HF id, local path or .gguf file (default: bundled SmolLM2-135M-Instruct)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps or auto (default)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto (default: by device)")
+    add_decoding_options(p, max_new_tokens=64)
     p.add_argument("--stream", action="store_true", help="print tokens as they come")
-    p.add_argument("--json", action="store_true", help="print the whole answer as JSON")
+    p.add_argument("--json", action="store_true", help="print the whole answer (text, sources, usage) as JSON")
     p.set_defaults(func=run)
 
 
@@ -65,19 +65,19 @@ def print_answer(ans, out=None) -> None:
 
 
 def run(args) -> int:
+    # everything the user gave is checked before the model loads (bad input: exit 2, one line)
+    question = question_of(args)
+    options = decoding_options(args)
+    check_device(args.device, args.dtype)
+    passages = _read_passages(args.passage)
+
     from ..decoder import NBCEDecoder
 
-    passages = _read_passages(args.passage)
-    options = {"max_new_tokens": args.max_new_tokens, "pooling": args.pooling, "beta": args.beta,
-               "stop": args.stop, "temperature": args.temperature, "seed": args.seed}
-    if args.sample:
-        options["do_sample"] = True
-    options = {k: v for k, v in options.items() if v is not None}
     dec = NBCEDecoder.from_pretrained(args.model, device=args.device, dtype=args.dtype)
-    options.update(generation_options(args, dec.tokenizer))
+    options.update(bad_words_options(args, dec.tokenizer))
     if args.stream and not args.json:
         ans = None
-        for ev in dec.stream(args.question, passages, **options):
+        for ev in dec.stream(question, passages, **options):
             sys.stdout.write(ev.text)
             sys.stdout.flush()
             ans = ev.answer or ans
@@ -85,7 +85,7 @@ def run(args) -> int:
         ans.text = ""
         print_answer(ans)
         return 0
-    ans = dec.generate(args.question, passages, **options)
+    ans = dec.generate(question, passages, **options)
     if args.json:
         print(json.dumps(ans.to_dict(), indent=2, ensure_ascii=False))
     else:

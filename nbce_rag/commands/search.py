@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 
+from ._common import add_question, examples, positive_int, question_of
+
 
 def register(subparsers: "argparse._SubParsersAction") -> None:
     p = subparsers.add_parser(
@@ -14,26 +16,32 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
         help="search an index and print the hits with their cosine scores",
         description="Embed the query with the index's encoder and print the k most similar chunks "
         "(score = cosine similarity).",
+        epilog=examples(
+            'nbce-rag search "open a file" --index my_index',
+            'nbce-rag search "open a file" --index my_index -k 3 --json',
+            'nbce-rag search -q "context managers" --index my_index --width 400',
+        ),
     )
-    p.add_argument("query", nargs="+", help="the query (several words are joined with spaces)")
+    add_question(p, required=True, what="query")
     p.add_argument("--index", required=True, metavar="DIR", help="index directory (nbce-rag index)")
-    p.add_argument("-k", "--k", type=int, default=10, help="number of hits (default 10)")
+    p.add_argument("-k", "--k", type=positive_int, default=10, help="number of hits (default 10)")
     p.add_argument("--json", action="store_true", help="print the hits as a JSON list")
     p.add_argument("--encoder", default=None, metavar="E",
                    help="encoder directory or id (default: the one recorded in the index; must match it)")
     p.add_argument("--backend", choices=["exact", "faiss"], default=None,
                    help="override the index's search backend")
-    p.add_argument("--width", type=int, default=200, help="characters of each hit to print (default 200)")
+    p.add_argument("--width", type=positive_int, default=200, help="characters of each hit to print (default 200)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     import json
 
+    query = question_of(args)  # checked before the index and its encoder load
+
     from ..encoder import CoSENTEncoder
     from ..index import VectorIndex
 
-    query = " ".join(args.query)
     enc = CoSENTEncoder.from_pretrained(args.encoder) if args.encoder else None
     index = VectorIndex.load(args.index, enc, backend=args.backend)
     hits = index.search(query, k=args.k)

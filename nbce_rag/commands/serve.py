@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from ._common import examples
+
 _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
@@ -24,6 +26,11 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
         description="Serve /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models and /health. "
         "Requests carry passages in `documents` (vLLM's field); without them the server retrieves from "
         "--index and filters with the index's calibration.json. Needs `pip install 'nbce-rag[server]'`.",
+        epilog=examples(
+            "nbce-rag serve --index my_index                  # http://127.0.0.1:8000/v1",
+            "nbce-rag serve --index my_index --host 0.0.0.0 --api-key $KEY --threads 1",
+            "nbce-rag serve --model HuggingFaceTB/SmolLM2-360M-Instruct --device cuda --port 8080",
+        ),
     )
     p.add_argument("--index", default=None, metavar="DIR",
                    help="index directory (nbce-rag index) for server-side retrieval; without it, requests "

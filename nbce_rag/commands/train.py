@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ._common import examples
+
 
 def register(subparsers: "argparse._SubParsersAction") -> None:
     from ..encoder import CoSENTTrainingConfig
@@ -27,6 +29,12 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
         f"(scale {d.scale:g}). Defaults are measured recipes: for scored pairs (STS-B) {d.epochs} epochs, "
         f"batch {d.batch_size}, lr {d.learning_rate:g}, {d.warmup_ratio:.0%} warm-up; for --qrels (SciFact) "
         f"{r.epochs} epochs, lr {r.learning_rate:g}, a query's pairs in one batch.",
+        epilog=examples(
+            "nbce-rag train --train stsb_train.tsv --dev stsb_dev.tsv --out my_encoder",
+            "nbce-rag train --qrels qrels/train.tsv --corpus corpus.jsonl --queries queries.jsonl "
+            "--dev-qrels qrels/dev.tsv --out my_encoder",
+            "nbce-rag index docs/ --out my_index --encoder my_encoder   # then use it",
+        ),
     )
     src = p.add_argument_group("training data (pairs or qrels)")
     src.add_argument("--train", metavar="F", help="pairs: STS-B TSV, CSV or JSONL with text1,text2,score")
@@ -40,17 +48,19 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     src.add_argument("--random-negatives", type=int, default=1, help="random negatives per query (default 1)")
     p.add_argument("--out", required=True, metavar="DIR", help="directory for the fine-tuned encoder")
     p.add_argument("--encoder", default=None, metavar="E", help="starting encoder (default: bundled all-MiniLM-L6-v2)")
-    p.add_argument("--epochs", type=int, default=None, help=f"default {d.epochs} ({r.epochs} with --qrels)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help=f"passes over the training pairs (default {d.epochs}; {r.epochs} with --qrels)")
     p.add_argument("--batch-size", type=int, default=None, help=f"pairs per step (default {d.batch_size})")
     p.add_argument("--lr", type=float, default=None,
                    help=f"learning rate (default {d.learning_rate:g}; {r.learning_rate:g} with --qrels)")
-    p.add_argument("--warmup-ratio", type=float, default=None, help=f"default {d.warmup_ratio}")
+    p.add_argument("--warmup-ratio", type=float, default=None,
+                   help=f"share of the steps with a rising learning rate (default {d.warmup_ratio})")
     p.add_argument("--group-batches", action=argparse.BooleanOptionalAction, default=None,
                    help="keep pairs that share their first text (a query) in one batch "
                    "(default: on with --qrels, off for pairs)")
     p.add_argument("--max-pairs", type=int, default=None, help="use only the first N training pairs")
     p.add_argument("--keep-best", action="store_true", help="restore the epoch with the best dev Spearman")
-    p.add_argument("--seed", type=int, default=None, help=f"default {d.seed}")
+    p.add_argument("--seed", type=int, default=None, help=f"random seed of shuffling and sampling (default {d.seed})")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
