@@ -462,7 +462,7 @@ class NBCEDecoder:
         ``options`` override :class:`NBCEConfig` fields for this call."""
         question = self._check_question(question)
         kept = self._score_passages(question, self._check_passages(passages))
-        cfg = self.config.update(**options) if options else self.config
+        cfg = self.config.update(**options)  # validated each call (config fields may have been edited)
         prep = self._prepare(question, kept, cfg)
         return self._run(prep, cfg)
 
@@ -475,7 +475,7 @@ class NBCEDecoder:
         with other requests. ``stream()`` is exactly this loop."""
         question = self._check_question(question)
         kept = self._score_passages(question, self._check_passages(passages))
-        cfg = self.config.update(**options) if options else self.config
+        cfg = self.config.update(**options)  # validated each call (config fields may have been edited)
         return self._new_state(self._prepare(question, kept, cfg), cfg)
 
     def _new_state(self, prep: _Prepared, cfg: NBCEConfig) -> DecodeState:
@@ -545,7 +545,7 @@ class NBCEDecoder:
         fit the window. Sources are not attributed (every token is marked -1)."""
         question = self._check_question(question)
         kept = self._check_passages(passages)
-        cfg = self.config.update(**options) if options else self.config
+        cfg = self.config.update(**options)  # validated each call (config fields may have been edited)
         joined = "\n\n".join(p.text.strip() for _, p in kept)
         ids = self._encode_prompt(self.build_prompt(question, joined or None, config=cfg), cfg)
         if len(ids) + cfg.max_new_tokens > self.context_window:
@@ -595,7 +595,7 @@ class NBCEDecoder:
             bad = sorted(set(v) - _DECODE_ONLY)
             if bad:
                 raise ValueError(f"compare() variants cannot change {bad}: they change the prompt rows")
-        base = self.config.update(**options) if options else self.config
+        base = self.config.update(**options)  # validated each call (config fields may have been edited)
         cfgs = [base.update(**v) for v in variants]
         longest = max(c.max_new_tokens for c in cfgs) if cfgs else base.max_new_tokens
         has_scores = all(p.score is not None for _, p in kept)

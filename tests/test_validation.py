@@ -149,3 +149,15 @@ def test_non_numeric_options_of_the_wrong_type_are_config_errors():
     for bad in ({"prompt_template": 5}, {"system_prompt": 3}, {"stop": 7}, {"stop": [""]}, {"use_chat_template": "yes"}):
         with pytest.raises(ConfigError):
             NBCEConfig().update(**bad)
+
+
+def test_config_edited_after_construction_is_checked_on_every_call(tiny_decoder):
+    """``dec.config.beta = nan`` by hand is caught by the next call, not decoded into garbage."""
+    from nbce_rag import NBCEDecoder
+
+    dec = NBCEDecoder(tiny_decoder.model, tiny_decoder.tokenizer, scorer=None)
+    dec.config.beta = float("nan")
+    for call in (lambda: dec.generate("Where?", ["The tower is in Paris."], max_new_tokens=2),
+                 lambda: list(dec.stream("Where?", ["The tower is in Paris."], max_new_tokens=2))):
+        with pytest.raises(ConfigError, match="beta"):
+            call()
