@@ -23,6 +23,7 @@ shared forwards); :meth:`NBCEDecoder.finish` ends a state early (e.g. cancelled)
 from __future__ import annotations
 
 import contextlib
+import threading
 import copy
 import inspect
 import logging
@@ -410,8 +411,13 @@ class NBCEDecoder:
             yield box
             return
 
+        me = threading.get_ident()
+
         def hook(_mod, _args, out):
-            box[:] = [out[0] if isinstance(out, tuple) else out.last_hidden_state]
+            # the hook sits on a module that other threads' decoders may share: capture only
+            # the forward run by this thread (hooks run in the thread that calls forward)
+            if threading.get_ident() == me:
+                box[:] = [out[0] if isinstance(out, tuple) else out.last_hidden_state]
 
         handle = self.model.get_decoder().register_forward_hook(hook)
         try:

@@ -222,7 +222,7 @@ def test_objectives_trade_recall_for_precision():
 def test_calibrate_command_needs_a_mode(capsys):
     from nbce_rag.cli import main
 
-    assert main(["calibrate"]) == 1
+    assert main(["calibrate"]) == 2  # bad input: one error line, exit 2 (the CLI convention)
     assert "--synthetic --index DIR" in capsys.readouterr().err
     assert main(["calibrate", "--prior"]) == 1
     assert "--data" in capsys.readouterr().err
@@ -246,6 +246,6 @@ def test_index_calibrate_runs_the_synthetic_recipe(tmp_path, tiny_chat_tokenizer
     rc = main(["index", str(docs), "--out", str(tmp_path / "idx"), "--calibrate", "--calibrate-n", "4",
                "--model", str(tmp_path / "model")])
     err = capsys.readouterr().err
-    assert rc == 1 and "raise --n" in err
+    assert rc == 2 and "raise --n" in err
     assert (tmp_path / "idx" / "manifest.json").exists() or any((tmp_path / "idx").iterdir())
     assert not (tmp_path / "idx" / SYNTHETIC_FILENAME).exists()

@@ -352,7 +352,7 @@ def test_demo_answer_does_not_loop():
     from nbce_rag.pipeline import RAGPipeline
 
     rag = RAGPipeline.from_pretrained(build_demo_index(cache_dir() / "demo_index"), threshold=None, k=3)
-    ans = rag.ask(DEFAULT_QUESTION, max_new_tokens=48, **DEMO_OPTIONS)
+    ans = rag.ask(DEFAULT_QUESTION, **{**DEMO_OPTIONS, "max_new_tokens": 48})
     assert "placeholder" in ans.text and not _repeated_4gram(ans.text), ans.text
     loop = rag.ask(DEFAULT_QUESTION, max_new_tokens=48)
     assert _repeated_4gram(loop.text), "without the options the bundled model loops (else this test proves nothing)"
