@@ -224,9 +224,9 @@ def test_calibrate_command_needs_a_mode(capsys):
 
     assert main(["calibrate"]) == 2  # bad input: one error line, exit 2 (the CLI convention)
     assert "--synthetic --index DIR" in capsys.readouterr().err
-    assert main(["calibrate", "--prior"]) == 1
+    assert main(["calibrate", "--prior"]) == 2
     assert "--data" in capsys.readouterr().err
-    assert main(["calibrate", "--prior", "--data", "x", "--objective", "bad"]) == 1
+    assert main(["calibrate", "--prior", "--data", "x", "--objective", "bad"]) == 2
     assert "--objective" in capsys.readouterr().err
 
 
