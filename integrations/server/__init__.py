@@ -31,8 +31,10 @@ Requests (what is read, what it maps to)
 * ``temperature``: omitted or ``0`` = greedy (the decoder's default, as
   ``RAGPipeline.ask``); ``> 0`` = sampling at that temperature. ``top_p`` shapes sampling
   and never turns it on (the one mapping of every surface, ``nbce_rag.config.OPENAI_PARAMS``).
-  ``n`` must be 1; ``logprobs``/``echo`` are refused. Other
-  OpenAI parameters (``frequency_penalty``, ``user``, ...) are accepted and ignored.
+  ``frequency_penalty`` / ``presence_penalty`` (and the NBCEConfig names ``repetition_penalty``,
+  ``no_repeat_ngram_size``, ``min_p``, ...) apply to the fused scores, every name of
+  ``OPENAI_PARAMS`` is read. ``n`` must be 1; ``logprobs``/``echo`` are refused. Other OpenAI
+  parameters (``user``, ``logit_bias``, ...) are accepted and ignored.
 * ``model`` must be the served name or one of its aliases (``create_app(model_name=, aliases=)``,
   ``nbce-rag serve --served-model-name NAME [ALIAS ...]``), or omitted: anything else is a
   **404** (``code: "model_not_found"``). ``tools``, ``tool_choice``, ``functions``,
