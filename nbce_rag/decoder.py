@@ -56,6 +56,7 @@ class _Row:
     source: int  # original passage index, -1 for the no-passage row
     q_span: Optional[Tuple[int, int]] = None  # token positions of the question (when its likelihood is needed)
     q_loglik: Optional[float] = None  # log p(question | passage), set by the prefill when q_span is set
+    stable: Optional[int] = None  # leading tokens that no question changes, when known (what the passage KV cache stores)
 
 
 @dataclass
@@ -284,7 +285,15 @@ class NBCEDecoder:
                 f"the question prompt is {len(base)} tokens and max_new_tokens is {cfg.max_new_tokens}; "
                 f"together they exceed the model's window of {window} tokens. Shorten the question or lower max_new_tokens."
             )
-        rows = [_Row(base, NO_PASSAGE, self._question_span(question, None, base, cfg) if question_spans else None)]
+        # the question's position is also what the passage KV cache stores up to (the template text
+        # between the passage and the question is cached with the passage)
+        locate = question_spans or self.kv_cache is not None
+
+        def row(ids: List[int], source: int, text: Optional[str]) -> _Row:
+            found = self._question_span(question, text, ids, cfg) if locate else None
+            return _Row(ids, source, found[:2] if found and question_spans else None, stable=found[2] if found else None)
+
+        rows = [row(base, NO_PASSAGE, None)]
         scores: List[Optional[float]] = []
         for idx, psg in kept:
             for text in self._windows(psg.text, room, cfg, idx):
@@ -293,16 +302,17 @@ class NBCEDecoder:
                     over = len(ids) + cfg.max_new_tokens - window
                     text = self._trim_tokens(text, over)
                     ids = self._encode_prompt(self.build_prompt(question, text, config=cfg), cfg)
-                rows.append(_Row(ids, idx, self._question_span(question, text, ids, cfg) if question_spans else None))
+                rows.append(row(ids, idx, text))
                 scores.append(psg.score)
         row_scores = None
         if scores and all(s is not None for s in scores):
             row_scores = torch.tensor(scores, dtype=torch.float32)
         return _Prepared(rows, kept, row_scores)
 
-    def _question_span(self, question: str, passage: Optional[str], ids: List[int], cfg: NBCEConfig) -> Optional[Tuple[int, int]]:
-        """Token positions ``[start, end)`` of the question in a row's ``ids`` (None if unknown)."""
-        from .scoring import question_span
+    def _question_span(self, question: str, passage: Optional[str], ids: List[int], cfg: NBCEConfig) -> Optional[Tuple[int, int, int]]:
+        """Token positions ``[start, end)`` of the question in a row's ``ids`` and the row's
+        question-independent prefix length (:func:`nbce_rag.scoring.locate_question`); None if unknown."""
+        from .scoring import locate_question
 
         prompt = self.build_prompt(question, passage, config=cfg)
         full = cfg.prompt_template.format(passage=passage or "", question=question)
@@ -313,10 +323,10 @@ class NBCEDecoder:
             return None
         start = at + len(before) - (len(full) - len(full.lstrip()))
         chat = bool(cfg.use_chat_template and getattr(self.tokenizer, "chat_template", None))
-        span = question_span(self.tokenizer, prompt, ids, start, start + len(question), not chat)
-        if span is None:
+        found = locate_question(self.tokenizer, prompt, ids, start, start + len(question), not chat)
+        if found is None:
             logger.debug("question tokens not found in a row: no question likelihood for it")
-        return span
+        return found
 
     def _score_passages(self, question: str, kept: List[Tuple[int, Passage]]) -> List[Tuple[int, Passage]]:
         """Fill in the scores of passages given without one (``self.scorer``)."""
@@ -324,7 +334,11 @@ class NBCEDecoder:
             return kept
         from .scoring import resolve_scorer, score_missing
 
-        return score_missing(resolve_scorer(self.scorer), question, kept)
+        spec = self.scorer
+        cached = getattr(self, "_resolved_scorer", None)
+        if cached is None or cached[0] is not spec:  # resolve once per scorer (its embedding memo lives on)
+            cached = self._resolved_scorer = (spec, resolve_scorer(spec))
+        return score_missing(cached[1], question, kept)
 
     def _windows(self, text: str, room: int, cfg: NBCEConfig, idx: int) -> List[str]:
         """Split a passage into overlapping windows that fit the row budget (a row each).
@@ -427,21 +441,34 @@ class NBCEDecoder:
 
     def _question_logliks(self, rows: List[_Row], hidden: List[torch.Tensor]) -> None:
         """Set ``row.q_loglik = log p(question | passage)`` from the prefill's final hidden states
-        (left-padded batch): the LM head runs on each row's question positions only."""
+        (left-padded batch): the LM head runs once, on the positions that predict a question
+        token (the one before each question token), of every row together."""
         if not hidden:
             return
-        from .scoring import question_loglik
+        from .scoring import span_logliks
 
-        head = self.model.get_output_embeddings()
-        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        h = hidden[0]
+        W = h.shape[1]
+        picked, targets, counts, owners = [], [], [], []
         for j, row in enumerate(rows):
             if row.q_span is None:
                 continue
-            m = len(row.ids) - row.q_span[0] + 1  # from the position before the first question token
-            tail = head(hidden[0][j, -m:]).float()
-            if cap:
-                tail = torch.tanh(tail / cap) * cap
-            row.q_loglik = question_loglik(tail, row.ids, row.q_span)
+            s, e = row.q_span
+            L = len(row.ids)
+            if L - (s - 1) > W:  # pragma: no cover - the prefill always computes the position before the question
+                raise RuntimeError("the prefill did not compute the position before the question")
+            picked.append(h[j, W - (L - s + 1) : W - (L - e + 1)])
+            targets.extend(row.ids[s:e])
+            counts.append(e - s)
+            owners.append(row)
+        if not owners:
+            return
+        logits = self.model.get_output_embeddings()(torch.cat(picked)).float()
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        for row, ll in zip(owners, span_logliks(logits, torch.tensor(targets, dtype=torch.long, device=logits.device), counts)):
+            row.q_loglik = ll
 
     def _decode_step(self, groups: List[_Group], token: int) -> torch.Tensor:
         chunks = []

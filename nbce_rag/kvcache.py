@@ -8,11 +8,13 @@ passage (each row starts at position 0; positions come from the attention mask).
 How the decoder uses it (:meth:`NBCEDecoder.start` -> :func:`plan_prefill`, then
 :meth:`NBCEDecoder.prefill` chunk by chunk -> :meth:`PrefillPlan.prefill`):
 
-1. For each row, the *cacheable* length is the row minus its question-dependent tail: the
-   longest common token suffix with a reference row (the no-passage row for passage rows,
-   the first passage row for the no-passage row) is the question and the template text around
-   it; one more token is left uncached so that the logits at the position before that tail
-   (and so at every question position) are always computed by the prefill.
+1. For each row, the *cacheable* length is everything before the first question token (the
+   decoder locates it from the tokenizer's offsets): template prefix, passage, and the template
+   text between passage and question (e.g. ``"\n\nAnswer briefly:"``). When the question
+   cannot be located, the question-dependent tail is the longest common token suffix with a
+   reference row (the no-passage row for passage rows, the first passage row for the
+   no-passage row). One more token is left uncached so that the logits at the position before
+   the question (and so at every question position) are always computed by the prefill.
 2. Lookup on **token ids**: the cached entry with the longest common prefix with the row
    (exact key first, then 16-token block hashes, then an exact comparison of the ids). The
    entry is cropped to the common prefix, so a tokenisation that differs at the passage's
@@ -593,14 +595,24 @@ def resolve_cache(value: Any) -> Optional[PassageKVCache]:
 
 
 # ---------------------------------------------------------------------------------- planning
-def cacheable_lengths(rows: Sequence[Sequence[int]], min_uncached: int = MIN_UNCACHED) -> List[int]:
-    """Per row, how many leading tokens do not depend on the question: the row minus its
-    longest common suffix with a reference row (row 0 for the others, row 1 for row 0),
-    minus ``min_uncached``. Rows must be ``[no-passage row] + passage rows``."""
+def cacheable_lengths(rows: Sequence[Sequence[int]], min_uncached: int = MIN_UNCACHED,
+                      stable: Optional[Sequence[Optional[int]]] = None) -> List[int]:
+    """Per row, how many leading tokens do not depend on the question.
+
+    ``stable[r]``: row ``r``'s question-independent prefix when the decoder located the
+    question (:func:`nbce_rag.scoring.locate_question`: the template prefix, the passage and
+    the template text before the question, ending before the position that precedes the
+    question). Otherwise: the row minus its longest common suffix with a reference row (row 0
+    for the others, row 1 for row 0) and minus ``min_uncached``, which also leaves the template
+    text before the question uncached. Rows must be ``[no-passage row] + passage rows``."""
     out = []
     for r, ids in enumerate(rows):
+        n = len(ids)
+        if stable is not None and stable[r] is not None and 0 <= stable[r] < n:
+            out.append(stable[r])
+            continue
         ref = rows[1] if r == 0 else rows[0]
-        n, k = len(ids), 0
+        k = 0
         while k < min(n, len(ref)) and ids[n - 1 - k] == ref[len(ref) - 1 - k]:
             k += 1
         out.append(max(0, n - k - min_uncached))
@@ -610,12 +622,13 @@ def cacheable_lengths(rows: Sequence[Sequence[int]], min_uncached: int = MIN_UNC
 class PrefillPlan:
     """What each row of one prefill reuses; built by :func:`plan_prefill`, driven by the decoder."""
 
-    def __init__(self, decoder, cache: PassageKVCache, rows: List[List[int]], ns: str, desc: Dict[str, Any]):
+    def __init__(self, decoder, cache: PassageKVCache, rows: List[List[int]], ns: str, desc: Dict[str, Any],
+                 stable: Optional[Sequence[Optional[int]]] = None):
         self.dec = decoder
         self.cache = cache
         self.rows = rows
         self.ns, self.desc = ns, desc
-        self.cacheable = cacheable_lengths(rows)
+        self.cacheable = cacheable_lengths(rows, stable=stable)
         self.entries: List[Optional[KVEntry]] = []
         self.cached: List[int] = []
         st = KVCacheStats(rows=len(rows), prompt_tokens=sum(len(r) for r in rows))
@@ -715,7 +728,8 @@ def plan_prefill(decoder, rows, cfg) -> Optional[PrefillPlan]:
         _warn_once(("kv-model", id(model)), "passage KV cache off for this model: %s", reason)
         return None
     ns, desc = model_namespace(model)
-    return PrefillPlan(decoder, cache, [list(r.ids) for r in rows], ns, desc)
+    return PrefillPlan(decoder, cache, [list(r.ids) for r in rows], ns, desc,
+                       stable=[getattr(r, "stable", None) for r in rows])
 
 
 # ---------------------------------------------------------------------------------- filling

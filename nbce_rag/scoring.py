@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import OrderedDict
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 from .types import Passage
@@ -33,17 +35,55 @@ _BUNDLED_LOCK = threading.Lock()
 _BUNDLED: dict = {}  # "scorer" -> the lazily loaded bundled encoder's scorer (or None when unavailable)
 
 
+class EmbeddingMemo:
+    """An encoder whose ``encode(texts)`` remembers the last ``max_texts`` texts' embeddings
+    (LRU, thread-safe): passages come back with every question over them, and their embedding
+    does not depend on the question (the passage KV cache's twin for the scorer). Only the
+    texts not remembered are encoded, in one batch."""
+
+    def __init__(self, encoder: Any, max_texts: int = 8192):
+        self.encoder = encoder
+        self.max_texts = int(max_texts)
+        self._memo: "OrderedDict[str, np.ndarray]" = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name: str) -> Any:  # name, identity, ... of the wrapped encoder
+        if name == "encoder":
+            raise AttributeError(name)
+        return getattr(self.encoder, name)
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        texts = list(texts)
+        with self._lock:
+            found = {t: self._memo[t] for t in texts if t in self._memo}
+            for t in found:
+                self._memo.move_to_end(t)
+        todo = list(dict.fromkeys(t for t in texts if t not in found))
+        if todo:
+            new = np.asarray(self.encoder.encode(todo), dtype=np.float32).reshape(len(todo), -1)
+            with self._lock:
+                for t, v in zip(todo, new):
+                    found[t] = self._memo[t] = v
+                while len(self._memo) > self.max_texts:
+                    self._memo.popitem(last=False)
+        if not texts:
+            return np.zeros((0, 0), dtype=np.float32)
+        return np.stack([found[t] for t in texts])
+
+
 def encoder_scorer(encoder: Any) -> Scorer:
     """The canonical cosine of ``encoder`` (a :class:`~nbce_rag.CoSENTEncoder`, an index holding
     one, or anything with ``encode(texts)``) as a :data:`Scorer`
-    (:func:`nbce_rag.retrieval.rescore`, the retrieval path's own cosine)."""
+    (:func:`nbce_rag.retrieval.rescore`, the retrieval path's own cosine). Embeddings are
+    remembered (:class:`EmbeddingMemo`), so passages seen before cost nothing to score again."""
     from .retrieval import rescore
 
     if not hasattr(encoder, "encode") and hasattr(encoder, "encoder"):
         encoder = encoder.encoder
+    memo = EmbeddingMemo(encoder)
 
     def score(question: str, texts: Sequence[str]) -> List[float]:
-        return [float(p.score) for p in rescore(encoder, question, list(texts))]
+        return [float(p.score) for p in rescore(memo, question, list(texts))]
 
     score.name = str(getattr(encoder, "name", type(encoder).__name__))  # type: ignore[attr-defined]
     return score
@@ -119,16 +159,30 @@ def question_span(tokenizer: Any, prompt: str, ids: Sequence[int], char_start: i
     of ``prompt``) in the row's ``ids``: the tokens that overlap it (a leading space merged into
     the first question token counts). ``None`` when the tokenizer gives no offsets or tokenises
     the prompt differently from ``ids``."""
+    found = locate_question(tokenizer, prompt, ids, char_start, char_end, add_special_tokens)
+    return None if found is None else found[:2]
+
+
+def locate_question(tokenizer: Any, prompt: str, ids: Sequence[int], char_start: int, char_end: int,
+                    add_special_tokens: bool) -> Optional[Tuple[int, int, int]]:
+    """:func:`question_span` plus ``stable``: how many leading tokens of the row end before the
+    text in front of the question (``prompt[:char_start]`` without its trailing whitespace),
+    less one token of margin and at most ``start - 1``. Those tokens are the same whatever the
+    question is (a question's first token may absorb the space before it, or not), so the
+    passage KV cache stores exactly them: one entry per passage serves every question."""
     try:
         enc = tokenizer(prompt, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
     except (NotImplementedError, TypeError, ValueError):
         return None
     if list(enc["input_ids"]) != list(ids):
         return None
-    toks = [t for t, (a, b) in enumerate(enc["offset_mapping"]) if b > a and a < char_end and b > char_start]
+    offsets = enc["offset_mapping"]
+    toks = [t for t, (a, b) in enumerate(offsets) if b > a and a < char_end and b > char_start]
     if not toks or toks[0] < 1:
         return None  # the first question token needs a position before it
-    return toks[0], toks[-1] + 1
+    limit = len(prompt[:char_start].rstrip())
+    first_after = next((t for t, (a, b) in enumerate(offsets) if b > a and b > limit), len(offsets))
+    return toks[0], toks[-1] + 1, max(0, min(first_after - 1, toks[0] - 1))
 
 
 def question_loglik(tail_logits: torch.Tensor, ids: Sequence[int], span: Tuple[int, int]) -> float:
@@ -151,5 +205,14 @@ def question_loglik(tail_logits: torch.Tensor, ids: Sequence[int], span: Tuple[i
                          f"before the first question token; keep at least {L - s + 1}")
     rows = tail_logits[s - 1 - first : e - 1 - first].float()
     target = torch.tensor(list(ids[s:e]), dtype=torch.long, device=rows.device)
-    logp = rows - rows.logsumexp(dim=-1, keepdim=True)
-    return float(logp.gather(-1, target[:, None]).sum())
+    return span_logliks(rows, target, [e - s])[0]
+
+
+def span_logliks(logits: torch.Tensor, targets: torch.Tensor, counts: Sequence[int]) -> List[float]:
+    """Several rows' question log-likelihoods at once: ``logits`` ``[T, V]`` are the logits of
+    the positions before each question token (the rows' spans one after another, ``counts[i]``
+    positions for row ``i``), ``targets`` ``[T]`` the question tokens they predict. Returns
+    ``sum log softmax(logits)[target]`` per row (fp32)."""
+    logits = logits.float()
+    tok = logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(dim=-1)
+    return [float(t.sum()) for t in tok.split(list(counts))]
