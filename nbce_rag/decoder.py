@@ -34,6 +34,7 @@ import torch
 
 from .config import NBCEConfig
 from .errors import PromptTooLongError
+from .kvlayout import is_plain, merge_left_padded, new_cache
 from .nbce import attribute, get_pooling, log_softmax, nbce_step
 from .sampling import Sampler
 from .static_decode import make_stepper
@@ -384,8 +385,6 @@ class NBCEDecoder:
         return logits, new_cache if new_cache is not None else out.past_key_values
 
     def _prefill(self, rows: List[_Row], order: List[int], cfg: NBCEConfig, kv=None) -> Tuple[List[_Group], torch.Tensor]:
-        from transformers import DynamicCache
-
         dev = self.device
         pad = self.tokenizer.pad_token_id
         groups: List[_Group] = []
@@ -409,7 +408,7 @@ class NBCEDecoder:
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
             ids, mask, pos = ids.to(dev), mask.to(dev), pos.to(dev)
             with self._last_hidden(any(rows[r].q_span for r in members)) as hidden:
-                lg, cache = self._forward(ids, mask, pos, DynamicCache())
+                lg, cache = self._forward(ids, mask, pos, new_cache())
             self._question_logliks([rows[r] for r in members], hidden)
             groups.append(_Group(members, cache, mask, pos[:, -1:]))
             chunks.append(lg)
@@ -784,40 +783,13 @@ def _merge_for_decode(groups: List[_Group], decode_rows: int) -> List[_Group]:
     return [_merge_run(run) if len(run) > 1 else run[0] for run in runs]
 
 
-def _plain_cache(cache) -> bool:
-    layers = getattr(cache, "layers", None)
-    return bool(layers) and all(
-        type(l).__name__ == "DynamicLayer" and getattr(l, "keys", None) is not None
-        and getattr(l, "values", None) is not None and l.keys.dim() == 4
-        for l in layers
-    )
+_plain_cache = is_plain
 
 
 def _merge_run(run: List[_Group]) -> _Group:
-    from transformers import DynamicCache
-
-    width = max(g.mask.shape[1] for g in run)
-
-    def left_pad(t: torch.Tensor, dim: int) -> torch.Tensor:
-        extra = width - t.shape[dim]
-        if not extra:
-            return t
-        shape = list(t.shape)
-        shape[dim] = extra
-        return torch.cat([t.new_zeros(shape), t], dim=dim)
-
-    data = []
-    for li in range(len(run[0].cache.layers)):
-        layers = [g.cache.layers[li] for g in run]
-        data.append((torch.cat([left_pad(l.keys, 2) for l in layers]), torch.cat([left_pad(l.values, 2) for l in layers])))
-        for l in layers:  # free each layer as soon as it is copied: peak = cache + one layer
-            l.keys = l.values = None
-    return _Group(
-        rows=[r for g in run for r in g.rows],
-        cache=DynamicCache(data),
-        mask=torch.cat([left_pad(g.mask, 1) for g in run]),
-        last_pos=torch.cat([g.last_pos for g in run]),
-    )
+    cache, mask = merge_left_padded([(g.cache, g.mask) for g in run])
+    return _Group(rows=[r for g in run for r in g.rows], cache=cache, mask=mask,
+                  last_pos=torch.cat([g.last_pos for g in run]))
 
 
 def _find_stop(text: str, stops: Sequence[str], start: int) -> Optional[int]:

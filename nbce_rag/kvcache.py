@@ -652,9 +652,8 @@ class PrefillPlan:
 
     def prefill(self, members: List[int]):
         """One forward for the rows ``members``: returns ``(last-position logits, _Group)``."""
-        from transformers import DynamicCache
-
         from .decoder import _Group, _plain_cache
+        from .kvlayout import cache_from, new_cache
 
         dec = self.dec
         dev = dec.device
@@ -671,7 +670,7 @@ class PrefillPlan:
             ids[j, S - len(tail):] = torch.tensor(tail, dtype=torch.long)
             mask[j, W - n[j]:] = 1
         pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, P:]
-        past = DynamicCache()
+        past = new_cache()
         if P:
             first = next(self.entries[r] for r, u in zip(members, use) if u)
             L, _, H, _, D = first.kv.shape
@@ -680,7 +679,7 @@ class PrefillPlan:
                 if u:
                     buf[:, :, j, :, P - u:] = self.entries[r].kv[:, :, :, :u]
             buf = buf.to(dev, non_blocking=True)
-            past = DynamicCache([(buf[li, 0], buf[li, 1]) for li in range(L)])
+            past = cache_from([(buf[li, 0], buf[li, 1]) for li in range(L)])
         ids, mask, pos = ids.to(dev), mask.to(dev), pos.to(dev)
         logits, cache = dec._forward(ids, mask, pos, past)
         if not _plain_cache(cache):  # pragma: no cover - unsupported_reason() catches these first

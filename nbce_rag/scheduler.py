@@ -46,6 +46,7 @@ from typing import Deque, Dict, List, Optional, Tuple
 import torch
 
 from .decoder import DecodeState, NBCEDecoder, _Group, _merge_run, _plain_cache
+from .kvlayout import select_rows
 from .types import StreamEvent
 
 logger = logging.getLogger(__name__)
@@ -119,50 +120,72 @@ class DecodeBatch:
         return sum(u.rows for u in self.units)
 
     def add(self, state: DecodeState) -> None:
-        if not state.prefilled or state.done:
-            raise ValueError("DecodeBatch.add needs a prefilled state that is not done")
-        small = len(state.groups) == 1 and state.n_rows <= self.lane_rows and _plain_cache(state.groups[0].cache)
-        if small:
-            for unit in self.units:
-                if unit.shared and unit.rows + state.n_rows <= self.lane_rows:
-                    unit.groups = [_merge_run([unit.groups[0], state.groups[0]])]
-                    unit.members.append(state)
-                    state.groups = []  # its cache now lives in the lane
-                    self._where[id(state)] = unit
-                    return
-            unit = _Unit([state.groups[0]], [state], shared=True)
-            state.groups = []
-        else:
-            unit = _Unit(state.groups, [state], shared=False)
-        self.units.append(unit)
-        self._where[id(state)] = unit
+        self.add_many([state])
+
+    def add_many(self, states: List[DecodeState]) -> None:
+        """Add prefilled states; the small ones are packed into shared lanes with one merge
+        (one copy of the lane's cache) per lane, however many join it."""
+        for state in states:
+            if not state.prefilled or state.done:
+                raise ValueError("DecodeBatch.add needs a prefilled state that is not done")
+        joining: Dict[int, List[DecodeState]] = {}
+        fresh: List[_Unit] = []
+        room = {id(u): self.lane_rows - u.rows for u in self.units if u.shared}
+        for state in states:
+            small = len(state.groups) == 1 and state.n_rows <= self.lane_rows and _plain_cache(state.groups[0].cache)
+            if not small:
+                unit = _Unit(state.groups, [state], shared=False)
+                self.units.append(unit)
+                self._where[id(state)] = unit
+                continue
+            unit = next((u for u in self.units + fresh if u.shared and room[id(u)] >= state.n_rows), None)
+            if unit is None:
+                unit = _Unit([], [], shared=True)
+                fresh.append(unit)
+                room[id(unit)] = self.lane_rows
+            room[id(unit)] -= state.n_rows
+            joining.setdefault(id(unit), []).append(state)
+        self.units.extend(fresh)
+        for unit in self.units:
+            new = joining.get(id(unit))
+            if not new:
+                continue
+            parts = unit.groups + [s.groups[0] for s in new]
+            unit.groups = [_merge_run(parts) if len(parts) > 1 else parts[0]]
+            for s in new:
+                unit.members.append(s)
+                s.groups = []  # its cache now lives in the lane
+                self._where[id(s)] = unit
 
     def remove(self, state: DecodeState) -> None:
         """Take ``state``'s rows out (no-op when it is not here); frees them now."""
-        unit = self._where.pop(id(state), None)
-        if unit is None:
-            return
-        idx = next(i for i, m in enumerate(unit.members) if m is state)
-        if not unit.shared or len(unit.members) == 1:
-            self._drop_unit(unit)
-            return
-        start = sum(m.n_rows for m in unit.members[:idx])
-        g = unit.groups[0]
-        keep = torch.tensor([r for r in range(g.mask.shape[0]) if not start <= r < start + state.n_rows],
-                            dtype=torch.long, device=g.mask.device)
-        mask = g.mask.index_select(0, keep)
-        used = mask.any(dim=0).nonzero()
-        cut = int(used[0]) if used.numel() else 0  # left columns that are padding in every remaining row
-        from transformers import DynamicCache
+        self.remove_many([state])
 
-        data = []
-        for layer in g.cache.layers:
-            data.append((layer.keys.index_select(0, keep)[:, :, cut:].contiguous(),
-                         layer.values.index_select(0, keep)[:, :, cut:].contiguous()))
-            layer.keys = layer.values = None
-        unit.groups = [_Group(list(range(len(keep))), DynamicCache(data), mask[:, cut:].contiguous(),
-                              g.last_pos.index_select(0, keep))]
-        unit.members.pop(idx)
+    def remove_many(self, states: List[DecodeState]) -> None:
+        """Take the rows of ``states`` out (those not here are ignored): one compaction per
+        lane, however many of its requests leave together (they often end at the same step)."""
+        leaving: Dict[int, Tuple[_Unit, set]] = {}
+        for state in states:
+            unit = self._where.pop(id(state), None)
+            if unit is not None:
+                leaving.setdefault(id(unit), (unit, set()))[1].add(id(state))
+        for unit, gone in leaving.values():
+            if not unit.shared or all(id(m) in gone for m in unit.members):
+                self._drop_unit(unit)
+                continue
+            g = unit.groups[0]
+            keep_rows, off = [], 0
+            for m in unit.members:
+                if id(m) not in gone:
+                    keep_rows.extend(range(off, off + m.n_rows))
+                off += m.n_rows
+            keep = torch.tensor(keep_rows, dtype=torch.long, device=g.mask.device)
+            mask = g.mask.index_select(0, keep)
+            used = mask.any(dim=0).nonzero()
+            cut = int(used[0]) if used.numel() else 0  # left columns that are padding in every remaining row
+            unit.groups = [_Group(list(range(len(keep))), select_rows(g.cache, keep, cut), mask[:, cut:].contiguous(),
+                                  g.last_pos.index_select(0, keep))]
+            unit.members = [m for m in unit.members if id(m) not in gone]
 
     def _drop_unit(self, unit: _Unit) -> None:
         i = self.units.index(unit)
@@ -288,6 +311,7 @@ class StepScheduler:
             self.prefilling.append(state)
         results: List[StepResult] = []
         budget = cfg.prefill_tokens
+        ready: List[DecodeState] = []
         for state in self._prefill_order():
             if budget <= 0:
                 break
@@ -300,7 +324,7 @@ class StepScheduler:
                     self._admitted.pop(id(state), None)
                     events = self.decoder.advance(state)
                     if not state.done:
-                        self.batch.add(state)
+                        ready.append(state)
                     results.append(StepResult(state, events))
             except Exception as e:  # noqa: BLE001 - the request fails, the others go on
                 self.remove(state)
@@ -308,6 +332,7 @@ class StepScheduler:
                 continue
             taken = state.order[before:state._next] if state._next > before else state.order[before:]
             budget -= len(taken) * max(state.row_tokens(r) for r in taken)  # padded tokens run
+        self.batch.add_many(ready)  # the requests prefilled in this iteration join the lanes together
         if len(self.batch):
             try:
                 stepped = self.batch.step(cfg.step_rows)
@@ -318,6 +343,7 @@ class StepScheduler:
                         self.remove(m)
                         results.append(StepResult(m, [], e))
                 return _merged(results)
+            done: List[DecodeState] = []
             for state in stepped:
                 try:
                     events = self.decoder.advance(state)
@@ -326,8 +352,9 @@ class StepScheduler:
                     results.append(StepResult(state, [], e))
                     continue
                 if state.done:
-                    self.batch.remove(state)
+                    done.append(state)
                 results.append(StepResult(state, events))
+            self.batch.remove_many(done)
         return _merged(results)
 
     def _prefill_order(self) -> List[DecodeState]:

@@ -227,3 +227,25 @@ def test_bundled_model_scheduled_equals_alone(bundled_decoder):
     for (state, err), exp in zip(StepScheduler(bundled_decoder).run(states), expected):
         assert err is None
         _same(state.answer, exp)
+
+
+def test_requests_join_and_leave_a_lane_together(tiny_decoder, monkeypatch):
+    """Requests prefilled in the same iteration join their lane with one merge, and requests
+    that end at the same step leave it with one compaction (not one copy of the lane each)."""
+    import nbce_rag.scheduler as scheduler
+
+    merges, cuts = [], []
+    real_merge, real_select = scheduler._merge_run, scheduler.select_rows
+    monkeypatch.setattr(scheduler, "_merge_run", lambda run: merges.append(len(run)) or real_merge(run))
+    monkeypatch.setattr(scheduler, "select_rows", lambda *a: cuts.append(1) or real_select(*a))
+    eos = sorted(tiny_decoder._find_eos_ids())  # suppressed: every answer runs to its max_new_tokens
+    cases = [(q, p, dict(max_new_tokens=6, suppress_tokens=eos)) for q, p, _ in CASES[:3]]
+    cases.append((CASES[3][0], CASES[3][1], dict(max_new_tokens=9, suppress_tokens=eos)))
+    expected = _alone(tiny_decoder, cases)
+    sched = StepScheduler(tiny_decoder)
+    states = [tiny_decoder.start(q, p, **o) for q, p, o in cases]
+    for (state, err), exp in zip(sched.run(states), expected):
+        assert err is None
+        _same(state.answer, exp)
+    assert merges == [4]  # all four joined in the first iteration: one merge
+    assert len(cuts) == 1  # the three 6-token answers left together; the last one dropped the lane

@@ -357,3 +357,28 @@ def test_question_loglik_through_the_passage_kv_cache(tiny_decoder):
         got = cached.generate(Q, PASSAGES, pooling="posterior:question,static", max_new_tokens=4)
         assert got.token_ids == want.token_ids
         assert [s.weight_initial for s in got.sources] == pytest.approx([s.weight_initial for s in want.sources], abs=1e-4)
+
+
+def test_scorer_remembers_passage_embeddings():
+    """A passage is encoded once: later questions over it only encode the question."""
+    import numpy as np
+
+    from nbce_rag.scoring import encoder_scorer
+
+    class Enc:
+        name = "counting-encoder"
+
+        def __init__(self):
+            self.seen = []
+
+        def encode(self, texts):
+            self.seen.append(list(texts))
+            return np.array([[len(t), t.count("e") + 1.0, 1.0] for t in texts], dtype=np.float32)
+
+    enc = Enc()
+    score = encoder_scorer(enc)
+    first = score("Who?", PASSAGES)
+    again = score("Where?", PASSAGES[::-1])
+    assert enc.seen == [["Who?"], PASSAGES, ["Where?"]]
+    assert first == encoder_scorer(Enc())("Who?", PASSAGES)  # remembered = computed afresh
+    assert again == encoder_scorer(Enc())("Where?", PASSAGES[::-1])
