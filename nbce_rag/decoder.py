@@ -34,7 +34,7 @@ import torch
 
 from .config import NBCEConfig
 from .errors import PromptTooLongError
-from .kvlayout import is_plain, merge_left_padded, new_cache
+from .kvlayout import is_plain, left_padded, merge_left_padded, new_cache
 from .nbce import attribute, get_pooling, log_softmax, nbce_step
 from .sampling import Sampler
 from .static_decode import make_stepper
@@ -398,14 +398,7 @@ class NBCEDecoder:
                 groups.append(group)
                 chunks.append(lg)
                 continue
-            width = max(len(rows[r].ids) for r in members)
-            ids = torch.full((len(members), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(members), width), dtype=torch.long)
-            for j, r in enumerate(members):
-                seq = rows[r].ids
-                ids[j, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
-                mask[j, width - len(seq) :] = 1
-            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            ids, mask, pos = left_padded([rows[r].ids for r in members], max(len(rows[r].ids) for r in members), pad)
             ids, mask, pos = ids.to(dev), mask.to(dev), pos.to(dev)
             with self._last_hidden(any(rows[r].q_span for r in members)) as hidden:
                 lg, cache = self._forward(ids, mask, pos, new_cache())

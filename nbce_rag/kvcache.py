@@ -653,7 +653,7 @@ class PrefillPlan:
     def prefill(self, members: List[int]):
         """One forward for the rows ``members``: returns ``(last-position logits, _Group)``."""
         from .decoder import _Group, _plain_cache
-        from .kvlayout import cache_from, new_cache
+        from .kvlayout import cache_from, left_padded, new_cache
 
         dec = self.dec
         dev = dec.device
@@ -663,13 +663,7 @@ class PrefillPlan:
         use = [max(0, len_ - S) for len_ in n]  # cached tokens per row (<= cached[r])
         P = max(use)
         B, W = len(members), P + S
-        ids = torch.full((B, S), pad, dtype=torch.long)
-        mask = torch.zeros((B, W), dtype=torch.long)
-        for j, r in enumerate(members):
-            tail = self.rows[r][n[j] - min(S, n[j]):]
-            ids[j, S - len(tail):] = torch.tensor(tail, dtype=torch.long)
-            mask[j, W - n[j]:] = 1
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, P:]
+        ids, mask, pos = left_padded([self.rows[r] for r in members], S, pad)
         past = new_cache()
         if P:
             first = next(self.entries[r] for r, u in zip(members, use) if u)

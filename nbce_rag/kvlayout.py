@@ -87,6 +87,24 @@ else:  # pragma: no cover
     GrowingLayer = None  # type: ignore[assignment,misc]
 
 
+def left_padded(rows: Sequence[Sequence[int]], new: int, pad: int):
+    """The inputs of one prefill forward over ``rows`` (token id lists) in the left-padded
+    layout every decode group uses: the last ``new`` tokens of each row are fed (``ids``
+    ``[B, new]``, padded on the left), the tokens before them come from a past of ``width -
+    new`` columns; ``mask`` ``[B, width]`` covers past and new, ``pos`` ``[B, new]`` are the
+    positions of the fed tokens (each row starts at 0). ``new`` = the longest row: a plain
+    prefill with an empty past."""
+    width = max(max(len(r) for r in rows), new)
+    ids = torch.full((len(rows), new), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for j, seq in enumerate(rows):
+        tail = seq[len(seq) - min(new, len(seq)):]
+        ids[j, new - len(tail):] = torch.tensor(tail, dtype=torch.long)
+        mask[j, width - len(seq):] = 1
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, width - new:]
+    return ids, mask, pos
+
+
 def new_cache():
     """An empty cache whose layers append in place (the stock ``DynamicCache`` where this
     transformers has no layer API)."""
