@@ -52,15 +52,21 @@ def test_model_logits_equal_the_stock_cache(tiny_decoder):
     model, tok = tiny_decoder.model, tiny_decoder.tokenizer
     ids = torch.tensor([tok("The tower was built in Paris by a famous engineer")["input_ids"]])
     mask = torch.ones_like(ids)
+    kw = tiny_decoder._cache_kw  # "cache" or "past_key_values", by transformers version
+
+    def cache_of(out):
+        c = getattr(out, "cache", None)
+        return c if c is not None else out.past_key_values
+
     outs = []
     for cache in (DynamicCache(), new_cache()):
-        out = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
-        cache, m, logits = out.past_key_values, mask, [out.logits[:, -1]]
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True, **{kw: cache})
+        cache, m, logits = cache_of(out), mask, [out.logits[:, -1]]
         for _ in range(6):
             nxt = logits[-1].argmax(-1, keepdim=True)
             m = torch.cat([m, torch.ones_like(nxt)], dim=-1)
-            out = model(input_ids=nxt, attention_mask=m, past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = model(input_ids=nxt, attention_mask=m, use_cache=True, **{kw: cache})
+            cache = cache_of(out)
             logits.append(out.logits[:, -1])
         outs.append(torch.stack(logits))
     assert torch.equal(outs[0], outs[1])
