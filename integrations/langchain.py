@@ -333,8 +333,12 @@ class _NBCEEngine:
 _USAGE_NAMES = {"prompt_tokens": "input_tokens", "completion_tokens": "output_tokens", "total_tokens": "total_tokens"}
 
 
-def _usage(answer: Answer) -> Dict[str, int]:
-    return {_USAGE_NAMES[k]: v for k, v in answer.usage().items()}
+def _usage(answer: Answer) -> Dict[str, Any]:
+    """LangChain's ``UsageMetadata``: OpenAI's cached prompt tokens become ``input_token_details.cache_read``."""
+    u = answer.usage()
+    out: Dict[str, Any] = {_USAGE_NAMES[k]: u[k] for k in _USAGE_NAMES}
+    out["input_token_details"] = {"cache_read": u["prompt_tokens_details"]["cached_tokens"]}
+    return out
 
 
 class ChatNBCE(_NBCEEngine, BaseChatModel):

@@ -256,13 +256,16 @@ class Answer:
         """Sources that supplied at least one token, most-used first."""
         return sorted((s for s in self.sources if s.n_tokens), key=lambda s: -s.n_tokens)
 
-    def usage(self) -> Dict[str, int]:
-        """Token counts in the OpenAI ``usage`` shape: ``prompt_tokens`` (prefilled over all
-        rows), ``completion_tokens`` and ``total_tokens``."""
+    def usage(self) -> Dict[str, Any]:
+        """Token counts in the OpenAI ``usage`` shape: ``prompt_tokens`` (over all rows),
+        ``completion_tokens``, ``total_tokens`` and ``prompt_tokens_details.cached_tokens`` (of
+        the prompt tokens, those taken from the passage KV cache, as OpenAI reports its prompt
+        caching)."""
         return {
             "prompt_tokens": int(self.prompt_tokens),
             "completion_tokens": int(self.completion_tokens),
             "total_tokens": int(self.prompt_tokens + self.completion_tokens),
+            "prompt_tokens_details": {"cached_tokens": int(self.cached_tokens)},
         }
 
     def metadata(self) -> Dict[str, Any]:

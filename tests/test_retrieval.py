@@ -82,7 +82,8 @@ def test_answer_usage_and_metadata_are_the_core_s():
     d = DroppedHit(Passage("x", 0.1, "p"), reason="low", code="below_threshold")
     a = Answer(text="t", token_ids=[1, 2], token_sources=[0, -1], sources=[], prompt_tokens=7, completion_tokens=2,
                dropped=[d])
-    assert a.usage() == {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9}
+    assert a.usage() == {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9,
+                         "prompt_tokens_details": {"cached_tokens": 0}}
     assert a.metadata() == {"supported": True, "sources": [], "dropped": [d.to_dict()], "token_sources": [0, -1],
                             "calibration": None}
 

@@ -199,6 +199,8 @@ def test_chat_non_stream_matches_pipeline(served, pipe):
     assert r.choices[0].finish_reason == expected.finish_reason
     assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (expected.prompt_tokens, expected.completion_tokens)
     assert r.usage.total_tokens == expected.prompt_tokens + expected.completion_tokens
+    # asked before (by the pipeline or an earlier test): the passages' keys/values came from the cache
+    assert 0 < r.usage.prompt_tokens_details.cached_tokens < r.usage.prompt_tokens
     nbce = r.model_extra["nbce"]
     check_nbce(nbce, expected)
     assert [s["index"] for s in nbce["sources"]] == [0, 1, 2]
