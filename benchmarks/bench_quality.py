@@ -473,6 +473,53 @@ def summarize(cache, args):
                                "rows": rows}, indent=2))
     plot(rows, out.with_suffix(".png"))
     out.with_suffix(".md").write_text(markdown(rows))
+    paired = paired_markdown(cache, args.max_new_tokens)
+    if paired:
+        out.with_name(out.stem + "_paired.md").write_text(paired)
+
+
+def paired_markdown(cache, max_new_tokens, baseline: str = "replug", seed: int = 0) -> str:
+    """The poolings on the same questions only (every question-cell where every NBCE method of
+    the run answered): per cell contains-gold accuracy % (F1 %, gold share), and per method its
+    paired difference in accuracy against ``baseline`` over all those question-cells (points,
+    95% bootstrap interval over question-cells) with wins/losses. Empty when no cell has them."""
+    import numpy as np
+
+    by_q = collections.defaultdict(dict)
+    for r in cache.values():
+        if r["key"].endswith(f"|{max_new_tokens}") and r["pos"] is None and r["method"] not in NOT_POOLINGS:
+            by_q[(r["dataset"], r["n"], r["q"])][r["method"]] = r
+    methods = sorted({m for d in by_q.values() for m in d}, key=lambda m: (RELEVANCE + [m]).index(m))
+    full = {k: d for k, d in by_q.items() if all(m in d for m in methods)}
+    if not full or baseline not in methods:
+        return ""
+    cells = sorted({(ds, n) for ds, n, _ in full})
+
+    def fmt(rs):
+        return (f"{100 * np.mean([r['correct'] for r in rs]):.0f} ({100 * np.mean([r['f1'] for r in rs]):.0f}, "
+                f"{np.mean([r.get('gold_share', 0) for r in rs]):.2f})")
+
+    lines = ["Paired: only question-cells where every method answered. Cells: contains-gold accuracy % "
+             "(SQuAD F1 %, share of answer tokens from gold passages).", "",
+             "| cell | q | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
+    for ds, n in cells:
+        qs = [d for (d_, n_, _), d in full.items() if (d_, n_) == (ds, n)]
+        lines.append(f"| {ds} n={n} | {len(qs)} | " + " | ".join(fmt([d[m] for d in qs]) for m in methods) + " |")
+    every = list(full.values())
+    lines.append(f"| all | {len(every)} | " + " | ".join(fmt([d[m] for d in every]) for m in methods) + " |")
+    lines += ["", f"Accuracy difference against `{baseline}` on the same {len(every)} question-cells "
+              "(points; 95% bootstrap interval, 2000 resamples of question-cells; wins/losses = questions only one of the two got right):", "",
+              "| method | difference | 95% interval | wins | losses |", "|---|---:|---|---:|---:|"]
+    rng = np.random.default_rng(seed)
+    base = np.array([d[baseline]["correct"] for d in every], dtype=float)
+    for m in methods:
+        if m == baseline:
+            continue
+        x = np.array([d[m]["correct"] for d in every], dtype=float) - base
+        boot = [x[rng.integers(0, len(x), len(x))].mean() for _ in range(2000)]
+        lo, hi = np.percentile(boot, [2.5, 97.5])
+        lines.append(f"| {m} | {100 * x.mean():+.1f} | [{100 * lo:+.1f}, {100 * hi:+.1f}] | {int((x > 0).sum())} | {int((x < 0).sum())} |")
+    return "\n".join(lines) + "\n"
 
 
 def markdown(rows) -> str:
