@@ -72,6 +72,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    from .runtime import keep_freed_memory
+
+    keep_freed_memory()  # big KV buffers are recycled instead of page-faulted in afresh (nbce_rag/runtime.py)
     try:
         rc = args.func(args)
     except KeyboardInterrupt:

@@ -668,8 +668,10 @@ class PrefillPlan:
         if P:
             first = next(self.entries[r] for r, u in zip(members, use) if u)
             L, _, H, _, D = first.kv.shape
-            buf = torch.zeros((L, 2, B, H, P, D), dtype=first.kv.dtype, device=first.kv.device)
+            buf = torch.empty((L, 2, B, H, P, D), dtype=first.kv.dtype, device=first.kv.device)
             for j, (r, u) in enumerate(zip(members, use)):
+                if u < P:
+                    buf[:, :, j, :, :P - u] = 0  # left padding: masked out, but must be finite
                 if u:
                     buf[:, :, j, :, P - u:] = self.entries[r].kv[:, :, :, :u]
             buf = buf.to(dev, non_blocking=True)

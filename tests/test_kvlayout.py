@@ -20,19 +20,20 @@ def test_appending_in_place_equals_concatenation():
     layer = GrowingLayer()
     ref_k = ref_v = None
     ptrs = set()
-    for step in range(40):
+    for step in range(17):
         k, v = _kv(3, 5 if step == 0 else 1, seed=step)
         got_k, got_v = layer.update(k, v)
         ref_k = k if ref_k is None else torch.cat([ref_k, k], dim=-2)
         ref_v = v if ref_v is None else torch.cat([ref_v, v], dim=-2)
         assert torch.equal(got_k, ref_k) and torch.equal(got_v, ref_v)
         ptrs.add(layer.keys.data_ptr())
-    assert len(ptrs) == 1  # 45 columns fit the first buffer (5 + 64 spare): never reallocated
-    for step in range(100):  # past the spare columns: a bigger buffer, the contents kept
+    assert len(ptrs) == 1  # 21 columns fit the first buffer (5 + 16 spare): never reallocated
+    for step in range(100):  # past the spare columns: bigger buffers, the contents kept
         k, v = _kv(3, 1, seed=100 + step)
         layer.update(k, v)
         ref_k = torch.cat([ref_k, k], dim=-2)
-    assert torch.equal(layer.keys, ref_k) and len({layer.keys.data_ptr()} | ptrs) == 2
+        ptrs.add(layer.keys.data_ptr())
+    assert torch.equal(layer.keys, ref_k) and 2 <= len(ptrs) <= 6  # 121 columns: a few regrowths, not 100 copies
 
 
 def test_replaced_tensors_start_a_new_buffer():
@@ -91,3 +92,22 @@ def test_merge_and_select_equal_plain_concatenation():
     for li in range(2):
         assert torch.equal(cut.layers[li].keys, want_k[li][keep][:, :, 3:])
     assert cache.layers[0].keys is None  # the merged cache was freed as it was cut
+
+
+def test_keep_freed_memory_can_be_turned_off(monkeypatch):
+    import ctypes
+    import ctypes.util
+    import sys
+
+    import nbce_rag.runtime as rt
+
+    monkeypatch.setattr(rt, "_done", None)
+    monkeypatch.setenv("NBCE_RAG_KEEP_FREED_MEMORY", "0")
+    assert rt.keep_freed_memory() is False
+    monkeypatch.setattr(rt, "_done", None)
+    monkeypatch.delenv("NBCE_RAG_KEEP_FREED_MEMORY")
+    try:
+        glibc = sys.platform.startswith("linux") and hasattr(ctypes.CDLL(ctypes.util.find_library("c")), "mallopt")
+    except OSError:
+        glibc = False
+    assert rt.keep_freed_memory() is glibc
