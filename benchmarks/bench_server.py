@@ -221,6 +221,9 @@ def baseline(reqs: List[Dict[str, Any]], device: Optional[str], threads: int) ->
     if threads:
         torch.set_num_threads(threads)
     from nbce_rag import RAGPipeline
+    from nbce_rag.runtime import keep_freed_memory
+
+    keep_freed_memory()  # as the server (the CLI) does
 
     rag = RAGPipeline.from_pretrained(device=device)
     def passages(b):
@@ -251,6 +254,9 @@ def scheduler_ratio(levels: List[int], n_passages: int, max_tokens: int, repeats
     if threads:
         torch.set_num_threads(threads)
     from nbce_rag import RAGPipeline
+    from nbce_rag.runtime import keep_freed_memory
+
+    keep_freed_memory()  # as the server (the CLI) does
 
     rag = RAGPipeline.from_pretrained(device=device)
 

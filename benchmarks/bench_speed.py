@@ -87,6 +87,10 @@ def worker(args) -> list:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if not args.no_keep_freed_memory:
+        from nbce_rag.runtime import keep_freed_memory
+
+        keep_freed_memory()  # as the CLI does (nbce_rag/runtime.py)
     torch.manual_seed(0)
     # no passage KV cache except where measured (nbce_kv): a warm-up must not warm the timed run
     dec = NBCEDecoder.from_pretrained(device=args.device, dtype=args.dtype, kv_cache=None)
@@ -108,7 +112,8 @@ def measure(dec, args, n) -> dict:
     base_mem = _peak_mem(args.device)
     passages = make_passages(n, dec.tokenizer)
     N = args.max_new_tokens
-    res = {"method": args.method, "n": n, "max_new_tokens": N, "dtype": str(next(dec.model.parameters()).dtype)}
+    res = {"method": args.method, "n": n, "max_new_tokens": N, "dtype": str(next(dec.model.parameters()).dtype),
+           "keep_freed_memory": not args.no_keep_freed_memory}
 
     def sync():
         if cuda:
@@ -538,6 +543,9 @@ def main():
     ap.add_argument("--batch-rows", type=int, default=16)
     ap.add_argument("--naive-max-n", type=int, default=32, help="skip the slow naive loop above this n")
     ap.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
+    ap.add_argument("--no-keep-freed-memory", action="store_true",
+                    help="leave glibc's malloc as it is (by default the runs recycle freed memory as the CLI does: "
+                    "nbce_rag/runtime.py)")
     ap.add_argument("--concat-max-n", type=int, default=64)
     ap.add_argument("--unbatched-ns", default="8,32,64", help="ns for the no-micro-batching memory comparison")
     ap.add_argument("--warm-repeats", type=int, default=1, metavar="R",
@@ -598,6 +606,8 @@ def main():
                    "--device", args.device, "--max-new-tokens", str(args.max_new_tokens),
                    "--batch-rows", str(args.batch_rows), "--threads", str(args.threads),
                    "--warm-repeats", str(args.warm_repeats)]
+            if args.no_keep_freed_memory:
+                cmd.append("--no-keep-freed-memory")
             if args.dtype:
                 cmd += ["--dtype", args.dtype]
             p = subprocess.run(cmd, capture_output=True, text=True)
