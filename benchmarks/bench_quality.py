@@ -5,6 +5,7 @@ Data (from ``--data``, default ``../shared/data``; skipped with a message when a
 
 * ``squad``: SQuAD v1.1 dev; the gold paragraph plus other paragraphs of the same article
   (hard, same-topic distractors), topped up from other articles when an article is short.
+  One question per article (dev has 48); more questions take a second paragraph per article.
 * ``hotpot``: HotpotQA distractor dev (first 100); the 2 gold paragraphs plus its 8
   distractors, topped up with other questions' paragraphs for larger n.
 * ``nq``: NaturalQuestions-Open with its gold passage (Lost-in-the-Middle "oracle" file);
@@ -126,7 +127,11 @@ def load_squad(data: Path, nq: int, seed: int):
     items = []
     arts = list(d)
     rng.shuffle(arts)
-    for a in arts:
+    # one question per article (48 in dev); past 48, a second pass draws another paragraph of
+    # each article in the same order (the first 48 items do not change)
+    for a in arts + arts:
+        if len(items) == nq:
+            break
         paras = a["paragraphs"]
         pi = rng.randrange(len(paras))
         qa = paras[pi]["qas"][rng.randrange(len(paras[pi]["qas"]))]
@@ -136,8 +141,6 @@ def load_squad(data: Path, nq: int, seed: int):
         rng.shuffle(others)
         items.append({"question": qa["question"], "answers": [x["text"] for x in qa["answers"]],
                       "gold": [paras[pi]["context"]], "distractors": same + others[:100]})
-        if len(items) == nq:
-            break
     return items
 
 

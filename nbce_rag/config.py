@@ -25,10 +25,9 @@ class NBCEConfig:
             ``(β+1)·pooled − β·uncond``. 0 disables it; larger pushes answers to the passages.
         eta: entropy bonus of the passage chosen at the previous step (stickiness).
         nbce_top_p: per-row nucleus truncation applied before entropy and pooling.
-        pooling: ``"auto"`` (default: ``"posterior:product,online"``, a mixture whose weights
-            start at softmax(score/0.1 + log p(question | passage)) and follow each generated
-            token, when every passage has a score, which the decoder's scorer gives unscored
-            passages; the reference ``"min_entropy"`` when none has, i.e. with ``scorer=None``),
+        pooling: ``"auto"`` (default: ``"replug"``, the mixture with weights softmax(score/0.1),
+            when every passage has a score, which the decoder's scorer gives unscored passages;
+            the reference ``"min_entropy"`` when none has, i.e. with ``scorer=None``),
             ``"min_entropy"``, ``"mean"``, ``"max"``, ``"replug"``, ``"scored_entropy"`` (ours:
             min-entropy selection that also weighs the retrieval score), ``"posterior"`` /
             ``"posterior:<scores|question|product|uniform>[,online|,static]"``, or a

@@ -354,24 +354,25 @@ class PosteriorPooling(Pooling):
 
 
 class AutoPooling(Pooling):
-    """The default: ``posterior:product,online`` when every passage carries a score (retrieval
-    score, or the decoder's scorer's cosine: with ``NBCEDecoder(scorer="auto")`` that is every
-    passage), the reference ``min_entropy`` otherwise (``scorer=None`` and plain strings: the
-    behaviour before scorers, token for token).
+    """The default: ``replug`` (``Σ_k w_k p_k``, ``w = softmax(score/0.1)``) when every passage
+    carries a score (retrieval score, or the decoder's scorer's cosine: with
+    ``NBCEDecoder(scorer="auto")`` that is every passage), the reference ``min_entropy``
+    otherwise (``scorer=None`` and plain strings: the behaviour before scorers, token for token).
 
-    Why (``benchmarks/bench_quality.py --methods relevance-cpu``; SQuAD, HotpotQA, NQ at n = 5
-    and 10; bundled SmolLM2-135M, greedy, 16 new tokens; a small CPU run of 4-6 questions per
-    cell, 31 in all, see the README's "Unscored passages" table): ``posterior:product,online``
-    answered the same 4 of 31 as ``replug`` (no paired win or loss), with SQuAD F1 12.3 vs 10.5
-    and 100% vs 91% of its answer tokens from gold passages; ``min_entropy`` answered 0 of 31
-    and drew 45%. A provisional choice on few questions. The earlier run
-    (16-24 questions per cell, n up to 50) had ``replug`` best of the older poolings with scores
-    in 11 of 12 cells; the posterior with a scores-only static prior *is* ``replug``."""
+    Why (``benchmarks/bench_quality.py --methods relevance --ns 5,10``, SQuAD, HotpotQA and NQ,
+    60 questions per cell, bundled SmolLM2-135M, greedy, 16 new tokens; the paired table
+    ``benchmarks/results/quality_relevance_paired.md`` and the README's "Unscored passages"):
+    ``replug`` over the encoder's cosine had the best contains-gold accuracy of the eight
+    poolings on the same question-cells; the ``posterior`` variants (question likelihood as prior,
+    online update) were 1-4 points lower (they drew more of the answer from gold passages, but
+    lost questions on HotpotQA, whose answers need two passages), ``min_entropy`` ~14 points
+    lower. ``replug`` also needs no ``log p(question | passage)``: no LM-head pass over the
+    question positions in the prefill."""
 
     name = "auto"
 
     def __init__(self):
-        self.with_scores: Pooling = PosteriorPooling(prior="product", update=True)
+        self.with_scores: Pooling = ReplugPooling()
         self.without_scores: Pooling = MinEntropyPooling()
 
     def needs_question_loglik(self, has_scores: bool) -> bool:

@@ -382,3 +382,27 @@ def test_scorer_remembers_passage_embeddings():
     assert enc.seen == [["Who?"], PASSAGES, ["Where?"]]
     assert first == encoder_scorer(Enc())("Who?", PASSAGES)  # remembered = computed afresh
     assert again == encoder_scorer(Enc())("Where?", PASSAGES[::-1])
+
+
+def test_auto_is_the_quality_benchmarks_choice():
+    """``auto`` with scores is ``replug``, because that is what the issue-14 quality run found
+    best (benchmarks/results/quality_relevance.json, README "Unscored passages"): a rerun that
+    changes the winner must revisit the default, and this test says so."""
+    import json
+    from pathlib import Path
+
+    from nbce_rag.nbce import MinEntropyPooling, ReplugPooling
+
+    auto = get_pooling("auto")
+    assert type(auto.with_scores) is ReplugPooling and auto.with_scores.temperature == 0.1
+    assert type(auto.without_scores) is MinEntropyPooling
+    assert not auto.needs_question_loglik(True)  # no LM-head pass over the question in the prefill
+    rows = json.loads((Path(__file__).parents[1] / "benchmarks/results/quality_relevance.json").read_text())["rows"]
+    totals = {}
+    for r in rows:
+        if r["gold_position"] is None:
+            ok, n = totals.get(r["method"], (0.0, 0))
+            totals[r["method"]] = (ok + r["accuracy"] * r["questions"], n + r["questions"])
+    acc = {m: ok / n for m, (ok, n) in totals.items()}
+    assert min(n for _, n in totals.values()) >= 6 * 60  # 3 data sets x 2 passage counts x 60 questions
+    assert acc["replug"] == max(acc.values()), acc
