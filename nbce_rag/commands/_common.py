@@ -106,7 +106,7 @@ def add_decoding_options(p: argparse.ArgumentParser, *, max_new_tokens: Optional
     g.add_argument("--max-new-tokens", type=int, default=max_new_tokens, metavar="N",
                    help=f"longest answer in tokens (default: {default})")
     g.add_argument("--pooling", default=None, metavar="NAME",
-                   help="how the passage rows are pooled: auto (default: posterior:product,online over the "
+                   help="how the passage rows are pooled: auto (default: replug over the "
                    "passages' scores, which the decoder's scorer supplies when missing; min_entropy without "
                    "scores), min_entropy, mean, max, replug, scored_entropy, posterior[:PRIOR[,online|,static]]")
     g.add_argument("--beta", type=float, default=None, metavar="B",
