@@ -11,8 +11,8 @@ is built (the merges and compactions of the scheduler's lanes paid twice).
 :class:`GrowingLayer` keeps keys and values as views of buffers with spare columns on the
 right: a decode step writes its column in place, and a buffer is reallocated (with 12% + 16
 spare columns) only when full, so appending costs O(1) amortised. Spare columns are never
-zeroed or touched before they are written (on a CPU, first-touching fresh pages is what a big
-allocation costs: zero-filling a 16-request lane with 64 spare columns took 1.8 s). :func:`cache_from` wraps
+zeroed or touched before they are written (on a CPU, first-touching fresh pages is most of what a
+big allocation costs; see :mod:`nbce_rag.runtime`). :func:`cache_from` wraps
 tensors without copying them. Anything that replaces a layer's ``keys``/``values`` (the
 passage KV cache, compaction) simply makes the next append start a new buffer.
 """
