@@ -476,21 +476,31 @@ def summarize(cache, args):
                                "rows": rows}, indent=2))
     plot(rows, out.with_suffix(".png"))
     out.with_suffix(".md").write_text(markdown(rows))
-    paired = paired_markdown(cache, args.max_new_tokens)
-    if paired:
-        out.with_name(out.stem + "_paired.md").write_text(paired)
+    # one paired section per set of passage counts that ran the same poolings
+    methods_at = collections.defaultdict(set)
+    for r in cache.values():
+        if r["key"].endswith(f"|{args.max_new_tokens}") and r["pos"] is None and r["method"] not in NOT_POOLINGS:
+            methods_at[r["n"]].add(r["method"])
+    groups = collections.defaultdict(list)
+    for n, ms in sorted(methods_at.items()):
+        groups[frozenset(ms)].append(n)
+    sections = [paired_markdown(cache, args.max_new_tokens, ns=ns) for ns in groups.values()]
+    if any(sections):
+        out.with_name(out.stem + "_paired.md").write_text("\n".join(x for x in sections if x))
 
 
-def paired_markdown(cache, max_new_tokens, baseline: str = "replug", seed: int = 0) -> str:
+def paired_markdown(cache, max_new_tokens, baseline: str = "replug", seed: int = 0, ns=None) -> str:
     """The poolings on the same questions only (every question-cell where every NBCE method of
-    the run answered): per cell contains-gold accuracy % (F1 %, gold share), and per method its
-    paired difference in accuracy against ``baseline`` over all those question-cells (points,
-    95% bootstrap interval over question-cells) with wins/losses. Empty when no cell has them."""
+    the run answered; ``ns``: only these passage counts): per cell contains-gold accuracy % (F1 %,
+    gold share), and per method its paired difference in accuracy against ``baseline`` over all
+    those question-cells (points, 95% bootstrap interval over question-cells) with wins/losses.
+    Empty when no cell has them."""
     import numpy as np
 
     by_q = collections.defaultdict(dict)
     for r in cache.values():
-        if r["key"].endswith(f"|{max_new_tokens}") and r["pos"] is None and r["method"] not in NOT_POOLINGS:
+        if (r["key"].endswith(f"|{max_new_tokens}") and r["pos"] is None and r["method"] not in NOT_POOLINGS
+                and (ns is None or r["n"] in ns)):
             by_q[(r["dataset"], r["n"], r["q"])][r["method"]] = r
     methods = sorted({m for d in by_q.values() for m in d}, key=lambda m: (RELEVANCE + [m]).index(m))
     full = {k: d for k, d in by_q.items() if all(m in d for m in methods)}
@@ -502,8 +512,8 @@ def paired_markdown(cache, max_new_tokens, baseline: str = "replug", seed: int =
         return (f"{100 * np.mean([r['correct'] for r in rs]):.0f} ({100 * np.mean([r['f1'] for r in rs]):.0f}, "
                 f"{np.mean([r.get('gold_share', 0) for r in rs]):.2f})")
 
-    lines = ["Paired: only question-cells where every method answered. Cells: contains-gold accuracy % "
-             "(SQuAD F1 %, share of answer tokens from gold passages).", "",
+    lines = [f"Paired, n = {', '.join(str(n) for n in sorted({n for _, n, _ in full}))}: only question-cells where "
+             "every method answered. Cells: contains-gold accuracy % (SQuAD F1 %, share of answer tokens from gold passages).", "",
              "| cell | q | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
     for ds, n in cells:
         qs = [d for (d_, n_, _), d in full.items() if (d_, n_) == (ds, n)]
