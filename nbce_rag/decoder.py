@@ -278,56 +278,62 @@ class NBCEDecoder:
         ``log p(question | passage)``); ``None`` = when ``cfg.pooling`` needs it."""
         if question_spans is None:
             question_spans = get_pooling(cfg.pooling).needs_question_loglik(all(p.score is not None for _, p in kept))
+        # where the question is: for log p(question | passage), and for the passage KV cache,
+        # which stores everything before it (the template text after the passage included)
+        locate = question_spans or self.kv_cache is not None
+
+        def row(question_at: Optional[Tuple[int, int, int]], ids: List[int], source: int) -> _Row:
+            return _Row(ids, source, question_at[:2] if question_at and question_spans else None,
+                        stable=question_at[2] if question_at else None)
+
         window = self.context_window
-        base = self._encode_prompt(self.build_prompt(question, None, config=cfg), cfg)
+        base, base_at = self._encode_row(question, None, cfg, locate)
         room = window - len(base) - cfg.max_new_tokens
         if room <= 0:
             raise PromptTooLongError(
                 f"the question prompt is {len(base)} tokens and max_new_tokens is {cfg.max_new_tokens}; "
                 f"together they exceed the model's window of {window} tokens. Shorten the question or lower max_new_tokens."
             )
-        # the question's position is also what the passage KV cache stores up to (the template text
-        # between the passage and the question is cached with the passage)
-        locate = question_spans or self.kv_cache is not None
-
-        def row(ids: List[int], source: int, text: Optional[str]) -> _Row:
-            found = self._question_span(question, text, ids, cfg) if locate else None
-            return _Row(ids, source, found[:2] if found and question_spans else None, stable=found[2] if found else None)
-
-        rows = [row(base, NO_PASSAGE, None)]
+        rows = [row(base_at, base, NO_PASSAGE)]
         scores: List[Optional[float]] = []
         for idx, psg in kept:
             for text in self._windows(psg.text, room, cfg, idx):
-                ids = self._encode_prompt(self.build_prompt(question, text, config=cfg), cfg)
+                ids, at = self._encode_row(question, text, cfg, locate)
                 if len(ids) + cfg.max_new_tokens > window:  # template tokens merge differently: trim
                     over = len(ids) + cfg.max_new_tokens - window
                     text = self._trim_tokens(text, over)
-                    ids = self._encode_prompt(self.build_prompt(question, text, config=cfg), cfg)
-                rows.append(row(ids, idx, text))
+                    ids, at = self._encode_row(question, text, cfg, locate)
+                rows.append(row(at, ids, idx))
                 scores.append(psg.score)
         row_scores = None
         if scores and all(s is not None for s in scores):
             row_scores = torch.tensor(scores, dtype=torch.float32)
         return _Prepared(rows, kept, row_scores)
 
-    def _question_span(self, question: str, passage: Optional[str], ids: List[int], cfg: NBCEConfig) -> Optional[Tuple[int, int, int]]:
-        """Token positions ``[start, end)`` of the question in a row's ``ids`` and the row's
-        question-independent prefix length (:func:`nbce_rag.scoring.locate_question`); None if unknown."""
-        from .scoring import locate_question
-
+    def _encode_row(self, question: str, passage: Optional[str], cfg: NBCEConfig,
+                    locate: bool) -> Tuple[List[int], Optional[Tuple[int, int, int]]]:
+        """A row's token ids and, with ``locate``, where its question is (``(start, end, stable)``,
+        :func:`nbce_rag.scoring.locate_question`; None if unknown), from one tokenization."""
         prompt = self.build_prompt(question, passage, config=cfg)
-        full = cfg.prompt_template.format(passage=passage or "", question=question)
-        before = cfg.prompt_template.split("{question}", 1)[0].format(passage=passage or "")
-        content = full.strip()
-        at = prompt.find(content)
-        if at < 0:
-            return None
-        start = at + len(before) - (len(full) - len(full.lstrip()))
-        chat = bool(cfg.use_chat_template and getattr(self.tokenizer, "chat_template", None))
-        found = locate_question(self.tokenizer, prompt, ids, start, start + len(question), not chat)
-        if found is None:
-            logger.debug("question tokens not found in a row: no question likelihood for it")
-        return found
+        if locate:
+            full = cfg.prompt_template.format(passage=passage or "", question=question)
+            before = cfg.prompt_template.split("{question}", 1)[0].format(passage=passage or "")
+            at = prompt.find(full.strip())
+            if at >= 0:
+                start = at + len(before) - (len(full) - len(full.lstrip()))
+                chat = bool(cfg.use_chat_template and getattr(self.tokenizer, "chat_template", None))
+                try:
+                    enc = self.tokenizer(prompt, add_special_tokens=not chat, return_offsets_mapping=True)
+                except (NotImplementedError, TypeError, ValueError):  # no offsets (slow tokenizers)
+                    enc = None
+                if enc is not None:
+                    from .scoring import locate_question
+
+                    found = locate_question(prompt, enc["offset_mapping"], start, start + len(question))
+                    if found is None:
+                        logger.debug("question tokens not found in a row: no question likelihood for it")
+                    return list(enc["input_ids"]), found
+        return self._encode_prompt(prompt, cfg), None
 
     def _score_passages(self, question: str, kept: List[Tuple[int, Passage]]) -> List[Tuple[int, Passage]]:
         """Fill in the scores of passages given without one (``self.scorer``)."""
@@ -766,7 +772,7 @@ def _merge_for_decode(groups: List[_Group], decode_rows: int) -> List[_Group]:
     costs about the same whatever its batch). Caches are left-padded to a common width and
     the padding is masked out, so no logit changes beyond float rounding. Caches of a shape
     this does not know (sliding windows, quantized, other layouts) are left as they are."""
-    if len(groups) < 2 or not all(_plain_cache(g.cache) for g in groups):
+    if len(groups) < 2 or not all(is_plain(g.cache) for g in groups):
         return groups
     runs: List[List[_Group]] = [[]]
     for g in groups:
@@ -774,9 +780,6 @@ def _merge_for_decode(groups: List[_Group], decode_rows: int) -> List[_Group]:
             runs.append([])
         runs[-1].append(g)
     return [_merge_run(run) if len(run) > 1 else run[0] for run in runs]
-
-
-_plain_cache = is_plain
 
 
 def _merge_run(run: List[_Group]) -> _Group:

@@ -652,8 +652,8 @@ class PrefillPlan:
 
     def prefill(self, members: List[int]):
         """One forward for the rows ``members``: returns ``(last-position logits, _Group)``."""
-        from .decoder import _Group, _plain_cache
-        from .kvlayout import cache_from, left_padded, new_cache
+        from .decoder import _Group
+        from .kvlayout import cache_from, is_plain, left_padded, new_cache
 
         dec = self.dec
         dev = dec.device
@@ -678,7 +678,7 @@ class PrefillPlan:
             past = cache_from([(buf[li, 0], buf[li, 1]) for li in range(L)])
         ids, mask, pos = ids.to(dev), mask.to(dev), pos.to(dev)
         logits, cache = dec._forward(ids, mask, pos, past)
-        if not _plain_cache(cache):  # pragma: no cover - unsupported_reason() catches these first
+        if not is_plain(cache):  # pragma: no cover - unsupported_reason() catches these first
             _warn_once(("kv-layout", self.ns), "this model's KV cache layout is not supported by the passage cache")
         else:
             for j, r in enumerate(members):

@@ -45,8 +45,8 @@ from typing import Deque, Dict, List, Optional, Tuple
 
 import torch
 
-from .decoder import DecodeState, NBCEDecoder, _Group, _merge_run, _plain_cache
-from .kvlayout import select_rows
+from .decoder import DecodeState, NBCEDecoder, _Group, _merge_run
+from .kvlayout import is_plain, select_rows
 from .types import StreamEvent
 
 logger = logging.getLogger(__name__)
@@ -132,7 +132,7 @@ class DecodeBatch:
         fresh: List[_Unit] = []
         room = {id(u): self.lane_rows - u.rows for u in self.units if u.shared}
         for state in states:
-            small = len(state.groups) == 1 and state.n_rows <= self.lane_rows and _plain_cache(state.groups[0].cache)
+            small = len(state.groups) == 1 and state.n_rows <= self.lane_rows and is_plain(state.groups[0].cache)
             if not small:
                 unit = _Unit(state.groups, [state], shared=False)
                 self.units.append(unit)

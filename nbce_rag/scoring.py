@@ -9,7 +9,7 @@
 
 2. **The model's own evidence**: each NBCE row is ``{passage}`` then ``{question}``, so the
    prefill already holds ``log p(question | passage_k)`` (UPR, Sachan et al. 2022) at the
-   question's positions. :func:`question_span` finds those positions in a row's token ids;
+   question's positions. :func:`locate_question` finds those positions from a row's token offsets;
    :func:`question_loglik` sums the question tokens' log-probabilities from the logits of the
    row's last ``m`` positions only (the prefill never keeps full-sequence logits).
 """
@@ -153,30 +153,18 @@ def score_missing(scorer: Optional[Scorer], question: str, passages: List[Tuple[
 
 
 # ------------------------------------------------------------------ question likelihood
-def question_span(tokenizer: Any, prompt: str, ids: Sequence[int], char_start: int, char_end: int,
-                  add_special_tokens: bool) -> Optional[Tuple[int, int]]:
-    """Token positions ``[start, end)`` of the question (characters ``[char_start, char_end)``
-    of ``prompt``) in the row's ``ids``: the tokens that overlap it (a leading space merged into
-    the first question token counts). ``None`` when the tokenizer gives no offsets or tokenises
-    the prompt differently from ``ids``."""
-    found = locate_question(tokenizer, prompt, ids, char_start, char_end, add_special_tokens)
-    return None if found is None else found[:2]
+def locate_question(prompt: str, offsets: Sequence[Tuple[int, int]], char_start: int,
+                    char_end: int) -> Optional[Tuple[int, int, int]]:
+    """Where the question (characters ``[char_start, char_end)`` of ``prompt``) is in a row,
+    from the character offsets of the row's tokens: ``(start, end, stable)``.
 
-
-def locate_question(tokenizer: Any, prompt: str, ids: Sequence[int], char_start: int, char_end: int,
-                    add_special_tokens: bool) -> Optional[Tuple[int, int, int]]:
-    """:func:`question_span` plus ``stable``: how many leading tokens of the row end before the
-    text in front of the question (``prompt[:char_start]`` without its trailing whitespace),
-    less one token of margin and at most ``start - 1``. Those tokens are the same whatever the
-    question is (a question's first token may absorb the space before it, or not), so the
-    passage KV cache stores exactly them: one entry per passage serves every question."""
-    try:
-        enc = tokenizer(prompt, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
-    except (NotImplementedError, TypeError, ValueError):
-        return None
-    if list(enc["input_ids"]) != list(ids):
-        return None
-    offsets = enc["offset_mapping"]
+    ``[start, end)``: the tokens that overlap the question (a leading space merged into the
+    first question token counts). ``stable``: how many leading tokens end before the text in
+    front of the question (``prompt[:char_start]`` without its trailing whitespace), less one
+    token of margin and at most ``start - 1``. Those tokens are the same whatever the question
+    is (a question's first token may absorb the space before it, or not), so the passage KV
+    cache stores exactly them: one entry per passage serves every question. ``None`` when no
+    token overlaps the question or the first one has no position before it."""
     toks = [t for t, (a, b) in enumerate(offsets) if b > a and a < char_end and b > char_start]
     if not toks or toks[0] < 1:
         return None  # the first question token needs a position before it

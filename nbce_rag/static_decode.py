@@ -50,9 +50,9 @@ def wants_compile(setting: Any, device: torch.device) -> bool:
 def supported(groups: List[Any]) -> bool:
     """Whether the prefilled groups can move into a static cache: one decode group (see
     ``NBCEConfig.decode_rows``) of plain full-attention layers."""
-    from .decoder import _plain_cache
+    from .kvlayout import is_plain
 
-    return len(groups) == 1 and _plain_cache(groups[0].cache)
+    return len(groups) == 1 and is_plain(groups[0].cache)
 
 
 class StaticStepper:
