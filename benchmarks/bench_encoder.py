@@ -74,8 +74,8 @@ def need(path: Path, what: str) -> bool:
 
 
 def bench_stsb(args: argparse.Namespace) -> int:
-    from nbce_rag.readers import read_stsb
-    from nbce_rag.encoder import CoSENTEncoder
+    from nbce_rag.retrieval.readers import read_stsb
+    from nbce_rag.retrieval.encoder import CoSENTEncoder
 
     d = Path(args.data) / "stsb"
     if not need(d / "sts-train.csv", "STS-B"):
@@ -184,8 +184,8 @@ def _train_on(enc, train, qrels, index0, recipe: Dict[str, Any]) -> Dict[str, An
     fine-tune ``enc`` in place with the recipe; returns what happened."""
     import random
 
-    from nbce_rag.readers import BeirData
-    from nbce_rag.training import qrels_to_pairs
+    from nbce_rag.retrieval.readers import BeirData
+    from nbce_rag.retrieval.training import qrels_to_pairs
 
     mine = dict(n_hard=recipe["hard_negatives"], n_random=recipe["random_negatives"],
                 hard_score=recipe["hard_score"], skip_top=recipe["skip_top"], seed=recipe["seed"])
@@ -220,9 +220,9 @@ def bench_scifact(args: argparse.Namespace) -> int:
     trained on all train qrels and scored on the test qrels."""
     import random
 
-    from nbce_rag.readers import read_beir, read_qrels
-    from nbce_rag.encoder import CoSENTEncoder
-    from nbce_rag.index import VectorIndex
+    from nbce_rag.retrieval.readers import read_beir, read_qrels
+    from nbce_rag.retrieval.encoder import CoSENTEncoder
+    from nbce_rag.retrieval.index import VectorIndex
 
     root = Path(args.data) / "beir_scifact"
     if not need(root / "corpus.jsonl", "BEIR SciFact"):
@@ -322,7 +322,7 @@ def bench_scifact(args: argparse.Namespace) -> int:
 def _sentences(data: Path, n: int) -> List[str]:
     f = data / "stsb" / "sts-train.csv"
     if f.exists():
-        from nbce_rag.readers import read_stsb
+        from nbce_rag.retrieval.readers import read_stsb
 
         out: List[str] = []
         for a, b, _ in read_stsb(f):
@@ -350,7 +350,7 @@ def _passages(data: Path, n: int) -> List[str]:
 def bench_throughput(args: argparse.Namespace) -> int:
     """CoSENTEncoder.encode vs SentenceTransformer.encode on the same texts, same batch size;
     the two are timed alternately (A B B A ...) and the medians compared."""
-    from nbce_rag.encoder import CoSENTEncoder
+    from nbce_rag.retrieval.encoder import CoSENTEncoder
 
     enc = CoSENTEncoder.from_pretrained()
     st = enc.model
@@ -416,7 +416,7 @@ def bench_latency(args: argparse.Namespace) -> int:
     """Search latency (k=10, one query at a time, through VectorIndex.search_by_vector) over
     random unit vectors: exact NumPy, FAISS Flat (exact), FAISS HNSW32 and IVF (approximate,
     with recall@10 against exact). Random vectors are the worst case for approximate indexes."""
-    from nbce_rag.index import VectorIndex, faiss_available
+    from nbce_rag.retrieval.index import VectorIndex, faiss_available
 
     has_faiss = faiss_available()
     if has_faiss:
@@ -446,7 +446,7 @@ def bench_latency(args: argparse.Namespace) -> int:
                 configs.append(("faiss_hnsw32", "HNSW32", "efSearch=64"))
             nlist = max(16, int(np.sqrt(n)))
             configs.append((f"faiss_ivf{nlist}", f"IVF{nlist},Flat", "nprobe=16"))
-            import nbce_rag.index as index_mod
+            import nbce_rag.retrieval.index as index_mod
 
             index_mod.FAISS_TRAIN_MAX = 50 * nlist  # k-means sample for IVF (faiss wants >= 39 per list)
             res["ivf_train_rows"] = min(n, index_mod.FAISS_TRAIN_MAX)

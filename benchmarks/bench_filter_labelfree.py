@@ -34,8 +34,10 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from nbce_rag.prior import DATASETS, LabelledSet, build_prior, candidates, load_labelled, quiet_calibrate
-from nbce_rag.threshold import MarginThreshold, prf
+from nbce_rag.filtering.prior import DATASETS, LabelledSet, build_prior, candidates, load_labelled, quiet_calibrate
+from nbce_rag.filtering.threshold import MarginThreshold, prf
+
+from filter_common import EmbCache, correct, load_encoder
 
 OBJECTIVES = ("f1", "f0.5", "coverage0.9")
 FIXED = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
@@ -48,10 +50,8 @@ def _sets(data: Path) -> Dict[str, Dict[str, LabelledSet]]:
 
 def _cache(args, enc, part: str = ""):
     """The embedding cache; ``part`` names a second file a parallel encode job writes (read too)."""
-    from bench_filter import _EmbCache
-
     key = hashlib.sha1(enc.identity.encode()).hexdigest()[:12]
-    c = _EmbCache(enc, Path(args.cache) / f"labelfree_emb_{key}{part}.npz")
+    c = EmbCache(enc, Path(args.cache) / f"labelfree_emb_{key}{part}.npz")
     for extra in sorted(Path(args.cache).glob(f"labelfree_emb_{key}_*.npz")):
         if extra != c.path:
             z = np.load(extra, allow_pickle=False)
@@ -61,8 +61,6 @@ def _cache(args, enc, part: str = ""):
 
 
 def stage_encode(args) -> Dict[str, Any]:
-    from bench_filter import load_encoder
-
     import os
 
     enc = load_encoder(args.encoder)
@@ -84,7 +82,7 @@ def _synth_path(args, ds: str) -> Path:
 def stage_synth(args) -> Dict[str, Any]:
     """Questions from the bundled LM about sampled chunks of every evaluation split (cached)."""
     from nbce_rag import NBCEDecoder
-    from nbce_rag.synthetic import clean_question, write_question
+    from nbce_rag.filtering.synthetic import clean_question, write_question
 
     dec = NBCEDecoder.from_pretrained(device="cpu")
     sets = _sets(Path(args.data))
@@ -115,7 +113,7 @@ def stage_synth(args) -> Dict[str, Any]:
 
 
 def _synthetic_th(args, ls: LabelledSet, P: np.ndarray, encode, objective: str, k: int, filter_top: int = 3):
-    """The synthetic recipe (nbce_rag.synthetic) on cached questions: same rank filter and labels."""
+    """The synthetic recipe (nbce_rag.filtering.synthetic) on cached questions: same rank filter and labels."""
     path = _synth_path(args, ls.name)
     if not path.exists():
         return None, None
@@ -151,8 +149,6 @@ def _metrics(th: Optional[MarginThreshold], S: np.ndarray, Y: np.ndarray, keep: 
 
 
 def stage_labelfree(args) -> Dict[str, Any]:
-    from bench_filter import load_encoder
-
     enc = load_encoder(args.encoder)
     cache = _cache(args, enc)
     sets = _sets(Path(args.data))
@@ -258,9 +254,8 @@ def stage_e2e(args) -> Dict[str, Any]:
     """Answer accuracy with 20 candidates, per objective's prior (and no filter, gold only)."""
     import torch
 
-    from bench_filter import _correct, load_encoder
     from nbce_rag import NBCEDecoder
-    from nbce_rag._io import write_json
+    from nbce_rag.files import write_json
     from nbce_rag.types import Passage
 
     enc = load_encoder(args.encoder)
@@ -319,7 +314,7 @@ def stage_e2e(args) -> Dict[str, Any]:
                         sel = rows
                     kept += len(sel)
                     gold += any(r in ls.qrels[q] for r in sel)
-                    n_ok += _correct(gen(ls.queries[q], [ls.passages[r] for r in sel]), ls.answers[q])
+                    n_ok += correct(gen(ls.queries[q], [ls.passages[r] for r in sel]), ls.answers[q])
                 else:
                     nq = len(c["qids"])
                     acc[name] = n_ok / nq
@@ -337,8 +332,6 @@ def stage_e2e(args) -> Dict[str, Any]:
 
 def build_shipped_prior(args) -> MarginThreshold:
     """The shipped prior: build_prior (the package recipe) on the cached embeddings."""
-    from bench_filter import load_encoder
-
     enc = load_encoder(args.encoder)
     cache = _cache(args, enc)
     return build_prior(enc, args.data, k=10, encode=cache.encode, n_bootstrap=args.bootstrap,

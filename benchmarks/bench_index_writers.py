@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 WRITER = """
 import sys, time, numpy as np
-from nbce_rag.index import VectorIndex
+from nbce_rag.retrieval.index import VectorIndex
 path, name, go = sys.argv[1], sys.argv[2], float(sys.argv[3])
 while time.time() < go:
     time.sleep(0.001)
@@ -42,7 +42,7 @@ else:
     print("OK", name, flush=True)
 """
 
-LOADER = "import sys; from nbce_rag.index import VectorIndex as V; print(' '.join(V.load(sys.argv[1]).ids))"
+LOADER = "import sys; from nbce_rag.retrieval.index import VectorIndex as V; print(' '.join(V.load(sys.argv[1]).ids))"
 
 
 def main() -> None:
@@ -55,7 +55,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
-    from nbce_rag.index import VectorIndex
+    from nbce_rag.retrieval.index import VectorIndex
 
     env = dict(os.environ, PYTHONPATH=args.code, OMP_NUM_THREADS="1")
     work = Path(tempfile.mkdtemp(prefix="bench_writers_"))

@@ -71,7 +71,7 @@ NOT_POOLINGS = ("closed", "concat", "filter")
 
 def pooling_for(method: str):
     """The pooling of a method name; ``u:<name>`` hides the retrieval scores from it."""
-    from nbce_rag.nbce import Pooling, get_pooling
+    from nbce_rag.decoding.nbce import Pooling, get_pooling
 
     if not method.startswith("u:"):
         return method

@@ -7,12 +7,12 @@ data set is needed), measures with the bundled SmolLM2-135M-Instruct:
 * ``nbce_unbatched``: the same rows, but ``batch_rows=n+1`` (no micro-batching) -- for memory
 * ``naive``: one forward per row per step, each row with its own cache (what a plain loop does)
 * ``concat``: ``model.generate`` on one prompt with all passages concatenated (greedy)
-* ``nbce_kv``: NBCEDecoder with the passage KV cache (:mod:`nbce_rag.kvcache`), in one process
+* ``nbce_kv``: NBCEDecoder with the passage KV cache (:mod:`nbce_rag.decoding.kvcache`), in one process
   per n: ``cold`` (empty cache: every passage is computed and stored, also to a disk store),
   ``warm`` (the same question again: tokens must be identical), ``warm_q2`` (another question
   over the same passages: the realistic case), ``disk`` (a fresh RAM cache over the disk store
   the cold run wrote, as after a restart); plus RAM and disk bytes per cached token.
-* ``--fill N``: time :func:`nbce_rag.kvcache.fill` (what ``nbce-rag cache`` runs) on N passages
+* ``--fill N``: time :func:`nbce_rag.decoding.kvcache.fill` (what ``nbce-rag cache`` runs) on N passages
 
 time to first token (prefill + first step), decode time per token, and peak RSS (CPU) or peak
 CUDA memory. Each (method, n) runs in its own subprocess so peak memory is clean.
@@ -203,7 +203,7 @@ def measure_kv(dec, args, n, passages, res) -> dict:
     import shutil
     import tempfile
 
-    from nbce_rag.kvcache import PassageKVCache
+    from nbce_rag.decoding.kvcache import PassageKVCache
 
     sync = (lambda: __import__("torch").cuda.synchronize()) if args.device == "cuda" else (lambda: None)
     N = args.max_new_tokens
@@ -244,7 +244,7 @@ def measure_fill(args) -> dict:
     import torch
 
     from nbce_rag import NBCEDecoder
-    from nbce_rag.kvcache import PassageKVCache, fill
+    from nbce_rag.decoding.kvcache import PassageKVCache, fill
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -273,7 +273,7 @@ def naive_nbce(dec, passages, N, sync):
     import torch
     from transformers import DynamicCache
 
-    from nbce_rag.nbce import attribute, get_pooling, nbce_step
+    from nbce_rag.decoding.nbce import attribute, get_pooling, nbce_step
 
     cfg = dec.config
     prompts = [dec.build_prompt(QUESTION, None)] + [dec.build_prompt(QUESTION, p) for p in passages]
@@ -317,9 +317,9 @@ def profile(args) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, record_function
 
-    import nbce_rag.decoder as decoder_mod
-    import nbce_rag.nbce as nbce_mod
-    import nbce_rag.sampling as sampling_mod
+    import nbce_rag.decoding.decoder as decoder_mod
+    import nbce_rag.decoding.nbce as nbce_mod
+    import nbce_rag.decoding.sampling as sampling_mod
     from nbce_rag import NBCEDecoder
 
     if args.threads:
@@ -385,13 +385,13 @@ def profile(args) -> dict:
                 groups, logits0, inverse = dec._prefill_rows(prep, cfg)
 
             def fresh():
-                return ([decoder_mod._Group(g.rows, copy.deepcopy(g.cache), g.mask.clone(), g.last_pos.clone())
+                return ([decoder_mod.Group(g.rows, copy.deepcopy(g.cache), g.mask.clone(), g.last_pos.clone())
                          for g in groups], logits0.clone(), inverse)
 
             # the nucleus of these rows' first logits: the full sort (before) vs the fast path (now)
             lp = nbce_mod.log_softmax(logits0)
             t0 = time.perf_counter()
-            nbce_mod._top_p_sorted(lp, cfg.nbce_top_p)
+            nbce_mod.top_p_sorted(lp, cfg.nbce_top_p)
             nucleus_sort = 1000 * (time.perf_counter() - t0)
             t0 = time.perf_counter()
             saved[2][2](lp, cfg.nbce_top_p)  # the unwrapped top_p_truncate

@@ -5,10 +5,10 @@
 - ``nbce_rag.integrations.server``      (``pip install nbce-rag[server]``)
 
 Adapters are thin: every one calls ``NBCEDecoder.stream`` / ``.generate`` (through
-``RAGPipeline``; the server drives the same step API through ``nbce_rag.scheduler``, so that
+``RAGPipeline``; the server drives the same step API through ``nbce_rag.decoding.scheduler``, so that
 concurrent requests share decode steps), so streaming, stops, token accounting and
 attribution are written once;
-retrieval and filtering go through ``nbce_rag.retrieval.select``, request options through
+retrieval and filtering go through ``nbce_rag.retrieval.selection.select``, request options through
 ``nbce_rag.config.openai_options``, and answers are reported with ``Answer.usage()`` /
 ``Answer.metadata()``. An adapter only queries its framework's store and converts types.
 """

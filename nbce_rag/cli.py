@@ -10,8 +10,8 @@ import logging
 import sys
 from typing import List, Optional
 
-from . import __version__
-from .errors import CorruptFileError, NBCERagError
+from nbce_rag import __version__
+from nbce_rag.errors import CorruptFileError, NBCERagError
 
 #: Subcommands in the order ``--help`` lists them. A module that is not there yet is skipped.
 #: (``ask`` also registers ``chat``: questions read in a loop with the models loaded once.)
@@ -32,7 +32,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .commands._common import HelpFormatter, examples
+    from nbce_rag.commands.arguments import HelpFormatter, examples
 
     parser = _Parser(
         prog="nbce-rag",
@@ -72,7 +72,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    from .runtime import keep_freed_memory
+    from nbce_rag.runtime import keep_freed_memory
 
     keep_freed_memory()  # big KV buffers are recycled instead of page-faulted in afresh (nbce_rag/runtime.py)
     try:

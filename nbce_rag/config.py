@@ -10,7 +10,7 @@ import numbers
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
-from .errors import ConfigError
+from nbce_rag.errors import ConfigError
 
 DEFAULT_PROMPT_TEMPLATE = "{passage}\n\nAnswer briefly: {question}"
 
@@ -31,7 +31,7 @@ class NBCEConfig:
             ``"min_entropy"``, ``"mean"``, ``"max"``, ``"replug"``, ``"scored_entropy"`` (ours:
             min-entropy selection that also weighs the retrieval score), ``"posterior"`` /
             ``"posterior:<scores|question|product|uniform>[,online|,static]"``, or a
-            :class:`~nbce_rag.nbce.Pooling` instance. Chosen by benchmarks/bench_quality.py
+            :class:`~nbce_rag.decoding.nbce.Pooling` instance. Chosen by benchmarks/bench_quality.py
             (SQuAD, HotpotQA, NQ; see the README's quality tables).
 
     Sampling (applied to the fused distribution):
@@ -39,7 +39,7 @@ class NBCEConfig:
             (0.0 = off), seed. These act only when ``do_sample`` (as in transformers).
 
     Post-fusion processing (greedy and sampling; transformers' processors on the fused row,
-    with the answer's tokens so far as ``input_ids``; see :mod:`nbce_rag.sampling`):
+    with the answer's tokens so far as ``input_ids``; see :mod:`nbce_rag.decoding.sampling`):
         repetition_penalty: ``> 0``, 1.0 = off (transformers' definition, on log-probs).
         no_repeat_ngram_size: no n-gram of this many tokens occurs twice in the answer (0 = off).
         frequency_penalty, presence_penalty: OpenAI's additive penalties in ``[-2, 2]``
@@ -71,7 +71,7 @@ class NBCEConfig:
     Speed:
         compile: the decode steps over a static KV cache bucketed in rows and length, under
             ``torch.compile(mode="reduce-overhead")`` (CUDA graphs on a GPU; see
-            :mod:`nbce_rag.static_decode`). ``False`` (default: GPU speed not measured yet),
+            :mod:`nbce_rag.decoding.static_decode`). ``False`` (default: GPU speed not measured yet),
             ``True``, ``"auto"`` (on CUDA only) or ``"static"`` (the static cache without
             compiling). Same tokens as the default path in fp32.
     """
@@ -124,8 +124,6 @@ class NBCEConfig:
             raise bad("prompt_template must be a string containing both {passage} and {question}")
         if self.system_prompt is not None and not isinstance(self.system_prompt, str):
             raise bad(f"system_prompt must be a string or None (got {_show(self.system_prompt)})")
-        from .sampling import validate_token_lists
-
         try:
             self.bad_words_ids = validate_token_lists("bad_words_ids", self.bad_words_ids, nested=True)
             self.suppress_tokens = validate_token_lists("suppress_tokens", self.suppress_tokens, nested=False)
@@ -137,7 +135,7 @@ class NBCEConfig:
             self.stop = [self.stop]
         if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) and s for s in self.stop):
             raise bad("stop must be a list of non-empty strings")
-        from .nbce import get_pooling
+        from nbce_rag.decoding.nbce import get_pooling
 
         try:
             get_pooling(self.pooling)
@@ -212,8 +210,8 @@ OPENAI_PARAMS: Dict[str, Callable[[Any], Dict[str, Any]]] = {
     "top_p": _to("top_p", _checked("top_p", "top_p")),
     "seed": _to("seed", _checked("seed", "seed")),
     "stop": _to("stop", _stop_list),
-    "frequency_penalty": _to("frequency_penalty", _checked("frequency_penalty", "frequency_penalty")),  # nbce_rag.sampling
-    "presence_penalty": _to("presence_penalty", _checked("presence_penalty", "presence_penalty")),  # nbce_rag.sampling
+    "frequency_penalty": _to("frequency_penalty", _checked("frequency_penalty", "frequency_penalty")),  # nbce_rag.decoding.sampling
+    "presence_penalty": _to("presence_penalty", _checked("presence_penalty", "presence_penalty")),  # nbce_rag.decoding.sampling
 }
 
 
@@ -308,3 +306,22 @@ def check_number(name: str, value: Any, kind: str, low: Any, high: Any, hint: st
     if not ok:
         raise ConfigError(f"{name} must be {what} in {rng} (got {_show(value)}){tail}")
     return v
+
+
+def validate_token_lists(name: str, value, nested: bool) -> Optional[List]:
+    """``bad_words_ids`` (``nested``: a list of non-empty lists of token ids) or
+    ``suppress_tokens`` (a list of token ids); ``None``/empty = off. Raises ``ValueError``."""
+    if value is None:
+        return None
+    items = list(value) if isinstance(value, (list, tuple)) else None
+    if items is None:
+        raise ValueError(f"{name} must be a list{' of lists' if nested else ''} of token ids, got {type(value).__name__}")
+    if nested:
+        for w in items:
+            if not isinstance(w, (list, tuple)) or not w or not all(isinstance(t, int) and t >= 0 for t in w):
+                raise ValueError(f"{name} must be a list of non-empty lists of token ids (ints >= 0); got {w!r} in it. "
+                                 "Token ids of a word: tokenizer(word, add_special_tokens=False).input_ids")
+        return [list(w) for w in items]
+    if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in items):
+        raise ValueError(f"{name} must be a list of token ids (ints >= 0), got {value!r}")
+    return items

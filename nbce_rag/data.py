@@ -1,16 +1,16 @@
 """Former home of the training-data readers and :func:`qrels_to_pairs`; kept so that old
 imports (``from nbce_rag.data import read_qrels, qrels_to_pairs``) keep working.
 
-The readers are in :mod:`nbce_rag.readers`, ``qrels_to_pairs`` in :mod:`nbce_rag.training`.
+The readers are in :mod:`nbce_rag.retrieval.readers`, ``qrels_to_pairs`` in :mod:`nbce_rag.retrieval.training`.
 """
 
 from __future__ import annotations
 
-from .readers import (  # noqa: F401 - re-exported
+from nbce_rag.retrieval.readers import (  # noqa: F401 - re-exported
     BeirData,
     Pair,
     PathLike,
-    _scale,
+    scale_pairs,
     as_pairs,
     read_beir,
     read_beir_corpus,
@@ -19,4 +19,4 @@ from .readers import (  # noqa: F401 - re-exported
     read_qrels,
     read_stsb,
 )
-from .training import qrels_to_pairs  # noqa: F401 - re-exported
+from nbce_rag.retrieval.training import qrels_to_pairs  # noqa: F401 - re-exported

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Tuple, Union
 
-from .errors import ModelLoadError
+from nbce_rag.errors import ModelLoadError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch

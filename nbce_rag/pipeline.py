@@ -1,7 +1,7 @@
 """RAGPipeline: retrieve -> filter -> decode, in one direction.
 
     question ──> index.search (top-k candidates, canonical cosine)
-             ──> MarginThreshold.filter (kept passages, or none)   [nbce_rag.retrieval.select]
+             ──> MarginThreshold.filter (kept passages, or none)   [nbce_rag.retrieval.selection.select]
              ──> NBCEDecoder.stream (one row per kept passage)
              ──> Answer(text, per-token sources, sources with scores and shares, supported)
 
@@ -15,13 +15,13 @@ import logging
 import os
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, List, Optional, Sequence
 
-from .decoder import NBCEDecoder
-from .retrieval import Selection, check_k, select
-from .types import Answer, Passage, StreamEvent, as_passage
+from nbce_rag.decoding.decoder import NBCEDecoder
+from nbce_rag.retrieval.selection import Selection, check_k, select
+from nbce_rag.types import Answer, Passage, StreamEvent, as_passage
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .decoder import DecodeState
-    from .scheduler import SchedulerConfig
+    from nbce_rag.decoding.decoder import DecodeState
+    from nbce_rag.decoding.scheduler import SchedulerConfig
 
 logger = logging.getLogger(__name__)
 
@@ -70,16 +70,16 @@ class RAGPipeline:
         encoder (``None`` = the one recorded in the index). ``threshold``: ``"auto"`` picks, first
         found: ``calibration.json`` in the index directory (labelled), ``calibration.synthetic.json``
         (``nbce-rag calibrate --synthetic``), the shipped prior of the index's encoder
-        (:mod:`nbce_rag.prior`), else no filter; a path, a :class:`MarginThreshold`, or ``None``
+        (:mod:`nbce_rag.filtering.prior`), else no filter; a path, a :class:`MarginThreshold`, or ``None``
         (no filter: all top-k reach the decoder). ``"no-prior"``: ``"auto"`` without the prior.
         ``decoder_options`` are :class:`NBCEConfig` fields.
         """
-        from .threshold import MarginThreshold
+        from nbce_rag.filtering.threshold import MarginThreshold
 
         idx = index
         index_dir = None
         if isinstance(index, (str, os.PathLike)):
-            from .index import VectorIndex
+            from nbce_rag.retrieval.index import VectorIndex
 
             index_dir = index
             idx = VectorIndex.load(index, encoder=encoder)
@@ -88,7 +88,7 @@ class RAGPipeline:
         th = threshold
         calibration = None
         if isinstance(threshold, str) and threshold in ("auto", "no-prior"):
-            from .prior import resolve_calibration
+            from nbce_rag.filtering.prior import resolve_calibration
 
             res = resolve_calibration(index_dir, idx, use_prior=threshold == "auto") if idx is not None \
                 else resolve_calibration(None, None)
@@ -109,7 +109,7 @@ class RAGPipeline:
             calibration = f"given ({threshold})"
         if decoder is None:
             if index_dir is not None and "kv_cache" not in decoder_options:  # `nbce-rag cache` output, if any
-                from .kvcache import cache_for_index
+                from nbce_rag.decoding.kvcache import cache_for_index
 
                 kv = cache_for_index(index_dir)
                 decoder_options["kv_cache"] = "auto" if kv is None else kv
@@ -131,10 +131,10 @@ class RAGPipeline:
     def select(self, question: str, passages: Optional[Iterable[Any]] = None, k: Optional[int] = None) -> Selection:
         """The passages that will reach the decoder, and the filter's decisions.
 
-        Returns a :class:`~nbce_rag.retrieval.Selection` (unpacks as ``kept, dropped``). With
+        Returns a :class:`~nbce_rag.retrieval.selection.Selection` (unpacks as ``kept, dropped``). With
         ``passages`` given (e.g. from an external store or a request's ``documents``), they are
         re-scored with the canonical cosine when the pipeline has an encoder and a filter, then
-        filtered; otherwise the index is searched. See :func:`nbce_rag.retrieval.select`.
+        filtered; otherwise the index is searched. See :func:`nbce_rag.retrieval.selection.select`.
         """
         if passages is None:
             return select(question, self.retrieve(question, k), threshold=self.threshold, encoder=self.index)
@@ -215,9 +215,9 @@ class RAGPipeline:
         per question (``None`` in it, or no ``passages`` at all: retrieve from the index).
         Answers are in the order of ``questions`` and equal to :meth:`ask`'s one by one (up to
         float rounding in padded attention). ``scheduler``: a
-        :class:`~nbce_rag.scheduler.SchedulerConfig`. A question whose decoding fails raises
+        :class:`~nbce_rag.decoding.scheduler.SchedulerConfig`. A question whose decoding fails raises
         its error after the others finished."""
-        from .scheduler import StepScheduler
+        from nbce_rag.decoding.scheduler import StepScheduler
 
         if isinstance(questions, str):
             raise TypeError("questions must be a list of questions; wrap a single question in a list")
@@ -239,19 +239,19 @@ class RAGPipeline:
     # ------------------------------------------------------------------ conveniences
     def as_langchain_retriever(self, **kwargs: Any):
         """A LangChain ``BaseRetriever`` over this pipeline's index and filter."""
-        from .integrations.langchain import CoSENTRetriever
+        from nbce_rag.integrations.langchain import CoSENTRetriever
 
         return CoSENTRetriever.from_pipeline(self, **kwargs)
 
     def as_langchain_chat_model(self, **kwargs: Any):
         """A LangChain chat model (``ChatNBCE``) over this pipeline's decoder."""
-        from .integrations.langchain import ChatNBCE
+        from nbce_rag.integrations.langchain import ChatNBCE
 
         return ChatNBCE.from_pipeline(self, **kwargs)
 
     def as_query_engine(self, **kwargs: Any):
         """A LlamaIndex query engine (``NBCEQueryEngine``) over this pipeline."""
-        from .integrations.llama_index import NBCEQueryEngine
+        from nbce_rag.integrations.llama_index import NBCEQueryEngine
 
         return NBCEQueryEngine.from_pipeline(self, **kwargs)
 

@@ -152,7 +152,7 @@ def make_tiny_encoder(
     path = Path(path)
     raw = path / "_bert"
     torch.manual_seed(seed)
-    from nbce_rag.encoder import CoSENTEncoder, bundled_model_path
+    from nbce_rag.retrieval.encoder import CoSENTEncoder, bundled_model_path
 
     tok = AutoTokenizer.from_pretrained(bundled_model_path(), local_files_only=True)
     cfg = BertConfig(

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from nbce_rag.chunking import Chunk, chunk_text
+from nbce_rag.retrieval.chunking import Chunk, chunk_text
 
 WORDS = re.compile(r"\S+")
 
@@ -149,7 +149,7 @@ def test_callable_and_slow_tokenizer_interfaces():
 def wordpiece():
     from transformers import AutoTokenizer
 
-    from nbce_rag.encoder import bundled_model_path
+    from nbce_rag.retrieval.encoder import bundled_model_path
 
     try:
         return AutoTokenizer.from_pretrained(bundled_model_path(), local_files_only=True)
@@ -184,11 +184,12 @@ def test_decoder_windows_are_chunks_of_whole_words(tiny_tokenizer):
     from conftest import make_tiny_llama
 
     from nbce_rag import NBCEDecoder
+    from nbce_rag.decoding.rows import passage_windows
 
     dec = NBCEDecoder(make_tiny_llama(len(tiny_tokenizer), max_positions=96), tiny_tokenizer)
     long = " ".join(f"Fact {i}: the river Thames flows through London." for i in range(40))
     cfg = dec.config.update(max_new_tokens=8, max_passage_tokens=40, window_overlap=8)
-    windows = dec._windows(long, room=80, cfg=cfg, idx=0)
+    windows = passage_windows(dec, long, room=80, cfg=cfg, idx=0)
     assert len(windows) > 3
     starts = []
     for w in windows:

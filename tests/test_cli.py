@@ -68,7 +68,7 @@ def test_ask_has_the_decoding_options_of_generate():
 
 
 def test_file_types_listed_from_the_reader_constants(tmp_path):
-    from nbce_rag.readers import JSONL_EXTENSIONS, PDF_EXTENSIONS, TEXT_EXTENSIONS, read_documents
+    from nbce_rag.retrieval.readers import JSONL_EXTENSIONS, PDF_EXTENSIONS, TEXT_EXTENSIONS, read_documents
 
     text = _subparsers()[1]["index"].format_help()
     flat = " ".join(text.split())
@@ -94,7 +94,7 @@ def test_file_types_listed_from_the_reader_constants(tmp_path):
     (["chat", "--index", "i"], None),
 ])
 def test_question_positional_or_q(argv, words):
-    from nbce_rag.commands._common import question_of
+    from nbce_rag.commands.arguments import question_of
 
     args = build_parser().parse_args(argv)
     assert question_of(args) == words
@@ -106,9 +106,9 @@ def test_question_positional_or_q(argv, words):
 @pytest.fixture()
 def no_loading(monkeypatch):
     """Every way a command loads a model or an index fails the test."""
-    import nbce_rag.decoder
-    import nbce_rag.encoder
-    import nbce_rag.index
+    import nbce_rag.decoding.decoder
+    import nbce_rag.retrieval.encoder
+    import nbce_rag.retrieval.index
     import nbce_rag.models
     import nbce_rag.pipeline
 
@@ -116,10 +116,10 @@ def no_loading(monkeypatch):
         raise AssertionError("a model or index was loaded before the options were checked")
 
     monkeypatch.setattr(nbce_rag.models, "load_model", boom)
-    monkeypatch.setattr(nbce_rag.decoder.NBCEDecoder, "from_pretrained", classmethod(boom))
+    monkeypatch.setattr(nbce_rag.decoding.decoder.NBCEDecoder, "from_pretrained", classmethod(boom))
     monkeypatch.setattr(nbce_rag.pipeline.RAGPipeline, "from_pretrained", classmethod(boom))
-    monkeypatch.setattr(nbce_rag.encoder.CoSENTEncoder, "from_pretrained", classmethod(boom))
-    monkeypatch.setattr(nbce_rag.index.VectorIndex, "load", classmethod(boom))
+    monkeypatch.setattr(nbce_rag.retrieval.encoder.CoSENTEncoder, "from_pretrained", classmethod(boom))
+    monkeypatch.setattr(nbce_rag.retrieval.index.VectorIndex, "load", classmethod(boom))
 
 
 BAD = [
@@ -305,7 +305,7 @@ def test_damaged_files_are_one_line_exit_2(setup, index_dir, tmp_path, capsys):
 def test_damaged_calibration_is_one_line_exit_2_before_the_llm_loads(setup, index_dir, tmp_path, capsys, monkeypatch):
     import shutil
 
-    import nbce_rag.decoder
+    import nbce_rag.decoding.decoder
     from nbce_rag import MarginThreshold, VectorIndex
 
     bad = tmp_path / "idx"
@@ -319,7 +319,7 @@ def test_damaged_calibration_is_one_line_exit_2_before_the_llm_loads(setup, inde
     def boom(*a, **k):
         raise AssertionError("the LLM was loaded before the calibration was read")
 
-    monkeypatch.setattr(nbce_rag.decoder.NBCEDecoder, "from_pretrained", classmethod(boom))
+    monkeypatch.setattr(nbce_rag.decoding.decoder.NBCEDecoder, "from_pretrained", classmethod(boom))
     assert main(["ask", "When was the tower built?", "--index", str(bad)]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err

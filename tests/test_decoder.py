@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from nbce_rag import NBCEDecoder, PromptTooLongError
-from nbce_rag.nbce import attribute, get_pooling, log_softmax, nbce_step
+from nbce_rag.decoding.nbce import attribute, get_pooling, log_softmax, nbce_step
 
 LONG = " ".join(["The river Thames flows through London into the North Sea."] * 12)
 PASSAGES = [
@@ -70,7 +70,7 @@ def test_micro_batching_does_not_change_a_token(tiny_decoder):
 def test_decode_groups_are_merged_without_changing_a_token(tiny_decoder):
     """Prefill micro-batches are merged into decode groups of up to ``decode_rows`` rows (one
     forward per step); any grouping gives the same tokens as one big batch."""
-    from nbce_rag.decoder import _merge_for_decode
+    from nbce_rag.decoding.rows import merge_for_decode
 
     many = [f"Note {i}. {p}" for i in range(3) for p in PASSAGES]
     prep = tiny_decoder._prepare("How high is the mountain?", [(i, _p(t)) for i, t in enumerate(many)], tiny_decoder.config)
@@ -84,7 +84,7 @@ def test_decode_groups_are_merged_without_changing_a_token(tiny_decoder):
         part = tiny_decoder.generate("How high is the mountain?", many, max_new_tokens=10, batch_rows=rows, decode_rows=dec_rows)
         assert part.token_ids == full.token_ids
         assert part.token_sources == full.token_sources
-    assert _merge_for_decode([], 4) == []
+    assert merge_for_decode([], 4) == []
 
 
 def test_padding_does_not_change_tokens(tiny_decoder):
@@ -189,7 +189,7 @@ def test_long_passage_is_split_into_windows_with_a_warning(tiny_tokenizer, caplo
 
     dec = NBCEDecoder(make_tiny_llama(len(tiny_tokenizer), max_positions=96), tiny_tokenizer)
     long = " ".join(f"Fact {i}: the river Thames flows through London." for i in range(40))
-    with caplog.at_level(logging.WARNING, logger="nbce_rag.decoder"):
+    with caplog.at_level(logging.WARNING, logger="nbce_rag.decoding.rows"):
         ans = dec.generate("Where does it flow?", [long, "Short one."], max_new_tokens=8)
     assert "split into" in caplog.text
     prep = dec._prepare("Where does it flow?", [(0, _p(long)), (1, _p("Short one."))], dec.config.update(max_new_tokens=8))
@@ -285,7 +285,7 @@ def test_bundled_model_stream_equals_generate(bundled_decoder):
 
 
 def test_compare_shares_one_prefill_and_equals_generate(tiny_decoder):
-    from nbce_rag.nbce import POOLINGS
+    from nbce_rag.decoding.nbce import POOLINGS
 
     variants = [{"pooling": p} for p in sorted(POOLINGS)] + [{"beta": 0.0}, {"max_new_tokens": 3}]
     ps = [{"text": t, "score": 0.1 * (i + 1)} for i, t in enumerate(PASSAGES)]

@@ -17,9 +17,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch = pytest.importorskip("torch")
 
-from nbce_rag.encoder import CoSENTEncoder, identities_match  # noqa: E402
-from nbce_rag.readers import BeirData, as_pairs, read_beir, read_pairs, read_qrels, read_stsb  # noqa: E402
-from nbce_rag.training import CoSENTTrainingConfig, qrels_to_pairs  # noqa: E402
+from nbce_rag.retrieval.encoder import CoSENTEncoder, identities_match  # noqa: E402
+from nbce_rag.retrieval.readers import BeirData, as_pairs, read_beir, read_pairs, read_qrels, read_stsb  # noqa: E402
+from nbce_rag.retrieval.training import CoSENTTrainingConfig, qrels_to_pairs  # noqa: E402
 from nbce_rag.errors import ConfigError, CorruptFileError, ModelLoadError  # noqa: E402
 
 from conftest import make_tiny_encoder  # noqa: E402
@@ -189,7 +189,7 @@ def test_fit_keep_best_and_max_steps(tiny):
 
 
 def test_epoch_batches_plain_shuffle_and_grouped_packing():
-    from nbce_rag.training import _epoch_batches
+    from nbce_rag.retrieval.training import _epoch_batches
 
     # plain: a permutation cut into batch_size slices (the order fit always used)
     pairs = [(f"s{i}", "t", 0.5) for i in range(10)]
@@ -335,7 +335,7 @@ def test_read_beir_and_qrels(tmp_path):
 
 
 def test_qrels_to_pairs_are_graded_with_mined_hard_negatives(tiny, tmp_path):
-    from nbce_rag.index import VectorIndex
+    from nbce_rag.retrieval.index import VectorIndex
 
     data = read_beir(_beir(tmp_path), "train")
     index = VectorIndex.build(tiny, [{"text": data.doc_text(d), "id": d} for d in sorted(data.corpus)])

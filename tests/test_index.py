@@ -14,12 +14,13 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch = pytest.importorskip("torch")
 
-import nbce_rag.index as index_mod  # noqa: E402
-from nbce_rag.encoder import CoSENTEncoder  # noqa: E402
+import nbce_rag.retrieval.index as index_mod  # noqa: E402
+import nbce_rag.retrieval.index_store as index_store  # noqa: E402
+from nbce_rag.retrieval.encoder import CoSENTEncoder  # noqa: E402
 
 from conftest import make_tiny_encoder  # noqa: E402
 from nbce_rag.errors import ConfigError, CorruptFileError, EncoderMismatchError  # noqa: E402
-from nbce_rag.index import VectorIndex, faiss_available, read_documents  # noqa: E402
+from nbce_rag.retrieval.index import VectorIndex, faiss_available, read_documents  # noqa: E402
 from nbce_rag.types import Passage  # noqa: E402
 
 needs_faiss = pytest.mark.skipif(not faiss_available(), reason="faiss is not installed (extra: nbce-rag[faiss])")
@@ -283,9 +284,9 @@ def test_failure_during_save_keeps_previous_index(index, enc, tmp_path, monkeypa
     if stage == "manifest":
         def boom(path, manifest):
             raise Crash("disk full while writing the manifest")
-        monkeypatch.setattr(index_mod, "_commit_manifest", boom)
+        monkeypatch.setattr(index_store, "_commit_manifest", boom)
     else:
-        real = index_mod._write_data_file
+        real = index_store._write_data_file
 
         def boom(path, write):
             if path.name.startswith(stage):
@@ -295,7 +296,7 @@ def test_failure_during_save_keeps_previous_index(index, enc, tmp_path, monkeypa
                     raise Crash(f"crash while writing {stage}")
                 return real(path, half)
             return real(path, write)
-        monkeypatch.setattr(index_mod, "_write_data_file", boom)
+        monkeypatch.setattr(index_store, "_write_data_file", boom)
 
     with pytest.raises(Crash):
         changed.save(p)
@@ -534,7 +535,7 @@ def test_load_retries_once_when_a_save_replaced_the_index_meanwhile(index, enc, 
     index.save(p)
     newer = VectorIndex.load(p, enc)
     newer.add(["Another document, saved while a reader was loading."])
-    real = VectorIndex._load
+    real = index_store.read_index
     calls = []
 
     def racing(cls, *a, **kw):
@@ -542,9 +543,9 @@ def test_load_retries_once_when_a_save_replaced_the_index_meanwhile(index, enc, 
         if len(calls) == 1:
             newer.save(p)  # a writer commits a new generation and removes the old files
             raise CorruptFileError("index file ... named by manifest.json is missing")
-        return real.__func__(cls, *a, **kw)
+        return real(cls, *a, **kw)
 
-    monkeypatch.setattr(VectorIndex, "_load", classmethod(racing))
+    monkeypatch.setattr(index_store, "read_index", racing)
     _assert_same(newer, VectorIndex.load(p, enc))
     assert len(calls) == 2
 

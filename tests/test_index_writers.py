@@ -19,9 +19,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import nbce_rag.index as index_mod
+import nbce_rag.retrieval.index as index_mod
+import nbce_rag.retrieval.index_store as index_store
 from nbce_rag.errors import ConflictError, LockTimeoutError
-from nbce_rag.index import LOCK_FILE, VectorIndex
+from nbce_rag.retrieval.index import LOCK_FILE, VectorIndex
 
 ROOT = Path(__file__).resolve().parents[1]
 DIM = 16
@@ -54,7 +55,7 @@ def _assert_clean(path: Path) -> None:
 _WRITER = textwrap.dedent(
     """
     import sys, time, numpy as np
-    from nbce_rag.index import VectorIndex
+    from nbce_rag.retrieval.index import VectorIndex
     path, name, iters, go = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
     while time.time() < go:  # start together
         time.sleep(0.001)
@@ -271,11 +272,12 @@ def test_threads_of_one_process_are_serialised_and_edit_holds_the_lock(tmp_path)
 _KILLED_SAVE = textwrap.dedent(
     """
     import os, signal, sys, numpy as np
-    import nbce_rag.index as m
+    import nbce_rag.retrieval.index as m
+    import nbce_rag.retrieval.index_store as store
     path, where = sys.argv[1], sys.argv[2]
     idx = m.VectorIndex.load(path)
     idx.add_vectors(np.ones((1, idx.dim), np.float32), ["x"], ["killed-row"])
-    real = m._write_data_file
+    real = store._write_data_file
     def die(p, write):
         if where == "vectors-temp" and p.name.startswith("vectors"):
             def half(tmp):
@@ -288,10 +290,10 @@ _KILLED_SAVE = textwrap.dedent(
             def half(tmp):
                 open(tmp, "w").write("{")
                 os.kill(os.getpid(), signal.SIGKILL)
-            return m.atomic_write(p, half)
+            return store.atomic_write(p, half)
         os.kill(os.getpid(), signal.SIGKILL)  # data files renamed, manifest not yet replaced
-    m._write_data_file = die
-    m._commit_manifest = die_at_commit
+    store._write_data_file = die
+    store._commit_manifest = die_at_commit
     idx.save(path)
     """
 )
@@ -304,7 +306,7 @@ def test_sigkill_mid_save_then_a_clean_save_leaves_no_leftovers(tmp_path):
         r = subprocess.run([sys.executable, "-c", _KILLED_SAVE, str(p), where], capture_output=True, text=True,
                            env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=60)
         assert r.returncode == -signal.SIGKILL, r.stderr
-    left = [f for f in _files(p) if f.endswith(".tmp") or index_mod._DATA_FILE.match(f) and f not in _files_named(p)]
+    left = [f for f in _files(p) if f.endswith(".tmp") or index_store._DATA_FILE.match(f) and f not in _files_named(p)]
     assert len([f for f in left if f.endswith(".tmp")]) == 2 and len(left) == 6, _files(p)  # the kills left debris
     assert VectorIndex.load(p).ids == idx.ids  # the old index is intact
     VectorIndex.load(p).save(p)
@@ -324,7 +326,7 @@ def test_random_sigkills_during_saves(tmp_path):
     loop = textwrap.dedent(
         """
         import sys, numpy as np
-        from nbce_rag.index import VectorIndex
+        from nbce_rag.retrieval.index import VectorIndex
         idx = VectorIndex.load(sys.argv[1])
         for i in range(10**6):
             idx.add_vectors(np.ones((1, idx.dim), np.float32), ["x"], [f"r{i}"])
@@ -371,7 +373,7 @@ def test_journal_is_not_kept_for_a_copy_never_saved(tmp_path):
 def test_a_file_system_without_locks_still_saves_with_a_warning(tmp_path, monkeypatch, caplog):
     import errno
 
-    import nbce_rag._io as io_mod
+    import nbce_rag.files as io_mod
 
     def no_locks(fd):
         raise OSError(errno.ENOLCK, "No locks available")

@@ -1,4 +1,4 @@
-"""The passage KV cache (nbce_rag/kvcache.py): every answer is token-for-token the answer of
+"""The passage KV cache (nbce_rag/decoding/kvcache.py): every answer is token-for-token the answer of
 the same decoder without a cache (fp32), whether the passages are all cached, partly cached
 (a cropped prefix), not cached, mixed in one batch, split into windows, asked about with
 other questions, evicted, reloaded from disk, written by another model, or damaged on disk."""
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from nbce_rag import NBCEDecoder
-from nbce_rag.kvcache import (
+from nbce_rag.decoding.kvcache import (
     DiskKVStore,
     PassageKVCache,
     cacheable_lengths,
@@ -186,7 +186,7 @@ def _p(text):
 def test_question_before_passage_runs_uncached_and_says_so(model_tok, ref, caplog):
     dec = cached(model_tok)
     tpl = "Question: {question}\n\nContext: {passage}"
-    with caplog.at_level(logging.WARNING, logger="nbce_rag.kvcache"):
+    with caplog.at_level(logging.WARNING, logger="nbce_rag.decoding.kvcache"):
         a = dec.generate(QUESTIONS[0], PASSAGES, max_new_tokens=N, prompt_template=tpl)
         b = dec.generate(QUESTIONS[0], PASSAGES, max_new_tokens=N, prompt_template=tpl)
     assert a.cached_tokens == b.cached_tokens == 0 and len(dec.kv_cache) == 0
@@ -291,7 +291,7 @@ def test_another_model_or_dtype_never_uses_the_cache(model_tok, tiny_chat_tokeni
     (src,) = [p for p in shards(tmp_path) if p.parent.name == ns]
     (tmp_path / "copy" / ns_other).mkdir(parents=True)
     (tmp_path / "copy" / ns_other / "kv-copied.safetensors").write_bytes(src.read_bytes())
-    with caplog.at_level(logging.WARNING, logger="nbce_rag.kvcache"):
+    with caplog.at_level(logging.WARNING, logger="nbce_rag.decoding.kvstore"):
         dec = NBCEDecoder(other, tok, kv_cache=PassageKVCache(disk=tmp_path / "copy", write_disk=False))
         dec.generate(QUESTIONS[1], PASSAGES, max_new_tokens=2)
     assert dec.kv_cache.stats.disk_loads == 0
@@ -310,7 +310,7 @@ def test_corrupt_shard_is_a_miss_and_a_warning(model_tok, ref, tmp_path, caplog,
     else:  # a flipped byte in the tensor data, the header intact: caught by the CRC
         data[-1000] ^= 0xFF
     path.write_bytes(bytes(data))
-    with caplog.at_level(logging.WARNING, logger="nbce_rag.kvcache"):
+    with caplog.at_level(logging.WARNING, logger="nbce_rag.decoding.kvstore"):
         dec = cached(model_tok, PassageKVCache(disk=tmp_path))
         got = dec.generate(QUESTIONS[1], PASSAGES, max_new_tokens=N)
     same(got, ref.generate(QUESTIONS[1], PASSAGES, max_new_tokens=N))
@@ -402,11 +402,35 @@ def test_index_build_fills_the_decoder_cache(model_tok, ref, encoder, tmp_path):
     same(got, ref.generate(QUESTIONS[0], texts, max_new_tokens=N))
 
 
+def test_cache_passages_is_fill_over_passages_or_an_index(model_tok, ref, encoder):
+    """NBCEDecoder.cache_passages fills the decoder's cache exactly as kvcache.fill does, from
+    a list of passages or from a VectorIndex's chunks, and answers then reuse it."""
+    from nbce_rag import VectorIndex
+    from nbce_rag.decoding.kvcache import index_texts
+
+    by_method, by_fill = cached(model_tok), cached(model_tok)
+    st = by_method.cache_passages(PASSAGES)
+    assert st.to_dict() == fill(by_fill, PASSAGES).to_dict()
+    assert st.stored == len(PASSAGES) and len(by_method.kv_cache) == len(by_fill.kv_cache)
+    assert by_method.cache_passages([_p(t) for t in PASSAGES]).stored == 0  # Passages too; already cached
+    got = by_method.generate(QUESTIONS[0], PASSAGES, max_new_tokens=N)
+    assert by_method.kv_cache.last.hits >= len(PASSAGES)
+    same(got, ref.generate(QUESTIONS[0], PASSAGES, max_new_tokens=N))
+
+    index = VectorIndex.build(encoder, PASSAGES)
+    from_index, from_texts = cached(model_tok), cached(model_tok)
+    st = from_index.cache_passages(index, show_progress=False)
+    assert st.stored > 0 and st.to_dict() == fill(from_texts, index_texts(index)).to_dict()
+    assert len(from_index.kv_cache) == len(from_texts.kv_cache)
+    with pytest.raises(ValueError, match="no KV cache"):
+        ref.cache_passages(PASSAGES)
+
+
 def test_cache_and_ask_commands(model_tok, encoder, tmp_path, capsys):
     """`nbce-rag cache` fills <index>/kvcache; `nbce-rag ask` reads it and says how much it reused."""
     from nbce_rag import VectorIndex
     from nbce_rag.cli import main
-    from nbce_rag.kvcache import cache_for_index, index_kv_dir
+    from nbce_rag.decoding.kvcache import cache_for_index, index_kv_dir
 
     model, tok = model_tok
     model.save_pretrained(tmp_path / "model")
@@ -460,7 +484,7 @@ def test_cuda_cached_equals_uncached(model_tok, where):
 def test_step_scheduler_with_the_cache(model_tok, ref):
     """Requests decoded together by the server's step scheduler, over cached and new passages,
     in small prefill chunks: each equals the uncached answer alone."""
-    from nbce_rag.scheduler import SchedulerConfig, StepScheduler
+    from nbce_rag.decoding.scheduler import SchedulerConfig, StepScheduler
 
     dec = cached(model_tok)
     dec.generate(QUESTIONS[0], PASSAGES[:3], max_new_tokens=1)  # passages 0-2 cached, 3-4 not

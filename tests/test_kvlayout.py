@@ -1,4 +1,4 @@
-"""The decode groups' KV layout (nbce_rag/kvlayout.py): appending writes in place (no copy of
+"""The decode groups' KV layout (nbce_rag/decoding/kvlayout.py): appending writes in place (no copy of
 the whole cache per token) and gives exactly the stock DynamicCache's keys, values and logits;
 merges and row cuts equal the plain concatenations they replace; a layer whose tensors were
 replaced from outside starts a new buffer instead of writing into the old one."""
@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from nbce_rag.kvlayout import GrowingLayer, cache_from, is_plain, merge_left_padded, new_cache, select_rows
+from nbce_rag.decoding.kvlayout import GrowingLayer, cache_from, is_plain, merge_left_padded, new_cache, select_rows
 
 
 def _kv(rows, width, seed, heads=2, dim=4):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from nbce_rag import nbce
+from nbce_rag.decoding import nbce
 
 NEG = -100.0
 
@@ -240,17 +240,17 @@ def test_fast_nucleus_equals_the_full_sort_row_by_row(top_p):
     rows = torch.cat([torch.randn(8, 49152, generator=g) * s for s in (0.3, 1.0, 3.0, 6.0, 10.0, 20.0)])
     logp = nbce.log_softmax(rows)
     sorted_rows = []
-    real = nbce._top_p_sorted
+    real = nbce.top_p_sorted
 
     def spy(x, p):
         sorted_rows.append(x.shape[0])
         return real(x, p)
 
-    nbce._top_p_sorted = spy
+    nbce.top_p_sorted = spy
     try:
         fast = nbce.top_p_truncate(logp, top_p)
     finally:
-        nbce._top_p_sorted = real
+        nbce.top_p_sorted = real
     assert _same(fast, real(logp, top_p)).all()
     if top_p <= 0.95:
         assert sum(sorted_rows) < logp.shape[0] // 2  # the 8 near-uniform rows (scale 0.3) need the sort
@@ -264,7 +264,7 @@ def test_fast_nucleus_ties_infinities_small_vocab_and_1d():
     logp[2, 7] = 0.0  # a one-token row
     logp = nbce.log_softmax(logp)
     for top_p in (0.25, 0.5, 0.95):
-        assert _same(nbce.top_p_truncate(logp, top_p), nbce._top_p_sorted(logp, top_p)).all()
-        assert _same(nbce.top_p_truncate(logp[3], top_p)[None], nbce._top_p_sorted(logp[3:4], top_p)).all()
+        assert _same(nbce.top_p_truncate(logp, top_p), nbce.top_p_sorted(logp, top_p)).all()
+        assert _same(nbce.top_p_truncate(logp[3], top_p)[None], nbce.top_p_sorted(logp[3:4], top_p)).all()
     small = nbce.log_softmax(torch.randn(3, 100))  # k >= V/2: the sort directly
-    assert _same(nbce.top_p_truncate(small, 0.9), nbce._top_p_sorted(small, 0.9)).all()
+    assert _same(nbce.top_p_truncate(small, 0.9), nbce.top_p_sorted(small, 0.9)).all()

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-ADAPTERS = ["__init__.py", "langchain.py", "llama_index.py", "server/__init__.py", "server/protocol.py", "server/worker.py", "server/app.py"]
 
 
 def _run(cmd, **kw):
@@ -32,10 +31,13 @@ def test_wheel_install_maps_integrations(tmp_path):
     _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "dist"), str(REPO)])
     wheel = next((tmp_path / "dist").glob("nbce_rag-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
-    for f in ADAPTERS:
-        if (REPO / "integrations" / f).exists():
-            assert f"nbce_rag/integrations/{f}" in names
-    assert "nbce_rag/decoder.py" in names
+    sources = [f"nbce_rag/integrations/{p.relative_to(REPO / 'integrations').as_posix()}"
+               for p in (REPO / "integrations").rglob("*.py") if "__pycache__" not in p.parts]
+    sources += [p.relative_to(REPO).as_posix() for p in (REPO / "nbce_rag").rglob("*.py")
+                if "__pycache__" not in p.parts and "integrations" not in p.relative_to(REPO).parts]
+    assert len(sources) > 50 and "nbce_rag/decoding/decoder.py" in sources
+    missing = [s for s in sources if s not in names]
+    assert not missing, f"the wheel lacks {missing}: list the package in pyproject.toml's packages"
     assert not any(n.startswith("integrations/") for n in names), "adapters must not install as a top-level package"
     site = tmp_path / "site"
     _run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)])

@@ -126,7 +126,7 @@ def test_passages_without_filter_go_through(tiny_chat_decoder, index):
 def test_from_pretrained_loads_calibration(tmp_path, tiny_chat_decoder, index, threshold, encoder):
     d = tmp_path / "idx"
     index.save(d)
-    # no calibration.json: the shipped prior of the bundled encoder filters (nbce_rag.prior);
+    # no calibration.json: the shipped prior of the bundled encoder filters (nbce_rag.filtering.prior);
     # without the prior, nothing does
     rag = RAGPipeline.from_pretrained(d, encoder=encoder, decoder=tiny_chat_decoder, k=4)
     assert rag.k == 4 and rag.calibration.startswith("prior for") and rag.threshold is not None

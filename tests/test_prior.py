@@ -10,8 +10,8 @@ import pytest
 
 from nbce_rag import EncoderMismatchError, MarginThreshold, RAGPipeline, VectorIndex
 from nbce_rag.errors import CalibrationError, CorruptFileError
-from nbce_rag.objective import parse_objective
-from nbce_rag.prior import (PRIOR_DIR, PRIOR_PATH_ENV, SYNTHETIC_FILENAME, find_prior, prior_files,
+from nbce_rag.filtering.objective import parse_objective
+from nbce_rag.filtering.prior import (PRIOR_DIR, PRIOR_PATH_ENV, SYNTHETIC_FILENAME, find_prior, prior_files,
                             resolve_calibration)
 
 from conftest import DOCS, N, Q, Q_NONE  # noqa: E402
@@ -87,7 +87,7 @@ def test_corrupt_prior_is_a_clear_error(prior_dir, encoder):
 
 
 def test_precedence_labelled_synthetic_prior_none(tmp_path, prior_dir, index, encoder, monkeypatch):
-    import nbce_rag.prior as prior_mod
+    import nbce_rag.filtering.prior as prior_mod
 
     monkeypatch.setattr(prior_mod, "PRIOR_DIR", tmp_path / "no-shipped")  # only prior_dir counts
     d = tmp_path / "idx"
@@ -115,7 +115,7 @@ def test_precedence_labelled_synthetic_prior_none(tmp_path, prior_dir, index, en
 
 def test_off_topic_question_with_prior_is_closed_book_and_unsupported(tmp_path, prior_dir, index, encoder,
                                                                       tiny_chat_decoder, monkeypatch, caplog):
-    import nbce_rag.prior as prior_mod
+    import nbce_rag.filtering.prior as prior_mod
     from nbce_rag.commands.ask import print_sources
 
     monkeypatch.setattr(prior_mod, "PRIOR_DIR", tmp_path / "no-shipped")
@@ -154,7 +154,7 @@ def test_off_topic_question_with_prior_is_closed_book_and_unsupported(tmp_path, 
 
 
 def test_synthetic_calibration_with_tiny_model_is_deterministic(tiny_chat_decoder, encoder):
-    from nbce_rag.synthetic import synthetic_calibration
+    from nbce_rag.filtering.synthetic import synthetic_calibration
 
     docs = [f"Passage {i}: " + " ".join(f"word{(i * 7 + j) % 50}" for j in range(30)) for i in range(24)]
     idx = VectorIndex.build(encoder, [{"id": f"p{i}", "text": t} for i, t in enumerate(docs)])
@@ -177,7 +177,7 @@ def test_synthetic_calibration_with_tiny_model_is_deterministic(tiny_chat_decode
 
 
 def test_clean_question():
-    from nbce_rag.synthetic import clean_question
+    from nbce_rag.filtering.synthetic import clean_question
 
     assert clean_question("Question: What is X made of? Answer: wood") == "What is X made of?"
     assert clean_question("1. Where is it?\nmore") == "Where is it?"

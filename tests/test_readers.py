@@ -1,4 +1,4 @@
-"""nbce_rag.readers: one reader per file format, used by every command; old import paths still work."""
+"""nbce_rag.retrieval.readers: one reader per file format, used by every command; old import paths still work."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import pytest
 
 from nbce_rag.errors import ConfigError, CorruptFileError
-from nbce_rag.readers import load_qrels, load_queries, read_documents, read_qrels, read_queries
+from nbce_rag.retrieval.readers import load_qrels, load_queries, read_documents, read_qrels, read_queries
 from nbce_rag.types import Passage, document_id
 
 
@@ -64,17 +64,17 @@ def test_one_chunk_to_document_rule():
 
 def test_old_import_paths_still_work():
     import nbce_rag.data as data
-    import nbce_rag.index as index
-    import nbce_rag.readers as readers
-    import nbce_rag.threshold as threshold
-    import nbce_rag.training as training
+    import nbce_rag.retrieval.index as index
+    import nbce_rag.retrieval.readers as readers
+    import nbce_rag.filtering.threshold as threshold
+    import nbce_rag.retrieval.training as training
 
     assert data.read_qrels is threshold.read_qrels is readers.read_qrels
     assert threshold.read_queries is readers.read_queries and data.read_beir_queries is readers.read_queries
     assert index.read_documents is readers.read_documents and data.qrels_to_pairs is training.qrels_to_pairs
     from nbce_rag import FilterResult
-    from nbce_rag.calibration import best_f1_threshold
-    from nbce_rag.encoder import CoSENTTrainingConfig
+    from nbce_rag.filtering.calibration import best_f1_threshold
+    from nbce_rag.retrieval.encoder import CoSENTTrainingConfig
     from nbce_rag.types import FilterResult as F2
 
     assert FilterResult is F2 is threshold.FilterResult and threshold.best_f1_threshold is best_f1_threshold

@@ -1,4 +1,4 @@
-"""One retrieval path (nbce_rag.retrieval.select) and one options mapping (OPENAI_PARAMS),
+"""One retrieval path (nbce_rag.retrieval.selection.select) and one options mapping (OPENAI_PARAMS),
 checked on every surface: the pipeline, LangChain, LlamaIndex and the server mapping."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 from nbce_rag import MarginThreshold, NBCEDecoder, Passage, RAGPipeline, VectorIndex
 from nbce_rag.config import OPENAI_PARAMS, NBCEConfig, openai_options
 from nbce_rag.errors import ConfigError, EncoderMismatchError
-from nbce_rag.retrieval import CandidateSource, EmbeddingEncoder, Encoder, Selection, as_encoder, identity_of, select
+from nbce_rag.retrieval.selection import CandidateSource, EmbeddingEncoder, Encoder, Selection, as_encoder, identity_of, select
 from nbce_rag.types import Answer, DroppedHit, FilterResult
 
 from conftest import DOCS, N, Q, Q_NONE
@@ -250,6 +250,7 @@ def test_each_adapter_answers_what_the_pipeline_answers(rag):
     from nbce_rag.integrations.llama_index import NBCEQueryEngine
 
     for q in (Q, Q_NONE):
+        rag.ask(q, max_new_tokens=N)  # the passage KV cache warm for all three (usage counts cached tokens)
         ref = rag.ask(q, max_new_tokens=N)
         lc = ChatNBCE.from_pipeline(rag, retrieve=True, max_tokens=N).invoke([HumanMessage(q)])
         assert lc.content == ref.text and lc.response_metadata["nbce"] == ref.metadata()

@@ -1,4 +1,4 @@
-"""Post-fusion processing and sampling (nbce_rag/sampling.py): transformers' own processors
+"""Post-fusion processing and sampling (nbce_rag/decoding/sampling.py): transformers' own processors
 on the fused row, the same tokens as the sampler that came before it, each option through
 the decoder's API, and the ban that removes every candidate."""
 
@@ -19,8 +19,8 @@ from transformers import (
 )
 
 from nbce_rag import ConfigError, NBCEConfig
-from nbce_rag.nbce import log_softmax, top_p_truncate
-from nbce_rag.sampling import FrequencyPresencePenaltyLogitsProcessor, Sampler, build_processors, build_warpers
+from nbce_rag.decoding.nbce import log_softmax, top_p_truncate
+from nbce_rag.decoding.sampling import FrequencyPresencePenaltyLogitsProcessor, Sampler, build_processors, build_warpers
 
 from test_decoder import PASSAGES
 
@@ -28,7 +28,7 @@ V = 300
 
 
 def old_sample(logits: torch.Tensor, cfg: NBCEConfig, gen) -> int:
-    """NBCEDecoder._sample as it was before nbce_rag/sampling.py (commit 3c886b2), verbatim."""
+    """NBCEDecoder._sample as it was before nbce_rag/decoding/sampling.py (commit 3c886b2), verbatim."""
     if not cfg.do_sample:
         return int(torch.argmax(logits))
     x = logits.detach().float().cpu() / cfg.temperature
@@ -209,7 +209,7 @@ def test_generate_cli_flags_reach_the_decoder(model_dir, capsys):
                             "--repetition-penalty", "1.3", "--frequency-penalty", "0.5", "--presence-penalty", "0.5")
     assert sampled["finish_reason"] in ("stop", "length")
     if word:
-        from nbce_rag.sampling import bad_words_ids
+        from nbce_rag.decoding.sampling import bad_words_ids
         from transformers import AutoTokenizer
 
         banned = bad_words_ids(AutoTokenizer.from_pretrained(model_dir), [word])

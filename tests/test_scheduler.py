@@ -10,7 +10,7 @@ import pytest
 
 from conftest import DOCS
 from nbce_rag import RAGPipeline
-from nbce_rag.scheduler import SchedulerConfig, StepScheduler
+from nbce_rag.decoding.scheduler import SchedulerConfig, StepScheduler
 
 #: (question, passages, options): different row counts, lengths, stops, sampling and pooling
 CASES = [
@@ -232,11 +232,11 @@ def test_bundled_model_scheduled_equals_alone(bundled_decoder):
 def test_requests_join_and_leave_a_lane_together(tiny_decoder, monkeypatch):
     """Requests prefilled in the same iteration join their lane with one merge, and requests
     that end at the same step leave it with one compaction (not one copy of the lane each)."""
-    import nbce_rag.scheduler as scheduler
+    import nbce_rag.decoding.scheduler as scheduler
 
     merges, cuts = [], []
-    real_merge, real_select = scheduler._merge_run, scheduler.select_rows
-    monkeypatch.setattr(scheduler, "_merge_run", lambda run: merges.append(len(run)) or real_merge(run))
+    real_merge, real_select = scheduler.merge_run, scheduler.select_rows
+    monkeypatch.setattr(scheduler, "merge_run", lambda run: merges.append(len(run)) or real_merge(run))
     monkeypatch.setattr(scheduler, "select_rows", lambda *a: cuts.append(1) or real_select(*a))
     eos = sorted(tiny_decoder._find_eos_ids())  # suppressed: every answer runs to its max_new_tokens
     cases = [(q, p, dict(max_new_tokens=6, suppress_tokens=eos)) for q, p, _ in CASES[:3]]

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from nbce_rag import NBCEDecoder, Passage, RAGPipeline
-from nbce_rag.nbce import NEG_FLOOR, PosteriorPooling, get_pooling, nbce_step
-from nbce_rag.scoring import question_loglik
+from nbce_rag.decoding.nbce import NEG_FLOOR, PosteriorPooling, get_pooling, nbce_step
+from nbce_rag.decoding.scoring import question_loglik
 
 from test_decoder import PASSAGES, reference_generate
 from test_nbce_math import np_log_softmax, np_top_p
@@ -257,7 +257,7 @@ def test_scored_passages_keep_their_scores_and_a_mix_fills_the_rest(tiny_decoder
     ans = dec.generate(Q, all_scored, max_new_tokens=3)
     assert scorer.calls == [] and [s.score for s in ans.sources] == [0.5] * len(PASSAGES)
     mixed = [Passage(PASSAGES[0], score=0.9), PASSAGES[1], {"text": PASSAGES[2], "score": 0.2}, PASSAGES[3]]
-    with caplog.at_level(logging.WARNING, logger="nbce_rag.scoring"):
+    with caplog.at_level(logging.WARNING, logger="nbce_rag.decoding.scoring"):
         ans = dec.generate(Q, mixed, max_new_tokens=3)
     assert scorer.calls == [[PASSAGES[1], PASSAGES[3]]]
     assert [s.score for s in ans.sources] == pytest.approx([0.9, 1.0 / (1 + len(PASSAGES[1])), 0.2, 1.0 / (1 + len(PASSAGES[3]))])
@@ -363,7 +363,7 @@ def test_scorer_remembers_passage_embeddings():
     """A passage is encoded once: later questions over it only encode the question."""
     import numpy as np
 
-    from nbce_rag.scoring import encoder_scorer
+    from nbce_rag.decoding.scoring import encoder_scorer
 
     class Enc:
         name = "counting-encoder"
@@ -391,7 +391,7 @@ def test_auto_is_the_quality_benchmarks_choice():
     import json
     from pathlib import Path
 
-    from nbce_rag.nbce import MinEntropyPooling, ReplugPooling
+    from nbce_rag.decoding.nbce import MinEntropyPooling, ReplugPooling
 
     auto = get_pooling("auto")
     assert type(auto.with_scores) is ReplugPooling and auto.with_scores.temperature == 0.1

@@ -319,8 +319,8 @@ def test_langchain_chat_openai(served, pipe):
 
 # ----------------------------------------------------------------------------- server-side retrieval
 def test_server_side_retrieval_and_filter(tiny_chat_decoder, tiny_encoder):
-    from nbce_rag.index import VectorIndex
-    from nbce_rag.threshold import MarginThreshold
+    from nbce_rag.retrieval.index import VectorIndex
+    from nbce_rag.filtering.threshold import MarginThreshold
 
     corpus = [{"id": f"d{i}", "text": d["text"], "metadata": {"title": d.get("title", f"doc {i}")}}
               for i, d in enumerate(DOCS)]
@@ -385,7 +385,7 @@ def test_embeddings(served, tiny_encoder):
 
 def test_embeddings_default_bundled_encoder(pipe):
     """No encoder and no index: the bundled all-MiniLM-L6-v2, loaded on first use."""
-    from nbce_rag.encoder import CoSENTEncoder
+    from nbce_rag.retrieval.encoder import CoSENTEncoder
 
     s = Served(create_app(pipe, limits=LIMITS))
     try:

@@ -1,4 +1,4 @@
-"""The static-cache decode path (nbce_rag/static_decode.py): the same tokens as the default
+"""The static-cache decode path (nbce_rag/decoding/static_decode.py): the same tokens as the default
 dynamic-cache path in fp32, eagerly on the CPU; under torch.compile on CUDA (skipped without
 a GPU) and on the CPU where inductor works (slow)."""
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from nbce_rag import ConfigError, NBCEConfig
-from nbce_rag.static_decode import LENGTH_BUCKET, ROW_BUCKET, wants_compile
+from nbce_rag.decoding.static_decode import LENGTH_BUCKET, ROW_BUCKET, wants_compile
 
 from test_decoder import PASSAGES
 
@@ -32,7 +32,7 @@ def test_static_cache_with_one_row_sampling_and_processors(tiny_decoder):
 
 
 def test_buckets_and_fallback(tiny_decoder, caplog):
-    from nbce_rag.static_decode import StaticStepper
+    from nbce_rag.decoding.static_decode import StaticStepper
 
     cfg = tiny_decoder.config.update(max_new_tokens=5)
     prep = tiny_decoder._prepare(Q, tiny_decoder._check_passages(PASSAGES), cfg)
@@ -43,7 +43,7 @@ def test_buckets_and_fallback(tiny_decoder, caplog):
     # several decode groups cannot share one static cache: the dynamic path, said in the log
     import logging
 
-    with caplog.at_level(logging.INFO, logger="nbce_rag.static_decode"):
+    with caplog.at_level(logging.INFO, logger="nbce_rag.decoding.static_decode"):
         ref = tiny_decoder.generate(Q, PASSAGES, max_new_tokens=8, batch_rows=2, decode_rows=2)
         got = tiny_decoder.generate(Q, PASSAGES, max_new_tokens=8, batch_rows=2, decode_rows=2, compile="static")
     assert got.token_ids == ref.token_ids and "decoding eagerly" in caplog.text

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from nbce_rag.errors import CalibrationError, CorruptFileError
-from nbce_rag.index import VectorIndex, read_documents
-from nbce_rag.threshold import MarginThreshold
+from nbce_rag.retrieval.index import VectorIndex, read_documents
+from nbce_rag.filtering.threshold import MarginThreshold
 
 WRONG = [None, "x", -1, 0, 1.5, 10**30, True, [], {}, float("nan")]
 

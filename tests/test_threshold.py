@@ -1,4 +1,4 @@
-"""Tests of the margin-calibrated filter (nbce_rag.threshold). Pure numpy, no models."""
+"""Tests of the margin-calibrated filter (nbce_rag.filtering.threshold). Pure numpy, no models."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from nbce_rag.errors import CalibrationError, CorruptFileError, EncoderMismatchError
-from nbce_rag.threshold import (
+from nbce_rag.filtering.threshold import (
     CALIBRATION_FILENAME,
     CalibrationWarning,
     DroppedHit,
@@ -561,7 +561,7 @@ def test_calibrate_from_qrels_id_mismatch():
 
 def test_plot_written(tmp_path):
     pytest.importorskip("matplotlib")
-    from nbce_rag.threshold import plot_distributions
+    from nbce_rag.filtering.threshold import plot_distributions
 
     rng = np.random.default_rng(12)
     s, y, g = _synthetic(rng)
@@ -655,7 +655,7 @@ def tiny_index_dir(tmp_path_factory):
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from conftest import make_tiny_encoder
-    from nbce_rag.index import VectorIndex
+    from nbce_rag.retrieval.index import VectorIndex
 
     root = tmp_path_factory.mktemp("cal_index")
     enc = make_tiny_encoder(root / "enc", seed=0)
@@ -676,7 +676,7 @@ def tiny_index_dir(tmp_path_factory):
 
 def test_cli_calibrate_real_index(tiny_index_dir, tmp_path, capsys):
     from nbce_rag.cli import main
-    from nbce_rag.index import VectorIndex
+    from nbce_rag.retrieval.index import VectorIndex
 
     root, queries, qrels, _ = tiny_index_dir
     qf, rf = _write_beir(tmp_path, queries, qrels)
@@ -748,7 +748,7 @@ def test_cli_calibrate_bad_input(tiny_index_dir, tmp_path, capsys):
 
 def test_real_index_encoder_mismatch(tiny_index_dir, tmp_path):
     from conftest import make_tiny_encoder
-    from nbce_rag.index import VectorIndex
+    from nbce_rag.retrieval.index import VectorIndex
 
     root, queries, qrels, _ = tiny_index_dir
     index = VectorIndex.load(root / "index")

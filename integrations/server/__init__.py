@@ -17,7 +17,9 @@ Endpoints
 (never needs the API key: ``{"status": "ok", "queued", "busy", "active", "stats"}``).
 
 Parts: :mod:`.protocol` (the OpenAI request models and error format), :mod:`.worker` (the
-model worker over :class:`nbce_rag.scheduler.StepScheduler`), :mod:`.app` (the FastAPI app).
+model worker over :class:`nbce_rag.decoding.scheduler.StepScheduler`), :mod:`.state` (``ServerLimits``
+and the request checks and request -> pipeline mapping the endpoints share), :mod:`.responses`
+(the ``nbce`` extension and server-sent events), :mod:`.app` (the FastAPI app and its routes).
 
 Requests (what is read, what it maps to)
 ----------------------------------------
@@ -76,7 +78,7 @@ response, and on streams in one extra chunk with ``"choices": []`` when
 Robustness
 ----------
 * One model worker thread owns the model. Generation requests are decoded *together* by a
-  step scheduler (:mod:`nbce_rag.scheduler`): each request is a group of NBCE rows that
+  step scheduler (:mod:`nbce_rag.decoding.scheduler`): each request is a group of NBCE rows that
   steps whole; all active groups share batched decode forwards (left-padded caches, per-row
   positions, each request's token fed to its own rows), are fused per request, and each
   client gets its own tokens. New requests are admitted between steps (up to
@@ -119,8 +121,8 @@ or a list of strings (token arrays are refused: with LangChain use
 ``"base64"`` (little-endian float32, the ``openai`` client's default).
 """
 
-from .app import DEFAULT_MODEL_NAME, ServerLimits, create_app, nbce_info
-from .protocol import (
+from nbce_rag.integrations.server.app import DEFAULT_MODEL_NAME, ServerLimits, create_app, nbce_info
+from nbce_rag.integrations.server.protocol import (
     ChatCompletionRequest,
     ChatMessage,
     CompletionRequest,
@@ -130,7 +132,7 @@ from .protocol import (
     OpenAIError,
     StreamOptions,
 )
-from .worker import ModelWorker
+from nbce_rag.integrations.server.worker import ModelWorker
 
 __all__ = ["create_app", "ServerLimits", "ModelWorker", "OpenAIError", "DEFAULT_MODEL_NAME", "nbce_info",
            "ChatCompletionRequest", "CompletionRequest", "EmbeddingRequest", "ChatMessage", "DocumentIn",

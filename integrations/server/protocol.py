@@ -28,7 +28,8 @@ logger = logging.getLogger("nbce_rag.integrations.server")
 
 __all__ = [
     "OpenAIError", "DocumentIn", "NBCEOptions", "StreamOptions", "ChatMessage", "ChatCompletionRequest",
-    "CompletionRequest", "EmbeddingRequest",
+    "CompletionRequest", "EmbeddingRequest", "GenerationRequest", "bad_request", "timeout_error",
+    "error_from_exception", "validate_request", "check_unsupported", "chat_question", "completion_question",
 ]
 
 
@@ -53,24 +54,24 @@ class OpenAIError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 
-def _bad(message: str, param: Optional[str] = None, code: Optional[str] = None) -> OpenAIError:
+def bad_request(message: str, param: Optional[str] = None, code: Optional[str] = None) -> OpenAIError:
     return OpenAIError(400, message, param=param, code=code)
 
 
-def _timeout_error(limit: float) -> OpenAIError:
+def timeout_error(limit: float) -> OpenAIError:
     return OpenAIError(504, f"the request did not finish within the server's timeout of {limit:g} s "
                             "(queue time included); retry later or ask for fewer tokens",
                        type="timeout", code="timeout")
 
 
-def _error_from_exception(exc: BaseException) -> OpenAIError:
+def error_from_exception(exc: BaseException) -> OpenAIError:
     """Map an exception raised inside the worker (pipeline, decoder, encoder) to an HTTP error."""
     if isinstance(exc, OpenAIError):
         return exc
     if isinstance(exc, PromptTooLongError):
         return OpenAIError(400, str(exc), param="messages", code="context_length_exceeded")
     if isinstance(exc, (ConfigError, ValueError, TypeError)):
-        return _bad(str(exc))
+        return bad_request(str(exc))
     if isinstance(exc, NBCERagError):
         return OpenAIError(500, str(exc), type="server_error")
     logger.error("internal error while serving a request", exc_info=exc)
@@ -97,7 +98,7 @@ class NBCEOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     pooling: Optional[str] = Field(None, description="How passage rows are pooled: auto, min_entropy, mean, max, "
-                                                     "replug, scored_entropy (see nbce_rag.nbce).")
+                                                     "replug, scored_entropy (see nbce_rag.decoding.nbce).")
     beta: Optional[float] = Field(None, description="Weight of the no-passage row in the NBCE fusion (default 0.25).")
     eta: Optional[float] = Field(None, description="Stickiness of the selected passage between tokens.")
     nbce_top_p: Optional[float] = Field(None, description="Nucleus each row is truncated to before fusion.")
@@ -108,7 +109,7 @@ class StreamOptions(_Open):
     include_usage: Optional[bool] = Field(False, description="Send an extra chunk with `usage` and no choices.")
 
 
-class _GenerationRequest(_Open):
+class GenerationRequest(_Open):
     model: Optional[str] = Field(None, description="The served model name (or an alias from --served-model-name); "
                                                    "omitted = the served model; anything else is a 404.")
     stream: Optional[bool] = Field(False, description="Server-sent events, ending with `data: [DONE]`.")
@@ -138,11 +139,11 @@ class ChatMessage(_Open):
     content: Optional[Union[str, List[Dict[str, Any]]]] = Field(None, description="A string or text parts.")
 
 
-class ChatCompletionRequest(_GenerationRequest):
+class ChatCompletionRequest(GenerationRequest):
     messages: List[ChatMessage] = Field(description="The conversation; NBCE answers its last user message.")
 
 
-class CompletionRequest(_GenerationRequest):
+class CompletionRequest(GenerationRequest):
     prompt: Union[str, List[Any]] = Field(description="The question: a string or a list of one string.")
     echo: Optional[bool] = Field(None, description="Not supported (400 when true).")
 
@@ -157,7 +158,7 @@ class EmbeddingRequest(_Open):
 _UNION_TAG = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\]|function-.*|[A-Z]\w*)$")
 
 
-def _validate(model: type, obj: Dict[str, Any]) -> Any:
+def validate_request(model: type, obj: Dict[str, Any]) -> Any:
     """Parse a request body; a validation error becomes a 400 naming the offending field."""
     try:
         return model.model_validate(obj)
@@ -167,29 +168,29 @@ def _validate(model: type, obj: Dict[str, Any]) -> Any:
         err = max(errors, key=lambda x: len(x.get("loc", ())))
         loc = ".".join(str(x) for x in err.get("loc", ()) if not (isinstance(x, str) and _UNION_TAG.match(x)))
         msg = err.get("msg", "invalid value")
-        raise _bad(f"invalid request: {loc or 'body'}: {msg}", param=loc or None) from None
+        raise bad_request(f"invalid request: {loc or 'body'}: {msg}", param=loc or None) from None
 
 
-def check_unsupported(req: _GenerationRequest) -> None:
+def check_unsupported(req: GenerationRequest) -> None:
     """A 400 for parameters that would change what the answer is and that NBCE decoding
     cannot honour (tool calls, structured output), instead of silently ignoring them."""
     if req.tools or req.functions:
         param = "tools" if req.tools else "functions"
-        raise _bad(f"{param} is not supported: this server answers from passages and does not call tools "
-                   "(remove the field, or use a tool-calling model server for agents)", param=param,
-                   code="unsupported_parameter")
+        raise bad_request(f"{param} is not supported: this server answers from passages and does not call tools "
+                          "(remove the field, or use a tool-calling model server for agents)", param=param,
+                          code="unsupported_parameter")
     for param in ("tool_choice", "function_call"):
         v = getattr(req, param)
         if v is not None and v != "none":
-            raise _bad(f"{param} is not supported (only \"none\"): this server does not call tools", param=param,
-                       code="unsupported_parameter")
+            raise bad_request(f"{param} is not supported (only \"none\"): this server does not call tools", param=param,
+                              code="unsupported_parameter")
     rf = req.response_format
     if rf is not None:
         kind = rf.get("type") if isinstance(rf, dict) else rf
         if kind != "text":
-            raise _bad(f"response_format {kind!r} is not supported: only {{\"type\": \"text\"}} (structured "
-                       "output would need constrained decoding)", param="response_format",
-                       code="unsupported_parameter")
+            raise bad_request(f"response_format {kind!r} is not supported: only {{\"type\": \"text\"}} (structured "
+                              "output would need constrained decoding)", param="response_format",
+                              code="unsupported_parameter")
 
 
 # ---------------------------------------------------------------------------------- messages -> question
@@ -204,30 +205,30 @@ def _text_of(content: Any, where: str) -> str:
         if kind in ("text", "input_text") and isinstance(part.get("text"), str):
             parts.append(part["text"])
         else:
-            raise _bad(f"{where}.content[{i}]: only text parts are supported (got type {kind!r})",
-                       param=f"{where}.content", code="unsupported_content")
+            raise bad_request(f"{where}.content[{i}]: only text parts are supported (got type {kind!r})",
+                              param=f"{where}.content", code="unsupported_content")
     return "\n".join(parts)
 
 
-def _chat_question(req: ChatCompletionRequest) -> Tuple[str, Optional[str]]:
+def chat_question(req: ChatCompletionRequest) -> Tuple[str, Optional[str]]:
     if not req.messages:
-        raise _bad("messages is empty; send at least one user message", param="messages")
+        raise bad_request("messages is empty; send at least one user message", param="messages")
     system = [_text_of(m.content, f"messages[{i}]") for i, m in enumerate(req.messages)
               if m.role in ("system", "developer")]
     users = [(i, m) for i, m in enumerate(req.messages) if m.role == "user"]
     if not users:
-        raise _bad("messages has no user message: the last user message is the question", param="messages")
+        raise bad_request("messages has no user message: the last user message is the question", param="messages")
     i, last = users[-1]
     question = _text_of(last.content, f"messages[{i}]")
     system_prompt = "\n\n".join(s for s in system if s.strip()) or None
     return question, system_prompt
 
 
-def _completion_question(req: CompletionRequest) -> str:
+def completion_question(req: CompletionRequest) -> str:
     p = req.prompt
     if isinstance(p, list):
         if len(p) != 1 or not isinstance(p[0], str):
-            raise _bad("prompt must be a string or a list of exactly one string (batched and token prompts are "
-                       "not supported)", param="prompt")
+            raise bad_request("prompt must be a string or a list of exactly one string (batched and token prompts are "
+                              "not supported)", param="prompt")
         p = p[0]
     return p

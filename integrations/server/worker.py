@@ -1,7 +1,7 @@
 """The model worker: one thread that owns the model and runs every model call.
 
-Generation requests are :class:`~nbce_rag.decoder.DecodeState` groups handed to a
-:class:`~nbce_rag.scheduler.StepScheduler` (see its docstring for the policy): between two
+Generation requests are :class:`~nbce_rag.decoding.decoder.DecodeState` groups handed to a
+:class:`~nbce_rag.decoding.scheduler.StepScheduler` (see its docstring for the policy): between two
 decode steps the worker takes new requests from its bounded queue (while fewer than
 ``max_active`` are active), drops the ones whose client went away or whose deadline passed
 (their rows leave the batch at once), runs one scheduler iteration (at most one prefill chunk
@@ -22,14 +22,14 @@ import threading
 import time
 from typing import Any, Callable, Dict, Optional, Tuple
 
-from .protocol import OpenAIError
+from nbce_rag.integrations.server.protocol import OpenAIError
 
 logger = logging.getLogger("nbce_rag.integrations.server")
 
-_CANCELLED = "cancelled"
+CANCELLED = "cancelled"
 
 
-class _Job:
+class Job:
     """One request's work for the model worker, and the channel its results come back on.
 
     ``start`` (generation): a callable run in the worker that returns a DecodeState (retrieval
@@ -53,7 +53,7 @@ class _Job:
         self.outcome: Optional[str] = None
         self.state: Any = None
 
-    def abort(self, reason: str = _CANCELLED) -> None:
+    def abort(self, reason: str = CANCELLED) -> None:
         """Ask the worker to drop this job (checked between steps)."""
         if self.reason is None:
             self.reason = reason
@@ -75,11 +75,11 @@ class ModelWorker:
     """
 
     def __init__(self, max_queue: int, scheduler: Any = None):
-        self._queue: "queue.Queue[Optional[_Job]]" = queue.Queue(maxsize=max_queue)
+        self._queue: "queue.Queue[Optional[Job]]" = queue.Queue(maxsize=max_queue)
         self._thread: Optional[threading.Thread] = None
         self._lock = threading.Lock()
         self.scheduler = scheduler
-        self._active: Dict[int, _Job] = {}
+        self._active: Dict[int, Job] = {}
         self._exclusive = False  # running a job alone, or admitting one (retrieval, tokenization)
         self.stats = {"completed": 0, "cancelled": 0, "timed_out": 0, "failed": 0, "rejected": 0}
 
@@ -114,10 +114,10 @@ class ModelWorker:
             except queue.Empty:
                 break
             if job is not None:
-                job.abort(_CANCELLED)
+                job.abort(CANCELLED)
                 job.push("error", _shutting_down())
         for job in list(self._active.values()):
-            job.abort(_CANCELLED)
+            job.abort(CANCELLED)
         if t is not None and t.is_alive():
             try:
                 self._queue.put(None, timeout=timeout)
@@ -125,7 +125,7 @@ class ModelWorker:
                 pass
             t.join(timeout)
 
-    def submit(self, job: _Job) -> None:
+    def submit(self, job: Job) -> None:
         self.start()
         try:
             self._queue.put_nowait(job)
@@ -135,11 +135,11 @@ class ModelWorker:
                                    "retry in a moment", type="server_error", code="server_overloaded") from None
 
     # ------------------------------------------------------------------ the loop
-    def _count(self, job: _Job) -> None:
+    def _count(self, job: Job) -> None:
         key = job.outcome or "failed"
         self.stats[key] = self.stats.get(key, 0) + 1
 
-    def _end(self, key: int, job: _Job) -> None:
+    def _end(self, key: int, job: Job) -> None:
         """Count the job's outcome, then let it go (in this order: ``busy`` never reads False
         before the outcome is counted)."""
         self._count(job)
@@ -167,7 +167,7 @@ class ModelWorker:
                 if job.cancel.is_set() or now >= job.deadline:
                     reason = job.reason if job.cancel.is_set() else "timed_out"
                     self.scheduler.remove(job.state)
-                    job.outcome = reason or _CANCELLED
+                    job.outcome = reason or CANCELLED
                     if job.outcome == "timed_out":
                         job.push("timeout")
                     self._end(key, job)
@@ -200,11 +200,11 @@ class ModelWorker:
                         job.push("done")
                         self._end(id(r.state), job)
 
-    def _admit(self, job: _Job) -> None:
+    def _admit(self, job: Job) -> None:
         self._exclusive = True  # busy from the moment the job leaves the queue
         try:
             if job.cancel.is_set():
-                job.outcome = job.reason or _CANCELLED
+                job.outcome = job.reason or CANCELLED
             elif time.monotonic() >= job.deadline:
                 job.outcome = "timed_out"
                 job.push("timeout")
@@ -226,11 +226,11 @@ class ModelWorker:
     def _shutdown(self) -> None:
         for key, job in list(self._active.items()):
             self.scheduler.remove(job.state)
-            job.outcome = _CANCELLED
+            job.outcome = CANCELLED
             job.push("error", _shutting_down())
             self._end(key, job)
 
-    def _run_alone(self, job: _Job) -> None:
+    def _run_alone(self, job: Job) -> None:
         it = None
         try:
             result = job.fn() if job.fn is not None else job.start()
@@ -243,7 +243,7 @@ class ModelWorker:
                 if not job.final_only or ev.answer is not None:
                     job.push("event", ev)
                 if job.cancel.is_set():
-                    job.outcome = job.reason or _CANCELLED
+                    job.outcome = job.reason or CANCELLED
                     return
                 if time.monotonic() >= job.deadline:
                     job.outcome = "timed_out"

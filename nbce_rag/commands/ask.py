@@ -18,7 +18,7 @@ import argparse
 import sys
 from typing import Optional, Any, TextIO
 
-from ._common import (add_decoding_options, bad_words_options, add_question, check_device, decoding_options, examples, positive_int,
+from nbce_rag.commands.arguments import (add_decoding_options, bad_words_options, add_question, check_device, decoding_options, examples, positive_int,
                       question_of)
 
 _QUIT = {"exit", "quit", ":q"}
@@ -112,11 +112,11 @@ def run(args: argparse.Namespace) -> int:
     options = decoding_options(args)
     check_device(args.device, args.dtype)
 
-    from ..pipeline import RAGPipeline
+    from nbce_rag.pipeline import RAGPipeline
 
     encoder = None
     if args.encoder:
-        from ..encoder import CoSENTEncoder
+        from nbce_rag.retrieval.encoder import CoSENTEncoder
 
         encoder = CoSENTEncoder.from_pretrained(args.encoder, device=args.device)
     rag = RAGPipeline.from_pretrained(
@@ -166,7 +166,7 @@ def answer_one(rag: Any, question: str, options: dict, args: argparse.Namespace,
 def _loop(rag: Any, options: dict, args: argparse.Namespace) -> int:
     """Questions from stdin, one per line, with the loaded pipeline; a bad question is reported
     and the loop goes on. ``--json`` prints one JSON object per line (JSONL)."""
-    from ..cli import exit_code, one_line
+    from nbce_rag.cli import exit_code, one_line
 
     args._loop = True
     interactive = sys.stdin.isatty()

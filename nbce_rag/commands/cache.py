@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import examples
+from nbce_rag.commands.arguments import examples
 
 
 def register(subparsers: "argparse._SubParsersAction") -> None:
@@ -43,9 +43,9 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
 
 def fill_index(index_dir, *, out=None, model=None, device=None, dtype=None, batch: int = 32, progress: bool = True):
     """Fill the KV cache of the index at ``index_dir`` (shared by ``cache`` and ``index --kv-cache``)."""
-    from ..decoder import NBCEDecoder
-    from ..index import VectorIndex
-    from ..kvcache import PassageKVCache, fill, index_kv_dir, index_texts
+    from nbce_rag.decoding.decoder import NBCEDecoder
+    from nbce_rag.retrieval.index import VectorIndex
+    from nbce_rag.decoding.kvcache import PassageKVCache, fill, index_kv_dir, index_texts
 
     index = VectorIndex.load(index_dir)
     target = out or index_kv_dir(index_dir)
@@ -57,7 +57,7 @@ def fill_index(index_dir, *, out=None, model=None, device=None, dtype=None, batc
 def run(args: argparse.Namespace) -> int:
     import time
 
-    from ..errors import ConfigError
+    from nbce_rag.errors import ConfigError
 
     if args.batch < 1:
         raise ConfigError("--batch must be >= 1")

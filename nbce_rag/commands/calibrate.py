@@ -5,7 +5,7 @@
     nbce-rag calibrate --prior --data DIR [--encoder E]        (a prior for an encoder)
 
 Searches the index for every labelled query (top ``--k``), calibrates
-:class:`~nbce_rag.threshold.MarginThreshold` on those candidates, prints a report (threshold,
+:class:`~nbce_rag.filtering.threshold.MarginThreshold` on those candidates, prints a report (threshold,
 band, margin, precision/recall/F1 with bootstrap intervals), writes the calibration (default:
 ``DIR/calibration.json``, where the pipeline picks it up) and a PNG of the relevant and
 irrelevant score distributions with the thresholds drawn (default: next to the calibration).
@@ -16,8 +16,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from . import calibrate_modes
-from ._common import examples, nonnegative_int, positive_int
+from nbce_rag.commands import calibrate_modes
+from nbce_rag.commands.arguments import examples, nonnegative_int, positive_int
 
 
 def register(subparsers: "argparse._SubParsersAction") -> None:
@@ -61,9 +61,9 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from ..errors import ConfigError
-    from ..index import VectorIndex
-    from ..threshold import MarginThreshold, plot_distributions
+    from nbce_rag.errors import ConfigError
+    from nbce_rag.retrieval.index import VectorIndex
+    from nbce_rag.filtering.threshold import MarginThreshold, plot_distributions
 
     margin = _margin_arg(args.margin)  # validate before loading anything
     for name in ("precision_target", "recall_target"):
@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     if calibrate_modes.wanted(args):
         return calibrate_modes.run(args, margin)
     if not (args.index and args.queries and args.qrels):
-        from ..errors import ConfigError
+        from nbce_rag.errors import ConfigError
 
         raise ConfigError("give --index DIR --queries F --qrels F (labelled queries), or calibrate without "
                           "labels: --synthetic --index DIR, or --prior --data DIR")
@@ -116,7 +116,7 @@ def main_synthetic(index_dir, n: int = 200, model=None) -> int:
 
 
 def _margin_arg(v: str):
-    from ..errors import ConfigError
+    from nbce_rag.errors import ConfigError
 
     if v == "auto":
         return "auto"

@@ -3,10 +3,10 @@
     nbce-rag calibrate --prior --data DIR [--datasets scifact squad nq hotpotqa] [--encoder E] [--out F]
     nbce-rag calibrate --synthetic --index DIR [--n 200] [--seed S] [--model M] [--filter-top 3]
 
-``--prior`` runs the recipe of the shipped prior (:func:`nbce_rag.prior.build_prior`) for any
+``--prior`` runs the recipe of the shipped prior (:func:`nbce_rag.filtering.prior.build_prior`) for any
 encoder; put the file written in ``$NBCE_RAG_PRIOR_PATH`` (or pass it to the pipeline) to use
 it. ``--synthetic`` writes ``DIR/calibration.synthetic.json``
-(:func:`nbce_rag.synthetic.synthetic_calibration`), which the pipeline uses when the index
+(:func:`nbce_rag.filtering.synthetic.synthetic_calibration`), which the pipeline uses when the index
 has no labelled ``calibration.json``.
 """
 
@@ -21,7 +21,7 @@ from typing import Any
 
 def add_options(p: argparse.ArgumentParser) -> None:
     """The options of the prior / synthetic modes and the objective (shared by all modes)."""
-    from ..prior import DATASETS
+    from nbce_rag.filtering.prior import DATASETS
 
     g = p.add_argument_group("calibration without labels")
     mode = g.add_mutually_exclusive_group()
@@ -57,14 +57,14 @@ def run(args: argparse.Namespace, margin: Any) -> int:
     """Run --prior or --synthetic (``margin`` already parsed by calibrate.py)."""
     import json
 
-    from ..errors import ConfigError
-    from ..threshold import plot_distributions
+    from nbce_rag.errors import ConfigError
+    from nbce_rag.filtering.threshold import plot_distributions
 
     kw = dict(precision_target=args.precision_target, recall_target=args.recall_target, margin=margin,
               n_bootstrap=args.bootstrap, seed=args.seed, objective=objective_arg(args))
     if args.prior:
-        from ..encoder import CoSENTEncoder
-        from ..prior import build_prior
+        from nbce_rag.retrieval.encoder import CoSENTEncoder
+        from nbce_rag.filtering.prior import build_prior
 
         if not args.data:
             raise ConfigError("--prior needs --data DIR: the folder with beir_scifact/, squad_v1.1/, "
@@ -78,10 +78,10 @@ def run(args: argparse.Namespace, margin: Any) -> int:
         hint = (f"use it: export NBCE_RAG_PRIOR_PATH={written.resolve()}  (an index without its own "
                 "calibration then filters with it)")
     else:
-        from ..decoder import NBCEDecoder
-        from ..index import VectorIndex
-        from ..prior import SYNTHETIC_FILENAME
-        from ..synthetic import synthetic_calibration
+        from nbce_rag.decoding.decoder import NBCEDecoder
+        from nbce_rag.retrieval.index import VectorIndex
+        from nbce_rag.filtering.prior import SYNTHETIC_FILENAME
+        from nbce_rag.filtering.synthetic import synthetic_calibration
 
         if not args.index:
             raise ConfigError("--synthetic needs --index DIR")
@@ -118,8 +118,8 @@ def run(args: argparse.Namespace, margin: Any) -> int:
 
 
 def objective_arg(args: argparse.Namespace) -> str:
-    from ..errors import CalibrationError, ConfigError
-    from ..objective import DEFAULT_OBJECTIVE, parse_objective
+    from nbce_rag.errors import CalibrationError, ConfigError
+    from nbce_rag.filtering.objective import DEFAULT_OBJECTIVE, parse_objective
 
     obj = args.objective or DEFAULT_OBJECTIVE
     try:

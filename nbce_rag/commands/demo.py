@@ -10,7 +10,7 @@ import re
 import time
 from typing import Any, Dict, Optional
 
-from ._common import add_question, examples, positive_int, question_of
+from nbce_rag.commands.arguments import add_question, examples, positive_int, question_of
 
 logger = logging.getLogger(__name__)
 
@@ -110,8 +110,8 @@ def demo_documents():
 
 
 def build_demo_index(path, rebuild: bool = False):
-    from ..encoder import CoSENTEncoder
-    from ..index import MANIFEST, VectorIndex
+    from nbce_rag.retrieval.encoder import CoSENTEncoder
+    from nbce_rag.retrieval.index import MANIFEST, VectorIndex
     from pathlib import Path
 
     path = Path(path)
@@ -130,10 +130,10 @@ def run(args) -> int:
     question = question_of(args) or DEFAULT_QUESTION
     options = demo_options(args.max_new_tokens)
 
-    from ..config import NBCEConfig
-    from ..models import cache_dir
-    from ..pipeline import RAGPipeline
-    from .generate import print_answer
+    from nbce_rag.config import NBCEConfig
+    from nbce_rag.models import cache_dir
+    from nbce_rag.pipeline import RAGPipeline
+    from nbce_rag.commands.generate import print_answer
 
     NBCEConfig().update(**options)  # checked before anything loads
     index = build_demo_index(args.index_dir or cache_dir() / "demo_index", rebuild=args.rebuild)

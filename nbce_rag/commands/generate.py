@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from ._common import add_decoding_options, bad_words_options, add_question, check_device, decoding_options, examples, question_of
+from nbce_rag.commands.arguments import add_decoding_options, bad_words_options, add_question, check_device, decoding_options, examples, question_of
 
 
 def register(sub: "argparse._SubParsersAction") -> None:
@@ -71,7 +71,7 @@ def run(args) -> int:
     check_device(args.device, args.dtype)
     passages = _read_passages(args.passage)
 
-    from ..decoder import NBCEDecoder
+    from nbce_rag.decoding.decoder import NBCEDecoder
 
     dec = NBCEDecoder.from_pretrained(args.model, device=args.device, dtype=args.dtype)
     options.update(bad_words_options(args, dec.tokenizer))

@@ -4,7 +4,7 @@
                    [--backend exact|faiss] [--append] [--delete DOC_ID ...]
 
 PATH is a file or a directory (walked recursively); the file types read are those of
-:func:`nbce_rag.readers.read_documents` (``TEXT_EXTENSIONS``, ``JSONL_EXTENSIONS`` and, with the
+:func:`nbce_rag.retrieval.readers.read_documents` (``TEXT_EXTENSIONS``, ``JSONL_EXTENSIONS`` and, with the
 ``pdf`` extra, ``PDF_EXTENSIONS``), listed by ``--help`` from those same constants. Empty
 documents are skipped and counted; unreadable files are named and skipped; non-UTF-8 bytes are
 replaced (with a warning).
@@ -15,18 +15,18 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ._common import examples, nonnegative_int, positive_int
+from nbce_rag.commands.arguments import examples, nonnegative_int, positive_int
 
 
 def accepted_file_types() -> str:
     """The extensions ``nbce-rag index`` reads, from the constants the folder reader uses."""
-    from ..readers import JSONL_EXTENSIONS, PDF_EXTENSIONS, TEXT_EXTENSIONS
+    from nbce_rag.retrieval.readers import JSONL_EXTENSIONS, PDF_EXTENSIONS, TEXT_EXTENSIONS
 
     return " ".join(TEXT_EXTENSIONS + JSONL_EXTENSIONS) + " [" + " ".join(PDF_EXTENSIONS) + " with the pdf extra]"
 
 
 def register(subparsers: "argparse._SubParsersAction") -> None:
-    from ..chunking import DEFAULT_CHUNK_TOKENS, DEFAULT_OVERLAP
+    from nbce_rag.retrieval.chunking import DEFAULT_CHUNK_TOKENS, DEFAULT_OVERLAP
 
     types = accepted_file_types()
     p = subparsers.add_parser(
@@ -79,10 +79,10 @@ def run(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    from ..encoder import CoSENTEncoder
-    from ..errors import ConfigError
-    from ..index import MANIFEST, VectorIndex
-    from ..readers import read_documents
+    from nbce_rag.retrieval.encoder import CoSENTEncoder
+    from nbce_rag.errors import ConfigError
+    from nbce_rag.retrieval.index import MANIFEST, VectorIndex
+    from nbce_rag.retrieval.readers import read_documents
 
     if not args.paths and not args.delete:
         raise ConfigError("give at least one PATH to index (or --delete DOC_ID with --out DIR)")
@@ -137,12 +137,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"indexed {rep.added_documents} document(s) as {rep.chunks} chunk(s){extra}")
     print(f"{out}: {action}; {len(index)} chunks, dim {index.dim}, encoder {index.encoder_identity} ({dt:.1f}s)")
     if args.kv_cache:
-        from .cache import fill_index
+        from nbce_rag.commands.cache import fill_index
 
         st, disk = fill_index(out, model=args.model)
         print(f"{disk.root}: {st.stored} chunk(s) KV-cached, {st.hits} already there; {disk.nbytes() / 2**20:.1f} MiB")
     if args.calibrate:
-        from .calibrate import main_synthetic
+        from nbce_rag.commands.calibrate import main_synthetic
 
         return main_synthetic(out, n=args.calibrate_n, model=args.model)
     return 0

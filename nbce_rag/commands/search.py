@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import add_question, examples, positive_int, question_of
+from nbce_rag.commands.arguments import add_question, examples, positive_int, question_of
 
 
 def register(subparsers: "argparse._SubParsersAction") -> None:
@@ -39,8 +39,8 @@ def run(args: argparse.Namespace) -> int:
 
     query = question_of(args)  # checked before the index and its encoder load
 
-    from ..encoder import CoSENTEncoder
-    from ..index import VectorIndex
+    from nbce_rag.retrieval.encoder import CoSENTEncoder
+    from nbce_rag.retrieval.index import VectorIndex
 
     enc = CoSENTEncoder.from_pretrained(args.encoder) if args.encoder else None
     index = VectorIndex.load(args.index, enc, backend=args.backend)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from ._common import examples
+from nbce_rag.commands.arguments import examples
 
 _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
@@ -98,12 +98,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from ..integrations.server import DEFAULT_MODEL_NAME, ServerLimits, create_app
+        from nbce_rag.integrations.server import DEFAULT_MODEL_NAME, ServerLimits, create_app
     except ImportError as e:
-        from ..errors import NBCERagError
+        from nbce_rag.errors import NBCERagError
 
         raise NBCERagError(f"{e}. Install the server extra: pip install 'nbce-rag[server]'") from None
-    from ..pipeline import RAGPipeline
+    from nbce_rag.pipeline import RAGPipeline
 
     log = logging.getLogger("nbce_rag.serve")
     if args.threads:
@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     )
     encoder = None
     if args.encoder:
-        from ..encoder import CoSENTEncoder
+        from nbce_rag.retrieval.encoder import CoSENTEncoder
 
         encoder = CoSENTEncoder.from_pretrained(args.encoder, device=args.device)
     options = {} if args.max_new_tokens is None else {"max_new_tokens": args.max_new_tokens}

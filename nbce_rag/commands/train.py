@@ -15,11 +15,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ._common import examples
+from nbce_rag.commands.arguments import examples
 
 
 def register(subparsers: "argparse._SubParsersAction") -> None:
-    from ..encoder import CoSENTTrainingConfig
+    from nbce_rag.retrieval.encoder import CoSENTTrainingConfig
 
     d, r = CoSENTTrainingConfig(), CoSENTTrainingConfig.retrieval()
     p = subparsers.add_parser(
@@ -70,10 +70,10 @@ def run(args: argparse.Namespace) -> int:
     import random
     from pathlib import Path
 
-    from ..data import qrels_to_pairs
-    from ..readers import BeirData, read_beir_corpus, read_pairs, read_qrels, read_queries
-    from ..encoder import CoSENTEncoder, CoSENTTrainingConfig
-    from ..errors import ConfigError
+    from nbce_rag.data import qrels_to_pairs
+    from nbce_rag.retrieval.readers import BeirData, read_beir_corpus, read_pairs, read_qrels, read_queries
+    from nbce_rag.retrieval.encoder import CoSENTEncoder, CoSENTTrainingConfig
+    from nbce_rag.errors import ConfigError
 
     if bool(args.train) == bool(args.qrels):
         raise ConfigError("give either --train F (scored pairs) or --qrels F --corpus F --queries F")
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         if not (args.corpus and args.queries):
             raise ConfigError("--qrels needs --corpus and --queries")
-        from ..index import VectorIndex
+        from nbce_rag.retrieval.index import VectorIndex
 
         corpus, queries = read_beir_corpus(args.corpus), read_queries(args.queries)
         data = BeirData(corpus, queries, read_qrels(args.qrels))

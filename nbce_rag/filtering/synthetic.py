@@ -1,0 +1,205 @@
+"""Self-calibration from the user's own documents: synthetic questions, no labels.
+
+The InPars / Promptagator / GPL idea applied to the filter: sample chunks of the index, have
+the decoder's language model write a question each chunk answers, keep a question only when
+the retriever ranks its source chunk among its top ``filter_top`` candidates (round-trip
+consistency, as those papers filter), label the source chunk relevant and the other top-``k``
+candidates irrelevant, and calibrate :class:`~nbce_rag.filtering.threshold.MarginThreshold` on those
+candidates as for labelled queries.
+
+    th = synthetic_calibration(index, decoder, n=200, seed=0)
+    th.save(Path(index_dir) / SYNTHETIC_FILENAME)    # what `nbce-rag calibrate --synthetic` does
+
+The result records what it did in ``stats["synthetic"]`` (chunks sampled, questions written,
+kept, the rank filter, the prompt, a few examples). Generation is greedy, so with a fixed
+``seed`` (which chunks are sampled) the result is deterministic for a given model.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+
+from nbce_rag.errors import CalibrationError
+from nbce_rag.filtering.objective import DEFAULT_OBJECTIVE
+from nbce_rag.filtering.prior import SYNTHETIC_FILENAME
+from nbce_rag.filtering.threshold import MarginThreshold, _identity_of
+from nbce_rag.types import Passage
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["QUESTION_PROMPT", "SYNTHETIC_FILENAME", "clean_question", "generate_questions", "synthetic_calibration"]
+
+#: The instruction given to the LM after one chunk; the reply is started with QUESTION_PREFIX
+#: (small instruction models otherwise answer or paraphrase the instruction).
+QUESTION_PROMPT = ("Write one specific question that the text above answers, using its key terms. "
+                   "Reply with the question only.")
+QUESTION_PREFIX = "Question: What"
+
+_PREFIX = re.compile(r"^\s*(?:\d+[.)]\s*|[-*]\s*|(?:question|q)\s*[:.-]\s*)+", re.I)
+
+
+def clean_question(text: str, *, min_words: int = 3, max_words: int = 40) -> Optional[str]:
+    """The first line of a generated reply, without list/"Question:" prefixes and quotes; up to
+    and including the first ``?``. ``None`` when it has fewer than ``min_words`` words."""
+    for line in (text or "").splitlines():
+        line = _PREFIX.sub("", line).strip().strip('"\u201c\u201d\'').strip()
+        if not line:
+            continue
+        if "?" in line:
+            line = line[: line.index("?") + 1]
+        words = line.split()
+        if len(words) < min_words:
+            return None
+        return " ".join(words[:max_words])
+    return None
+
+
+def generate_questions(decoder: Any, passages: List[str], *, max_new_tokens: int = 40,
+                       prompt: str = QUESTION_PROMPT, show_progress: bool = False,
+                       min_words: int = 3) -> List[Optional[str]]:
+    """One question per passage from the decoder's LM (plain conditional generation, greedy:
+    :meth:`NBCEDecoder.generate_concat` with the passage as the only context)."""
+    it: Any = passages
+    if show_progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(passages, desc="synthetic: writing questions", unit="chunk")
+    out: List[Optional[str]] = []
+    for text in it:
+        reply = write_question(decoder, text, prompt=prompt, max_new_tokens=max_new_tokens)
+        out.append(clean_question(reply, min_words=min_words))
+    return out
+
+
+def write_question(decoder: Any, passage: str, *, prompt: str = QUESTION_PROMPT, prefix: str = QUESTION_PREFIX,
+                   max_new_tokens: int = 40, max_passage_tokens: int = 384) -> str:
+    """Greedy reply of the decoder's LM to ``passage`` + ``prompt``, the reply started with
+    ``prefix`` (returned with it, without the "Question:" label). Plain conditional generation
+    with the model and tokenizer the decoder wraps; the passage is cut to ``max_passage_tokens``."""
+    import torch
+
+    tok, model = decoder.tokenizer, decoder.model
+    ids = tok(passage, add_special_tokens=False)["input_ids"]
+    if len(ids) > max_passage_tokens:
+        passage = tok.decode(ids[:max_passage_tokens])
+    content = f"{passage.strip()}\n\n{prompt}"
+    if getattr(tok, "chat_template", None):
+        text = tok.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                       add_generation_prompt=True)
+        enc = tok(text + prefix, add_special_tokens=False, return_tensors="pt")
+    else:
+        enc = tok(f"{content}\n{prefix}", return_tensors="pt")
+    dev = next(model.parameters()).device
+    enc = {k: v.to(dev) for k, v in enc.items()}
+    eos = getattr(tok, "eos_token_id", None)
+    kw = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=eos if eos is not None else 0)
+    with torch.inference_mode():
+        try:  # stop at the end of the question (transformers >= 4.39)
+            out = model.generate(**enc, stop_strings=["?", "\n"], tokenizer=tok, **kw)
+        except (TypeError, ValueError):
+            out = model.generate(**enc, **kw)
+    reply = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    label = prefix.split(":", 1)
+    start = label[1] if len(label) == 2 else prefix
+    return (start + reply).strip()
+
+
+def synthetic_calibration(
+    index: Any,
+    decoder: Any,
+    *,
+    n: int = 200,
+    k: int = 10,
+    filter_top: int = 3,
+    seed: int = 0,
+    min_chunk_words: int = 20,
+    max_new_tokens: int = 40,
+    prompt: str = QUESTION_PROMPT,
+    show_progress: bool = False,
+    **calibrate_kwargs: Any,
+) -> MarginThreshold:
+    """Calibrate ``index``'s filter on questions ``decoder`` writes about ``n`` sampled chunks.
+
+    ``index``: a :class:`~nbce_rag.retrieval.index.VectorIndex` (``ids``, ``get``, ``search_many``).
+    Chunks shorter than ``min_chunk_words`` words are not sampled (headings, stubs). A
+    question is kept when its source chunk is among its top ``filter_top`` hits; its top
+    ``k`` hits are then labelled (source = relevant). Other keyword arguments go to
+    :meth:`MarginThreshold.calibrate` (``objective``, ``n_bootstrap``, ...).
+    Raises :class:`CalibrationError` when too few questions survive.
+    """
+    if n < 1:
+        raise CalibrationError(f"n must be >= 1 (got {n})")
+    if not 1 <= filter_top <= k:
+        raise CalibrationError(f"filter_top must be in [1, k={k}] (got {filter_top})")
+    ids = list(index.ids)
+    if len(ids) < 2:
+        raise CalibrationError(f"the index holds {len(ids)} chunk(s): synthetic calibration needs at least 2")
+    rng = np.random.default_rng(seed)
+    chunks: List[Passage] = []
+    for i in rng.permutation(len(ids)):
+        p = index.get(ids[int(i)])
+        if len(p.text.split()) >= min_chunk_words:
+            chunks.append(p)
+            if len(chunks) >= n:
+                break
+    if not chunks:
+        raise CalibrationError(f"no chunk has {min_chunk_words}+ words to write a question about; "
+                               "lower min_chunk_words")
+    questions = generate_questions(decoder, [c.text for c in chunks], max_new_tokens=max_new_tokens,
+                                   prompt=prompt, show_progress=show_progress)
+    pairs = [(c, q) for c, q in zip(chunks, questions) if q]
+    hits = index.search_many([q for _, q in pairs], k=k, show_progress_bar=False) if pairs else []
+    scores: List[float] = []
+    labels: List[int] = []
+    groups: List[int] = []
+    ranks: List[Optional[int]] = []
+    examples: List[Dict[str, Any]] = []
+    kept = 0
+    for gi, ((c, q), hs) in enumerate(zip(pairs, hits)):
+        rank = next((r for r, h in enumerate(hs) if h.id == c.id), None)
+        ranks.append(rank)
+        if rank is None or rank >= filter_top:
+            continue
+        kept += 1
+        for h in hs:
+            scores.append(float(h.score))
+            labels.append(int(h.id == c.id))
+            groups.append(gi)
+        if len(examples) < 5:
+            examples.append({"chunk": c.id, "question": q, "rank": rank})
+    report = {
+        "n_sampled": len(chunks),
+        "n_questions": len(pairs),
+        "n_kept": kept,
+        "filter_top": int(filter_top),
+        "k": int(k),
+        "seed": int(seed),
+        "prompt": prompt,
+        "decoder": str(getattr(decoder, "name", type(decoder).__name__)),
+        "rank_histogram": {str(r): int(sum(1 for x in ranks if x == r)) for r in range(k)},
+        "not_retrieved": int(sum(1 for x in ranks if x is None)),
+        "examples": examples,
+    }
+    logger.info("synthetic calibration: %d chunks sampled, %d questions written, %d kept (source in top-%d)",
+                len(chunks), len(pairs), kept, filter_top)
+    if kept == 0:
+        raise CalibrationError(
+            f"none of the {len(pairs)} generated questions ranks its source chunk in the top {filter_top} "
+            f"({len(chunks) - len(pairs)} replies were not questions): the model or the encoder does not fit "
+            "these documents; raise --n, raise filter_top, or calibrate with labelled queries")
+    calibrate_kwargs.setdefault("seed", seed)
+    if calibrate_kwargs.get("objective") is None:
+        calibrate_kwargs["objective"] = DEFAULT_OBJECTIVE
+    try:
+        th = MarginThreshold.calibrate(scores, labels, groups, encoder_identity=_identity_of(index), **calibrate_kwargs)
+    except CalibrationError as e:
+        raise CalibrationError(f"{e} (synthetic: {kept} of {len(pairs)} generated questions kept from "
+                               f"{len(chunks)} chunks; raise --n)") from None
+    th.stats["k"] = int(k)
+    th.stats["source"] = "synthetic"
+    th.stats["synthetic"] = report
+    return th
