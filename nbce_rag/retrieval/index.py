@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, ContextManager, Dict, Iterable, List, Opt
 
 import numpy as np
 
-from nbce_rag.errors import ConfigError, EncoderMismatchError
+from nbce_rag.errors import ConfigError
 from nbce_rag.retrieval import index_store
 from nbce_rag.retrieval.chunking import DEFAULT_CHUNK_TOKENS, DEFAULT_OVERLAP, chunk_text
 from nbce_rag.retrieval.index_store import (  # noqa: F401 - re-exported
@@ -39,6 +39,7 @@ from nbce_rag.retrieval.index_store import (  # noqa: F401 - re-exported
     LOCK_FILE,
     MANIFEST,
     PathLike,
+    check_encoder,
 )
 from nbce_rag.retrieval.readers import JSONL_EXTENSIONS, PDF_EXTENSIONS, TEXT_EXTENSIONS, ReadReport, read_documents  # noqa: F401 - re-exported
 from nbce_rag.types import Hit, Passage, as_passage
@@ -200,32 +201,21 @@ class VectorIndex:
             enc = CoSENTEncoder.from_pretrained(
                 self.encoder_source, local_files_only=True, max_seq_length=self.encoder_max_seq_length
             )
-            self._check_encoder(enc, where=f"the recorded encoder {self.encoder_source}")
+            check_encoder(self, enc, where=f"the recorded encoder {self.encoder_source}")
             self._encoder = enc
             self._checked_version = getattr(enc, "weights_version", 0)
         elif getattr(self._encoder, "weights_version", 0) != self._checked_version:
             # the encoder object was fine-tuned after this index was made: its vectors would
             # no longer match the stored ones
-            self._check_encoder(self._encoder, where="the index's encoder, changed since (e.g. by fit())")
+            check_encoder(self, self._encoder, where="the index's encoder, changed since (e.g. by fit())")
             self._checked_version = getattr(self._encoder, "weights_version", 0)
         return self._encoder
 
     @encoder.setter
     def encoder(self, enc: "CoSENTEncoder") -> None:
-        self._check_encoder(enc, where="the given encoder")
+        check_encoder(self, enc, where="the given encoder")
         self._encoder = enc
         self._checked_version = getattr(enc, "weights_version", 0)
-
-    def _check_encoder(self, enc: "CoSENTEncoder", *, where: str, path: Any = None) -> None:
-        from nbce_rag.retrieval.encoder import identities_match
-
-        if enc.dim != self.dim or not identities_match(enc.identity, self._encoder_identity):
-            at = f" at {path}" if path else ""
-            raise EncoderMismatchError(
-                f"the index{at} was built with encoder {self._encoder_identity} (dim {self.dim}), "
-                f"but {where} is {enc.identity} (dim {enc.dim}); load it with the same encoder, "
-                f"or rebuild the index with this one (nbce-rag index ... --encoder ...)"
-            )
 
     def __len__(self) -> int:
         return len(self._ids)

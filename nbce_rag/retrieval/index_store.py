@@ -53,12 +53,14 @@ from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Tuple, Ty
 
 import numpy as np
 
-from nbce_rag.errors import ConfigError, ConflictError, CorruptFileError
+from nbce_rag.errors import ConfigError, ConflictError, CorruptFileError, EncoderMismatchError
 from nbce_rag.files import atomic_write, file_lock, read_json, write_json
 
 if TYPE_CHECKING:  # pragma: no cover
     from nbce_rag.retrieval.encoder import CoSENTEncoder
-    from nbce_rag.retrieval.index import VectorIndex
+
+#: "VectorIndex" in the annotations below is nbce_rag.retrieval.index.VectorIndex, named, not
+#: imported: the index imports this module, never the other way round.
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +80,20 @@ DEFAULT_LOCK_TIMEOUT = 120.0
 _LOAD_ATTEMPTS = 8
 
 PathLike = Union[str, "os.PathLike[str]"]
+
+
+def check_encoder(index: "VectorIndex", enc: "CoSENTEncoder", *, where: str, path: Any = None) -> None:
+    """Raise :class:`EncoderMismatchError` unless ``enc`` is the encoder ``index`` was built with
+    (same dimension, matching identity): vectors of another encoder would be searched silently wrong."""
+    from nbce_rag.retrieval.encoder import identities_match
+
+    if enc.dim != index.dim or not identities_match(enc.identity, index.encoder_identity):
+        at = f" at {path}" if path else ""
+        raise EncoderMismatchError(
+            f"the index{at} was built with encoder {index.encoder_identity} (dim {index.dim}), "
+            f"but {where} is {enc.identity} (dim {enc.dim}); load it with the same encoder, "
+            f"or rebuild the index with this one (nbce-rag index ... --encoder ...)"
+        )
 
 
 def save_index(index: "VectorIndex", path: PathLike, *, lock_timeout: Optional[float] = DEFAULT_LOCK_TIMEOUT) -> None:
@@ -113,9 +129,9 @@ def edit_index(
     if not (path / MANIFEST).is_file():
         raise CorruptFileError(f"no index at {path}: {MANIFEST} is missing (build one with `nbce-rag index`)")
     with file_lock(path / LOCK_FILE, timeout=lock_timeout, what=f"the index at {path}"):
-        index = cls.load(path, encoder)
+        index = load_index(cls, path, encoder)
         yield index
-        index.save(path, lock_timeout=lock_timeout)
+        save_index(index, path, lock_timeout=lock_timeout)
 
 
 def _merge_into(index: "VectorIndex", path: Path, current: str) -> None:
@@ -273,7 +289,7 @@ def read_index(
     )
     index.encoder_max_seq_length = m["encoder"].get("max_seq_length")
     if encoder is not None:
-        index._check_encoder(encoder, where="the given encoder", path=path)
+        check_encoder(index, encoder, where="the given encoder", path=path)
         index._encoder = encoder
         index._checked_version = getattr(encoder, "weights_version", 0)
 
