@@ -36,6 +36,7 @@ def test_wheel_install_maps_integrations(tmp_path):
     sources += [p.relative_to(REPO).as_posix() for p in (REPO / "nbce_rag").rglob("*.py")
                 if "__pycache__" not in p.parts and "integrations" not in p.relative_to(REPO).parts]
     assert len(sources) > 50 and "nbce_rag/decoding/decoder.py" in sources
+    sources += [p.relative_to(REPO).as_posix() for p in (REPO / "nbce_rag" / "filtering" / "priors").glob("*.json")]
     missing = [s for s in sources if s not in names]
     assert not missing, f"the wheel lacks {missing}: list the package in pyproject.toml's packages"
     assert not any(n.startswith("integrations/") for n in names), "adapters must not install as a top-level package"

@@ -45,7 +45,7 @@ def prior_dir(tmp_path, monkeypatch):
 
 def test_shipped_prior_is_package_data_for_the_bundled_encoder(encoder):
     files = sorted(PRIOR_DIR.glob("*.json"))
-    assert files, "no prior shipped under nbce_rag/priors/"
+    assert files, "no prior shipped under nbce_rag/filtering/priors/"
     th = find_prior(encoder)
     assert th is not None and th.stats["source"] == "prior"
     assert th.encoder_identity.rsplit("@", 1)[1] == encoder.identity.rsplit("@", 1)[1]
@@ -56,7 +56,7 @@ def test_shipped_prior_is_package_data_for_the_bundled_encoder(encoder):
     from pathlib import Path
 
     py = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
-    data = py["tool"]["setuptools"]["package-data"]["nbce_rag"]
+    data = py["tool"]["setuptools"]["package-data"]["nbce_rag.filtering"]
     assert "priors/*.json" in data  # wheels carry it
 
 
