@@ -151,10 +151,7 @@ def wordpiece():
 
     from nbce_rag.retrieval.encoder import bundled_model_path
 
-    try:
-        return AutoTokenizer.from_pretrained(bundled_model_path(), local_files_only=True)
-    except Exception as e:  # pragma: no cover
-        pytest.skip(f"bundled tokenizer unavailable: {e}")
+    return AutoTokenizer.from_pretrained(bundled_model_path(), local_files_only=True)
 
 
 def test_hf_tokenizer_counts_match_the_chunk_text(wordpiece):

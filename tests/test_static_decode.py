@@ -71,12 +71,27 @@ def test_compiled_path_equals_eager_on_cuda(tiny_tokenizer):
             assert got.token_ids == ref.token_ids and got.token_sources == ref.token_sources
 
 
+def _no_cpu_compiler() -> str | None:
+    """Why inductor cannot build CPU kernels here (torch finds no C++ compiler), or None.
+
+    This is the one expected reason for ``compile=True`` to fail on the CPU; any other failure
+    is a bug and must fail the test below."""
+    from torch._inductor import exc
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    try:
+        get_cpp_compiler()
+    except exc.InvalidCxxCompiler as e:
+        return f"torch finds no C++ compiler for inductor on the CPU: {e}"
+    return None
+
+
 @pytest.mark.slow
 def test_compiled_path_equals_eager_on_cpu(tiny_decoder):
     """torch.compile on the CPU (inductor; no CUDA graphs there): the same tokens."""
+    reason = _no_cpu_compiler()
+    if reason:  # pragma: no cover - a machine without a C++ toolchain
+        pytest.skip(reason)
     ref = tiny_decoder.generate(Q, PASSAGES, max_new_tokens=8)
-    try:
-        got = tiny_decoder.generate(Q, PASSAGES, max_new_tokens=8, compile=True)
-    except Exception as e:  # pragma: no cover - a machine without a working C++ toolchain
-        pytest.skip(f"torch.compile does not work on this CPU: {type(e).__name__}: {str(e)[:200]}")
-    assert got.token_ids == ref.token_ids
+    got = tiny_decoder.generate(Q, PASSAGES, max_new_tokens=8, compile=True)
+    assert got.token_ids == ref.token_ids and got.token_sources == ref.token_sources
