@@ -350,11 +350,23 @@ def test_question_loglik_through_the_passage_kv_cache(tiny_decoder):
     """With the passage KV cache (second call: the passages' prefixes come from the cache and
     only the tails are computed) the question likelihood, hence the posterior's weights, is
     that of a plain prefill."""
+    from nbce_rag.decoding.kvcache import PassageKVCache
+
     plain = NBCEDecoder(tiny_decoder.model, tiny_decoder.tokenizer, kv_cache=None, scorer=None)
-    cached = NBCEDecoder(tiny_decoder.model, tiny_decoder.tokenizer, kv_cache="auto", scorer=None)
+    # a cache of its own (not the process-wide one other tests fill): the first call is cold
+    cache = PassageKVCache(max_bytes="256MiB")
+    cached = NBCEDecoder(tiny_decoder.model, tiny_decoder.tokenizer, kv_cache=cache, scorer=None)
+    assert cached.kv_cache is cache
     want = plain.generate(Q, PASSAGES, pooling="posterior:question,static", max_new_tokens=4)
-    for _ in range(2):  # cold, then warm
+    assert want.cached_tokens == 0 and all(s.weight_initial is not None for s in want.sources)
+    for call in ("cold", "warm"):
         got = cached.generate(Q, PASSAGES, pooling="posterior:question,static", max_new_tokens=4)
+        if call == "cold":
+            assert got.cached_tokens == 0, "the first call over a fresh cache must compute every token"
+            assert len(cache) > 0, "the cold call stores the passages' prefixes"
+        else:
+            assert 0 < got.cached_tokens < got.prompt_tokens, "the warm call reads the passages' prefixes from the cache"
+        assert got.prompt_tokens == want.prompt_tokens
         assert got.token_ids == want.token_ids
         assert [s.weight_initial for s in got.sources] == pytest.approx([s.weight_initial for s in want.sources], abs=1e-4)
 
