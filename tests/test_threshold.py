@@ -142,9 +142,7 @@ def test_calibrate_synthetic_band_contains_threshold_and_cis():
     th = MarginThreshold.calibrate(s, y, g, encoder_identity="enc-A", n_bootstrap=200)
     assert th.lower <= th.threshold <= th.upper
     assert th.lower <= th.stats["global_threshold"] <= th.upper
-    for key in ("threshold", "global_threshold", "lower", "upper", "margin", "precision", "recall", "f1"):
-        lo, hi = th.ci[key]
-        assert lo <= hi
+    assert set(th.ci) == set(CI_KEYS) and all(th.ci[k] is not None for k in CI_KEYS)  # values: the test below
     lo, hi = th.threshold_ci
     assert lo - 0.05 <= th.threshold <= hi + 0.05
     # the in-sample t* F1 equals the exact scan
@@ -270,6 +268,121 @@ def test_calibrate_without_groups_warns_and_disables_margin():
     with pytest.warns(CalibrationWarning, match="groups"):
         th = MarginThreshold.calibrate(s, y, n_bootstrap=20)
     assert th.margin is None
+
+
+# The bootstrap against a plain reference: the same resampling of whole queries (the same
+# generator, seed and draws), every number recomputed by trying every cut, the intervals taken
+# as the 2.5% / 97.5% quantiles of the recomputed values.
+
+CI_KEYS = ("threshold", "global_threshold", "lower", "upper", "margin", "precision", "recall", "f1")
+
+
+def _halfway_below(d, j):
+    """The threshold keeping the distinct scores d[0..j] (descending): halfway to d[j+1]."""
+    if j == len(d) - 1:
+        return float(d[j])
+    mid = (float(d[j]) + float(d[j + 1])) / 2.0
+    return float(d[j]) if mid <= float(d[j + 1]) else mid
+
+
+def _brute_cut(s, y, eligible):
+    """Best F1 of "keep iff eligible and s >= u" over every distinct eligible score u (recall over
+    every positive; among equal F1 the highest u); returns (threshold, F1)."""
+    P = int(np.sum(y > 0))
+    d = np.unique(s[eligible])[::-1]
+    best_j, best_f = 0, -1.0
+    for j, u in enumerate(d):
+        keep = eligible & (s >= u)
+        f = 2.0 * int(np.sum(keep & (y > 0))) / (int(keep.sum()) + P)
+        if f > best_f:
+            best_j, best_f = j, f
+    return _halfway_below(d, best_j), best_f
+
+
+def _brute_rule(s, y, gi, mode, p_target=0.9, r_target=0.9, min_margin_queries=5):
+    """threshold, t*, band and margin of calibrate_rule, by trying every cut and candidate."""
+    from nbce_rag.filtering.calibration import DEFAULT_MARGIN_QUANTILES
+
+    G = int(gi.max()) + 1
+    gmax = np.array([s[gi == q].max() for q in range(G)])[gi]
+    everything = np.ones(s.size, dtype=bool)
+    t_star, _ = _brute_cut(s, y, everything)
+    if mode != "auto":
+        cands = [None if mode is None else float(mode)]
+    else:
+        spreads, n_multi = [], 0
+        for q in range(G):
+            rel = np.sort(s[(gi == q) & (y > 0)])[::-1]
+            spreads += [rel[0] - v for v in rel[1:]]
+            n_multi += rel.size >= 2
+        cands = [None, 0.0]
+        if n_multi >= min_margin_queries:
+            cands += [float(np.quantile(spreads, a)) for a in DEFAULT_MARGIN_QUANTILES]
+    best = None
+    for m in cands:
+        t, f = _brute_cut(s, y, everything if m is None else (gmax - s) <= m)
+        if best is None or f > best[2] + 1e-12:
+            best = (t, m, f)
+    t, m, _ = best
+    d = np.unique(s)[::-1]
+    prec = [np.mean(y[s >= u] > 0) for u in d]
+    rec = [np.sum(y[s >= u] > 0) / np.sum(y > 0) for u in d]
+    ok_p = [j for j in range(d.size) if prec[j] >= p_target - 1e-12]
+    up = _halfway_below(d, ok_p[-1]) if ok_p else float(np.nextafter(s.max(), np.inf))
+    lo = _halfway_below(d, min(j for j in range(d.size) if rec[j] >= r_target - 1e-12))
+    return {"threshold": t, "global_threshold": t_star, "lower": min(lo, t_star, t),
+            "upper": max(up, t_star, t), "margin": m}
+
+
+def _brute_bootstrap(s, y, g, th, mode, n_bootstrap, seed, level=0.95):
+    qids = sorted(set(g.tolist()))  # queries are numbered in sorted id order
+    rows = [np.flatnonzero(g == q) for q in qids]
+    rng = np.random.default_rng(seed)
+    vals = {k: [] for k in CI_KEYS}
+    for _ in range(n_bootstrap):
+        pick = rng.integers(0, len(qids), size=len(qids))
+        idx = np.concatenate([rows[p] for p in pick])
+        gi = np.repeat(np.arange(len(qids)), [rows[p].size for p in pick])  # a drawn twice query counts twice
+        ss, ys = s[idx], y[idx]
+        if ys.sum() in (0, ys.size):
+            continue
+        for k, v in _brute_rule(ss, ys, gi, mode).items():
+            vals[k].append(v)
+        # the full-data rule, applied to the resample
+        gmax = np.array([ss[gi == q].max() for q in range(len(qids))])[gi]
+        keep = ss >= th.threshold
+        if th.margin is not None:
+            keep &= (gmax - ss) <= th.margin
+        tp, P = int(np.sum(keep & (ys > 0))), int(np.sum(ys > 0))
+        vals["precision"].append(tp / keep.sum() if keep.any() else 0.0)
+        vals["recall"].append(tp / P)
+        vals["f1"].append(2.0 * tp / (keep.sum() + P))
+    a = (1 - level) / 2
+    used = len(vals["threshold"])
+    return {k: ((float(np.quantile([x for x in v if x is not None], a)),
+                 float(np.quantile([x for x in v if x is not None], 1 - a))) if any(x is not None for x in v) else None)
+            for k, v in vals.items()}, used
+
+
+@pytest.mark.parametrize("mode,seed", [("auto", 0), ("auto", 1), (0.1, 2), (None, 3)])
+def test_bootstrap_intervals_match_a_brute_force_bootstrap(mode, seed):
+    rng = np.random.default_rng(50 + seed)
+    s, y, g = _synthetic(rng, n_q=40, k=8)
+    th = MarginThreshold.calibrate(s, y, g, margin=mode, n_bootstrap=60, seed=seed)
+    gi = np.unique(g.astype(str), return_inverse=True)[1]
+    full = _brute_rule(s, y, gi, mode)
+    assert (th.threshold, th.lower, th.upper) == pytest.approx((full["threshold"], full["lower"], full["upper"]), abs=1e-12)
+    assert th.stats["global_threshold"] == pytest.approx(full["global_threshold"], abs=1e-12)
+    assert th.margin == (None if full["margin"] is None else pytest.approx(full["margin"], abs=1e-12))
+    want, used = _brute_bootstrap(s, y, g, th, mode, 60, seed)
+    assert th.stats["n_bootstrap_used"] == used > 50
+    for key in CI_KEYS:
+        if want[key] is None:  # only when no resample used a margin
+            assert mode is None and key == "margin" and th.ci[key] is None
+        else:
+            assert th.ci[key] == pytest.approx(want[key], abs=1e-12), key
+    # the intervals are not degenerate: the resampling moved the threshold
+    assert th.ci["threshold"][0] < th.ci["threshold"][1]
 
 
 def test_bootstrap_is_reproducible():
