@@ -37,3 +37,8 @@ class LockTimeoutError(NBCERagError, TimeoutError):
 
 class ConflictError(NBCERagError):
     """A save would overwrite changes another writer made meanwhile; nothing was written."""
+
+
+class StoreError(NBCERagError):
+    """Something a command exists to store could not be written (a path that is a file, no
+    permission, a full disk); nothing usable was stored."""

@@ -19,6 +19,9 @@ import ctypes.util
 import logging
 import os
 import sys
+from typing import Callable, Optional, TypeVar
+
+T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
@@ -57,3 +60,18 @@ def keep_freed_memory() -> bool:
     _done = ok
     logger.debug("glibc malloc keeps freed memory: %s", ok)
     return ok
+
+
+def env_setting(name: str, parse: Callable[[str], T]) -> Optional[T]:
+    """The value of environment variable ``name`` read by ``parse``; ``None`` when unset or
+    blank. A value ``parse`` rejects (``ValueError``) is a :class:`~nbce_rag.errors.ConfigError`
+    that names the variable, so the user knows which setting to fix."""
+    from nbce_rag.errors import ConfigError
+
+    raw = os.environ.get(name)
+    if raw is None or not raw.strip():
+        return None
+    try:
+        return parse(raw)
+    except ValueError as e:
+        raise ConfigError(f"environment variable {name}={raw!r}: {e}; fix or unset it") from None

@@ -41,17 +41,49 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     p.set_defaults(func=run)
 
 
+def check_writable(target) -> None:
+    """Refuse (StoreError: exit 1, one line) a KV cache directory that cannot be written: a path
+    that is a file, or a folder without write permission. Checked before any model loads."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    from nbce_rag.errors import StoreError
+
+    target = Path(target)
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".tmp-probe-", dir=target)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        what = "is not a directory" if target.exists() and not target.is_dir() else f"cannot be written ({e.strerror or e})"
+        raise StoreError(f"the KV cache directory {target} {what}; nothing was cached. Give a writable "
+                         "directory with --out (default: DIR/kvcache)") from None
+
+
 def fill_index(index_dir, *, out=None, model=None, device=None, dtype=None, batch: int = 32, progress: bool = True):
-    """Fill the KV cache of the index at ``index_dir`` (shared by ``cache`` and ``index --kv-cache``)."""
+    """Fill the KV cache of the index at ``index_dir`` (shared by ``cache`` and ``index --kv-cache``).
+    The RAM level's budget is ``NBCE_RAG_KV_CACHE_BYTES`` when set (0 otherwise: entries go to disk).
+    Raises :class:`~nbce_rag.errors.StoreError` when the store cannot be written or a shard was lost."""
     from nbce_rag.decoding.decoder import NBCEDecoder
     from nbce_rag.retrieval.index import VectorIndex
-    from nbce_rag.decoding.kvcache import PassageKVCache, fill, index_kv_dir, index_texts
+    from nbce_rag.decoding.kvcache import PassageKVCache, env_max_bytes, fill, index_kv_dir, index_texts
+    from nbce_rag.errors import StoreError
 
+    max_bytes = env_max_bytes() or 0  # a bad value: ConfigError naming the variable, before any load
     index = VectorIndex.load(index_dir)
     target = out or index_kv_dir(index_dir)
+    check_writable(target)
     dec = NBCEDecoder.from_pretrained(model, device=device, dtype=dtype,
-                                      kv_cache=PassageKVCache(max_bytes=0, disk=target))
-    return fill(dec, index_texts(index), batch_passages=batch, show_progress=progress), dec.kv_cache.disk
+                                      kv_cache=PassageKVCache(max_bytes=max_bytes, disk=target))
+    st = fill(dec, index_texts(index), batch_passages=batch, show_progress=progress)
+    errors = dec.kv_cache.write_errors
+    if errors:
+        raise StoreError(f"{len(errors)} KV cache shard(s) could not be written to {target} ({errors[0]}); "
+                         "the cache is incomplete: free space or fix the permissions, then run nbce-rag cache again "
+                         "(chunks already stored are skipped)")
+    return st, dec.kv_cache.disk
 
 
 def run(args: argparse.Namespace) -> int:

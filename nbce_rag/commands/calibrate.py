@@ -69,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
     for name in ("precision_target", "recall_target"):
         if not 0 < getattr(args, name) <= 1:  # also rejects nan
             raise ConfigError(f"--{name.replace('_', '-')} must be in (0, 1], got {getattr(args, name)}")
+    objective = calibrate_modes.objective_arg(args)
+    calibrate_modes.check_options(args)
     if calibrate_modes.wanted(args):
         return calibrate_modes.run(args, margin)
     if not (args.index and args.queries and args.qrels):
@@ -87,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         margin=margin,
         n_bootstrap=args.bootstrap,
         seed=args.seed,
-        objective=calibrate_modes.objective_arg(args),
+        objective=objective,
         show_progress=True,
     )
     out = Path(args.out) if args.out else Path(args.index)
@@ -105,13 +107,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main_synthetic(index_dir, n: int = 200, model=None) -> int:
+def main_synthetic(index_dir, n: int = 200, model=None, n_option: str = "--n") -> int:
     """``nbce-rag calibrate --synthetic --index DIR --n N`` with the other options at their defaults
     (what ``nbce-rag index ... --calibrate`` runs)."""
     p = argparse.ArgumentParser(prog="nbce-rag calibrate")
     register(p.add_subparsers())
     args = p.parse_args(["calibrate", "--synthetic", "--index", str(index_dir), "--n", str(n)]
                         + (["--model", str(model)] if model else []))
+    args.n_option = n_option  # messages name the option the user set
     return run(args)
 
 

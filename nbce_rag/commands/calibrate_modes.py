@@ -88,7 +88,7 @@ def run(args: argparse.Namespace, margin: Any) -> int:
         index = VectorIndex.load(args.index)
         dec = NBCEDecoder.from_pretrained(args.model, device=args.device)
         th = synthetic_calibration(index, dec, n=args.n, k=args.k, filter_top=args.filter_top,
-                                   show_progress=True, **kw)
+                                   show_progress=True, n_option=getattr(args, "n_option", "--n"), **kw)
         written = th.save(Path(args.out) if args.out else Path(args.index) / SYNTHETIC_FILENAME)
         title = f"{Path(args.index).name}: synthetic questions (top-{args.k})"
         hint = ("the index now filters with it unless a labelled calibration.json is there "
@@ -115,6 +115,18 @@ def run(args: argparse.Namespace, margin: Any) -> int:
     print(f"wrote:      {written}" + (f" and {plot_path}" if plot_path else ""))
     print(hint, file=sys.stderr)
     return 0
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """The options of the label-free modes, checked before anything loads (ConfigError)."""
+    from nbce_rag.errors import ConfigError
+
+    if args.n < 1:
+        raise ConfigError(f"--n must be >= 1 (chunks to write a question about), got {args.n}")
+    if not 1 <= args.filter_top <= args.k:
+        raise ConfigError(f"--filter-top must be in [1, --k] = [1, {args.k}], got {args.filter_top}")
+    if args.queries_per_dataset < 1:
+        raise ConfigError(f"--queries-per-dataset must be >= 1, got {args.queries_per_dataset}")
 
 
 def objective_arg(args: argparse.Namespace) -> str:

@@ -144,5 +144,5 @@ def run(args: argparse.Namespace) -> int:
     if args.calibrate:
         from nbce_rag.commands.calibrate import main_synthetic
 
-        return main_synthetic(out, n=args.calibrate_n, model=args.model)
+        return main_synthetic(out, n=args.calibrate_n, model=args.model, n_option="--calibrate-n")
     return 0

@@ -86,11 +86,18 @@ def parse_bytes(value: Any) -> int:
     return int(num * 1024 ** " kmgt".index(unit or " "))
 
 
+def env_max_bytes() -> Optional[int]:
+    """``NBCE_RAG_KV_CACHE_BYTES`` when set (a bad value: ConfigError naming it), else None."""
+    from nbce_rag.runtime import env_setting
+
+    return env_setting(ENV_BYTES, parse_bytes)
+
+
 def default_max_bytes() -> int:
     """A quarter of the machine's memory, at most 16 GiB (``NBCE_RAG_KV_CACHE_BYTES`` overrides)."""
-    env = os.environ.get(ENV_BYTES)
-    if env:
-        return parse_bytes(env)
+    env = env_max_bytes()
+    if env is not None:
+        return env
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
@@ -250,6 +257,7 @@ class PassageKVCache:
         self._bytes = 0
         self._lock = threading.RLock()
         self.stats = KVCacheStats()
+        self.write_errors: List[OSError] = []  #: failed writes to the disk store (each also a warning)
 
     def __repr__(self) -> str:
         return (f"PassageKVCache(entries={len(self)}, bytes={self._bytes}, max_bytes={self.max_bytes}, "
@@ -334,6 +342,7 @@ class PassageKVCache:
         try:
             self.disk.write(ns, desc, entries)
         except OSError as e:
+            self.write_errors.append(e)
             warn_once(logger, ("kv-write", str(self.disk.root)), "cannot write the KV cache to %s (%s); "
                       "keeping it in RAM only", self.disk.root, e)
 
@@ -515,7 +524,10 @@ def fill(decoder, passages: Iterable[Any], *, batch_passages: int = 32, show_pro
     if cache is None:
         raise ValueError("this decoder has no KV cache (kv_cache=None); create it with kv_cache='auto' or a directory")
     kept = check_passages(list(passages))
+    if cache.disk is not None:
+        cache.disk.sweep()  # temp files of an earlier, interrupted fill
     total = KVCacheStats()
+    namespaces = set()
     bar = None
     if show_progress:
         from tqdm.auto import tqdm
@@ -543,10 +555,14 @@ def fill(decoder, passages: Iterable[Any], *, batch_passages: int = 32, show_pro
         total.prompt_tokens += sum(plan.cacheable[r] for r in passage_rows)
         plan.stats = KVCacheStats(stored=plan.stats.stored)  # the cache counts what was stored, not lookups
         plan.finish()
+        namespaces.add(plan.ns)
         if bar is not None:
             bar.update(len(chunk))
     if bar is not None:
         bar.close()
+    if cache.disk is not None:
+        for ns in namespaces:  # every passage is now stored or found intact: damaged shards can go
+            cache.disk.repair(ns)
     return total
 
 

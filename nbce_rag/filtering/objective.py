@@ -9,7 +9,7 @@ Two answer-oriented objectives are offered (chosen with ``objective=`` in
 ``"f1"``            F1 of the kept passages (the historical default).
 ``"f<beta>"``       F-beta, e.g. ``"f0.5"``: beta < 1 weighs precision above recall,
                     ``F_b = (1 + b^2) TP / ((1 + b^2) TP + b^2 FN + FP) = (1 + b^2) TP / (kept + b^2 P)``.
-``"coverage<c>"``   e.g. ``"coverage0.9"``: the highest precision among the cuts that still keep
+``"coverage<c>"``   e.g. ``"coverage0.9"`` or ``"coverage90%"``: the highest precision among the cuts that still keep
                     at least one relevant passage for a share ``c`` of the *answerable* queries
                     (those with a relevant candidate); ties go to the lower threshold.
 
@@ -97,12 +97,13 @@ class Objective:
 
 
 _F = re.compile(r"^f(?:beta)?[-_:=]?(\d+(?:\.\d+)?)$")
-_C = re.compile(r"^coverage[-_:=@]?(\d*(?:\.\d+)?)$")
+_C = re.compile(r"^coverage[-_:=@]?(\d*(?:\.\d+)?)(%?)$")
 
 
 def parse_objective(obj: "str | Objective | None") -> Objective:
-    """``"f1"``, ``"f0.5"`` / ``"fbeta0.5"``, ``"coverage0.9"`` / ``"coverage"`` (0.9); ``None``:
-    :data:`DEFAULT_OBJECTIVE`."""
+    """``"f1"``, ``"f0.5"`` / ``"fbeta0.5"``, ``"coverage0.9"`` / ``"coverage90%"`` / ``"coverage"``
+    (0.9); ``None``: :data:`DEFAULT_OBJECTIVE`. A coverage target is a share in (0, 1] or a
+    percentage written with ``%``; a bare number above 1 is an error, never rescaled."""
     if obj is None:
         obj = DEFAULT_OBJECTIVE
     if isinstance(obj, Objective):
@@ -116,11 +117,16 @@ def parse_objective(obj: "str | Objective | None") -> Objective:
         return Objective("fbeta", b)
     m = _C.match(s)
     if m:
+        if m.group(2) and not m.group(1):
+            raise CalibrationError(f"objective {obj!r}: give the percentage, e.g. 'coverage90%'")
         t = float(m.group(1)) if m.group(1) else 0.9
-        if t > 1:
-            t /= 100.0  # "coverage90"
-        if not 0 < t <= 1:
-            raise CalibrationError(f"objective {obj!r}: the coverage target must be in (0, 1]")
+        if m.group(2):
+            if not 0 < t <= 100:
+                raise CalibrationError(f"objective {obj!r}: a coverage percentage must be in (0%, 100%]")
+            t /= 100.0
+        elif not 0 < t <= 1:
+            raise CalibrationError(f"objective {obj!r}: the coverage target must be a share in (0, 1] "
+                                   f"(e.g. 'coverage0.9') or a percentage written with % (e.g. 'coverage90%')")
         return Objective("coverage", target=t)
     raise CalibrationError(f"unknown objective {obj!r}: use 'f1', 'f<beta>' (e.g. 'f0.5') or "
                            "'coverage<share>' (e.g. 'coverage0.9')")

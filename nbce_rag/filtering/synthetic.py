@@ -17,6 +17,7 @@ kept, the rank filter, the prompt, a few examples). Generation is greedy, so wit
 
 from __future__ import annotations
 
+import inspect
 import logging
 import re
 from typing import Any, Dict, List, Optional
@@ -24,7 +25,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from nbce_rag.errors import CalibrationError
-from nbce_rag.filtering.objective import DEFAULT_OBJECTIVE
+from nbce_rag.filtering.objective import DEFAULT_OBJECTIVE, parse_objective
 from nbce_rag.filtering.prior import SYNTHETIC_FILENAME
 from nbce_rag.filtering.threshold import MarginThreshold, _identity_of
 from nbce_rag.types import Passage
@@ -120,6 +121,7 @@ def synthetic_calibration(
     max_new_tokens: int = 40,
     prompt: str = QUESTION_PROMPT,
     show_progress: bool = False,
+    n_option: str = "n",
     **calibrate_kwargs: Any,
 ) -> MarginThreshold:
     """Calibrate ``index``'s filter on questions ``decoder`` writes about ``n`` sampled chunks.
@@ -129,10 +131,12 @@ def synthetic_calibration(
     question is kept when its source chunk is among its top ``filter_top`` hits; its top
     ``k`` hits are then labelled (source = relevant). Other keyword arguments go to
     :meth:`MarginThreshold.calibrate` (``objective``, ``n_bootstrap``, ...).
-    Raises :class:`CalibrationError` when too few questions survive.
+    Raises :class:`CalibrationError` when too few questions survive; its message names ``n`` as
+    ``n_option`` (how the caller's user sets it, e.g. the CLI's ``--n``).
     """
     if n < 1:
         raise CalibrationError(f"n must be >= 1 (got {n})")
+    calibrate_kwargs["objective"] = parse_objective(calibrate_kwargs.get("objective") or DEFAULT_OBJECTIVE).name  # before any work
     if not 1 <= filter_top <= k:
         raise CalibrationError(f"filter_top must be in [1, k={k}] (got {filter_top})")
     ids = list(index.ids)
@@ -186,19 +190,29 @@ def synthetic_calibration(
     }
     logger.info("synthetic calibration: %d chunks sampled, %d questions written, %d kept (source in top-%d)",
                 len(chunks), len(pairs), kept, filter_top)
+    exhausted = len(chunks) < n  # every chunk of the index with enough words was sampled
+    more = ("the index has no more chunks to write questions about: add documents to the index (nbce-rag index "
+            "--append), or calibrate with labelled queries (--queries, --qrels)") if exhausted else (
+            f"sample more chunks (raise {n_option}), or calibrate with labelled queries (--queries, --qrels)")
     if kept == 0:
         raise CalibrationError(
             f"none of the {len(pairs)} generated questions ranks its source chunk in the top {filter_top} "
             f"({len(chunks) - len(pairs)} replies were not questions): the model or the encoder does not fit "
-            "these documents; raise --n, raise filter_top, or calibrate with labelled queries")
+            f"these documents; {more}")
     calibrate_kwargs.setdefault("seed", seed)
-    if calibrate_kwargs.get("objective") is None:
-        calibrate_kwargs["objective"] = DEFAULT_OBJECTIVE
+    defaults = inspect.signature(MarginThreshold.calibrate).parameters
+    need_pos, need_neg = (calibrate_kwargs.get(name, defaults[name].default) for name in ("min_positives", "min_negatives"))
+    n_neg = len(labels) - kept
+    if kept < need_pos or n_neg < need_neg:
+        raise CalibrationError(
+            f"too few usable questions: {kept} of {len(pairs)} generated questions (from {len(chunks)} chunks) rank "
+            f"their source chunk in the top {filter_top}, giving {kept} relevant and {n_neg} irrelevant "
+            f"candidates; calibration needs at least {need_pos} and {need_neg}. {more[0].upper()}{more[1:]}")
     try:
         th = MarginThreshold.calibrate(scores, labels, groups, encoder_identity=_identity_of(index), **calibrate_kwargs)
     except CalibrationError as e:
         raise CalibrationError(f"{e} (synthetic: {kept} of {len(pairs)} generated questions kept from "
-                               f"{len(chunks)} chunks; raise --n)") from None
+                               f"{len(chunks)} chunks; {more})") from None
     th.stats["k"] = int(k)
     th.stats["source"] = "synthetic"
     th.stats["synthetic"] = report

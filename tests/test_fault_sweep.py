@@ -1,0 +1,328 @@
+"""Issue 26, the bad-input and fault sweep of the newer surfaces: calibration objectives checked
+before any work, ``cache`` failing when it stored nothing, text that is not valid Unicode refused
+where it enters, the KV store after a killed writer, exact usage, messages that name what the
+user set, contradictory pooling specs, one exit-code convention."""
+
+from __future__ import annotations
+
+import pytest
+
+from nbce_rag.cli import main
+from nbce_rag.errors import CalibrationError
+from nbce_rag.filtering.objective import parse_objective
+
+from conftest import N, make_tiny_llama  # noqa: E402,F401
+
+
+def _rc(argv) -> int:
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return e.code
+
+
+@pytest.fixture()
+def no_loading(monkeypatch):
+    """Loading a model or an index fails the test: options must be refused before."""
+    import nbce_rag.decoding.decoder
+    import nbce_rag.models
+    import nbce_rag.retrieval.index
+
+    def boom(*a, **k):
+        raise AssertionError("something was loaded before the options were checked")
+
+    monkeypatch.setattr(nbce_rag.models, "load_model", boom)
+    monkeypatch.setattr(nbce_rag.decoding.decoder.NBCEDecoder, "from_pretrained", classmethod(boom))
+    monkeypatch.setattr(nbce_rag.retrieval.index.VectorIndex, "load", classmethod(boom))
+
+
+# ------------------------------------------------------------------------------ objectives
+@pytest.mark.parametrize("spec", ["coverage1.5", "coverage90", "coverage150%", "coverage0", "coverage0%", "coverage%"])
+def test_coverage_target_out_of_range_is_refused_never_rescaled(spec):
+    with pytest.raises(CalibrationError, match="coverage"):
+        parse_objective(spec)
+
+
+@pytest.mark.parametrize("spec, target", [("coverage0.9", 0.9), ("coverage90%", 0.9), ("coverage_95%", 0.95),
+                                          ("coverage1", 1.0), ("coverage100%", 1.0), ("coverage", 0.9)])
+def test_coverage_target_as_share_or_explicit_percentage(spec, target):
+    obj = parse_objective(spec)
+    assert obj.kind == "coverage" and obj.target == pytest.approx(target)
+    assert parse_objective(obj.name) == obj  # the stored name reads back as the same objective
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["calibrate", "--synthetic", "--index", "idx", "--objective", "coverage1.5"], "--objective"),
+    (["calibrate", "--index", "i", "--queries", "q", "--qrels", "r", "--objective", "coverage90"], "--objective"),
+    (["calibrate", "--synthetic", "--index", "idx", "--n", "0"], "--n"),
+    (["calibrate", "--synthetic", "--index", "idx", "--filter-top", "50"], "--filter-top"),
+])
+def test_calibrate_options_are_refused_before_anything_loads(argv, says, no_loading, capsys):
+    assert _rc(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and says in err and "Traceback" not in err, err
+
+
+def test_synthetic_calibration_on_an_exhausted_index_says_add_documents(tmp_path, tiny_chat_tokenizer, capsys):
+    """--n far above the index's chunks: 'raise --n' cannot help; the message says what can, and
+    names no internal parameter."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(4):
+        (docs / f"d{i}.txt").write_text(" ".join(f"topic{i} word{j}" for j in range(15)))
+    from conftest import make_tiny_encoder
+
+    make_tiny_encoder(tmp_path / "enc", seed=0)
+    assert main(["index", str(docs), "--out", str(tmp_path / "idx"), "--encoder", str(tmp_path / "enc" / "model"),
+                 "--no-progress"]) == 0
+    model = make_tiny_llama(len(tiny_chat_tokenizer), seed=1)
+    model.save_pretrained(tmp_path / "model")
+    tiny_chat_tokenizer.save_pretrained(tmp_path / "model")
+    capsys.readouterr()
+    rc = main(["calibrate", "--synthetic", "--index", str(tmp_path / "idx"), "--n", "1000000",
+               "--model", str(tmp_path / "model"), "--no-plot"])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    line = [ln for ln in err.splitlines() if "error:" in ln]
+    assert len(line) == 1 and "add documents" in line[0], err
+    assert "--n" not in line[0] and "min_positives" not in line[0] and "filter_top" not in line[0], err
+
+
+# ------------------------------------------------------------------------------ the KV store and `cache`
+KV_DOCS = [
+    "The Eiffel Tower is in Paris and was completed in 1889.",
+    "Bananas are rich in potassium and grow in tropical climates, mostly in large farms near the coast.",
+    "Water boils at one hundred degrees Celsius at sea level.",
+    "Mount Everest is the highest mountain above sea level.",
+]
+
+
+@pytest.fixture(scope="module")
+def kv_setup(tmp_path_factory, tiny_chat_tokenizer, encoder):
+    """A saved tiny model and a saved index of KV_DOCS."""
+    from nbce_rag import VectorIndex
+
+    root = tmp_path_factory.mktemp("kv")
+    model = make_tiny_llama(len(tiny_chat_tokenizer), seed=3)
+    model.save_pretrained(root / "model")
+    tiny_chat_tokenizer.save_pretrained(root / "model")
+    VectorIndex.build(encoder, KV_DOCS).save(root / "idx")
+    return root
+
+
+def _fresh_index(kv_setup, tmp_path):
+    import shutil
+
+    shutil.copytree(kv_setup / "idx", tmp_path / "idx")
+    return str(tmp_path / "idx"), str(kv_setup / "model")
+
+
+def _shards(root):
+    from pathlib import Path
+
+    return sorted(p for p in Path(root).glob("*/*.safetensors") if not p.name.startswith("."))
+
+
+def _temps(root):
+    from pathlib import Path
+
+    return sorted(p for p in Path(root).rglob(".tmp*"))
+
+
+def _ask(idx, model, caplog):
+    import logging
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        rc = main(["ask", "When was the tower completed?", "--index", idx, "--model", model, "--device", "cpu",
+                   "-k", "2", "--no-filter", "--max-new-tokens", "3"])
+    return rc, [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and "KV cache" in r.getMessage()]
+
+
+@pytest.mark.parametrize("out", ["file", "under-a-file"])
+def test_cache_that_stores_nothing_fails(kv_setup, tmp_path, capsys, out):
+    idx, model = _fresh_index(kv_setup, tmp_path)
+    (tmp_path / "afile").write_text("not a folder")
+    target = tmp_path / "afile" if out == "file" else tmp_path / "afile" / "kv"
+    rc = main(["cache", "--index", idx, "--model", model, "--device", "cpu", "--out", str(target)])
+    cap = capsys.readouterr()
+    assert rc == 1, cap.err
+    assert len(cap.err.strip().splitlines()) == 1 and str(target) in cap.err and "nothing was cached" in cap.err
+    assert "MiB on disk" not in cap.out and (tmp_path / "afile").read_text() == "not a folder"
+
+
+def test_cache_whose_shard_writes_fail_exits_1(kv_setup, tmp_path, capsys, monkeypatch):
+    """A write that fails mid-run (a full disk) is not a success either."""
+    import errno
+
+    import safetensors.torch
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    idx, model = _fresh_index(kv_setup, tmp_path)
+    rc = main(["cache", "--index", idx, "--model", model, "--device", "cpu"])
+    cap = capsys.readouterr()
+    assert rc == 1 and "No space left" in cap.err and "MiB on disk" not in cap.out, cap.err
+    assert _temps(tmp_path / "idx" / "kvcache") == []  # the failed write left no temp file
+
+
+def test_cache_honours_and_names_the_kv_cache_bytes_variable(kv_setup, tmp_path, capsys, monkeypatch):
+    import nbce_rag.decoding.kvcache as kvc
+
+    idx, model = _fresh_index(kv_setup, tmp_path)
+    monkeypatch.setenv("NBCE_RAG_KV_CACHE_BYTES", "lots")
+    assert main(["cache", "--index", idx, "--model", model, "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "NBCE_RAG_KV_CACHE_BYTES" in err and "'lots'" in err, err
+    budgets = []
+    real = kvc.PassageKVCache.__init__
+
+    def spy(self, max_bytes=None, *a, **k):
+        budgets.append(max_bytes)
+        real(self, max_bytes, *a, **k)
+
+    monkeypatch.setattr(kvc.PassageKVCache, "__init__", spy)
+    monkeypatch.setenv("NBCE_RAG_KV_CACHE_BYTES", "3MiB")
+    assert main(["cache", "--index", idx, "--model", model, "--device", "cpu"]) == 0
+    assert budgets[0] == 3 * 2**20  # the RAM level of the fill has the budget the user set
+    monkeypatch.setenv("NBCE_RAG_KV_CACHE_BYTES", "-1")
+    assert main(["ask", "q", "--index", idx, "--model", model, "--device", "cpu"]) == 2
+    assert "NBCE_RAG_KV_CACHE_BYTES" in capsys.readouterr().err
+
+
+KILLED_CACHE = r"""
+import os, sys, time
+import safetensors.torch as st
+real = st.save_file
+def stuck(tensors, path, metadata=None):
+    real(tensors, path, metadata=metadata)  # the whole temp file is there, never renamed
+    open(sys.argv[1], "w").close()            # tell the test: kill me now
+    time.sleep(3600)
+st.save_file = stuck
+from nbce_rag.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_killed_cache_run_leaves_nothing_that_warns_forever(kv_setup, tmp_path, caplog):
+    """A `cache` run killed with SIGKILL while writing a shard: the next `cache` removes its temp
+    files, and no `ask` warns about them."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    idx, model = _fresh_index(kv_setup, tmp_path)
+    marker = tmp_path / "writing"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_CACHE, str(marker), "cache", "--index", idx, "--model",
+                             model, "--device", "cpu", "--batch", "2"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        while not marker.exists():  # a barrier on the child's progress, not a time limit on the test
+            if proc.poll() is not None:
+                raise AssertionError(proc.stderr.read().decode())
+            import time
+
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait() == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stderr.close()
+    kv = tmp_path / "idx" / "kvcache"
+    left = _temps(kv)
+    assert left and any(p.name.endswith(".safetensors") for p in left)  # what the kill left behind
+    legacy = left[0].parent / ".tmp-abc123xy.safetensors"  # a temp file of a writer before this version
+    legacy.write_bytes(b"partial")
+    os.utime(legacy, (0, 0))
+    rc, warnings = _ask(idx, model, caplog)
+    assert rc == 0 and warnings == [], warnings  # readers never look at temp files
+    assert main(["cache", "--index", idx, "--model", model, "--device", "cpu"]) == 0
+    assert _temps(kv) == [] and len(_shards(kv)) >= 1
+    rc, warnings = _ask(idx, model, caplog)
+    assert rc == 0 and warnings == [], warnings
+
+
+def test_truncated_shard_is_replaced_when_the_cache_is_refilled(kv_setup, tmp_path, caplog, capsys):
+    idx, model = _fresh_index(kv_setup, tmp_path)
+    kv = tmp_path / "idx" / "kvcache"
+    assert main(["cache", "--index", idx, "--model", model, "--device", "cpu", "--batch", "2"]) == 0
+    first = _shards(kv)
+    assert len(first) == 2
+    data = first[0].read_bytes()
+    first[0].write_bytes(data[: len(data) // 2])
+    rc, warnings = _ask(idx, model, caplog)
+    assert rc == 0 and any("unreadable" in w and "nbce-rag cache" in w for w in warnings)
+    capsys.readouterr()
+    assert main(["cache", "--index", idx, "--model", model, "--device", "cpu"]) == 0
+    assert "2 chunk(s) cached, 2 already there" in capsys.readouterr().out  # the lost entries, recomputed
+    assert not first[0].exists() and len(_shards(kv)) == 2  # the damaged file is gone
+    rc, warnings = _ask(idx, model, caplog)
+    assert rc == 0 and warnings == [], warnings
+
+
+def test_shard_with_a_damaged_entry_is_rewritten_without_it(kv_setup, tmp_path, caplog):
+    """A flipped byte in one entry (the header intact): the entry is recomputed into a new shard
+    and the old shard keeps only its intact entries, so the warning does not come back."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    idx, model = _fresh_index(kv_setup, tmp_path)
+    kv = tmp_path / "idx" / "kvcache"
+    assert main(["cache", "--index", idx, "--model", model, "--device", "cpu"]) == 0
+    (shard,) = _shards(kv)
+    with safe_open(str(shard), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    n_entries = sum(1 for k in tensors if not k.endswith(".ids"))
+    tensors["e1"] = tensors["e1"].clone()
+    tensors["e1"].view(-1)[0] += 1.0  # damaged data, same shape: only the CRC can tell
+    save_file(tensors, str(shard), metadata=meta)
+    rc, warnings = _ask(idx, model, caplog)
+    assert rc == 0
+    assert main(["cache", "--index", idx, "--model", model, "--device", "cpu"]) == 0
+    assert len(_shards(kv)) == 2
+    with safe_open(str(shard), framework="pt") as f:
+        assert "e1" not in f.keys() and sum(1 for k in f.keys() if not k.endswith(".ids")) == n_entries - 1
+    rc, warnings = _ask(idx, model, caplog)
+    assert rc == 0 and warnings == [], warnings
+
+
+def test_the_crc_covers_the_token_ids_and_old_shards_stay_readable(tmp_path):
+    import json
+    import zlib
+
+    import torch
+    from safetensors.torch import save_file
+
+    from nbce_rag.decoding.kvstore import FORMAT, DiskKVStore
+
+    kv = torch.randn(2, 2, 1, 4, 8)
+    store = DiskKVStore(tmp_path)
+    path = store.write("ns", {}, [((1, 2, 3, 4), kv)])
+    # the ids of the entry damaged on disk, its CRC as stored: it must not be served under other ids
+    save_file({"e0": kv, "e0.ids": torch.tensor([1, 2, 3, 5])}, str(path), metadata=_meta(path))
+    reader = DiskKVStore(tmp_path, writable=False)
+    reader.refresh("ns")
+    key, m = reader.find("ns", [1, 2, 3, 5], 4)
+    assert m == 4 and reader.load("ns", key) is None and reader.errors == 1
+    # a shard of the previous format (CRC of the tensor alone, no crc_scope) is still read
+    old = tmp_path / "ns" / "kv-old.safetensors"
+    save_file({"e0": kv, "e0.ids": torch.tensor([7, 8, 9, 10])}, str(old),
+              metadata={"format": FORMAT, "namespace": "ns",
+                        "crc": json.dumps({"e0": zlib.crc32(kv.contiguous().view(torch.uint8).numpy())})})
+    reader = DiskKVStore(tmp_path, writable=False)
+    reader.refresh("ns")
+    key, m = reader.find("ns", [7, 8, 9, 10], 4)
+    assert m == 4 and torch.equal(reader.load("ns", key), kv)
+
+
+def _meta(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata()
