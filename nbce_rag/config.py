@@ -135,6 +135,13 @@ class NBCEConfig:
             self.stop = [self.stop]
         if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) and s for s in self.stop):
             raise bad("stop must be a list of non-empty strings")
+        from nbce_rag.types import check_text
+
+        for i, text in enumerate(self.stop):
+            check_text(text, f"stop[{i}]")
+        for name in ("system_prompt", "prompt_template"):
+            if getattr(self, name) is not None:
+                check_text(getattr(self, name), name)
         from nbce_rag.decoding.nbce import get_pooling
 
         try:

@@ -19,6 +19,16 @@ class EncoderMismatchError(NBCERagError, ValueError):
     """Stored data (an index, a calibration) was made with another encoder than the one given."""
 
 
+class InvalidTextError(NBCERagError, ValueError):
+    """A text (a question, a passage, a stop string...) is not valid Unicode: a lone surrogate or
+    an undecodable byte (as Python keeps invalid UTF-8 of command-line arguments). ``field``
+    names the argument or request field it came in."""
+
+    def __init__(self, message: str, field: str = "") -> None:
+        super().__init__(message)
+        self.field = field
+
+
 class CorruptFileError(NBCERagError):
     """A stored file is missing, truncated or inconsistent."""
 

@@ -44,15 +44,37 @@ class Passage:
 Hit = Passage
 
 
+def check_text(value: str, field: str) -> str:
+    """``value`` itself when it can be encoded as UTF-8 (what every tokenizer needs), else
+    :class:`~nbce_rag.errors.InvalidTextError` naming ``field`` and the first bad character: a
+    lone surrogate (``"\\ud800"`` from JSON), or an invalid UTF-8 byte kept by Python as
+    ``U+DC80..U+DCFF`` (command-line arguments, files read with ``surrogateescape``). The one
+    check where text enters: the CLI, the Python API (questions, passages, stop strings) and
+    the server (a 400 ``invalid_text``)."""
+    from nbce_rag.errors import InvalidTextError
+
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        ch = value[e.start]
+        what = (f"an invalid UTF-8 byte 0x{ord(ch) - 0xDC00:02X}" if 0xDC80 <= ord(ch) <= 0xDCFF
+                else f"a lone surrogate U+{ord(ch):04X}")
+        raise InvalidTextError(f"{field} is not valid text: {what} at character {e.start}; "
+                               "send UTF-8 text", field=field) from None
+    return value
+
+
 def as_passage(obj: Any, *, where: str = "passages") -> Passage:
     """Normalise a user-given passage: a ``str``, a :class:`Passage`, a mapping with ``text``
     (and optional ``score``/``id``/``metadata``), or any object with ``.text`` / ``.page_content``
     (LangChain ``Document``) and an optional ``.score``. Raises ``TypeError`` otherwise."""
     if isinstance(obj, Passage):
         check_score(obj.score, where=where)  # it may have been changed since it was made
+        if isinstance(obj.text, str):
+            check_text(obj.text, where)
         return obj
     if isinstance(obj, str):
-        return Passage(text=obj)
+        return Passage(text=check_text(obj, where))
     if isinstance(obj, dict):
         text = obj.get("text", obj.get("page_content"))
         if not isinstance(text, str):
@@ -60,7 +82,7 @@ def as_passage(obj: Any, *, where: str = "passages") -> Passage:
                 f"{where}: a dict passage needs a string 'text' field, got keys {sorted(obj)}"
             )
         return Passage(
-            text=text,
+            text=check_text(text, where),
             score=check_score(obj.get("score"), where=where),
             id=None if obj.get("id") is None else str(obj.get("id")),
             metadata=dict(obj.get("metadata") or {}),
@@ -74,7 +96,7 @@ def as_passage(obj: Any, *, where: str = "passages") -> Passage:
         if score is None and isinstance(meta, dict):  # LangChain keeps scores in metadata
             score = meta.get("score")
         return Passage(
-            text=text,
+            text=check_text(text, where),
             score=check_score(score, where=where),
             id=None if getattr(obj, "id", None) is None else str(getattr(obj, "id")),
             metadata=dict(meta) if isinstance(meta, dict) else {},

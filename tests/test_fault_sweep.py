@@ -326,3 +326,161 @@ def _meta(path):
 
     with safe_open(str(path), framework="pt") as f:
         return f.metadata()
+
+
+# ------------------------------------------------------------------------------ text that is not valid Unicode
+BAD_TEXT = "caf\udce9 au lait?"  # the byte 0xE9 of Latin-1 "café", as Python keeps it from argv
+LONE = "half a pair \ud800 here"
+
+
+def test_check_text_names_the_field_and_the_character():
+    from nbce_rag.errors import InvalidTextError
+    from nbce_rag.types import check_text
+
+    assert check_text("café ✓", "q") == "café ✓"
+    with pytest.raises(InvalidTextError, match=r"question is not valid text: an invalid UTF-8 byte 0xE9 at character 3") as e:
+        check_text(BAD_TEXT, "question")
+    assert e.value.field == "question" and isinstance(e.value, ValueError)
+    with pytest.raises(InvalidTextError, match="lone surrogate U\\+D800"):
+        check_text(LONE, "passages[1]")
+
+
+def test_python_api_refuses_invalid_text_before_the_tokenizer(tiny_chat_decoder, encoder):
+    from nbce_rag import RAGPipeline, VectorIndex
+    from nbce_rag.errors import InvalidTextError
+
+    dec = tiny_chat_decoder
+    with pytest.raises(InvalidTextError, match="^question is not valid text"):
+        dec.generate(LONE, ["fine"], max_new_tokens=2)
+    with pytest.raises(InvalidTextError, match=r"^passages\[1\] is not valid text"):
+        dec.generate("fine?", ["fine", BAD_TEXT], max_new_tokens=2)
+    with pytest.raises(InvalidTextError, match=r"^passages\[0\] is not valid text"):
+        dec.generate("fine?", [{"text": LONE}], max_new_tokens=2)
+    with pytest.raises(InvalidTextError, match=r"^stop\[0\] is not valid text"):
+        dec.generate("fine?", ["fine"], max_new_tokens=2, stop=[LONE])
+    idx = VectorIndex.build(encoder, ["The tower is in Paris.", "Bananas are yellow."])
+    with pytest.raises(InvalidTextError, match="^the query is not valid text"):
+        idx.search(LONE)
+    with pytest.raises(InvalidTextError, match=r"^documents\[0\] is not valid text"):
+        idx.add([BAD_TEXT])
+    rag = RAGPipeline(dec, idx)
+    for call in (rag.ask, lambda q: list(rag.stream(q)), rag.start):
+        with pytest.raises(InvalidTextError, match="^question is not valid text"):
+            call(LONE)
+
+
+def test_cli_refuses_invalid_text_with_one_line_exit_2(no_loading, capsys, monkeypatch, tmp_path):
+    for argv, says in ((["generate", BAD_TEXT], "the question is not valid text: an invalid UTF-8 byte 0xE9"),
+                       (["ask", LONE, "--index", "idx"], "the question is not valid text: a lone surrogate"),
+                       (["generate", "ok?", "-p", "fine", "-p", BAD_TEXT], "--passage 2 is not valid text"),
+                       (["generate", "ok?", "--stop", BAD_TEXT], "--stop is not valid text"),
+                       (["search", BAD_TEXT, "--index", "idx"], "is not valid text")):
+        assert _rc(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and says in err and "TextEncodeInput" not in err, (argv, err)
+
+
+def test_cli_invalid_utf8_argument_in_a_real_process():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    r = subprocess.run([sys.executable, "-m", "nbce_rag.cli", "generate", b"caf\xe9?", "--device", "tpu9"],
+                       capture_output=True, cwd=Path(__file__).resolve().parents[1])
+    err = r.stderr.decode("utf-8", "replace")
+    assert r.returncode == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "the question is not valid text: an invalid UTF-8 byte 0xE9" in err
+
+
+def test_chat_loop_reports_a_line_that_is_not_utf8_and_goes_on(kv_setup, tmp_path, capsys, monkeypatch):
+    import io
+    import sys
+
+    idx, model = _fresh_index(kv_setup, tmp_path)
+    raw = io.TextIOWrapper(io.BytesIO(b"caf\xe9?\nWhen was the tower completed?\n"), encoding="utf-8")
+    monkeypatch.setattr(sys, "stdin", raw)
+    rc = main(["chat", "--index", idx, "--model", model, "--device", "cpu", "--no-filter", "--max-new-tokens", "2"])
+    cap = capsys.readouterr()
+    assert "error: question is not valid text: an invalid UTF-8 byte 0xE9" in cap.err
+    assert cap.out.count("Supported:") == 1  # the next question was answered
+    assert rc == 2  # bad input, as `ask` reports it
+
+
+# ------------------------------------------------------------------------------ pooling specs
+@pytest.mark.parametrize("spec, says", [("posterior:static,online", "twice"), ("posterior:", "names no option"),
+                                        ("posterior:product,product", "twice"), ("posterior:scores,question", "twice"),
+                                        ("posterior:product,,static", "empty"), ("posterior:fast", "unknown")])
+def test_contradictory_or_empty_posterior_specs_are_errors(spec, says, no_loading, capsys):
+    from nbce_rag.config import NBCEConfig
+    from nbce_rag.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=says):
+        NBCEConfig(pooling=spec).validate()
+    assert _rc(["generate", "q", "--pooling", spec]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and says in err and "Pooling" not in err
+
+
+@pytest.mark.parametrize("spec", ["posterior", "posterior:question", "posterior:static", "posterior:uniform,online"])
+def test_valid_posterior_specs(spec):
+    from nbce_rag.decoding.nbce import get_pooling
+
+    p = get_pooling(spec)
+    assert get_pooling(p.spec).spec == p.spec
+
+
+# ------------------------------------------------------------------------------ the server
+@pytest.fixture(scope="module")
+def client(tiny_chat_decoder):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from nbce_rag import RAGPipeline
+    from nbce_rag.integrations.server import create_app
+
+    app = create_app(RAGPipeline(tiny_chat_decoder), encoder=False, model_name="m")
+    with TestClient(app) as c:
+        yield c
+
+
+def _post(client, path, raw: bytes):
+    return client.post(path, content=raw, headers={"content-type": "application/json"})
+
+
+def _failed(client):
+    return client.get("/health").json()["stats"]["failed"]
+
+
+@pytest.mark.parametrize("path, raw, param", [
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "caf\\ud800?"}]}', "messages[0].content"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "caf\xe9?"}]}', "messages[0].content"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "system", "content": "\\udfff"}, {"role": "user", "content": "q?"}]}',
+     "messages[0].content"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\ud800"}]}]}',
+     "messages[0].content[0].text"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "q?"}], "documents": ["ok", "bad \\ud800"]}',
+     "documents[1]"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "q?"}], "documents": [{"text": "bad \xff"}]}',
+     "documents[0].text"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "q?"}], "documents": [{"text": "ok", "title": "\\ud800"}]}',
+     "documents[0].title"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "q?"}], "stop": ["\\ud800"]}', "stop[0]"),
+    ("/v1/completions", b'{"prompt": "caf\\udc00?"}', "prompt"),
+])
+def test_server_refuses_invalid_text_with_400_invalid_text(client, path, raw, param):
+    before = _failed(client)
+    r = _post(client, path, raw)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["code"] == "invalid_text" and err["param"] == param, err
+    assert "not valid text" in err["message"] and "TextEncodeInput" not in err["message"]
+    assert _failed(client) == before  # refused at the door, not a failure of the server
+
+
+def test_server_pooling_errors_speak_json(client):
+    for spec, says in (("nope", "unknown pooling"), ("posterior:static,online", "twice"), ("posterior:", "no option")):
+        r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "q?"}],
+                                                      "nbce": {"pooling": spec}})
+        err = r.json()["error"]
+        assert r.status_code == 400 and err["param"] == "nbce.pooling" and says in err["message"], err
+        assert "Pooling" not in err["message"]  # no Python class to pass over HTTP

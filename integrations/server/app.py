@@ -34,6 +34,7 @@ from nbce_rag.integrations.server.protocol import (
     chat_question,
     completion_question,
     error_from_exception,
+    text_field,
     timeout_error,
     validate_request,
 )
@@ -215,6 +216,7 @@ def create_app(
             raise bad_request(f"{len(inputs)} inputs; this server embeds at most {lim.max_embedding_inputs} "
                               "per request", param="input", code="too_many_inputs")
         for i, s in enumerate(inputs):
+            text_field(s, "input" if isinstance(req.input, str) else f"input[{i}]")
             if len(s) > lim.max_document_chars:
                 raise bad_request(f"input[{i}] has {len(s)} characters; the limit is {lim.max_document_chars}",
                                   param=f"input[{i}]", code="input_too_long")

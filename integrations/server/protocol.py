@@ -22,7 +22,8 @@ except ImportError as e:  # pragma: no cover - depends on the environment
         f"(fastapi, uvicorn, pydantic); missing: {e.name}"
     ) from e
 
-from nbce_rag.errors import ConfigError, NBCERagError, PromptTooLongError
+from nbce_rag.errors import ConfigError, InvalidTextError, NBCERagError, PromptTooLongError
+from nbce_rag.types import check_text
 
 logger = logging.getLogger("nbce_rag.integrations.server")
 
@@ -58,6 +59,15 @@ def bad_request(message: str, param: Optional[str] = None, code: Optional[str] =
     return OpenAIError(400, message, param=param, code=code)
 
 
+def text_field(value: str, param: str) -> str:
+    """``value`` when it is valid Unicode (:func:`nbce_rag.types.check_text`), else a 400
+    ``invalid_text`` naming the field ``param``, raised before the request reaches the worker."""
+    try:
+        return check_text(value, param)
+    except InvalidTextError as e:
+        raise bad_request(str(e), param=param, code="invalid_text") from None
+
+
 def timeout_error(limit: float) -> OpenAIError:
     return OpenAIError(504, f"the request did not finish within the server's timeout of {limit:g} s "
                             "(queue time included); retry later or ask for fewer tokens",
@@ -68,6 +78,8 @@ def error_from_exception(exc: BaseException) -> OpenAIError:
     """Map an exception raised inside the worker (pipeline, decoder, encoder) to an HTTP error."""
     if isinstance(exc, OpenAIError):
         return exc
+    if isinstance(exc, InvalidTextError):
+        return bad_request(str(exc), param=exc.field or None, code="invalid_text")
     if isinstance(exc, PromptTooLongError):
         return OpenAIError(400, str(exc), param="messages", code="context_length_exceeded")
     if isinstance(exc, (ConfigError, ValueError, TypeError)):
@@ -198,12 +210,12 @@ def _text_of(content: Any, where: str) -> str:
     if content is None:
         return ""
     if isinstance(content, str):
-        return content
+        return text_field(content, f"{where}.content")
     parts = []
     for i, part in enumerate(content):
         kind = part.get("type")
         if kind in ("text", "input_text") and isinstance(part.get("text"), str):
-            parts.append(part["text"])
+            parts.append(text_field(part["text"], f"{where}.content[{i}].text"))
         else:
             raise bad_request(f"{where}.content[{i}]: only text parts are supported (got type {kind!r})",
                               param=f"{where}.content", code="unsupported_content")
@@ -231,4 +243,4 @@ def completion_question(req: CompletionRequest) -> str:
             raise bad_request("prompt must be a string or a list of exactly one string (batched and token prompts are "
                               "not supported)", param="prompt")
         p = p[0]
-    return p
+    return text_field(p, "prompt") if isinstance(p, str) else p

@@ -29,7 +29,7 @@ from nbce_rag.config import OPENAI_PARAMS, openai_options
 from nbce_rag.errors import ConfigError
 from nbce_rag.types import Passage
 
-from nbce_rag.integrations.server.protocol import GenerationRequest, OpenAIError, bad_request, check_unsupported
+from nbce_rag.integrations.server.protocol import GenerationRequest, OpenAIError, bad_request, check_unsupported, text_field
 from nbce_rag.integrations.server.worker import CANCELLED, Job, ModelWorker
 
 
@@ -165,7 +165,10 @@ class ServerState:
             raise bad_request(f"the request body nests JSON {depth} levels deep; this server accepts at most "
                               f"{self.limits.max_json_depth}", code="invalid_json")
         try:
-            obj = json.loads(raw)
+            try:
+                obj = json.loads(raw)
+            except UnicodeDecodeError:  # invalid UTF-8 inside a string: kept as U+DC80..U+DCFF, so
+                obj = json.loads(raw.decode("utf-8", errors="surrogateescape"))  # the field is named (invalid_text)
         except (ValueError, UnicodeDecodeError, RecursionError) as e:
             raise bad_request(f"the request body is not valid JSON: {e}", code="invalid_json") from None
         if not isinstance(obj, dict):
@@ -196,6 +199,9 @@ class ServerState:
                 raise bad_request(f"at most {lim.max_stop} stop strings are allowed (got {len(stop)})", param="stop")
             if not all(stop):
                 raise bad_request("stop strings must be non-empty", param="stop")
+            for i, s in enumerate(stop):
+                if isinstance(s, str):
+                    text_field(s, "stop" if isinstance(req.stop, str) else f"stop[{i}]")
             opts["stop"] = stop
         t, p = req.temperature, req.top_p
         if t is not None and not 0 <= t <= 2:
@@ -246,6 +252,9 @@ class ServerState:
                 raise bad_request(f"{field}[{i}] has {len(text) + len(title or '')} characters; this server accepts "
                                   f"at most {lim.max_document_chars} per document (split it)",
                                   param=f"{field}[{i}].text", code="document_too_long")
+            text_field(text, f"{field}[{i}].text" if not isinstance(d, str) else f"{field}[{i}]")
+            if title is not None:
+                text_field(title, f"{field}[{i}].title")
             body = f"{title}\n{text}" if title and title.strip() else text
             meta: Dict[str, Any] = {"request_index": pos}
             if title is not None:

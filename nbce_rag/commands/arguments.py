@@ -85,7 +85,9 @@ def question_of(args: argparse.Namespace) -> Optional[str]:
     text = opt if opt is not None else " ".join(words)
     if not text.strip():
         raise ConfigError(f"the {what} is empty; give the text to answer, e.g. nbce-rag {args.command} \"What is NBCE?\"")
-    return text
+    from nbce_rag.types import check_text
+
+    return check_text(text, f"the {what}")
 
 
 # ------------------------------------------------------------------ decoding options
@@ -145,6 +147,13 @@ def decoding_options(args: argparse.Namespace) -> Dict[str, Any]:
     from nbce_rag.config import NBCEConfig
     from nbce_rag.errors import ConfigError
 
+    from nbce_rag.types import check_text
+
+    for flag, dest in (("--stop", "stop"), ("--bad-word", "bad_words")):
+        value = getattr(args, dest, None)
+        for text in ([value] if isinstance(value, str) else value or []):
+            if isinstance(text, str):
+                check_text(text, flag)  # the flag the user typed, before NBCEConfig names its field
     options = {k: getattr(args, k) for k in _DECODING_DESTS if getattr(args, k, None) is not None}
     if getattr(args, "sample", False):
         options["do_sample"] = True

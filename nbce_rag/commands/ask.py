@@ -169,10 +169,14 @@ def _loop(rag: Any, options: dict, args: argparse.Namespace) -> int:
     from nbce_rag.cli import exit_code, one_line
 
     args._loop = True
+    try:  # a line that is not UTF-8 is reported as such (check_text), not a decoding crash
+        sys.stdin.reconfigure(errors="surrogateescape")
+    except (AttributeError, ValueError):  # a replaced stdin (tests, embedding)
+        pass
     interactive = sys.stdin.isatty()
     if interactive:
         print("Ask a question (empty line: skip; exit, quit or Ctrl-D: stop).", file=sys.stderr)
-    failures = 0
+    codes = set()  # the exit status of each failed question (nbce_rag.cli.exit_code)
     while True:
         if interactive:
             print("? ", end="", file=sys.stderr, flush=True)
@@ -187,10 +191,13 @@ def _loop(rag: Any, options: dict, args: argparse.Namespace) -> int:
         try:
             answer_one(rag, question, options, args)
         except Exception as e:  # noqa: BLE001 - report a bad question, keep the session
-            if exit_code(e) is None:
+            code = exit_code(e)
+            if code is None:
                 raise
-            failures += 1
+            codes.add(code)
             print(f"nbce-rag {args.command}: error: {one_line(e)}", file=sys.stderr)
         if not args.json:
             print(file=sys.stdout, flush=True)
-    return 0 if not failures else 1
+    # one convention with `ask "question"`: 2 when a question was bad input, 1 when one failed at
+    # run time (that wins: something is wrong beyond the input), 0 when every question was answered
+    return 1 if 1 in codes else max(codes, default=0)

@@ -36,13 +36,15 @@ def register(sub: "argparse._SubParsersAction") -> None:
 
 
 def _read_passages(items):
+    from nbce_rag.types import check_text
+
     out = []
-    for item in items:
+    for i, item in enumerate(items, 1):
         if item.startswith("@"):
             with open(item[1:], "r", encoding="utf-8", errors="replace") as f:
                 out.append(f.read())
         else:
-            out.append(item)
+            out.append(check_text(item, f"--passage {i}"))
     return out
 
 

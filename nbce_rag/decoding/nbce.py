@@ -301,14 +301,22 @@ class PosteriorPooling(Pooling):
 
     @classmethod
     def from_spec(cls, arg: str) -> "PosteriorPooling":
+        """The part after ``posterior:``: a prior, an update (``online``/``static``), or both,
+        each at most once. An empty spec, a repeated or contradictory part is an error."""
         kw: dict = {}
-        for part in filter(None, (x.strip() for x in arg.split(","))):
-            if part in cls.PRIORS:
-                kw["prior"] = part
-            elif part in ("online", "static"):
-                kw["update"] = part == "online"
-            else:
-                raise ValueError(f"unknown posterior option {part!r}: use one of {cls.PRIORS} and online/static")
+        parts = [x.strip() for x in arg.split(",")]
+        usage = f"use posterior:<prior>[,online|,static] with a prior among {', '.join(cls.PRIORS)}"
+        if not any(parts):
+            raise ValueError(f"pooling 'posterior:{arg}' names no option; {usage}, or plain 'posterior'")
+        for part in parts:
+            if not part:
+                raise ValueError(f"pooling 'posterior:{arg}': an option is empty; {usage}")
+            key = "prior" if part in cls.PRIORS else "update" if part in ("online", "static") else None
+            if key is None:
+                raise ValueError(f"pooling 'posterior:{arg}': unknown posterior option {part!r}; {usage}")
+            if key in kw:
+                raise ValueError(f"pooling 'posterior:{arg}': the {key} is given twice (contradictory or repeated); {usage}")
+            kw[key] = part if key == "prior" else part == "online"
         return cls(**kw)
 
     @property
@@ -406,7 +414,8 @@ def get_pooling(pooling) -> Pooling:
     try:
         return POOLINGS[pooling]()
     except (KeyError, TypeError):
-        raise ValueError(f"unknown pooling {pooling!r}; choose one of {sorted(POOLINGS)} or pass a Pooling") from None
+        raise ValueError(f"unknown pooling {pooling!r}; choose one of {', '.join(sorted(POOLINGS))}, or "
+                         "posterior:<prior>[,online|,static]") from None
 
 
 def fuse(pooled: torch.Tensor, uncond: torch.Tensor, beta: float) -> torch.Tensor:

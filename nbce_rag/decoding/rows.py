@@ -28,7 +28,7 @@ from nbce_rag.config import NBCEConfig
 from nbce_rag.errors import PromptTooLongError
 from nbce_rag.decoding.kvlayout import is_plain, merge_left_padded
 from nbce_rag.decoding.nbce import get_pooling
-from nbce_rag.types import Passage, as_passage
+from nbce_rag.types import Passage, as_passage, check_text
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def check_question(question: Any) -> str:
         raise TypeError(f"question must be a str, got {type(question).__name__}")
     if not question.strip():
         raise ValueError("question is empty; pass the text of a question")
-    return question
+    return check_text(question, "question")
 
 
 def check_passages(passages: Any) -> List[Tuple[int, Passage]]:

@@ -42,7 +42,7 @@ from nbce_rag.retrieval.index_store import (  # noqa: F401 - re-exported
     check_encoder,
 )
 from nbce_rag.retrieval.readers import JSONL_EXTENSIONS, PDF_EXTENSIONS, TEXT_EXTENSIONS, ReadReport, read_documents  # noqa: F401 - re-exported
-from nbce_rag.types import Hit, Passage, as_passage
+from nbce_rag.types import Hit, Passage, as_passage, check_text
 
 if TYPE_CHECKING:  # pragma: no cover
     from nbce_rag.retrieval.encoder import CoSENTEncoder
@@ -423,6 +423,7 @@ class VectorIndex:
                 raise TypeError(f"query {i} is a {type(q).__name__}, not a str")
             if not q.strip():
                 raise ConfigError("the query is empty" if len(queries) == 1 else f"query {i} is empty")
+            check_text(q, "the query" if len(queries) == 1 else f"query {i}")
         self._check_k(k)
         if not queries:
             return []
