@@ -79,7 +79,8 @@ class ServerState:
     """State shared by the endpoints of one app."""
 
     def __init__(self, pipeline: Any, *, encoder: Any, api_key: Optional[str], limits: ServerLimits,
-                 model_name: str, aliases: Sequence[str] = (), allowed_hosts: Optional[Iterable[str]] = None):
+                 model_name: str, aliases: Sequence[str] = (), allowed_hosts: Optional[Iterable[str]] = None,
+                 worker: Any = None):
         self.pipeline = pipeline
         self._encoder = encoder
         self._encoder_lock = threading.Lock()
@@ -92,12 +93,19 @@ class ServerState:
         self.created = int(time.time())
         #: pipelines with the step API (RAGPipeline) are decoded together; others one at a time
         self.stepped = callable(getattr(pipeline, "start", None)) and getattr(pipeline, "decoder", None) is not None
+        #: Prometheus series of this app (None without prometheus_client); see :mod:`.metrics`
+        self.metrics = _new_metrics()
+        if worker is not None:  # e.g. the Ray Serve ingress: decoding happens in decoder replicas
+            self.worker = worker
+            if getattr(worker, "metrics", None) is None:
+                worker.metrics = self.metrics
+            return
         scheduler = None
         if self.stepped:
             from nbce_rag.decoding.scheduler import StepScheduler
 
             scheduler = StepScheduler(pipeline.decoder, limits.scheduler_config())
-        self.worker = ModelWorker(limits.max_queue, scheduler)
+        self.worker = ModelWorker(limits.max_queue, scheduler, metrics=self.metrics)
 
     # ---------------- Host / model
     def check_host(self, request: Request) -> None:
@@ -342,6 +350,15 @@ class ServerState:
 
                     self._encoder = CoSENTEncoder.from_pretrained()
             return self._encoder
+
+
+def _new_metrics() -> Any:
+    try:
+        from nbce_rag.integrations.server.metrics import ServerMetrics
+
+        return ServerMetrics()
+    except ImportError:  # pragma: no cover - prometheus_client is part of the server extra
+        return None
 
 
 _JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
