@@ -289,12 +289,7 @@ class ServerState:
 
         def start():
             state = pipeline.start(question, psg, k=k, **opts)
-            n_tok = sum(len(r.ids) for r in state.prep.rows)
-            if n_tok > lim.max_prompt_tokens:
-                raise OpenAIError(400, f"the request needs {n_tok} prompt tokens over its {state.n_rows} NBCE rows; "
-                                       f"this server accepts at most {lim.max_prompt_tokens} per request "
-                                       "(send fewer or shorter documents)", param="documents",
-                                  code="context_length_exceeded")
+            check_prompt_tokens(state, lim)
             return state
 
         return {"start": start}, retrieved
@@ -350,6 +345,16 @@ class ServerState:
 
                     self._encoder = CoSENTEncoder.from_pretrained()
             return self._encoder
+
+
+def check_prompt_tokens(state: Any, limits: ServerLimits) -> None:
+    """A request's rows (a DecodeState) must fit ``limits.max_prompt_tokens`` (400 beyond)."""
+    n_tok = sum(len(r.ids) for r in state.prep.rows)
+    if n_tok > limits.max_prompt_tokens:
+        raise OpenAIError(400, f"the request needs {n_tok} prompt tokens over its {state.n_rows} NBCE rows; "
+                               f"this server accepts at most {limits.max_prompt_tokens} per request "
+                               "(send fewer or shorter documents)", param="documents",
+                          code="context_length_exceeded")
 
 
 def _new_metrics() -> Any:

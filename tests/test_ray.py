@@ -1,0 +1,247 @@
+"""Scale-out on Ray Serve (``nbce_rag.integrations.server.ray_app``), on one local Ray cluster
+shared by the module: an ingress (retriever tier) and two decoder replicas of the tiny random
+Llama of ``conftest.py`` (saved to a directory, so every replica and the single-process
+reference load the same weights).
+
+Checked: answers through Ray equal the single-process server's token for token (chat, text
+completions, streaming, ``documents``, the server's index); the same documents with different
+questions reach the same decoder replica and report cached tokens from the second request on;
+different document sets spread over both replicas; a killed decoder replica -> the following
+requests succeed (retried on the other replica, Ray restarts it); ``/metrics`` shows every
+replica; bad deployment options are a clear error before anything starts."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import pytest
+
+serve = pytest.importorskip("ray.serve")
+pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
+
+import ray  # noqa: E402
+from fastapi.testclient import TestClient  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+from nbce_rag import RAGPipeline  # noqa: E402
+from nbce_rag.errors import ConfigError  # noqa: E402
+from nbce_rag.integrations.server import ServerLimits, create_app  # noqa: E402
+from nbce_rag.integrations.server.ray_app import ScaleOutOptions, build_app  # noqa: E402
+from nbce_rag.integrations.server.ray_router import passage_key, rendezvous_owner  # noqa: E402
+
+MODEL = "nbce-test"
+LIMITS = ServerLimits(max_queue=16, request_timeout_s=60, max_active=8)
+CORPUS = [
+    "The Eiffel Tower is in Paris and was completed in 1889.",
+    "Gustave Eiffel's company designed and built the tower for the World's Fair.",
+    "Mount Everest is the highest mountain above sea level.",
+    "Bananas are rich in potassium and grow in tropical climates.",
+    "The river Thames flows through London into the North Sea.",
+    "Water boils at one hundred degrees Celsius at sea level.",
+]
+#: document sets, each asked several questions
+SETS = [[{"title": f"doc {i}", "text": CORPUS[i]}, {"text": CORPUS[(i + 1) % 6]}] for i in range(6)]
+QUESTIONS = ["When was the tower completed?", "Where is it?", "Who built it?"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """A saved tiny chat model and a saved index over CORPUS (a tiny CoSENT encoder)."""
+    from conftest import make_tiny_encoder, make_tiny_llama, make_tokenizer
+    from nbce_rag.retrieval.index import VectorIndex
+
+    root = tmp_path_factory.mktemp("ray_assets")
+    tok = make_tokenizer(chat=True)
+    make_tiny_llama(len(tok), seed=1).save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    enc = make_tiny_encoder(root / "encoder", seed=0)
+    idx = VectorIndex.build(enc, [{"id": f"d{i}", "text": t} for i, t in enumerate(CORPUS)], chunk_tokens=32, overlap=4)
+    idx.save(root / "index")
+    return {"model": str(root / "model"), "index": str(root / "index")}
+
+
+@pytest.fixture(scope="module")
+def reference(assets):
+    """The single-process server over the same model and index."""
+    rag = RAGPipeline.from_pretrained(index=assets["index"], model=assets["model"], threshold=None, k=3,
+                                      device="cpu", scorer=None)
+    with TestClient(create_app(rag, limits=LIMITS, model_name=MODEL, encoder=False)) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def cluster(assets):
+    port = _free_port()
+    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+                                       "TOKENIZERS_PARALLELISM": "false"}})
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    opts = ScaleOutOptions(replicas=2, decoder_cpus=1, ingress_cpus=0.5, threads=1, imbalanced_threshold=4,
+                           health_check_period_s=1, health_check_timeout_s=10, graceful_shutdown_timeout_s=5)
+    app = build_app(model=assets["model"], index=assets["index"], threshold=None, k=3, device="cpu", limits=LIMITS,
+                    model_name=[MODEL], scorer=None, options=opts)
+    handle = serve.run(app, name="nbce", route_prefix="/")
+    yield {"base": f"http://127.0.0.1:{port}", "handle": handle}
+    serve.shutdown()
+    ray.shutdown()
+
+
+def post(base_or_client, path, body):
+    if isinstance(base_or_client, str):
+        return httpx.post(base_or_client + path, json=body, timeout=120)
+    return base_or_client.post(path, json=body)
+
+
+def chat_body(question, docs=None, stream=False, max_tokens=8, **kw):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
+            "stream": stream, **kw}
+    if docs is not None:
+        body["documents"] = docs
+    return body
+
+
+def streamed_text(resp) -> str:
+    assert resp.status_code == 200, resp.text
+    out, done = [], False
+    for line in resp.text.splitlines():
+        if not line.startswith("data: "):
+            continue
+        data = line[6:]
+        if data == "[DONE]":
+            done = True
+            continue
+        obj = json.loads(data)
+        assert "error" not in obj, obj
+        for ch in obj["choices"]:
+            out.append(ch.get("delta", {}).get("content") or ch.get("text") or "")
+    assert done
+    return "".join(out)
+
+
+def stats(cluster):
+    """Every decoder replica's stats, through the ingress's handle."""
+    return cluster["handle"].replica_stats.remote().result()
+
+
+# ----------------------------------------------------------------------------- answers
+def test_answers_equal_the_single_process_server(cluster, reference):
+    base = cluster["base"]
+    cases = [
+        ("/v1/chat/completions", chat_body("When was the tower completed?", SETS[0])),  # documents
+        ("/v1/chat/completions", chat_body("Who built the Eiffel Tower in Paris?")),  # the server's index
+        ("/v1/chat/completions", chat_body("Hi", [], max_tokens=5)),  # closed-book
+        ("/v1/completions", {"model": MODEL, "prompt": "How high is Everest?", "max_tokens": 6,
+                             "documents": SETS[2]}),
+    ]
+    for path, body in cases:
+        ours, ref = post(base, path, body), post(reference, path, body)
+        assert ours.status_code == ref.status_code == 200, (ours.text, ref.text)
+        a, b = ours.json(), ref.json()
+        assert a["choices"][0] == b["choices"][0]
+        assert a["usage"]["completion_tokens"] == b["usage"]["completion_tokens"]
+        assert a["usage"]["prompt_tokens"] == b["usage"]["prompt_tokens"]
+        na, nb = a["nbce"], b["nbce"]
+        assert (na["retrieved"], na["supported"]) == (nb["retrieved"], nb["supported"])
+        assert [s["n_tokens"] for s in na["sources"]] == [s["n_tokens"] for s in nb["sources"]]
+        assert [s["id"] for s in na["sources"]] == [s["id"] for s in nb["sources"]]
+    # streaming, chat and text completions
+    for path, body in [("/v1/chat/completions", chat_body("Where is it?", SETS[1], stream=True)),
+                       ("/v1/chat/completions", chat_body("Who built the tower?", stream=True)),
+                       ("/v1/completions", {"model": MODEL, "prompt": "Why?", "max_tokens": 6, "stream": True,
+                                            "documents": SETS[3]})]:
+        assert streamed_text(post(base, path, body)) == streamed_text(post(reference, path, body))
+    # errors keep the OpenAI format and status
+    r = post(base, "/v1/chat/completions", chat_body("x", model="nope"))
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    r = post(base, "/v1/chat/completions", chat_body("x", SETS[0], max_tokens=10_000))
+    assert r.status_code == 400 and r.json()["error"]["code"] == "max_tokens_too_large"
+
+
+def test_same_documents_same_replica_and_cached_tokens(cluster):
+    base = cluster["base"]
+    docs = [{"title": "Thames", "text": CORPUS[4] + " It is 346 km long."}, {"text": CORPUS[5] + " Really."}]
+    cached = []
+    for q in QUESTIONS:
+        r = post(base, "/v1/chat/completions", chat_body(q, docs, max_tokens=3))
+        assert r.status_code == 200, r.text
+        cached.append(r.json()["usage"]["prompt_tokens_details"]["cached_tokens"])
+    # the first request finds only the shared template prefix (the no-passage row); from the
+    # second on, the passages' rows come from the replica's cache too
+    assert cached[1] > cached[0] and cached[2] == cached[1], cached
+    keys = {passage_key(f"{d['title']}\n{d['text']}" if d.get("title") else d["text"]) for d in docs}
+    holders = [s for s in stats(cluster) if keys & set(s["served"])]
+    assert len(holders) == 1, holders  # one replica served every request over these documents
+    assert all(holders[0]["served"][k] == len(QUESTIONS) for k in keys)
+
+
+def test_different_document_sets_spread(cluster):
+    base = cluster["base"]
+    for docs in SETS:
+        assert post(base, "/v1/chat/completions", chat_body("What is it?", docs, max_tokens=2)).status_code == 200
+    served = [s for s in stats(cluster)]
+    assert len(served) == 2
+    assert all(s["requests"] > 0 for s in served), served
+    # the owners follow rendezvous hashing over the two replica ids
+    ids = sorted(s["replica"] for s in served)
+    owners = {rendezvous_owner([passage_key(d["title"] + "\n" + d["text"]), passage_key(s2["text"])], ids)
+              for d, s2 in SETS}
+    assert owners == set(ids)
+
+
+def test_metrics_show_every_replica(cluster):
+    r = httpx.get(cluster["base"] + "/metrics", timeout=60)
+    assert r.status_code == 200
+    fams = {f.name: f for f in text_string_to_metric_families(r.text)}
+    reps = {s.labels["replica"] for s in fams["nbce_rag_prompt_tokens"].samples if s.labels["tier"] == "decoder"}
+    assert len(reps) == 2
+    total = sum(s.value for s in fams["nbce_rag_requests"].samples
+                if s.labels.get("tier") == "decoder" and s.labels.get("outcome") == "completed")
+    assert total >= 10
+    assert any(s.value > 0 for s in fams["nbce_rag_cached_prompt_tokens"].samples)
+
+
+def test_killed_decoder_replica_then_requests_succeed(cluster):
+    base = cluster["base"]
+    victims = [s["actor"] for s in stats(cluster)]
+    assert len(victims) == 2 and all(victims)
+    ray.kill(ray.get_actor(victims[0], namespace="serve"), no_restart=True)
+    # every request after the kill succeeds: the ones routed to the dead replica before Ray
+    # notices are sent again (they never started decoding)
+    for i, docs in enumerate(SETS):
+        r = post(base, "/v1/chat/completions", chat_body(f"Question {i}?", docs, max_tokens=2))
+        assert r.status_code == 200, r.text
+    r = post(base, "/v1/chat/completions", chat_body("Where?", SETS[0], max_tokens=3, stream=True))
+    streamed_text(r)
+    # Ray restarts the replica
+    deadline = time.monotonic() + 90
+    while True:
+        st = serve.status().applications["nbce"].deployments["NBCEDecoder"]
+        if st.status == "HEALTHY" and sum(st.replica_states.values()) == 2 and st.replica_states.get("RUNNING") == 2:
+            break
+        assert time.monotonic() < deadline, st
+        time.sleep(0.5)
+
+
+# ----------------------------------------------------------------------------- options
+@pytest.mark.parametrize("bad, words", [
+    ({"replicas": 0}, "replicas=0"),
+    ({"replicas": "many"}, "replicas='many'"),
+    ({"replicas": "auto", "min_replicas": 3, "max_replicas": 2}, "min_replicas <= max_replicas"),
+    ({"router": "random"}, "router='random'"),
+    ({"decoder_cpus": 0}, "decoder_cpus > 0 or decoder_gpus > 0"),
+    ({"imbalanced_threshold": -1}, "imbalanced_threshold=-1"),
+])
+def test_bad_options_are_a_clear_error_before_anything_starts(bad, words):
+    with pytest.raises(ConfigError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        build_app(options=ScaleOutOptions(**bad))
+    with pytest.raises(ConfigError, match="unknown scale-out option"):
+        ScaleOutOptions.from_dict({"replica": 2})
