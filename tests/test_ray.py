@@ -33,7 +33,8 @@ from nbce_rag.integrations.server.ray_app import ScaleOutOptions, build_app  # n
 from nbce_rag.integrations.server.ray_router import passage_key, rendezvous_owner  # noqa: E402
 
 MODEL = "nbce-test"
-LIMITS = ServerLimits(max_queue=16, request_timeout_s=60, max_active=8)
+#: max_active=1: a second request to a busy replica waits in its queue (the fault test needs one)
+LIMITS = ServerLimits(max_queue=16, request_timeout_s=60, max_active=1)
 CORPUS = [
     "The Eiffel Tower is in Paris and was completed in 1889.",
     "Gustave Eiffel's company designed and built the tower for the World's Fair.",
@@ -86,6 +87,7 @@ def cluster(assets):
                                        "TOKENIZERS_PARALLELISM": "false"}})
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     opts = ScaleOutOptions(replicas=2, decoder_cpus=1, ingress_cpus=0.5, threads=1, imbalanced_threshold=4,
+                           max_ongoing_requests=4,
                            health_check_period_s=1, health_check_timeout_s=10, graceful_shutdown_timeout_s=5)
     app = build_app(model=assets["model"], index=assets["index"], threshold=None, k=3, device="cpu", limits=LIMITS,
                     model_name=[MODEL], scorer=None, options=opts)
@@ -210,25 +212,71 @@ def test_metrics_show_every_replica(cluster):
 
 
 def test_killed_decoder_replica_then_requests_succeed(cluster):
+    """Replica A decodes a long stream and holds a second (non-streaming) request in its queue
+    (max_active=1): killing A ends the stream with an OpenAI-format error event, the queued
+    request is sent again to B and answered, Ray restarts A, and the next requests succeed."""
+    import threading
+
     base = cluster["base"]
-    victims = [s["actor"] for s in stats(cluster)]
-    assert len(victims) == 2 and all(victims)
-    ray.kill(ray.get_actor(victims[0], namespace="serve"), no_restart=True)
-    # every request after the kill succeeds: the ones routed to the dead replica before Ray
-    # notices are sent again (they never started decoding)
-    for i, docs in enumerate(SETS):
-        r = post(base, "/v1/chat/completions", chat_body(f"Question {i}?", docs, max_tokens=2))
+    before = stats(cluster)
+    ids = {s["replica"]: s["actor"] for s in before}
+    assert len(ids) == 2 and all(ids.values())
+    docs = SETS[0]
+    keys = [passage_key(docs[0]["title"] + "\n" + docs[0]["text"]), passage_key(docs[1]["text"])]
+    victim = rendezvous_owner(keys, sorted(ids))  # the replica these documents go to
+    n0 = next(s["requests"] for s in before if s["replica"] == victim)
+    first_chunk, lines, results = threading.Event(), [], {}
+
+    def long_stream():
+        body = chat_body("Tell me everything.", docs, stream=True, max_tokens=400)  # within 512 positions
+        with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=120) as r:
+            results["stream_status"] = r.status_code
+            for line in r.iter_lines():
+                lines.append(line)
+                if '"content"' in line and '"content":""' not in line:
+                    first_chunk.set()
+        first_chunk.set()
+
+    def queued():
+        results["queued"] = post(base, "/v1/chat/completions", chat_body("And then?", docs, max_tokens=3))
+
+    t1 = threading.Thread(target=long_stream)
+    t1.start()
+    assert first_chunk.wait(60)
+    assert results["stream_status"] == 200, lines
+    assert not any(line == "data: [DONE]" for line in lines), "the stream ended before the kill; make it longer"
+    t2 = threading.Thread(target=queued)
+    t2.start()
+    deadline = time.monotonic() + 30
+    while not any(s["replica"] == victim and s["requests"] >= n0 + 2 for s in stats(cluster)):
+        assert time.monotonic() < deadline, "the second request did not reach the replica"
+        time.sleep(0.05)
+    ray.kill(ray.get_actor(ids[victim], namespace="serve"), no_restart=True)
+    t1.join(90)
+    t2.join(90)
+    assert not t1.is_alive() and not t2.is_alive()
+    # the stream had started: an error event in the OpenAI format, then [DONE]
+    assert results["stream_status"] == 200
+    data = [json.loads(x[6:]) for x in lines if x.startswith("data: {")]
+    assert data[-1].get("error", {}).get("code") == "replica_failed", lines[-3:]
+    assert set(data[-1]["error"]) == {"message", "type", "param", "code"}
+    assert [x for x in lines if x][-1] == "data: [DONE]"
+    # the queued request never started decoding: sent again, answered by the other replica
+    assert results["queued"].status_code == 200, results["queued"].text
+    # every following request succeeds
+    for i, d in enumerate(SETS):
+        r = post(base, "/v1/chat/completions", chat_body(f"Question {i}?", d, max_tokens=2))
         assert r.status_code == 200, r.text
-    r = post(base, "/v1/chat/completions", chat_body("Where?", SETS[0], max_tokens=3, stream=True))
-    streamed_text(r)
+    streamed_text(post(base, "/v1/chat/completions", chat_body("Where?", SETS[0], max_tokens=3, stream=True)))
     # Ray restarts the replica
     deadline = time.monotonic() + 90
     while True:
         st = serve.status().applications["nbce"].deployments["NBCEDecoder"]
-        if st.status == "HEALTHY" and sum(st.replica_states.values()) == 2 and st.replica_states.get("RUNNING") == 2:
+        if st.status == "HEALTHY" and st.replica_states.get("RUNNING") == 2 and sum(st.replica_states.values()) == 2:
             break
         assert time.monotonic() < deadline, st
         time.sleep(0.5)
+    assert len({s["replica"] for s in stats(cluster)} - set(ids)) == 1  # a new replica took the dead one's place
 
 
 # ----------------------------------------------------------------------------- options
