@@ -87,7 +87,7 @@ def cluster(assets):
                                        "TOKENIZERS_PARALLELISM": "false"}})
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     opts = ScaleOutOptions(replicas=2, decoder_cpus=1, ingress_cpus=0.5, threads=1, imbalanced_threshold=4,
-                           max_ongoing_requests=4,
+                           max_ongoing_requests=4, index_refresh_s=0.2,
                            health_check_period_s=1, health_check_timeout_s=10, graceful_shutdown_timeout_s=5)
     app = build_app(model=assets["model"], index=assets["index"], threshold=None, k=3, device="cpu", limits=LIMITS,
                     model_name=[MODEL], scorer=None, options=opts)
@@ -211,6 +211,27 @@ def test_metrics_show_every_replica(cluster):
     assert any(s.value > 0 for s in fams["nbce_rag_cached_prompt_tokens"].samples)
 
 
+def test_ingress_sees_a_new_index_generation_without_restart(cluster, assets):
+    """A writer adds a chunk to the shared index directory (under the index's lock); the
+    ingress replica loads the new generation on its next retrieval (no restart)."""
+    from nbce_rag.retrieval.index import VectorIndex
+
+    new = "Zebras sleep standing up in the open savanna at night."
+    body = chat_body(new, max_tokens=2)  # the question is the new chunk's text: its nearest neighbour
+    r = post(cluster["base"], "/v1/chat/completions", body)
+    assert r.status_code == 200 and new not in [x.get("text") for x in r.json()["nbce"]["sources"]]
+    with VectorIndex.edit(assets["index"]) as idx:
+        idx.add([{"id": "zebra", "text": new}])
+    deadline = time.monotonic() + 30
+    while True:
+        r = post(cluster["base"], "/v1/chat/completions", body)
+        assert r.status_code == 200, r.text
+        if any(str(x["id"]).startswith("zebra") for x in r.json()["nbce"]["sources"]):
+            break
+        assert time.monotonic() < deadline, "the ingress did not load the new index generation"
+        time.sleep(0.3)
+
+
 def test_killed_decoder_replica_then_requests_succeed(cluster):
     """Replica A decodes a long stream and holds a second (non-streaming) request in its queue
     (max_active=1): killing A ends the stream with an OpenAI-format error event, the queued
@@ -293,3 +314,45 @@ def test_bad_options_are_a_clear_error_before_anything_starts(bad, words):
         build_app(options=ScaleOutOptions(**bad))
     with pytest.raises(ConfigError, match="unknown scale-out option"):
         ScaleOutOptions.from_dict({"replica": 2})
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--replicas", "0"], "replicas=0"),
+    (["--replicas", "two"], "--replicas must be a number"),
+    (["--replicas", "auto", "--min-replicas", "3", "--max-replicas", "1"], "min_replicas <= max_replicas"),
+    (["--replicas", "2", "--decoder-cpus", "0"], "decoder_cpus > 0"),
+    (["--replicas", "2", "--index", "/nonexistent/index"], "is not a directory"),
+])
+def test_serve_replicas_bad_options_exit_2_before_starting(argv, words, capsys):
+    from nbce_rag.cli import main
+
+    assert main(["serve", *argv]) == 2
+    assert words in capsys.readouterr().err
+
+
+def test_cluster_resources_are_checked():
+    from nbce_rag.integrations.server.ray_app import check_resources
+
+    check_resources(ScaleOutOptions(replicas=2, decoder_cpus=0.5, ingress_cpus=0.5), {"CPU": 2})
+    with pytest.raises(ConfigError, match="need 2.5 CPUs; the Ray cluster has 2"):
+        check_resources(ScaleOutOptions(replicas=2, decoder_cpus=1, ingress_cpus=0.5), {"CPU": 2})
+    with pytest.raises(ConfigError, match="GPUs"):
+        check_resources(ScaleOutOptions(replicas=2, decoder_gpus=1), {"CPU": 8, "GPU": 1})
+
+
+def test_example_serve_config_deploys_as_written():
+    """examples/serve_config.yaml is a valid Serve config and its args build the application."""
+    from pathlib import Path
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from nbce_rag.integrations.server.ray_app import app_builder
+
+    cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "examples" / "serve_config.yaml").read_text())
+    ServeDeploySchema.model_validate(cfg)
+    (app_cfg,) = cfg["applications"]
+    assert app_cfg["import_path"] == "nbce_rag.integrations.server.ray_app:app_builder"
+    assert app_builder(app_cfg["args"]) is not None
+    with pytest.raises(ConfigError, match="unknown application argument"):
+        app_builder({**app_cfg["args"], "replicas": 2})

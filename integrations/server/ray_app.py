@@ -51,7 +51,8 @@ from nbce_rag.integrations.server.ray_worker import DecoderInfo, RemotePipeline,
 from nbce_rag.integrations.server.state import ServerLimits, check_prompt_tokens
 from nbce_rag.integrations.server.worker import CANCELLED, Job, ModelWorker
 
-__all__ = ["ScaleOutOptions", "DecoderReplica", "IngressReplica", "build_app", "app_builder", "ROUTERS"]
+__all__ = ["ScaleOutOptions", "DecoderReplica", "IngressReplica", "build_app", "app_builder", "serve_blocking",
+           "ROUTERS"]
 
 logger = logging.getLogger("nbce_rag.integrations.server")
 
@@ -90,6 +91,7 @@ class ScaleOutOptions:
     health_check_period_s: float = 10.0
     health_check_timeout_s: float = 30.0
     graceful_shutdown_timeout_s: float = 30.0
+    index_refresh_s: float = 2.0
 
     def validate(self) -> "ScaleOutOptions":
         """Raise :class:`~nbce_rag.errors.ConfigError` naming the first bad option."""
@@ -123,6 +125,8 @@ class ScaleOutOptions:
             raise bad("retries", "must be >= 0")
         if self.threads is not None and int(self.threads) < 1:
             raise bad("threads", "must be >= 1")
+        if not self.index_refresh_s >= 0:
+            raise bad("index_refresh_s", "must be >= 0")
         for name in ("health_check_period_s", "health_check_timeout_s", "graceful_shutdown_timeout_s"):
             if not getattr(self, name) > 0:
                 raise bad(name, "must be > 0")
@@ -305,7 +309,8 @@ class IngressReplica:
             scorer = rag.index  # as RAGPipeline: unscored passages get the index's canonical cosine
         max_concurrent = int(spec.get("max_concurrent") or 4 * self.limits.max_active)
         self.worker = RemoteWorker(self.limits.max_queue, max_concurrent, decoder=decoder)
-        self.pipeline = RemotePipeline(rag, decoder, retries=int(spec.get("retries", 1)), scorer=scorer)
+        self.pipeline = RemotePipeline(rag, decoder, retries=int(spec.get("retries", 1)), scorer=scorer,
+                                       index_dir=spec.get("index"), refresh_s=float(spec.get("index_refresh_s", 2.0)))
 
     def __serve_build_asgi_app__(self):
         s = self.spec
@@ -345,7 +350,8 @@ def build_app(*, model: Optional[str] = None, index: Optional[str] = None, encod
                 "decoder_options": dict(decoder_options or {}), "limits": lim}
     ing_spec = {"index": index, "encoder": encoder, "threshold": threshold, "k": int(k), "scorer": scorer,
                 "limits": lim, "api_key": api_key, "model_name": list(model_name),
-                "allowed_hosts": None if allowed_hosts is None else list(allowed_hosts), "retries": options.retries}
+                "allowed_hosts": None if allowed_hosts is None else list(allowed_hosts), "retries": options.retries,
+                "index_refresh_s": options.index_refresh_s}
     decoder = serve.deployment(DecoderReplica).options(**options.decoder_deployment_options(limits))
     ingress = serve.deployment(NBCEIngress).options(**options.ingress_deployment_options())
     return ingress.bind(decoder.bind(dec_spec), ing_spec)
@@ -372,3 +378,45 @@ def app_builder(args: Dict[str, Any]):
                      model_name=[names] if isinstance(names, str) else list(names),
                      allowed_hosts=args.get("allowed_hosts"),
                      options=ScaleOutOptions.from_dict(dict(args.get("scale") or {})))
+
+
+def check_resources(options: ScaleOutOptions, available: Dict[str, float]) -> None:
+    """The deployments must fit the cluster (``ray.cluster_resources()``), else Ray would wait
+    forever for a place to start a replica: a ConfigError that says what to lower."""
+    n = options.max_replicas if options.replicas == "auto" else int(options.replicas)
+    n = options.min_replicas if options.replicas == "auto" else n
+    cpus = n * options.decoder_cpus + options.ingress_replicas * options.ingress_cpus
+    gpus = n * options.decoder_gpus
+    have_cpu, have_gpu = float(available.get("CPU", 0)), float(available.get("GPU", 0))
+    if cpus > have_cpu + 1e-9:
+        raise ConfigError(f"{n} decoder replica(s) x {options.decoder_cpus:g} CPU + {options.ingress_replicas} ingress "
+                          f"x {options.ingress_cpus:g} CPU need {cpus:g} CPUs; the Ray cluster has {have_cpu:g}. Lower "
+                          "--replicas, --decoder-cpus or --ingress-cpus (fractions are allowed, e.g. 0.5)")
+    if gpus > have_gpu + 1e-9:
+        raise ConfigError(f"{n} decoder replica(s) x {options.decoder_gpus:g} GPU need {gpus:g} GPUs; the Ray cluster "
+                          f"has {have_gpu:g}. Lower --replicas or --decoder-gpus")
+
+
+def serve_blocking(app: Any, options: ScaleOutOptions, *, host: str = "127.0.0.1", port: int = 8000,
+                   address: Optional[str] = None, name: str = "nbce-rag") -> None:
+    """Run ``app`` on Ray Serve at ``http://host:port`` until interrupted (``nbce-rag serve
+    --replicas``): a local Ray cluster unless ``address`` names one; Ctrl-C shuts it down.
+    The deployments must fit the cluster's CPUs/GPUs (:func:`check_resources`)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False)
+    try:
+        check_resources(options, ray.cluster_resources())
+    except ConfigError:
+        ray.shutdown()
+        raise
+    serve.start(http_options={"host": host, "port": int(port)})
+    serve.run(app, name=name, route_prefix="/")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()

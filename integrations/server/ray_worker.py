@@ -72,9 +72,14 @@ class RemotePipeline:
     decoder deployment's handle. No ``start`` method: the app hands each request to the
     worker whole (:meth:`stream`)."""
 
-    def __init__(self, rag: Any, handle: Any, *, retries: int = 1, scorer: Any = None):
+    def __init__(self, rag: Any, handle: Any, *, retries: int = 1, scorer: Any = None,
+                 index_dir: Optional[str] = None, refresh_s: float = 2.0):
         from nbce_rag.decoding.scoring import resolve_scorer
 
+        self.index_dir = index_dir
+        self.refresh_s = float(refresh_s)
+        self._checked = time.monotonic()
+        self._reload_lock = threading.Lock()
         self.rag = rag
         self.scorer = resolve_scorer(scorer)  # scores passages sent without one, as the decoder would
         self.handle = handle
@@ -85,12 +90,41 @@ class RemotePipeline:
         self.calibration = rag.calibration
         self.k = rag.k
 
+    def refresh_index(self, force: bool = False) -> bool:
+        """Load the index directory again when a writer saved a new generation since this copy
+        (checked at most every ``refresh_s`` seconds, by the manifest; one reload at a time,
+        requests in flight keep the copy they started with). Returns True when it reloaded."""
+        idx = self.rag.index
+        if self.index_dir is None or idx is None:
+            return False
+        now = time.monotonic()
+        if not force and now - self._checked < self.refresh_s:
+            return False
+        if not self._reload_lock.acquire(blocking=False):
+            return False
+        try:
+            self._checked = now
+            saved = type(idx).saved_generation(self.index_dir)
+            if saved is None or saved == idx.generation:
+                return False
+            new = type(idx).load(self.index_dir, encoder=idx.encoder)
+            self.rag.index = self.index = new
+            logger.info("index %s: loaded generation %s (%d chunks)", self.index_dir, saved, len(new))
+            return True
+        except Exception as e:  # noqa: BLE001 - keep serving the copy in memory
+            logger.warning("index %s: could not load the new generation: %s", self.index_dir, e)
+            return False
+        finally:
+            self._reload_lock.release()
+
     def stream(self, question: str, passages: Optional[List[Any]] = None, *, k: Optional[int] = None,
                **options: Any) -> Iterator[Any]:
         """Select the passages now, then stream the decoder replica's events (the final
         answer gets ``supported``, ``dropped`` and ``calibration`` as in ``RAGPipeline.stream``)."""
         from nbce_rag.decoding.scoring import score_missing
 
+        if passages is None:
+            self.refresh_index()
         kept, dropped = self.rag.select(question, passages, k)
         kept = [p for _, p in score_missing(self.scorer, question, list(enumerate(kept)))]
         job: Optional[Job] = getattr(_current, "job", None)
