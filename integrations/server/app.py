@@ -58,6 +58,7 @@ def create_app(
     model_name: str = DEFAULT_MODEL_NAME,
     aliases: Sequence[str] = (),
     allowed_hosts: Optional[Iterable[str]] = None,
+    worker: Any = None,
 ) -> FastAPI:
     """An OpenAI-compatible FastAPI app over ``pipeline`` (a :class:`RAGPipeline`).
 
@@ -70,11 +71,14 @@ def create_app(
     sets the loopback names when bound to loopback without an API key (DNS rebinding).
     A :class:`RAGPipeline` is decoded by the step scheduler (concurrent requests share decode
     steps); any other object with a ``stream()`` like it is served one request at a time.
+    ``worker``: what runs the jobs instead of a local :class:`ModelWorker` (the Ray Serve
+    ingress passes one that calls decoder replicas: :mod:`.ray_app`). ``GET /metrics``: the
+    Prometheus series of :mod:`.metrics`.
     """
     from contextlib import asynccontextmanager
 
     srv = ServerState(pipeline, encoder=encoder, api_key=api_key, limits=limits, model_name=model_name,
-                  aliases=aliases, allowed_hosts=allowed_hosts)
+                  aliases=aliases, allowed_hosts=allowed_hosts, worker=worker)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -113,6 +117,11 @@ def create_app(
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception):  # pragma: no cover - last resort
         return error_from_exception(exc).response()
+
+    if srv.metrics is not None:
+        from nbce_rag.integrations.server.metrics import install
+
+        install(app, srv)
 
     # ------------------------------------------------------------ misc endpoints
     @app.get("/health")

@@ -79,7 +79,8 @@ class ServerState:
     """State shared by the endpoints of one app."""
 
     def __init__(self, pipeline: Any, *, encoder: Any, api_key: Optional[str], limits: ServerLimits,
-                 model_name: str, aliases: Sequence[str] = (), allowed_hosts: Optional[Iterable[str]] = None):
+                 model_name: str, aliases: Sequence[str] = (), allowed_hosts: Optional[Iterable[str]] = None,
+                 worker: Any = None):
         self.pipeline = pipeline
         self._encoder = encoder
         self._encoder_lock = threading.Lock()
@@ -92,12 +93,19 @@ class ServerState:
         self.created = int(time.time())
         #: pipelines with the step API (RAGPipeline) are decoded together; others one at a time
         self.stepped = callable(getattr(pipeline, "start", None)) and getattr(pipeline, "decoder", None) is not None
+        #: Prometheus series of this app (None without prometheus_client); see :mod:`.metrics`
+        self.metrics = _new_metrics()
+        if worker is not None:  # e.g. the Ray Serve ingress: decoding happens in decoder replicas
+            self.worker = worker
+            if getattr(worker, "metrics", None) is None:
+                worker.metrics = self.metrics
+            return
         scheduler = None
         if self.stepped:
             from nbce_rag.decoding.scheduler import StepScheduler
 
             scheduler = StepScheduler(pipeline.decoder, limits.scheduler_config())
-        self.worker = ModelWorker(limits.max_queue, scheduler)
+        self.worker = ModelWorker(limits.max_queue, scheduler, metrics=self.metrics)
 
     # ---------------- Host / model
     def check_host(self, request: Request) -> None:
@@ -290,12 +298,7 @@ class ServerState:
 
         def start():
             state = pipeline.start(question, psg, k=k, **opts)
-            n_tok = sum(len(r.ids) for r in state.prep.rows)
-            if n_tok > lim.max_prompt_tokens:
-                raise OpenAIError(400, f"the request needs {n_tok} prompt tokens over its {state.n_rows} NBCE rows; "
-                                       f"this server accepts at most {lim.max_prompt_tokens} per request "
-                                       "(send fewer or shorter documents)", param="documents",
-                                  code="context_length_exceeded")
+            check_prompt_tokens(state, lim)
             return state
 
         return {"start": start}, retrieved
@@ -351,6 +354,25 @@ class ServerState:
 
                     self._encoder = CoSENTEncoder.from_pretrained()
             return self._encoder
+
+
+def check_prompt_tokens(state: Any, limits: ServerLimits) -> None:
+    """A request's rows (a DecodeState) must fit ``limits.max_prompt_tokens`` (400 beyond)."""
+    n_tok = sum(len(r.ids) for r in state.prep.rows)
+    if n_tok > limits.max_prompt_tokens:
+        raise OpenAIError(400, f"the request needs {n_tok} prompt tokens over its {state.n_rows} NBCE rows; "
+                               f"this server accepts at most {limits.max_prompt_tokens} per request "
+                               "(send fewer or shorter documents)", param="documents",
+                          code="context_length_exceeded")
+
+
+def _new_metrics() -> Any:
+    try:
+        from nbce_rag.integrations.server.metrics import ServerMetrics
+
+        return ServerMetrics()
+    except ImportError:  # pragma: no cover - prometheus_client is part of the server extra
+        return None
 
 
 _JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')

@@ -37,7 +37,7 @@ class Job:
     else): run alone; with ``stream`` its result is iterated event by event."""
 
     __slots__ = ("fn", "start", "stream", "final_only", "loop", "out", "cancel", "reason", "deadline", "outcome",
-                 "state")
+                 "state", "arrival")
 
     def __init__(self, fn: Optional[Callable[[], Any]] = None, *, stream: bool, final_only: bool, deadline: float,
                  start: Optional[Callable[[], Any]] = None):
@@ -52,6 +52,7 @@ class Job:
         self.deadline = deadline
         self.outcome: Optional[str] = None
         self.state: Any = None
+        self.arrival = time.monotonic()  #: when the request arrived (time to first token counts from here)
 
     def abort(self, reason: str = CANCELLED) -> None:
         """Ask the worker to drop this job (checked between steps)."""
@@ -71,10 +72,11 @@ class ModelWorker:
     are decoded together by ``scheduler`` (a :class:`StepScheduler`; ``None``: one at a time).
 
     ``stats`` counts outcomes: completed, cancelled (client went away), timed_out, failed,
-    rejected (queue full); ``steps``: scheduler iterations run.
+    rejected (queue full); ``steps``: scheduler iterations run. ``metrics``: a
+    :class:`~nbce_rag.integrations.server.metrics.ServerMetrics` the worker reports to (or None).
     """
 
-    def __init__(self, max_queue: int, scheduler: Any = None):
+    def __init__(self, max_queue: int, scheduler: Any = None, metrics: Any = None):
         self._queue: "queue.Queue[Optional[Job]]" = queue.Queue(maxsize=max_queue)
         self._thread: Optional[threading.Thread] = None
         self._lock = threading.Lock()
@@ -82,6 +84,7 @@ class ModelWorker:
         self._active: Dict[int, Job] = {}
         self._exclusive = False  # running a job alone, or admitting one (retrieval, tokenization)
         self.stats = {"completed": 0, "cancelled": 0, "timed_out": 0, "failed": 0, "rejected": 0}
+        self.metrics = metrics
 
     @property
     def queued(self) -> int:
@@ -131,13 +134,28 @@ class ModelWorker:
             self._queue.put_nowait(job)
         except queue.Full:
             self.stats["rejected"] += 1
+            if self.metrics is not None:
+                self.metrics.outcome("rejected")
             raise OpenAIError(503, f"the server is busy ({self._queue.maxsize} requests are waiting); "
                                    "retry in a moment", type="server_error", code="server_overloaded") from None
+        if self.metrics is not None:
+            self.metrics.queue(self.queued, self.active)
 
     # ------------------------------------------------------------------ the loop
     def _count(self, job: Job) -> None:
         key = job.outcome or "failed"
         self.stats[key] = self.stats.get(key, 0) + 1
+        if self.metrics is not None:
+            self.metrics.outcome(key, job)
+
+    def _observe(self, job: Job, ev: Any) -> None:
+        """Report a job's event to the metrics (a token; the final answer's token counts)."""
+        if self.metrics is None:
+            return
+        if getattr(ev, "token_id", None) is not None:
+            self.metrics.token(job, job.arrival)
+        if getattr(ev, "answer", None) is not None:
+            self.metrics.answer(ev.answer)
 
     def _end(self, key: int, job: Job) -> None:
         """Count the job's outcome, then let it go (in this order: ``busy`` never reads False
@@ -183,6 +201,9 @@ class ModelWorker:
                         job.push("error", e)
                         self._end(key, job)
                     continue
+                if self.metrics is not None:
+                    self.metrics.step(sum(getattr(r.state, "n_rows", 0) for r in results if r.error is None))
+                    self.metrics.queue(self.queued, self.active)
                 for r in results:
                     job = self._active.get(id(r.state))
                     if job is None:  # pragma: no cover - removed in this iteration
@@ -193,6 +214,7 @@ class ModelWorker:
                         self._end(id(r.state), job)
                         continue
                     for ev in r.events:
+                        self._observe(job, ev)
                         if not job.final_only or ev.answer is not None:
                             job.push("event", ev)
                     if r.state.done:
@@ -240,6 +262,7 @@ class ModelWorker:
                 return
             it = iter(result)
             for ev in it:
+                self._observe(job, ev)
                 if not job.final_only or ev.answer is not None:
                     job.push("event", ev)
                 if job.cancel.is_set():

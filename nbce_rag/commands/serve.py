@@ -30,6 +30,7 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
             "nbce-rag serve --index my_index                  # http://127.0.0.1:8000/v1",
             "nbce-rag serve --index my_index --host 0.0.0.0 --api-key $KEY --threads 1",
             "nbce-rag serve --model HuggingFaceTB/SmolLM2-360M-Instruct --device cuda --port 8080",
+            "nbce-rag serve --index my_index --replicas 2 --threads 1   # Ray Serve: 2 decoder replicas, affinity routing",
         ),
     )
     p.add_argument("--index", default=None, metavar="DIR",
@@ -77,6 +78,24 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
                     help="rows per decode step; a request with more rows steps alone, in turns (default 256)")
     s_.add_argument("--prefill-tokens", type=int, default=512,
                     help="padded tokens per prefill chunk, interleaved with decode steps (default 512)")
+    r_ = p.add_argument_group("scale-out on Ray Serve (needs `pip install 'nbce-rag[ray]'`)")
+    r_.add_argument("--replicas", default=None, metavar="N",
+                    help="serve with N decoder replicas (or 'auto': autoscaling) behind a retriever/ingress tier on "
+                    "Ray Serve, routed by passage affinity; starts a local Ray cluster unless --ray-address")
+    r_.add_argument("--min-replicas", type=int, default=1, help="with --replicas auto (default 1)")
+    r_.add_argument("--max-replicas", type=int, default=4, help="with --replicas auto (default 4)")
+    r_.add_argument("--target-ongoing-requests", type=float, default=8.0,
+                    help="with --replicas auto: ongoing requests per replica the autoscaler aims at (default 8)")
+    r_.add_argument("--decoder-cpus", type=float, default=1.0, help="CPUs of one decoder replica (default 1)")
+    r_.add_argument("--decoder-gpus", type=float, default=0.0, help="GPUs of one decoder replica (1: one per GPU)")
+    r_.add_argument("--ingress-replicas", type=int, default=1, help="retriever/ingress replicas (default 1)")
+    r_.add_argument("--ingress-cpus", type=float, default=0.5, help="CPUs of one ingress replica (default 0.5)")
+    r_.add_argument("--router", default="affinity", choices=["affinity", "default"],
+                    help="decoder routing: passage affinity (default) or Ray's power of two choices")
+    r_.add_argument("--imbalanced-threshold", type=float, default=2.0,
+                    help="ongoing requests the preferred replica may have above the least loaded (default 2)")
+    r_.add_argument("--ray-address", default=None, metavar="ADDR",
+                    help="an existing Ray cluster (e.g. auto, ray://host:10001); default: a local one")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn log level (default info)")
     p.set_defaults(func=run)
@@ -90,6 +109,30 @@ def allowed_hosts(host: str, api_key, given):
     if host in _LOOPBACK and not api_key:
         return sorted(_LOOPBACK)
     return None
+
+
+def scale_options(args: argparse.Namespace):
+    """The :class:`ScaleOutOptions` of ``--replicas`` and its flags, checked (ConfigError:
+    exit 2, before anything starts)."""
+    from nbce_rag.errors import ConfigError
+
+    try:
+        from nbce_rag.integrations.server.ray_app import ScaleOutOptions
+    except ImportError as e:
+        from nbce_rag.errors import NBCERagError
+
+        raise NBCERagError(f"{e}. Install the ray extra: pip install 'nbce-rag[ray]'") from None
+    replicas = args.replicas
+    if replicas != "auto":
+        try:
+            replicas = int(replicas)
+        except ValueError:
+            raise ConfigError(f"--replicas must be a number >= 1 or 'auto' (got {args.replicas!r})") from None
+    return ScaleOutOptions(replicas=replicas, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
+                           target_ongoing_requests=args.target_ongoing_requests, decoder_cpus=args.decoder_cpus,
+                           decoder_gpus=args.decoder_gpus, ingress_replicas=args.ingress_replicas,
+                           ingress_cpus=args.ingress_cpus, router=args.router,
+                           imbalanced_threshold=args.imbalanced_threshold, threads=args.threads).validate()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -106,7 +149,8 @@ def run(args: argparse.Namespace) -> int:
     from nbce_rag.pipeline import RAGPipeline
 
     log = logging.getLogger("nbce_rag.serve")
-    if args.threads:
+    scale = scale_options(args) if args.replicas is not None else None
+    if args.threads and scale is None:
         import torch
 
         torch.set_num_threads(args.threads)
@@ -117,6 +161,20 @@ def run(args: argparse.Namespace) -> int:
         max_row_tokens=args.max_row_tokens or None, max_active=args.max_active, step_rows=args.step_rows,
         prefill_tokens=args.prefill_tokens,
     )
+    names = args.model_name or [DEFAULT_MODEL_NAME]
+    allowed = allowed_hosts(args.host, args.api_key, args.allowed_hosts)
+    if scale is not None:
+        from nbce_rag.integrations.server.ray_app import build_app, serve_blocking
+
+        options = {} if args.max_new_tokens is None else {"max_new_tokens": args.max_new_tokens}
+        app = build_app(model=args.model, index=args.index, encoder=args.encoder,
+                        threshold=None if args.no_filter else "auto", k=args.k, device=args.device,
+                        decoder_options=options, limits=limits, api_key=args.api_key, model_name=names,
+                        allowed_hosts=allowed, options=scale)
+        print(f"nbce-rag: serving {names[0]} on http://{args.host}:{args.port}/v1 with {scale.replicas} decoder "
+              f"replica(s) on Ray Serve (router: {scale.router}; index: {args.index or 'none'})", flush=True)
+        serve_blocking(app, scale, host=args.host, port=args.port, address=args.ray_address)
+        return 0
     encoder = None
     if args.encoder:
         from nbce_rag.retrieval.encoder import CoSENTEncoder
@@ -129,8 +187,6 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.host not in _LOOPBACK and not args.api_key:
         log.warning("serving on %s without an API key: anyone who can reach it can use it (set --api-key)", args.host)
-    names = args.model_name or [DEFAULT_MODEL_NAME]
-    allowed = allowed_hosts(args.host, args.api_key, args.allowed_hosts)
     app = create_app(pipeline, encoder=encoder, api_key=args.api_key, limits=limits,
                      model_name=names[0], aliases=names[1:], allowed_hosts=allowed)
     print(f"nbce-rag: serving {names[0]} on http://{args.host}:{args.port}/v1 "

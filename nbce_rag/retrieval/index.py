@@ -513,6 +513,20 @@ class VectorIndex:
         if self._base is not None:
             self._journal.append((op, *args))
 
+    @property
+    def generation(self) -> Optional[str]:
+        """The generation this copy was loaded from or last saved as (``None``: never saved)."""
+        return None if self._base is None else self._base[1]
+
+    @staticmethod
+    def saved_generation(path: PathLike) -> Optional[str]:
+        """The generation the index directory ``path`` holds now (its manifest's; ``None``: no
+        readable index). A copy whose :attr:`generation` differs is older than the directory:
+        a long-running reader (a server replica) loads it again to see the writers' changes."""
+        from pathlib import Path
+
+        return index_store._current_generation(Path(path))
+
     def save(self, path: PathLike, *, lock_timeout: Optional[float] = DEFAULT_LOCK_TIMEOUT) -> None:
         """Write the index to directory ``path`` (created if needed), atomically: readers and
         crashes see either the previous index or this one, never a mix.
