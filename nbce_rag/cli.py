@@ -8,6 +8,7 @@ import argparse
 import importlib
 import logging
 import sys
+import warnings
 from typing import List, Optional
 
 from nbce_rag import __version__
@@ -76,7 +77,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     keep_freed_memory()  # big KV buffers are recycled instead of page-faulted in afresh (nbce_rag/runtime.py)
     try:
-        rc = args.func(args)
+        with warnings.catch_warnings():  # a library warning is one line that names the command, not a source line
+            warnings.showwarning = _warning_printer(args.command, args.verbose)
+            rc = args.func(args)
     except KeyboardInterrupt:
         return 130
     except BaseException as e:  # noqa: BLE001 - sorted below; anything else propagates
@@ -87,6 +90,18 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"nbce-rag {args.command}: error: {one_line(e)}", file=sys.stderr)
         return code
     return int(rc or 0)
+
+
+def _warning_printer(command: str, verbose: int):
+    """``warnings.showwarning`` for the CLI: ``nbce-rag COMMAND: warning: message`` on stderr
+    (the source path and line only with ``-vv``)."""
+
+    def show(message, category, filename, lineno, file=None, line=None):  # noqa: ARG001 - the signature of showwarning
+        where = f" ({filename}:{lineno})" if verbose >= 2 else ""
+        print(f"nbce-rag {command}: warning: {one_line(message) if isinstance(message, Warning) else message}{where}",
+              file=file or sys.stderr)
+
+    return show
 
 
 def exit_code(e: BaseException) -> Optional[int]:

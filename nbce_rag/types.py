@@ -267,7 +267,7 @@ class Answer:
     finish_reason: str = "length"
     prompt_tokens: int = 0  #: tokens prefilled over all rows
     cached_tokens: int = 0  #: of prompt_tokens, those taken from the passage KV cache (not recomputed)
-    completion_tokens: int = 0
+    completion_tokens: int = 0  #: tokens sampled: token_ids (to the one completing a stop string), + the EOS if it ended the answer
     supported: bool = True  #: False when no passage backed the answer (closed-book)
     dropped: List[DroppedHit] = field(default_factory=list)  #: filter decisions, set by the pipeline
     #: which calibration filtered (labelled / synthetic / prior / none), set by the pipeline

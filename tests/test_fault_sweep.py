@@ -484,3 +484,72 @@ def test_server_pooling_errors_speak_json(client):
         err = r.json()["error"]
         assert r.status_code == 400 and err["param"] == "nbce.pooling" and says in err["message"], err
         assert "Pooling" not in err["message"]  # no Python class to pass over HTTP
+
+
+# ------------------------------------------------------------------------------ exact usage
+DOC = ["The Eiffel Tower is in Paris and was completed in 1889."]
+
+
+def _stop_inside(text: str) -> str:
+    """A stop string that first occurs inside the last token's text (not earlier)."""
+    return next(text[i:] for i in range(len(text) - 1, -1, -1) if text[i:].strip() and text.find(text[i:]) == i)
+
+
+def test_completion_tokens_count_exactly_the_tokens_generated(tiny_chat_decoder, monkeypatch):
+    dec = tiny_chat_decoder
+    free = dec.generate("When?", DOC, max_new_tokens=6)
+    assert free.finish_reason == "length" and free.completion_tokens == len(free.token_ids) == 6
+    for n in (1, 3):  # a stop string inside the n-th token: n tokens generated, never n + 1
+        text_n = dec.tokenizer.decode(free.token_ids[:n], skip_special_tokens=True)
+        stop = _stop_inside(text_n)
+        got = dec.generate("When?", DOC, max_new_tokens=n, stop=[stop])
+        assert got.finish_reason == "stop", (stop, got.text)
+        assert got.completion_tokens == len(got.token_ids) == n <= n
+        assert got.usage()["completion_tokens"] == n
+    # an end-of-sequence token is a generated token too (not in token_ids): counted once
+    monkeypatch.setattr(dec, "_eos_ids", set(dec._eos_ids) | {free.token_ids[2]})
+    got = dec.generate("When?", DOC, max_new_tokens=6)
+    assert got.finish_reason == "stop" and got.token_ids == free.token_ids[:2] and got.completion_tokens == 3
+
+
+def test_server_usage_never_exceeds_max_tokens(client, tiny_chat_decoder):
+    free = tiny_chat_decoder.generate("When?", DOC, max_new_tokens=1)
+    stop = _stop_inside(free.text)
+    r = client.post("/v1/completions", json={"prompt": "When?", "documents": DOC, "max_tokens": 1, "stop": [stop]})
+    body = r.json()
+    assert r.status_code == 200 and body["choices"][0]["finish_reason"] == "stop", body
+    assert body["usage"]["completion_tokens"] == 1
+
+
+# ------------------------------------------------------------------------------ messages
+def test_calibration_warnings_are_one_line_without_a_source_path(encoder, tmp_path, capsys):
+    import json
+
+    from nbce_rag import VectorIndex
+
+    n = 12
+    docs = [f"Document {i} is about topic{i} and the colour of item{i}." for i in range(n)]
+    VectorIndex.build(encoder, [{"id": f"d{i}", "text": t} for i, t in enumerate(docs)]).save(tmp_path / "idx")
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps({"_id": f"q{i}", "text": f"what about topic{i}?"}) + "\n"
+                                              for i in range(n)))
+    (tmp_path / "qrels.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{i}\t1\n" for i in range(n)))
+    rc = main(["calibrate", "--index", str(tmp_path / "idx"), "--queries", str(tmp_path / "q.jsonl"),
+               "--qrels", str(tmp_path / "qrels.tsv"), "-k", str(n), "--bootstrap", "10", "--no-plot",
+               "--out", str(tmp_path / "cal.json")])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    lines = [ln for ln in err.splitlines() if "warning" in ln.lower()]
+    assert any(ln.startswith("nbce-rag calibrate: warning: only 12 queries to bootstrap") for ln in lines), err
+    assert not any(".py:" in ln or "warnings.warn" in ln or "CalibrationWarning" in ln for ln in err.splitlines()), err
+
+
+def test_a_question_too_long_for_the_window_says_so(tiny_chat_decoder):
+    from nbce_rag.errors import PromptTooLongError
+
+    window = tiny_chat_decoder.context_window
+    with pytest.raises(PromptTooLongError) as e:
+        tiny_chat_decoder.generate("why " * (2 * window), ["a passage"], max_new_tokens=4)
+    msg = str(e.value)
+    assert "the question is too long for the model's window" in msg and "max_new_tokens" not in msg
+    with pytest.raises(PromptTooLongError, match="Lower max_new_tokens to at most"):  # here it would help
+        tiny_chat_decoder.generate("why?", ["a passage"], max_new_tokens=window - 5)

@@ -77,6 +77,7 @@ class DecodeState:
     finalize: Optional[Callable[[Answer], None]] = None  #: called on the final Answer (e.g. the pipeline's flags)
     tokens: List[int] = field(default_factory=list)
     sources: List[int] = field(default_factory=list)
+    eos: bool = False  #: the end-of-sequence token was sampled (not in ``tokens``, but a generated token)
     emitted: int = 0
     prev: Optional[int] = None
     gen: Optional[torch.Generator] = None
@@ -558,6 +559,7 @@ class NBCEDecoder:
                              updated if updated is not None else st.weights]
         if token in self._eos_ids:
             finish = "stop"
+            state.eos = True
         else:
             tokens = state.tokens
             tokens.append(token)
@@ -595,8 +597,11 @@ class NBCEDecoder:
         if reason == "stop" and state.cfg.stop:
             cut = _find_stop(final, state.cfg.stop, 0)
             final = final[:cut] if cut is not None else final
+        # the tokens sampled: the answer's, up to the one that completed a stop string (none is
+        # sampled past it), plus the end-of-sequence token when that ended the answer; at most
+        # max_new_tokens (a length finish has exactly that many, an EOS comes before the limit)
         answer = self._answer(final, tokens, state.sources, state.prep, reason,
-                              n_steps=len(tokens) + (reason == "stop"), weights=state.weights)
+                              n_steps=len(tokens) + int(state.eos), weights=state.weights)
         if state.finalize is not None:
             state.finalize(answer)
         state.done, state.answer, state.token, state.logits = True, answer, None, None

@@ -126,9 +126,15 @@ def prepare_rows(decoder, question: str, kept: List[Tuple[int, Passage]], cfg: N
     base, base_at = encode_row(decoder, question, None, cfg, locate)
     room = window - len(base) - cfg.max_new_tokens
     if room <= 0:
+        if len(base) >= window - 1:  # no max_new_tokens could help: the question itself does not fit
+            raise PromptTooLongError(
+                f"the question is too long for the model's window: its prompt is {len(base)} tokens and the "
+                f"model reads at most {window}. Shorten the question (or use a model with a longer context)."
+            )
         raise PromptTooLongError(
-            f"the question prompt is {len(base)} tokens and max_new_tokens is {cfg.max_new_tokens}; "
-            f"together they exceed the model's window of {window} tokens. Shorten the question or lower max_new_tokens."
+            f"the question prompt is {len(base)} tokens and max_new_tokens is {cfg.max_new_tokens}; together "
+            f"they exceed the model's window of {window} tokens. Lower max_new_tokens to at most "
+            f"{window - len(base) - 1}, or shorten the question."
         )
     rows = [row(base_at, base, NO_PASSAGE)]
     scores: List[Optional[float]] = []
