@@ -180,27 +180,37 @@ class DroppedHit:
 
 @dataclass
 class FilterResult:
-    """What :meth:`MarginThreshold.filter` decided for one query's candidates.
+    """What :meth:`MarginThreshold.filter` decided for one query's candidates: the ``keep``
+    decision (``kept`` / ``dropped``) and the ``support`` decision (``supported``).
 
-    ``kept`` keeps the input order. An empty ``kept`` means *no relevant context*: answer
-    closed-book and flag the answer unsupported (never fall back to top-k).
+    ``kept`` keeps the input order. An empty ``kept`` means *no relevant context*: the pipeline
+    abstains (or answers closed-book when asked), flagged unsupported; it never falls back to
+    top-k. ``supported`` is ``s_max >= support_threshold`` (``support_score`` = ``best_score``
+    = ``s_max``); when it is not given (a result made by hand) it is "some passage was kept".
     """
 
     kept: List[Passage]
     dropped: List[DroppedHit]
-    threshold: float
-    margin: Optional[float]
+    threshold: float  #: the keep threshold
+    margin: Optional[float]  #: the keep margin
     best_score: Optional[float]  #: s_max of the candidates (None when there were none)
     confident: List[bool] = field(default_factory=list)  #: per kept hit: score >= upper
+    supported: Optional[bool] = None  #: the support decision (None given: bool(kept))
+    support_threshold: Optional[float] = None  #: the support rule's threshold on s_max
+    calibration: Optional[str] = None  #: where the calibration came from (labelled / synthetic / prior / ...)
+
+    def __post_init__(self) -> None:
+        if self.supported is None:
+            self.supported = bool(self.kept)
 
     @property
     def empty(self) -> bool:
         return not self.kept
 
     @property
-    def supported(self) -> bool:
-        """True when at least one passage survived (the answer can be grounded)."""
-        return bool(self.kept)
+    def support_score(self) -> Optional[float]:
+        """The score the support decision reads: the best candidate's (``s_max``)."""
+        return self.best_score
 
     def __len__(self) -> int:
         return len(self.kept)
@@ -216,6 +226,10 @@ class FilterResult:
             "margin": self.margin,
             "best_score": self.best_score,
             "confident": list(self.confident),
+            "supported": bool(self.supported),
+            "support_score": self.best_score,
+            "support_threshold": self.support_threshold,
+            "calibration": self.calibration,
         }
 
 
@@ -268,10 +282,18 @@ class Answer:
     prompt_tokens: int = 0  #: tokens prefilled over all rows
     cached_tokens: int = 0  #: of prompt_tokens, those taken from the passage KV cache (not recomputed)
     completion_tokens: int = 0  #: tokens sampled: token_ids (to the one completing a stop string), + the EOS if it ended the answer
-    supported: bool = True  #: False when no passage backed the answer (closed-book)
+    #: the filter's ``support`` decision (the best candidate's score ``support_score`` >=
+    #: ``support_threshold``) and some passage was decoded; without a filter: some passage was given
+    supported: bool = True
     dropped: List[DroppedHit] = field(default_factory=list)  #: filter decisions, set by the pipeline
     #: which calibration filtered (labelled / synthetic / prior / none), set by the pipeline
     calibration: Optional[str] = None
+    support_score: Optional[float] = None  #: s_max, the score the support decision read (None: no filter ran)
+    support_threshold: Optional[float] = None  #: the support rule's threshold (None: no filter ran)
+    #: "passages" (decoded from passages), "abstained" (nothing passed the filter: no decoding, the
+    #: answer says so) or "closed_book" (the model alone: nothing passed, or no passage was given)
+    answered_from: str = "passages"
+    notes: List[str] = field(default_factory=list)  #: what the pipeline did that the caller should know
 
     @property
     def cited(self) -> List[SourceInfo]:
@@ -290,16 +312,31 @@ class Answer:
             "prompt_tokens_details": {"cached_tokens": int(self.cached_tokens)},
         }
 
-    def metadata(self) -> Dict[str, Any]:
-        """What the answer says about its grounding, as plain JSON-able data: ``supported``,
-        ``sources`` (score, tokens, share, initial and final pooling weight per passage), ``dropped``
-        (the filter's decisions), ``token_sources`` and ``calibration`` (which calibration filtered)."""
+    def grounding(self) -> Dict[str, Any]:
+        """The filter's decisions for this answer, as plain data: ``supported``,
+        ``support_score`` / ``support_threshold`` (the support rule), ``calibration`` (which
+        calibration decided), ``answered_from``, ``kept`` (passages decoded), ``dropped`` (how many)
+        and ``notes``."""
         return {
-            "supported": self.supported,
+            "supported": bool(self.supported),
+            "support_score": self.support_score,
+            "support_threshold": self.support_threshold,
+            "calibration": self.calibration,
+            "answered_from": self.answered_from,
+            "kept": len(self.sources),
+            "dropped": len(self.dropped),
+            "notes": list(self.notes),
+        }
+
+    def metadata(self) -> Dict[str, Any]:
+        """What the answer says about its grounding, as plain JSON-able data: :meth:`grounding`'s
+        fields, with ``sources`` (score, tokens, share, initial and final pooling weight per
+        passage), ``dropped`` (the filter's decisions, one per candidate) and ``token_sources``."""
+        return {
+            **self.grounding(),
             "sources": [s.to_dict() for s in self.sources],
             "dropped": [_dropped_dict(x) for x in self.dropped],
             "token_sources": list(self.token_sources),
-            "calibration": self.calibration,
         }
 
     def to_dict(self) -> Dict[str, Any]:

@@ -44,6 +44,7 @@ from nbce_rag.integrations.langchain import (  # noqa: E402
     documents_to_message,
 )
 
+from nbce_rag.pipeline import ABSTAIN_TEXT  # noqa: E402
 from conftest import DOCS, N, Q, Q_NONE  # noqa: E402
 
 
@@ -504,8 +505,12 @@ def test_filter_compressor(rag, encoder):
 
 def _same_as_answer(out, ref, question):
     """The chain's output is create_retrieval_chain's (input, context, answer) plus the grounding."""
-    assert set(out) == {"input", "context", "answer", "sources", "supported"}
+    assert {"input", "context", "answer", "sources", "supported"} <= set(out)
     assert out["input"] == question and out["answer"] == ref.text and out["supported"] == ref.supported
+    if "support_score" in out:  # the retriever's filter decisions (a CoSENTRetriever that filters)
+        assert out["support_score"] == pytest.approx(ref.support_score) and out["calibration"] == ref.calibration
+        assert out["support_threshold"] == ref.support_threshold and len(out["dropped"]) == len(ref.dropped)
+        assert out["answered_from"] == ref.answered_from
     assert [d.page_content for d in out["context"]] == [s.text for s in ref.sources]
     keys = ("index", "id", "text", "score", "n_tokens", "share")
     assert [{k: s[k] for k in keys} for s in out["sources"]] == [{k: getattr(s, k) for k in keys} for s in ref.sources]
@@ -523,11 +528,19 @@ def test_rag_chain_equals_pipeline(rag):
         assert answer_only.invoke(q) == ref.text
         cb = TokenCounter()
         pieces = list(answer_only.stream(q, config={"callbacks": [cb]}))
-        assert "".join(pieces) == ref.text and len(pieces) >= 2
-        assert cb.events[:2] == ["retriever_start", "chat_model_start"]
+        assert "".join(pieces) == ref.text
+        if q == Q:
+            assert len(pieces) >= 2 and cb.events[:2] == ["retriever_start", "chat_model_start"]
+        else:  # nothing passed the filter: the chain abstains without calling the model
+            assert ref.answered_from == "abstained" and pieces == [ABSTAIN_TEXT] and "chat_model_start" not in cb.events
         chunks = list(chain.stream(q))  # create_retrieval_chain's order, then the grounding
         assert list(chunks[0]) == ["input"] and list(chunks[1]) == ["context"]
-        assert all(list(c) == ["answer"] for c in chunks[2:-1]) and set(chunks[-1]) == {"sources", "supported"}
+        assert all(list(c) == ["answer"] for c in chunks[2:-1]) and {"sources", "supported"} <= set(chunks[-1])
+        assert chunks[-1]["calibration"] == rag.calibration
+    closed = create_nbce_rag_chain(rag.as_langchain_retriever(), rag.as_langchain_chat_model(max_tokens=N),
+                                   on_unsupported="closed_book").invoke(Q_NONE)
+    cref = rag.ask(Q_NONE, max_new_tokens=N, on_unsupported="closed_book")
+    assert closed["answer"] == cref.text and closed["supported"] is False and closed["answered_from"] == "closed_book"
     _same_as_answer(asyncio.run(chain.ainvoke(Q)), rag.ask(Q, max_new_tokens=N), Q)
     assert [o["answer"] for o in chain.batch([Q, Q_NONE])] == [rag.ask(q, max_new_tokens=N).text for q in (Q, Q_NONE)]
 

@@ -113,7 +113,7 @@ def test_precedence_labelled_synthetic_prior_none(tmp_path, prior_dir, index, en
 # ------------------------------------------------------------------------------ off-topic end to end
 
 
-def test_off_topic_question_with_prior_is_closed_book_and_unsupported(tmp_path, prior_dir, index, encoder,
+def test_off_topic_question_with_prior_abstains_unsupported(tmp_path, prior_dir, index, encoder,
                                                                       tiny_chat_decoder, monkeypatch, caplog):
     import nbce_rag.filtering.prior as prior_mod
     from nbce_rag.commands.ask import print_sources
@@ -131,18 +131,24 @@ def test_off_topic_question_with_prior_is_closed_book_and_unsupported(tmp_path, 
     assert rag.threshold.threshold == 0.35 and rag.calibration.startswith("prior for")
     on = rag.ask(Q, max_new_tokens=N)
     assert on.supported is True and on.calibration == rag.calibration
-    off = rag.ask(Q_NONE, max_new_tokens=N)
+    off = rag.ask(Q_NONE, max_new_tokens=N)  # default: abstain, no invented answer
     assert off.supported is False and off.sources == [] and len(off.dropped) == 5
-    assert off.text == tiny_chat_decoder.generate(Q_NONE, [], max_new_tokens=N).text  # closed-book
+    assert off.answered_from == "abstained" and off.token_ids == []
     assert off.to_dict()["calibration"].startswith("prior for")
+    cb = rag.ask(Q_NONE, max_new_tokens=N, on_unsupported="closed_book")
+    assert cb.text == tiny_chat_decoder.generate(Q_NONE, [], max_new_tokens=N).text  # closed-book, flagged
+    assert cb.supported is False and cb.answered_from == "closed_book"
 
     import io
 
     buf = io.StringIO()
     print_sources(off, out=buf)
     out = buf.getvalue()
-    assert "Supported: no -- nothing in the index answers this question" in out and "closed-book" in out
-    assert "Filter: prior for" in out
+    assert "Supported: no -- nothing in the documents answers this question" in out and "nothing decoded" in out
+    assert "Filter: prior for" in out and "support threshold 0.350" in out
+    buf = io.StringIO()
+    print_sources(cb, out=buf)
+    assert "closed-book" in buf.getvalue()
 
     from nbce_rag.integrations.server import nbce_info
 
@@ -249,3 +255,16 @@ def test_index_calibrate_runs_the_synthetic_recipe(tmp_path, tiny_chat_tokenizer
     assert rc == 2 and "raise --calibrate-n" in err and "min_positives" not in err  # the option the user set
     assert (tmp_path / "idx" / "manifest.json").exists() or any((tmp_path / "idx").iterdir())
     assert not (tmp_path / "idx" / SYNTHETIC_FILENAME).exists()
+
+
+def test_shipped_prior_loads_with_both_decisions(encoder):
+    """The shipped prior (version 1 until it is refitted, version 2 after) gives a keep rule and
+    a support rule; a version-1 prior reads as one rule for both."""
+    th = find_prior(encoder)
+    raw = json.loads(open(th.stats["prior_file"], encoding="utf-8").read())
+    assert (th.keep.threshold, th.keep.margin) == (raw["threshold"], raw["margin"])
+    if raw["version"] == 1:
+        assert th.support.method == "single_rule" and th.support.threshold == raw["threshold"]
+    else:
+        assert th.support.threshold == raw["support"]["threshold"]
+    assert -1 < th.support.threshold < 1

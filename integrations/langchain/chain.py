@@ -56,9 +56,48 @@ def _with_handler(config: Optional[RunnableConfig], handler: BaseCallbackHandler
     return config  # type: ignore[return-value]
 
 
-def _grounding(meta: Optional[Mapping[str, Any]]) -> AddableDict:
+def _grounding(meta: Optional[Mapping[str, Any]], decided: Optional[Mapping[str, Any]] = None) -> AddableDict:
+    """The tail of the rag chain: ``sources`` and ``supported`` (the model's), overridden by the
+    retriever's filter decisions when it made them (``supported``, ``support_score``,
+    ``support_threshold``, ``calibration``, ``dropped``, ``answered_from``)."""
     meta = meta or {}
-    return AddableDict(sources=list(meta.get("sources") or []), supported=bool(meta.get("supported", False)))
+    out = AddableDict(sources=list(meta.get("sources") or []), supported=bool(meta.get("supported", False)))
+    out.update(decided or {})
+    return out
+
+
+def _decisions(retriever: Any, docs: Sequence[Any], answered_from: str) -> Dict[str, Any]:
+    """What the retriever's filter decided for the last question (a CoSENTRetriever records it)."""
+    sel = getattr(retriever, "last_selection", None)
+    res = getattr(sel, "result", None)
+    out: Dict[str, Any] = {"answered_from": answered_from}
+    if res is None:
+        return out
+    th = getattr(retriever, "threshold", None)
+    out.update(supported=bool(res.supported) and bool(docs), support_score=res.support_score,
+               support_threshold=res.support_threshold, dropped=[d.to_dict() for d in res.dropped],
+               calibration=getattr(retriever, "calibration", None)
+               or f"{(getattr(th, 'stats', None) or {}).get('source', 'given')} (threshold {res.threshold:.3f})")
+    return out
+
+
+def _on_unsupported(llm: Any, given: Optional[str]) -> str:
+    """``given``, else the model's ``nbce_options``, else its pipeline's default ("abstain")."""
+    if given is not None:
+        return given
+    mode = (getattr(llm, "nbce_options", None) or {}).get("on_unsupported")
+    if mode is None and callable(getattr(llm, "_get_pipeline", None)):
+        mode = llm._get_pipeline().decoder.config.on_unsupported
+    return mode or "abstain"
+
+
+def _abstained(question: str, docs: Sequence[Any], decided: Dict[str, Any]) -> List[AddableDict]:
+    """The rag chain's stream for a question nothing passed the filter for (no decoding)."""
+    from nbce_rag.pipeline import ABSTAIN_TEXT
+
+    decided = dict(decided, supported=False, answered_from="abstained")
+    return [AddableDict(input=question), AddableDict(context=list(docs)), AddableDict(answer=ABSTAIN_TEXT),
+            _grounding({}, decided)]
 
 
 class _AnswerRun:
@@ -102,9 +141,9 @@ class _AnswerRun:
         self.said = True
         return AddableDict(answer=text)
 
-    def tail(self) -> List[AddableDict]:
+    def tail(self, decided: Optional[Mapping[str, Any]] = None) -> List[AddableDict]:
         meta = self.catcher.nbce if self.catcher is not None else self.meta
-        return ([] if self.said else [AddableDict(answer="")]) + [_grounding(meta)]
+        return ([] if self.said else [AddableDict(answer="")]) + [_grounding(meta, decided)]
 
 
 def _stream_answer(llm: Any, question: str, docs: Sequence[Any], config: Optional[RunnableConfig]) -> Iterator[str]:
@@ -150,19 +189,22 @@ def create_nbce_documents_chain(llm: Any, *, document_variable_name: str = "cont
     return RunnableLambda(answer, afunc=aanswer, name="nbce_documents_chain")
 
 
-def _rag_chunks(llm: Any, question: str, docs: List[Any], config: RunnableConfig) -> Iterator[AddableDict]:
+def _rag_chunks(llm: Any, question: str, docs: List[Any], config: RunnableConfig,
+                decided: Optional[Dict[str, Any]] = None) -> Iterator[AddableDict]:
     """``create_retrieval_chain``'s stream (``input``, ``context``, then ``answer`` pieces), then
-    the grounding: ``sources`` (per passage: score, tokens, share of the answer) and ``supported``."""
+    the grounding: ``sources`` (per passage: score, tokens, share of the answer), ``supported``
+    and the filter's decisions (``decided``)."""
     run = _AnswerRun(llm, question, docs, config, grounding=True)
     yield from run.head()
     inp, kw = run.call()
     for item in llm.stream(inp, **kw):
         if (chunk := run.chunk(item)) is not None:
             yield chunk
-    yield from run.tail()
+    yield from run.tail(decided)
 
 
-async def _arag_chunks(llm: Any, question: str, docs: List[Any], config: RunnableConfig) -> AsyncIterator[AddableDict]:
+async def _arag_chunks(llm: Any, question: str, docs: List[Any], config: RunnableConfig,
+                       decided: Optional[Dict[str, Any]] = None) -> AsyncIterator[AddableDict]:
     """:func:`_rag_chunks`, asynchronously."""
     run = _AnswerRun(llm, question, docs, config, grounding=True)
     for chunk in run.head():
@@ -171,11 +213,12 @@ async def _arag_chunks(llm: Any, question: str, docs: List[Any], config: Runnabl
     async for item in llm.astream(inp, **kw):
         if (chunk := run.chunk(item)) is not None:
             yield chunk
-    for chunk in run.tail():
+    for chunk in run.tail(decided):
         yield chunk
 
 
-def create_nbce_rag_chain(retriever: Any, llm: Any, filter: Optional[BaseDocumentCompressor] = None) -> Runnable:
+def create_nbce_rag_chain(retriever: Any, llm: Any, filter: Optional[BaseDocumentCompressor] = None, *,
+                          on_unsupported: Optional[str] = None) -> Runnable:
     """question -> ``retriever`` -> ``filter`` (optional) -> NBCE answer, as one runnable that
     returns what LangChain's ``create_retrieval_chain`` returns, plus the grounding:
 
@@ -190,9 +233,17 @@ def create_nbce_rag_chain(retriever: Any, llm: Any, filter: Optional[BaseDocumen
     ``chain.pick("answer")`` (``.invoke(q)`` -> ``str``, ``.stream(q)`` -> pieces). ``ainvoke``,
     ``astream``, ``batch`` and ``astream_events`` work as for any runnable; callbacks nest
     (retriever and model runs appear under the chain's run). ``llm`` is a :class:`ChatNBCE`
-    (passages as ``text-plain`` blocks) or an :class:`NBCELLM` (passages as ``contexts``). When
-    the retriever/filter keep nothing, the model answers closed-book.
+    (passages as ``text-plain`` blocks) or an :class:`NBCELLM` (passages as ``contexts``).
+
+    With a :class:`CoSENTRetriever` that filters, the last item also carries its decisions:
+    ``supported`` is the filter's support decision, with ``support_score``,
+    ``support_threshold``, ``calibration`` and ``dropped``. When the retriever/filter keep
+    nothing, the answer says that nothing in the documents answers the question (no decoding,
+    ``answered_from: "abstained"``), or, with ``on_unsupported="closed_book"`` (here, or in the
+    model's ``nbce_options``), the model answers alone; ``supported`` is False either way.
     """
+    if on_unsupported not in (None, "abstain", "closed_book"):
+        raise ValueError(f"on_unsupported must be 'abstain' or 'closed_book' (got {on_unsupported!r})")
 
     def _docs(question: str, config: RunnableConfig) -> List[Document]:
         docs = retriever.invoke(question, config=config)
@@ -206,13 +257,30 @@ def create_nbce_rag_chain(retriever: Any, llm: Any, filter: Optional[BaseDocumen
             docs = list(await filter.acompress_documents(docs, question, callbacks=config.get("callbacks")))
         return list(docs)
 
+    def decide(docs: List[Any]) -> Tuple[Dict[str, Any], bool]:
+        """The filter's decisions, and whether to abstain (nothing kept, on_unsupported abstain)."""
+        how = "passages" if docs else "closed_book"
+        decided = _decisions(retriever, docs, how) if filter is None else {"answered_from": how}
+        return decided, not docs and _on_unsupported(llm, on_unsupported) == "abstain"
+
     def answer(x: Any, config: RunnableConfig) -> Iterator[AddableDict]:
         q = _question_of(x)
-        yield from _rag_chunks(llm, q, _docs(q, config), config)
+        docs = _docs(q, config)
+        decided, abstain = decide(docs)
+        if abstain:
+            yield from _abstained(q, docs, decided)
+            return
+        yield from _rag_chunks(llm, q, docs, config, decided)
 
     async def aanswer(x: Any, config: RunnableConfig) -> AsyncIterator[AddableDict]:
         q = _question_of(x)
-        async for chunk in _arag_chunks(llm, q, await _adocs(q, config), config):
+        docs = await _adocs(q, config)
+        decided, abstain = decide(docs)
+        if abstain:
+            for chunk in _abstained(q, docs, decided):
+                yield chunk
+            return
+        async for chunk in _arag_chunks(llm, q, docs, config, decided):
             yield chunk
 
     return RunnableLambda(answer, afunc=aanswer, name="nbce_rag_chain")

@@ -107,10 +107,20 @@ class CoSENTRetriever(BaseRetriever):
     k: int = 10
     fetch_k: Optional[int] = None
     search_kwargs: Dict[str, Any] = Field(default_factory=dict)
+    #: which calibration filters (set by from_pipeline; reported by create_nbce_rag_chain)
+    calibration: Optional[str] = None
+    _last: Any = PrivateAttr(default=None)
+
+    @property
+    def last_selection(self) -> Optional[Selection]:
+        """The last call's :class:`Selection` (``result``: the filter's keep and support
+        decisions), or None (per instance; not meant for concurrent use)."""
+        return self._last
 
     @classmethod
     def from_pipeline(cls, pipeline: Any, **kwargs: Any) -> "CoSENTRetriever":
         """The pipeline's index, filter and ``k`` as a retriever (override any by keyword)."""
+        kwargs.setdefault("calibration", getattr(pipeline, "calibration", None))
         kwargs.setdefault("index", pipeline.index)
         kwargs.setdefault("threshold", pipeline.threshold)
         kwargs.setdefault("k", pipeline.k)
@@ -137,15 +147,15 @@ class CoSENTRetriever(BaseRetriever):
 
     def _get_relevant_documents(self, query: str, *, run_manager: CallbackManagerForRetrieverRun,
                                 k: Optional[int] = None) -> List[Document]:
-        kept, _ = self.select(query, k)
-        return [passage_to_document(p) for p in kept]
+        sel = self._last = self.select(query, k)
+        return [passage_to_document(p) for p in sel.kept]
 
     async def _aget_relevant_documents(self, query: str, *, run_manager: AsyncCallbackManagerForRetrieverRun,
                                        k: Optional[int] = None) -> List[Document]:
         import asyncio
 
-        kept, _ = await asyncio.to_thread(self.select, query, k)
-        return [passage_to_document(p) for p in kept]
+        sel = self._last = await asyncio.to_thread(self.select, query, k)
+        return [passage_to_document(p) for p in sel.kept]
 
 
 class MarginThresholdFilter(BaseDocumentCompressor):
