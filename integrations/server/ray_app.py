@@ -383,8 +383,7 @@ def app_builder(args: Dict[str, Any]):
 def check_resources(options: ScaleOutOptions, available: Dict[str, float]) -> None:
     """The deployments must fit the cluster (``ray.cluster_resources()``), else Ray would wait
     forever for a place to start a replica: a ConfigError that says what to lower."""
-    n = options.max_replicas if options.replicas == "auto" else int(options.replicas)
-    n = options.min_replicas if options.replicas == "auto" else n
+    n = int(options.min_replicas) if options.replicas == "auto" else int(options.replicas)  # what must start
     cpus = n * options.decoder_cpus + options.ingress_replicas * options.ingress_cpus
     gpus = n * options.decoder_gpus
     have_cpu, have_gpu = float(available.get("CPU", 0)), float(available.get("GPU", 0))
