@@ -204,17 +204,24 @@ def test_generate_cli_flags_reach_the_decoder(model_dir, capsys):
     assert not _has_repeat(_generate_cli(model_dir, capsys, "--no-repeat-ngram-size", "1")["token_ids"], 1)
     first = free["token_ids"][0]
     assert first not in _generate_cli(model_dir, capsys, "--suppress-token", str(first))["token_ids"]
-    word = free["text"].split()[0] if free["text"].split() else None
     sampled = _generate_cli(model_dir, capsys, "--sample", "--seed", "3", "--top-k", "5", "--min-p", "0.1",
                             "--repetition-penalty", "1.3", "--frequency-penalty", "0.5", "--presence-penalty", "0.5")
     assert sampled["finish_reason"] in ("stop", "length")
-    if word:
-        from nbce_rag.decoding.sampling import bad_words_ids
-        from transformers import AutoTokenizer
+    from nbce_rag.decoding.sampling import bad_words_ids
+    from transformers import AutoTokenizer
 
-        banned = bad_words_ids(AutoTokenizer.from_pretrained(model_dir), [word])
-        ids = _generate_cli(model_dir, capsys, "--bad-word", word)["token_ids"]
-        assert not any(ids[i : i + len(b)] == b for b in banned for i in range(len(ids)))
+    tok = AutoTokenizer.from_pretrained(model_dir)
+
+    def has_banned(ids, banned):
+        return any(ids[i : i + len(b)] == b for b in banned for i in range(len(ids)))
+
+    # a word the free answer really spells as one of its banned token sequences (a random model's
+    # words rarely tokenize alone as they did in context): banning it must change the answer
+    candidates = free["text"].split() + [tok.decode([t]).strip() for t in free["token_ids"]]
+    word = next((w for w in candidates if w and has_banned(free["token_ids"], bad_words_ids(tok, [w]))), None)
+    assert word, f"no word of the free answer to ban: {free['text']!r}"
+    banned = bad_words_ids(tok, [word])
+    assert not has_banned(_generate_cli(model_dir, capsys, "--bad-word", word)["token_ids"], banned)
 
 
 def test_ask_cli_passes_the_generation_flags(monkeypatch, tiny_decoder, capsys):

@@ -4,13 +4,16 @@ not, usage, the ``nbce`` extension, server-side retrieval, embeddings, auth, eve
 malformed input, 16 concurrent clients, a full queue, timeouts and disconnects.
 
 The model is the tiny random Llama of ``conftest.py`` (with a chat template, so system
-prompts matter); the worker-mechanics tests use a model-free slow pipeline whose timing is
-deterministic."""
+prompts matter); the worker-mechanics tests use a model-free pipeline that never ends on its
+own, and the scheduler tests gate the model's forward passes (``ForwardGate``), so no result
+depends on how fast the machine is: waits on the server are hang guards (``WAIT``), never
+limits on how long something took."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import queue
 import socket
 import threading
 import time
@@ -41,6 +44,16 @@ PASSAGES = [
     "Thames\nThe river Thames flows through London into the North Sea.",
 ]
 Q = "When was the tower completed?"
+#: hang guard for every wait on the server (generous: the machine may be loaded)
+WAIT = 120.0
+
+
+def wait_until(cond, what: str, timeout: float = WAIT) -> None:
+    """Poll ``cond`` until it holds; fail (not skip) if it never does."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"never happened: {what}"
+        time.sleep(0.005)
 
 
 # ----------------------------------------------------------------------------- serving helpers
@@ -57,11 +70,8 @@ class Served:
         self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.02)
+        wait_until(lambda: self.server.started or not self.thread.is_alive(), "uvicorn started")
+        assert self.server.started, "uvicorn did not start"
 
     @property
     def worker(self):
@@ -84,11 +94,8 @@ class Served:
             kw["json"] = body
         return httpx.post(self.base + path, timeout=kw.pop("timeout", 60), **kw)
 
-    def wait_idle(self, timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        while self.worker.busy or self.worker.queued:
-            assert time.monotonic() < deadline, "the model worker did not become idle"
-            time.sleep(0.01)
+    def wait_idle(self) -> None:
+        wait_until(lambda: not (self.worker.busy or self.worker.queued), "the model worker became idle")
 
     def close(self):
         self.server.should_exit = True
@@ -107,9 +114,14 @@ def assert_openai_error(resp, status: int, code: str | None = None, type_: str |
     return err
 
 
+#: more tokens than any test waits for: a request asking for it ends only by cancel or timeout
+ENDLESS = 10**6
+
+
 class SlowPipeline:
-    """A model-free pipeline: one token ("t0 ", "t1 ", ...) every ``delay`` seconds. Records,
-    per stream, how many tokens it produced before it ended or was closed."""
+    """A model-free pipeline: one token ("t0 ", "t1 ", ...) every ``delay`` seconds (pacing only,
+    no test depends on it). Records, per stream, how many tokens it produced before it ended or
+    was closed."""
 
     def __init__(self, decoder, delay: float = 0.02):
         self.decoder = decoder  # only its config is used (option validation)
@@ -260,12 +272,14 @@ def test_contexts_alias_and_plain_string_documents(served, pipe):
 def test_stop_seed_sampling_and_nbce_options(served, pipe):
     greedy = ask(pipe, max_new_tokens=24)
     words = [w for w in greedy.text.split() if len(w) > 1]
-    if words:  # stop at a later piece of the greedy answer
-        stop = words[len(words) // 2]
-        exp = ask(pipe, max_new_tokens=24, stop=[stop])
-        r = chat(served, max_tokens=24, stop=stop)
-        assert r.choices[0].message.content == exp.text and stop not in exp.text
-        assert r.choices[0].finish_reason == "stop"
+    assert len(words) >= 2, f"the greedy answer has no later word to stop at: {greedy.text!r}"
+    # stop at a later piece of the greedy answer
+    stop = words[len(words) // 2]
+    exp = ask(pipe, max_new_tokens=24, stop=[stop])
+    r = chat(served, max_tokens=24, stop=stop)
+    assert r.choices[0].message.content == exp.text and stop not in exp.text
+    assert exp.finish_reason == r.choices[0].finish_reason == "stop"
+    assert greedy.text.startswith(exp.text) and len(exp.text) < len(greedy.text)
     sampled = ask(pipe, max_new_tokens=16, do_sample=True, temperature=0.9, top_p=0.8, seed=7)
     r1 = chat(served, max_tokens=16, temperature=0.9, top_p=0.8, seed=7)
     r2 = chat(served, max_tokens=16, temperature=0.9, top_p=0.8, seed=7)
@@ -511,6 +525,8 @@ def test_limits(served):
 
 def test_malformed_and_invalid_requests(served):
     p = served.post
+    served.wait_idle()
+    failed_before = served.worker.stats["failed"]
     hdr = {"content-type": "application/json"}
     assert_openai_error(p("/v1/chat/completions", content=b'{"messages": [', headers=hdr), 400, "invalid_json")
     assert_openai_error(p("/v1/chat/completions", content=b"\xff\xfe", headers=hdr), 400, "invalid_json")
@@ -547,7 +563,34 @@ def test_malformed_and_invalid_requests(served):
     r = p("/v1/chat/completions", _body(frequency_penalty=0.5, presence_penalty=0, user="u", logit_bias={}))
     assert r.status_code == 200, r.text
     served.wait_idle()
-    assert served.worker.stats["failed"] >= 1  # the window overflow failed in the worker, which lived on
+    # the window overflow (and only it) failed in the worker, which lived on
+    assert served.worker.stats["failed"] - failed_before == 1
+
+
+def test_prompt_over_max_prompt_tokens_is_context_length_exceeded(tiny_chat_decoder, pipe):
+    """``--max-prompt-tokens``: a request whose rows hold more prompt tokens than the limit is a
+    400 ``context_length_exceeded`` (streamed or not), one at the limit is answered."""
+    at_limit = ask(pipe, passages=PASSAGES[:2], max_new_tokens=4)
+    limit = at_limit.prompt_tokens
+    assert ask(pipe, max_new_tokens=4).prompt_tokens > limit  # all three documents: over it
+    s = Served(create_app(RAGPipeline(tiny_chat_decoder), model_name=MODEL,
+                          limits=ServerLimits(max_prompt_tokens=limit, max_tokens=64)))
+    try:
+        err = assert_openai_error(s.post("/v1/chat/completions", _body(documents=DOCS)), 400, "context_length_exceeded")
+        assert err["param"] == "documents" and str(limit) in err["message"]
+        assert_openai_error(s.post("/v1/chat/completions", _body(documents=DOCS, stream=True)), 400,
+                            "context_length_exceeded")
+        with pytest.raises(openai.BadRequestError) as ei:
+            chat(s, max_tokens=4)
+        assert ei.value.code == "context_length_exceeded"
+        r = s.post("/v1/chat/completions", _body(documents=DOCS[:2], max_tokens=4))
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["prompt_tokens"] == limit
+        assert r.json()["choices"][0]["message"]["content"] == at_limit.text
+        s.wait_idle()
+        assert s.worker.stats["failed"] == 3 and s.worker.stats["completed"] == 1  # the worker lived on
+    finally:
+        s.close()
 
 
 # ----------------------------------------------------------------------------- concurrency
@@ -592,7 +635,7 @@ def test_16_concurrent_clients_no_interleaving(served, pipe):
 # ----------------------------------------------------------------------------- queue, timeout, disconnect
 def _stream_first_chunk(base: str, max_tokens: int, holder: dict):
     """Open a stream, read its first content chunk, then wait for holder['close'] and drop it."""
-    with httpx.Client(timeout=30) as c:
+    with httpx.Client(timeout=WAIT) as c:
         with c.stream("POST", base + "/v1/chat/completions",
                       json=_body(max_tokens=max_tokens, stream=True)) as r:
             holder["status"] = r.status_code
@@ -601,58 +644,66 @@ def _stream_first_chunk(base: str, max_tokens: int, holder: dict):
                 if '"content":"t' in line:
                     break
             holder["opened"].set()
-            holder["close"].wait(30)
+            holder["close"].wait(WAIT)
+
+
+def _post_then_leave(served: "Served", body: dict, running: threading.Event) -> None:
+    """A non-streaming client that sends its request, waits until ``running`` says the worker
+    is on it, then closes its connection without reading the answer."""
+    data = json.dumps(body).encode()
+    with socket.create_connection(("127.0.0.1", served.port)) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(data) + data)
+        assert running.wait(WAIT), "the worker never started the request"
 
 
 def test_disconnect_mid_stream_frees_the_worker(tiny_chat_decoder):
-    slow = SlowPipeline(tiny_chat_decoder, delay=0.02)
-    s = Served(create_app(slow, model_name=MODEL, limits=ServerLimits(max_tokens=1000)))
+    slow = SlowPipeline(tiny_chat_decoder, delay=0.01)
+    s = Served(create_app(slow, model_name=MODEL, limits=ServerLimits(max_tokens=ENDLESS)))
     try:
         holder = {"opened": threading.Event(), "close": threading.Event()}
-        t = threading.Thread(target=_stream_first_chunk, args=(s.base, 1000, holder))  # 20 s if not cancelled
+        t = threading.Thread(target=_stream_first_chunk, args=(s.base, ENDLESS, holder))  # ends only if cancelled
         t.start()
-        assert holder["opened"].wait(20) and holder["status"] == 200
+        assert holder["opened"].wait(WAIT) and holder["status"] == 200
         holder["close"].set()
-        t.join(10)
-        t0 = time.monotonic()
-        s.wait_idle(timeout=5)
-        assert time.monotonic() - t0 < 3
-        assert s.worker.stats["cancelled"] == 1
-        assert slow.produced[-1] < 500
-        # the next request runs at once
-        t0 = time.monotonic()
+        t.join(WAIT)
+        s.wait_idle()  # the worker let the endless stream go
+        assert s.worker.stats["cancelled"] == 1 and s.worker.stats["completed"] == 0
+        assert len(slow.produced) == 1 and slow.produced[0] < ENDLESS  # the stream was closed, not finished
+        # the next request is served
         r = s.client().chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "q"}], max_tokens=3)
-        assert r.choices[0].message.content == "t0 t1 t2 " and time.monotonic() - t0 < 3
+        assert r.choices[0].message.content == "t0 t1 t2 "
+        s.wait_idle()
+        assert s.worker.stats["completed"] == 1
         # a non-streaming client that gives up is cancelled as well
-        with pytest.raises(httpx.ReadTimeout):
-            s.post("/v1/chat/completions", _body(max_tokens=1000), timeout=0.5)
-        s.wait_idle(timeout=5)
-        assert s.worker.stats["cancelled"] == 2 and slow.produced[-1] < 500
+        slow.started.clear()
+        _post_then_leave(s, _body(max_tokens=ENDLESS), slow.started)
+        s.wait_idle()
+        assert s.worker.stats["cancelled"] == 2 and s.worker.stats["completed"] == 1
+        assert len(slow.produced) == 3 and slow.produced[-1] < ENDLESS
     finally:
         s.close()
 
 
 def test_queue_full_answers_503(tiny_chat_decoder):
-    slow = SlowPipeline(tiny_chat_decoder, delay=0.02)
-    s = Served(create_app(slow, model_name=MODEL, limits=ServerLimits(max_tokens=1000, max_queue=1)))
+    slow = SlowPipeline(tiny_chat_decoder, delay=0.01)
+    s = Served(create_app(slow, model_name=MODEL, limits=ServerLimits(max_tokens=ENDLESS, max_queue=1)))
     try:
         holder = {"opened": threading.Event(), "close": threading.Event()}
-        a = threading.Thread(target=_stream_first_chunk, args=(s.base, 1000, holder))
+        a = threading.Thread(target=_stream_first_chunk, args=(s.base, ENDLESS, holder))
         a.start()
-        assert holder["opened"].wait(20)  # A holds the worker
+        assert holder["opened"].wait(WAIT)  # A holds the worker until it goes away
         res = {}
-        b = threading.Thread(target=lambda: res.setdefault("b", s.post("/v1/chat/completions", _body(max_tokens=3))))
+        b = threading.Thread(target=lambda: res.setdefault("b", s.post("/v1/chat/completions", _body(max_tokens=3),
+                                                                       timeout=WAIT)))
         b.start()
-        deadline = time.monotonic() + 10
-        while s.worker.queued < 1:  # B waits in the queue
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        wait_until(lambda: s.worker.queued >= 1, "B waits in the queue")
         assert_openai_error(s.post("/v1/chat/completions", _body(max_tokens=3)), 503, "server_overloaded")
         with pytest.raises(openai.InternalServerError):
             s.client().chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "q"}], max_tokens=3)
         holder["close"].set()  # A goes away; B is served
-        a.join(10)
-        b.join(20)
+        a.join(WAIT)
+        b.join(WAIT)
         assert res["b"].status_code == 200 and res["b"].json()["choices"][0]["message"]["content"] == "t0 t1 t2 "
         assert s.worker.stats["rejected"] == 2
     finally:
@@ -660,23 +711,24 @@ def test_queue_full_answers_503(tiny_chat_decoder):
 
 
 def test_request_timeout(tiny_chat_decoder):
-    slow = SlowPipeline(tiny_chat_decoder, delay=0.02)
-    s = Served(create_app(slow, model_name=MODEL, limits=ServerLimits(max_tokens=1000, request_timeout_s=0.5)))
+    slow = SlowPipeline(tiny_chat_decoder, delay=0.01)
+    s = Served(create_app(slow, model_name=MODEL, limits=ServerLimits(max_tokens=ENDLESS, request_timeout_s=0.5)))
     try:
-        t0 = time.monotonic()
-        err = assert_openai_error(s.post("/v1/chat/completions", _body(max_tokens=1000)), 504, "timeout", "timeout")
+        # the request cannot finish, so only the timeout can end it
+        err = assert_openai_error(s.post("/v1/chat/completions", _body(max_tokens=ENDLESS), timeout=WAIT), 504,
+                                  "timeout", "timeout")
         assert "timeout" in err["message"]
-        assert time.monotonic() - t0 < 3
-        s.wait_idle(timeout=5)
-        assert slow.produced[-1] < 100
+        s.wait_idle()  # the worker dropped it
+        assert s.worker.stats["timed_out"] == 1 and s.worker.stats["completed"] == 0
         # a stream that already started ends with an OpenAI-format error event and [DONE]
         with pytest.raises(openai.APIError) as ei:
-            for _ in s.client().chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "q"}],
-                                                        max_tokens=1000, stream=True):
+            for _ in s.client(timeout=WAIT).chat.completions.create(
+                    model=MODEL, messages=[{"role": "user", "content": "q"}], max_tokens=ENDLESS, stream=True):
                 pass
         assert "timeout" in str(ei.value)
-        s.wait_idle(timeout=5)
-        assert s.worker.stats["timed_out"] == 2 and slow.produced[-1] < 100
+        s.wait_idle()
+        assert s.worker.stats["timed_out"] == 2 and s.worker.stats["completed"] == 0
+        assert all(n < ENDLESS for n in slow.produced)
         r = s.client().chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "q"}], max_tokens=3)
         assert r.choices[0].message.content == "t0 t1 t2 "
     finally:
@@ -684,23 +736,53 @@ def test_request_timeout(tiny_chat_decoder):
 
 
 # ----------------------------------------------------------------------------- the step scheduler
-def _slow_decoder(decoder, delay: float):
-    """The same tiny model, each forward slowed by ``delay`` s (timing-independent tests)."""
-    from nbce_rag import NBCEDecoder
+class ForwardGate:
+    """A decoder over the same tiny model whose every forward pass (a prefill chunk or a decode
+    step) goes through a gate the test drives, in the worker thread:
 
-    dec = NBCEDecoder(decoder.model, decoder.tokenizer, decoder.config, scorer=decoder.scorer)
-    forward = dec._forward
+    * ``before(n)``: called before the n-th forward (None: nothing);
+    * while ``held`` is set, each forward announces itself on ``arrived`` and waits for a permit
+      (``step()`` gives one; ``open()`` clears ``held`` and lets the waiting one go). While a
+      forward waits, the worker is stopped at a known point and its state can be read."""
 
-    def slow(*a, **kw):
-        time.sleep(delay)
-        return forward(*a, **kw)
+    def __init__(self, decoder):
+        from nbce_rag import NBCEDecoder
 
-    dec._forward = slow
-    return dec
+        self.decoder = NBCEDecoder(decoder.model, decoder.tokenizer, decoder.config, scorer=decoder.scorer)
+        self.before = None
+        self.held = threading.Event()
+        self.arrived: "queue.Queue[int]" = queue.Queue()
+        self._permits = threading.Semaphore(0)
+        self.calls = 0
+        forward = self.decoder._forward
+
+        def gated(*a, **kw):
+            self.calls += 1
+            if self.before is not None:
+                self.before(self.calls)
+            if self.held.is_set():
+                self.arrived.put(self.calls)
+                if not self._permits.acquire(timeout=WAIT):
+                    raise RuntimeError("the test never let this forward pass go")
+            return forward(*a, **kw)
+
+        self.decoder._forward = gated
+
+    def wait(self) -> int:
+        """Until a forward waits at the gate; returns its number."""
+        return self.arrived.get(timeout=WAIT)
+
+    def step(self) -> None:
+        self._permits.release()
+
+    def open(self) -> None:
+        self.held.clear()
+        self._permits.release()
 
 
 def test_concurrent_requests_share_steps_and_errors_stay_apart(tiny_chat_decoder):
-    rag = RAGPipeline(_slow_decoder(tiny_chat_decoder, 0.01))
+    gate = ForwardGate(tiny_chat_decoder)
+    rag = RAGPipeline(gate.decoder)
     s = Served(create_app(rag, limits=LIMITS, model_name=MODEL))
     cases = [(f"Question {i}: where is the tower?", [d["text"] for d in DOCS[: 1 + i % 3]],
               dict(max_tokens=6 + i, **({"seed": i, "temperature": 0.9} if i % 2 else {})))
@@ -708,6 +790,18 @@ def test_concurrent_requests_share_steps_and_errors_stay_apart(tiny_chat_decoder
     expected = [ask(RAGPipeline(tiny_chat_decoder), q, docs, max_new_tokens=o["max_tokens"],
                     **({"do_sample": True, "seed": o["seed"], "temperature": 0.9} if "seed" in o else {})).text
                 for q, docs, o in cases]
+    # the first forward waits until all 9 requests are in the worker's hands: they overlap for sure
+    submitted, all_in = [], threading.Event()
+    submit = s.worker.submit
+
+    def counting_submit(job):
+        submit(job)
+        submitted.append(job)
+        if len(submitted) == 1 + len(cases):
+            all_in.set()
+
+    s.worker.submit = counting_submit
+    gate.before = lambda n: n == 1 and all_in.wait(WAIT)
 
     async def one(client, q, docs, o, stream):
         kw = dict(model=MODEL, messages=[{"role": "user", "content": q}], extra_body={"documents": docs}, **o)
@@ -733,6 +827,7 @@ def test_concurrent_requests_share_steps_and_errors_stay_apart(tiny_chat_decoder
 
     try:
         code, *got = asyncio.run(main())
+        assert all_in.is_set()
         assert code == "context_length_exceeded"
         assert got == expected
         s.wait_idle()
@@ -744,17 +839,30 @@ def test_concurrent_requests_share_steps_and_errors_stay_apart(tiny_chat_decoder
         s.close()
 
 
-def test_disconnect_frees_its_rows_at_the_next_step(tiny_chat_decoder):
-    rag = RAGPipeline(_slow_decoder(tiny_chat_decoder, 0.01))
+def test_disconnect_frees_its_rows_at_the_next_step(tiny_chat_decoder, monkeypatch):
+    from nbce_rag.integrations.server import worker as worker_mod
+
+    texted = set()  # jobs that have sent a token with text to their client
+    push = worker_mod.Job.push
+
+    def watched_push(job, kind, value=None):
+        if kind == "event" and getattr(value, "text", ""):
+            texted.add(id(job))
+        return push(job, kind, value)
+
+    monkeypatch.setattr(worker_mod.Job, "push", watched_push)
+    gate = ForwardGate(tiny_chat_decoder)
+    gate.held.set()  # the test runs every forward pass of this server
+    rag = RAGPipeline(gate.decoder)
     s = Served(create_app(rag, limits=ServerLimits(max_tokens=400), model_name=MODEL))
     try:
         res = {}
         other = threading.Thread(target=lambda: res.setdefault("r", s.post(
-            "/v1/chat/completions", _body(max_tokens=60, documents=DOCS[:2]))))
+            "/v1/chat/completions", _body(max_tokens=60, documents=DOCS[:2]), timeout=WAIT)))
         holder = {"opened": threading.Event(), "close": threading.Event()}
 
         def streamer():  # closed-book (1 row), 400 tokens; reads one content chunk, then goes away
-            with httpx.Client(timeout=30) as c:
+            with httpx.Client(timeout=WAIT) as c:
                 with c.stream("POST", s.base + "/v1/chat/completions", json=_body(max_tokens=400, stream=True)) as r:
                     holder["status"] = r.status_code
                     lines = r.iter_lines()
@@ -762,25 +870,39 @@ def test_disconnect_frees_its_rows_at_the_next_step(tiny_chat_decoder):
                         if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
                             break
                     holder["opened"].set()
-                    holder["close"].wait(30)
+                    holder["close"].wait(WAIT)
 
         t = threading.Thread(target=streamer, daemon=True)
         other.start()
         t.start()
-        assert holder["opened"].wait(20) and holder["status"] == 200
         sched = s.worker.scheduler
-        deadline = time.monotonic() + 20
-        while sched.batch.rows < 1 + 3:  # both are decoding: 1 row + (1 + 2 passages) rows
-            assert time.monotonic() < deadline
-            time.sleep(0.005)
+        gate.wait()  # the worker is at its first forward
+        wait_until(lambda: len(s.worker._active) + s.worker.queued == 2, "both requests reached the worker")
+
+        def streaming_job():
+            mine = [j for j in s.worker._active.values() if j.state is not None and j.state.n_rows == 1]
+            return mine[0] if mine else None
+
+        # step until both decode (1 row + (1 + 2 passages) rows) and the streamer has sent a token
+        while not (sched.batch.rows == 1 + 3 and streaming_job() is not None and id(streaming_job()) in texted):
+            gate.step()
+            gate.wait()
+        job = streaming_job()
+        assert holder["opened"].wait(WAIT) and holder["status"] == 200
         holder["close"].set()
-        t.join(10)
-        t0 = time.monotonic()
-        while s.worker.stats["cancelled"] < 1:
-            assert time.monotonic() - t0 < 2, "the disconnected stream kept its rows"
-            time.sleep(0.005)
+        t.join(WAIT)
+        assert job.cancel.wait(WAIT), "the server did not notice the client leave"
+        assert s.worker.stats["cancelled"] == 0 and sched.batch.rows == 4  # the worker is still held
+        # the step it was in finishes (one forward per lane), then its rows leave
+        for _ in range(2):
+            gate.step()
+            gate.wait()
+            if s.worker.stats["cancelled"]:
+                break
+        assert s.worker.stats["cancelled"] == 1, "the disconnected stream kept its rows"
         assert sched.batch.rows == 3 and s.worker.active == 1  # only the other request's rows are left
-        other.join(30)
+        gate.open()
+        other.join(WAIT)
         r = res["r"]
         assert r.status_code == 200
         assert r.json()["choices"][0]["message"]["content"] == ask(
@@ -788,25 +910,50 @@ def test_disconnect_frees_its_rows_at_the_next_step(tiny_chat_decoder):
         s.wait_idle()
         assert sched.batch.rows == 0 and s.worker.stats["completed"] == 1
     finally:
+        gate.open()
         s.close()
 
 
-def test_huge_prefill_times_out_and_the_next_request_is_served(tiny_chat_decoder, pipe):
+def test_huge_prefill_times_out_and_the_next_request_is_served(tiny_chat_decoder, monkeypatch):
+    """A request whose prefill takes over a hundred chunks passes its deadline mid-prefill: the
+    worker drops it at the next iteration (504) and serves the next request. The worker's clock
+    jumps past the deadline at the huge request's second forward (admission may take any time)."""
+    from types import SimpleNamespace
+
+    from nbce_rag.integrations.server import worker as worker_mod
+
+    shift = [0.0]
+    monkeypatch.setattr(worker_mod, "time", SimpleNamespace(monotonic=lambda: time.monotonic() + shift[0]))
+    gate = ForwardGate(tiny_chat_decoder)
+    rag = RAGPipeline(gate.decoder)
     limits = ServerLimits(max_documents=64, max_document_chars=2000, max_prompt_tokens=10**6, max_row_tokens=16,
-                          prefill_tokens=64, request_timeout_s=1.0, max_tokens=64)
-    s = Served(create_app(pipe, limits=limits, model_name=MODEL))
+                          prefill_tokens=64, request_timeout_s=WAIT, max_tokens=64)
+    s = Served(create_app(rag, limits=limits, model_name=MODEL))
+    seen = {"after_deadline": 0}  # the huge request, seen from inside its forward passes
+
+    def before(n):
+        (job,) = s.worker._active.values()
+        seen["job"], seen["rows"] = job, job.state.n_rows
+        if n == 2:  # mid-prefill: the deadline passes
+            shift[0] = 2 * WAIT
+        if shift[0]:
+            seen["after_deadline"] += 1
+
+    gate.before = before
     try:
         text = " ".join(d["text"] for d in DOCS)
-        huge = _body(max_tokens=64, documents=[(text * 20)[:2000] for _ in range(64)])
-        t0 = time.monotonic()
-        assert_openai_error(s.post("/v1/chat/completions", huge), 504, "timeout", "timeout")
-        assert time.monotonic() - t0 < 3
-        s.wait_idle(timeout=2)  # its rows left within an iteration or two
+        huge = _body(max_tokens=64, documents=[(f"({i}) " + text * 20)[:2000] for i in range(8)])
+        assert_openai_error(s.post("/v1/chat/completions", huge, timeout=WAIT), 504, "timeout", "timeout")
+        s.wait_idle()
         assert s.worker.stats["timed_out"] == 1, s.worker.stats
-        t0 = time.monotonic()
-        r = s.post("/v1/chat/completions", _body(max_tokens=8, documents=DOCS))
-        assert r.status_code == 200 and time.monotonic() - t0 < 1.0
-        assert r.json()["choices"][0]["message"]["content"] == ask(pipe, max_new_tokens=8).text
+        # its rows left within the iteration the deadline passed in: of the 100+ prefill chunks
+        # (4 rows of 16 tokens each) it needs, the one running then and at most one more forward
+        assert seen["rows"] > 100 and seen["after_deadline"] <= 2 and gate.calls <= 3
+        gate.before = None
+        shift[0] = 0.0
+        r = s.post("/v1/chat/completions", _body(max_tokens=8, documents=DOCS), timeout=WAIT)
+        assert r.status_code == 200
+        assert r.json()["choices"][0]["message"]["content"] == ask(RAGPipeline(tiny_chat_decoder), max_new_tokens=8).text
     finally:
         s.close()
 
@@ -821,6 +968,14 @@ def test_content_type_json_depth_model_and_unsupported_parameters(served):
     assert_openai_error(p("/v1/chat/completions", content=body), 415, "unsupported_media_type")  # no type
     r = p("/v1/chat/completions", content=body, headers={"content-type": "application/json; charset=utf-8"})
     assert r.status_code == 200, r.text
+    # structured-syntax JSON types (RFC 6839 "+json") are JSON too; only application/ ones
+    for ctype in ("application/vnd.api+json", "application/merge-patch+json; charset=utf-8", "Application/LD+JSON"):
+        r = p("/v1/chat/completions", content=body, headers={"content-type": ctype})
+        assert r.status_code == 200, (ctype, r.text)
+        assert r.json()["object"] == "chat.completion"
+    for ctype in ("text/x+json", "application/jsonx", "application/json-seq"):
+        assert_openai_error(p("/v1/chat/completions", content=body, headers={"content-type": ctype}), 415,
+                            "unsupported_media_type")
     hdr = {"content-type": "application/json"}
     for depth in (40, 15_000):
         deep = b'{"model": "nbce-test", "x": ' + b"[" * depth + b"]" * depth + b"}"
@@ -878,6 +1033,35 @@ def test_host_header_is_checked_when_asked(pipe):
     assert allowed_hosts("127.0.0.1", "key", None) is None  # a key protects it
     assert allowed_hosts("0.0.0.0", None, None) is None
     assert allowed_hosts("127.0.0.1", None, ["my.host"]) == ["my.host"]
+
+
+def test_allowed_hosts_widens_the_check_and_star_allows_any(pipe):
+    """``nbce-rag serve --allowed-hosts``: the names given (and only them) replace the loopback
+    names; ``*`` lets any Host through."""
+    from nbce_rag.cli import build_parser
+    from nbce_rag.commands.serve import allowed_hosts
+
+    def served_with(*cli):
+        args = build_parser().parse_args(["serve", *cli])
+        return Served(create_app(pipe, limits=LIMITS, model_name=MODEL,
+                                 allowed_hosts=allowed_hosts(args.host, args.api_key, args.allowed_hosts)))
+
+    s = served_with("--allowed-hosts", "api.example", "Other.Example")
+    try:
+        for host in ("api.example", "api.example:8000", "other.example"):
+            assert s.post("/v1/chat/completions", _body(max_tokens=2), headers={"host": host}).status_code == 200, host
+        for host in ("evil.example", "127.0.0.1", "localhost:8000"):  # the loopback names are replaced
+            assert_openai_error(s.post("/v1/chat/completions", _body(), headers={"host": host}), 400, "invalid_host")
+    finally:
+        s.close()
+    s = served_with("--allowed-hosts", "*")
+    try:
+        for host in ("evil.example", "evil.example:8000", "127.0.0.1.evil.example", "[::1]:80"):
+            r = s.post("/v1/chat/completions", _body(max_tokens=2), headers={"host": host})
+            assert r.status_code == 200, (host, r.text)
+        assert httpx.get(s.base + "/health", headers={"host": "anything.example"}).status_code == 200
+    finally:
+        s.close()
 
 
 # ----------------------------------------------------------------------------- CLI
