@@ -158,27 +158,37 @@ class DroppedHit:
 
 @dataclass
 class FilterResult:
-    """What :meth:`MarginThreshold.filter` decided for one query's candidates.
+    """What :meth:`MarginThreshold.filter` decided for one query's candidates: the ``keep``
+    decision (``kept`` / ``dropped``) and the ``support`` decision (``supported``).
 
-    ``kept`` keeps the input order. An empty ``kept`` means *no relevant context*: answer
-    closed-book and flag the answer unsupported (never fall back to top-k).
+    ``kept`` keeps the input order. An empty ``kept`` means *no relevant context*: the pipeline
+    abstains (or answers closed-book when asked), flagged unsupported; it never falls back to
+    top-k. ``supported`` is ``s_max >= support_threshold`` (``support_score`` = ``best_score``
+    = ``s_max``); when it is not given (a result made by hand) it is "some passage was kept".
     """
 
     kept: List[Passage]
     dropped: List[DroppedHit]
-    threshold: float
-    margin: Optional[float]
+    threshold: float  #: the keep threshold
+    margin: Optional[float]  #: the keep margin
     best_score: Optional[float]  #: s_max of the candidates (None when there were none)
     confident: List[bool] = field(default_factory=list)  #: per kept hit: score >= upper
+    supported: Optional[bool] = None  #: the support decision (None given: bool(kept))
+    support_threshold: Optional[float] = None  #: the support rule's threshold on s_max
+    calibration: Optional[str] = None  #: where the calibration came from (labelled / synthetic / prior / ...)
+
+    def __post_init__(self) -> None:
+        if self.supported is None:
+            self.supported = bool(self.kept)
 
     @property
     def empty(self) -> bool:
         return not self.kept
 
     @property
-    def supported(self) -> bool:
-        """True when at least one passage survived (the answer can be grounded)."""
-        return bool(self.kept)
+    def support_score(self) -> Optional[float]:
+        """The score the support decision reads: the best candidate's (``s_max``)."""
+        return self.best_score
 
     def __len__(self) -> int:
         return len(self.kept)
@@ -194,6 +204,10 @@ class FilterResult:
             "margin": self.margin,
             "best_score": self.best_score,
             "confident": list(self.confident),
+            "supported": bool(self.supported),
+            "support_score": self.best_score,
+            "support_threshold": self.support_threshold,
+            "calibration": self.calibration,
         }
 
 

@@ -249,3 +249,16 @@ def test_index_calibrate_runs_the_synthetic_recipe(tmp_path, tiny_chat_tokenizer
     assert rc == 2 and "raise --n" in err
     assert (tmp_path / "idx" / "manifest.json").exists() or any((tmp_path / "idx").iterdir())
     assert not (tmp_path / "idx" / SYNTHETIC_FILENAME).exists()
+
+
+def test_shipped_prior_loads_with_both_decisions(encoder):
+    """The shipped prior (version 1 until it is refitted, version 2 after) gives a keep rule and
+    a support rule; a version-1 prior reads as one rule for both."""
+    th = find_prior(encoder)
+    raw = json.loads(open(th.stats["prior_file"], encoding="utf-8").read())
+    assert (th.keep.threshold, th.keep.margin) == (raw["threshold"], raw["margin"])
+    if raw["version"] == 1:
+        assert th.support.method == "single_rule" and th.support.threshold == raw["threshold"]
+    else:
+        assert th.support.threshold == raw["support"]["threshold"]
+    assert -1 < th.support.threshold < 1

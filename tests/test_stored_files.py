@@ -171,8 +171,13 @@ def test_every_calibration_field_malformed_is_corrupt(cal, tmp_path):
                 continue
             # what may load: optional fields nulled or left out, informational stats, the
             # "rule" text, and margin values that are legal margins
-            legal = {("margin",): (None, _MISSING, 0, 1.5), ("lower",): (-1, 0), ("encoder_identity",): ("x",)}
-            assert path[0] in ("rule", "stats", "ci") or value in legal.get(path, ()), (
+            legal = {("margin",): (None, _MISSING, 0, 1.5), ("lower",): (-1, 0), ("encoder_identity",): ("x",),
+                     # keep.margin repeats margin: the same value (or, for no margin, left out) loads
+                     ("support", "threshold"): (-1, 0),
+                     ("keep", "margin"): (cal["margin"],) + ((_MISSING,) if cal["margin"] is None else ())}
+            free = path[0] in ("rule", "stats", "ci") or (
+                path[0] in ("keep", "support") and len(path) > 1 and path[1] in ("rule", "stats", "ci"))
+            assert free or value in legal.get(path, ()), (
                 f"{'.'.join(map(str, path))} = {value!r} loaded")
             th.report()  # and it can still be reported
     assert tried > 100

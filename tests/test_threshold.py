@@ -785,3 +785,133 @@ def test_several_relevant_per_query_open_the_margin():
     th = MarginThreshold.calibrate(s, y, g, n_bootstrap=0)
     assert th.margin is not None and th.margin > 0.02
     assert th.stats["rule"]["f1"] > th.stats["global_threshold_metrics"]["f1"] + 0.1
+
+
+# --------------------------------------------------------------------------- two decisions (issue 23)
+
+from nbce_rag.filtering.decisions import (  # noqa: E402
+    SupportDecision,
+    calibrate_keep,
+    calibrate_support,
+    keep_mask,
+    keep_recall,
+)
+
+
+def _brute_keep_recall(s, y, g, t, m):
+    """Macro keep-recall and rows of the rule, by loops over queries."""
+    recs, rows = [], 0
+    for q in np.unique(g):
+        sel = g == q
+        sq, yq = s[sel], y[sel]
+        keep = (sq >= t) & ((m is None) | (sq.max() - sq <= (np.inf if m is None else m)))
+        rows += int(keep.sum())
+        if yq.sum():
+            recs.append((keep & (yq > 0)).sum() / (yq > 0).sum())
+    return float(np.mean(recs)), rows / np.unique(g).size
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_keep_recall_first_matches_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    s, y, g = _synthetic(rng, n_q=50)
+    for target in (0.8, 0.95, 1.0):
+        k = calibrate_keep(s, y, g, recall_target=target, margin=None, n_bootstrap=0)
+        t = k["threshold"]
+        rec, _ = _brute_keep_recall(s, y, g, t, None)
+        assert rec >= target - 1e-9
+        # the next distinct score above the threshold no longer reaches the target: it is the highest cut
+        higher = np.unique(s[s > s[s >= t].min()])  # the cut above the lowest kept score
+        if higher.size:
+            assert _brute_keep_recall(s, y, g, higher[0], None)[0] < target - 1e-9
+        # auto: every feasible margin candidate keeps at least as many rows as the chosen one
+        a = calibrate_keep(s, y, g, recall_target=target, n_bootstrap=0)
+        rec_a, rows_a = _brute_keep_recall(s, y, g, a["threshold"], a["margin"])
+        assert rec_a >= target - 1e-9 and abs(rows_a - a["stats"]["rows"]) < 1e-9
+        for c in a["stats"]["margin_candidates"]:
+            if c["feasible"]:
+                assert _brute_keep_recall(s, y, g, c["threshold"], c["margin"])[1] >= rows_a - 1e-9
+        assert rows_a <= _brute_keep_recall(s, y, g, t, None)[1] + 1e-9  # no margin is one candidate
+
+
+def test_keep_recall_does_not_depend_on_how_many_passages_are_relevant():
+    # query A: 1 relevant of 1 kept; query B: 1 of 3 kept -> macro (1 + 1/3) / 2, micro 2/4
+    s = np.array([0.9, 0.1, 0.8, 0.2, 0.2, 0.1])
+    y = np.array([1, 0, 1, 1, 1, 0])
+    g = np.array(["A", "A", "B", "B", "B", "B"])
+    rec, n = keep_recall(keep_mask(s, g, 0.5, None), y, g)
+    assert n == 2 and rec == pytest.approx((1 + 1 / 3) / 2)
+
+
+def test_support_flags_the_target_share_of_off_topic_questions():
+    rng = np.random.default_rng(1)
+    ind, off = rng.normal(0.6, 0.1, 120), rng.normal(0.35, 0.1, 80)
+    r = calibrate_support(ind, off, flag_target=0.9, n_bootstrap=50)
+    t = r["threshold"]
+    assert r["stats"]["method"] == "off_topic"
+    assert np.mean(off < t) >= 0.9
+    below = np.sort(off[off < t])[-1]  # the lowest cut: one more off-topic maximum would pass below it
+    assert np.mean(off < below) < 0.9
+    assert r["stats"]["in_domain_supported"] == pytest.approx(np.mean(ind >= t))
+    lo, hi = r["ci"]["threshold"]
+    assert lo <= t <= hi
+    # without off-topic questions: the highest cut keeping 95% of in-domain questions supported
+    r2 = calibrate_support(ind, None, supported_target=0.95, n_bootstrap=0)
+    t2 = r2["threshold"]
+    assert r2["stats"]["method"] == "in_domain_quantile" and np.mean(ind >= t2) >= 0.95
+    assert np.mean(ind >= np.sort(ind[ind >= t2])[1]) < 0.95
+    with pytest.raises(CalibrationError):
+        calibrate_support([], [0.1, 0.2])
+
+
+def test_both_decisions_persist_and_reload(tmp_path):
+    rng = np.random.default_rng(2)
+    s, y, g = _synthetic(rng, n_q=60)
+    off = rng.normal(0.45, 0.1, 40)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        th = MarginThreshold.calibrate(s, y, g, encoder_identity="enc-A", n_bootstrap=30, keep_recall_target=0.95,
+                                       off_topic_max=off)
+    assert th.keep.method == "recall_first" and th.keep.threshold == th.threshold
+    assert th.support.method == "off_topic" and th.support.threshold != th.threshold
+    assert th.keep.ci["keep_recall"] and th.support.ci["threshold"]
+    assert th.lower <= th.threshold <= th.upper
+    rec, _ = _brute_keep_recall(s, y, g, th.keep.threshold, th.keep.margin)
+    assert rec >= 0.95 - 1e-9
+    p = th.save(tmp_path / "c.json")
+    d = json.loads(p.read_text())
+    assert d["version"] == 2 and d["keep"]["threshold"] == th.threshold and d["support"]["threshold"] == th.support.threshold
+    back = MarginThreshold.load(p)
+    assert back.keep == th.keep and back.support == th.support
+    assert back.ci == th.ci and back.stats == json.loads(json.dumps(th.stats))
+    assert "support:" in back.report() and "keep:" in back.report()
+
+
+def test_version_1_dict_loads_as_one_rule_for_both_decisions(tmp_path):
+    v1 = {"format": "nbce-rag/margin-threshold", "version": 1, "encoder_identity": "enc-A", "threshold": 0.5,
+          "lower": 0.4, "upper": 0.7, "margin": 0.1, "rule": "keep iff s >= threshold and s >= s_max - margin",
+          "ci": {"threshold": [0.45, 0.55]}, "stats": {"objective": "f0.5"}}
+    p = tmp_path / "v1.json"
+    p.write_text(json.dumps(v1))
+    th = MarginThreshold.load(p)
+    assert (th.keep.threshold, th.keep.margin) == (0.5, 0.1)
+    assert th.support.threshold == 0.5 and th.support.method == "single_rule"
+    # the decisions are today's: supported iff something passes s >= threshold
+    for hits in ([0.55, 0.52, 0.3], [0.49, 0.2], [0.5], []):
+        r = th.filter([Passage(f"p{i}", sc) for i, sc in enumerate(hits)])
+        assert r.supported == bool(r.kept) == any(h >= 0.5 for h in hits)
+    # saved again it is a version-2 file with the same decisions
+    again = MarginThreshold.load(th.save(tmp_path / "v2.json"))
+    assert again.keep == th.keep and again.support.threshold == 0.5
+
+
+def test_support_and_keep_decide_apart():
+    th = _th(threshold=0.3, lower=0.2, upper=0.7, margin=0.2, support=SupportDecision(0.6, stats={"method": "off_topic"}))
+    r = th.filter([Passage("a", 0.65), Passage("b", 0.5), Passage("c", 0.35), Passage("d", 0.1)])
+    assert r.supported and r.support_score == 0.65 and r.support_threshold == 0.6
+    assert [p.text for p in r.kept] == ["a", "b"] and {d.code for d in r.dropped} == {"outside_margin", "below_threshold"}
+    weak = th.filter([Passage("a", 0.45), Passage("b", 0.1)])
+    assert not weak.supported and [p.text for p in weak.kept] == ["a"]  # decoded, flagged
+    none = th.filter([Passage("a", 0.2)])
+    assert not none.supported and none.kept == []
+    assert weak.to_dict()["supported"] is False and weak.to_dict()["support_threshold"] == 0.6

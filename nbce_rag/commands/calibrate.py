@@ -63,12 +63,13 @@ def run(args: argparse.Namespace) -> int:
 
     from nbce_rag.errors import ConfigError
     from nbce_rag.retrieval.index import VectorIndex
-    from nbce_rag.filtering.threshold import MarginThreshold, plot_distributions
+    from nbce_rag.filtering.threshold import MarginThreshold
 
     margin = _margin_arg(args.margin)  # validate before loading anything
     for name in ("precision_target", "recall_target"):
         if not 0 < getattr(args, name) <= 1:  # also rejects nan
             raise ConfigError(f"--{name.replace('_', '-')} must be in (0, 1], got {getattr(args, name)}")
+    decisions = calibrate_modes.decision_kwargs(args)
     if calibrate_modes.wanted(args):
         return calibrate_modes.run(args, margin)
     if not (args.index and args.queries and args.qrels):
@@ -87,16 +88,14 @@ def run(args: argparse.Namespace) -> int:
         margin=margin,
         n_bootstrap=args.bootstrap,
         seed=args.seed,
-        objective=calibrate_modes.objective_arg(args),
         show_progress=True,
+        off_topic=args.off_topic,
+        **decisions,
     )
     out = Path(args.out) if args.out else Path(args.index)
     written = th.save(out)
-    plot_path = None
-    if not args.no_plot:
-        plot_path = Path(args.plot) if args.plot else written.with_suffix(".png")
-        plot_distributions(th, plot_path, title=f"{Path(args.index).name}: relevant vs irrelevant "
-                           f"cosine scores (top-{args.k})")
+    plot_path = calibrate_modes.write_plot(args, th, written, f"{Path(args.index).name}: relevant vs "
+                                           f"irrelevant cosine scores (top-{args.k})")
     if args.json:
         print(json.dumps(th.to_dict(), indent=2))
     else:

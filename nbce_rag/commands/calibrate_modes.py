@@ -43,10 +43,24 @@ def add_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", metavar="M", default=None,
                    help="--synthetic: the LM that writes questions (default: bundled SmolLM2-135M-Instruct)")
     g.add_argument("--device", default=None, help="--synthetic: cpu, cuda, mps or auto")
-    p.add_argument("--objective", default=None, metavar="OBJ",
-                   help="what the threshold and margin maximise: f1, f<beta> (e.g. f0.5) or "
-                   "coverage<share> (e.g. coverage0.9: highest precision keeping a relevant passage for "
-                   "that share of answerable queries). Default: the package default (see README)")
+    from nbce_rag.filtering.decisions import DEFAULT_FLAG_TARGET, DEFAULT_KEEP_RECALL_TARGET, DEFAULT_SUPPORTED_TARGET
+
+    d = p.add_argument_group("the two decisions: keep (which candidates become rows) and support (is the "
+                             "question answerable)")
+    d.add_argument("--keep-recall", type=float, default=DEFAULT_KEEP_RECALL_TARGET, metavar="R",
+                   help="keep: the fewest rows that still keep this mean share of each answerable question's "
+                   f"relevant candidates (macro keep-recall; default {DEFAULT_KEEP_RECALL_TARGET})")
+    d.add_argument("--objective", default=None, metavar="OBJ",
+                   help="keep: one rule maximising f1, f<beta> (e.g. f0.5) or coverage<share> (e.g. "
+                   "coverage0.9) instead of --keep-recall (the calibration of nbce-rag before two decisions)")
+    d.add_argument("--flag-target", type=float, default=DEFAULT_FLAG_TARGET, metavar="F",
+                   help=f"support: share of off-topic questions flagged unsupported (default {DEFAULT_FLAG_TARGET})")
+    d.add_argument("--supported-target", type=float, default=DEFAULT_SUPPORTED_TARGET, metavar="S",
+                   help="support: share of in-domain questions kept supported when there are no off-topic "
+                   f"questions to calibrate on (default {DEFAULT_SUPPORTED_TARGET})")
+    d.add_argument("--off-topic", metavar="F", default=None,
+                   help="support: questions this index should not answer (queries.jsonl or 'id<TAB>text' "
+                   "lines), searched like the others; their best scores calibrate the support rule")
 
 
 def wanted(args: argparse.Namespace) -> bool:
@@ -58,10 +72,10 @@ def run(args: argparse.Namespace, margin: Any) -> int:
     import json
 
     from nbce_rag.errors import ConfigError
-    from nbce_rag.filtering.threshold import plot_distributions
 
-    kw = dict(precision_target=args.precision_target, recall_target=args.recall_target, margin=margin,
-              n_bootstrap=args.bootstrap, seed=args.seed, objective=objective_arg(args))
+    kw = decision_kwargs(args)
+    kw.update(precision_target=args.precision_target, recall_target=args.recall_target, margin=margin,
+              n_bootstrap=args.bootstrap, seed=args.seed)
     if args.prior:
         from nbce_rag.retrieval.encoder import CoSENTEncoder
         from nbce_rag.filtering.prior import build_prior
@@ -87,16 +101,15 @@ def run(args: argparse.Namespace, margin: Any) -> int:
             raise ConfigError("--synthetic needs --index DIR")
         index = VectorIndex.load(args.index)
         dec = NBCEDecoder.from_pretrained(args.model, device=args.device)
+        if args.off_topic:
+            kw["off_topic_max"] = off_topic_scores(index, args.off_topic, args.k)
         th = synthetic_calibration(index, dec, n=args.n, k=args.k, filter_top=args.filter_top,
                                    show_progress=True, **kw)
         written = th.save(Path(args.out) if args.out else Path(args.index) / SYNTHETIC_FILENAME)
         title = f"{Path(args.index).name}: synthetic questions (top-{args.k})"
         hint = ("the index now filters with it unless a labelled calibration.json is there "
                 "(labelled > synthetic > prior)")
-    plot_path = None
-    if not args.no_plot:
-        plot_path = Path(args.plot) if args.plot else written.with_suffix(".png")
-        plot_distributions(th, plot_path, title=title)
+    plot_path = write_plot(args, th, written, title)
     if args.json:
         print(json.dumps(th.to_dict(), indent=2))
         return 0
@@ -112,17 +125,58 @@ def run(args: argparse.Namespace, margin: Any) -> int:
               f"{s['n_kept']} kept (source chunk in the top {s['filter_top']}), seed {s['seed']}")
         for ex in s["examples"][:3]:
             print(f"  e.g. [{ex['chunk']}] {ex['question']}")
+        if s.get("note"):
+            print(f"note:       {s['note']}")
     print(f"wrote:      {written}" + (f" and {plot_path}" if plot_path else ""))
     print(hint, file=sys.stderr)
     return 0
 
 
-def objective_arg(args: argparse.Namespace) -> str:
+def objective_arg(args: argparse.Namespace) -> Any:
+    """``--objective`` parsed (``None`` when not given: the keep rule is recall first)."""
     from nbce_rag.errors import CalibrationError, ConfigError
-    from nbce_rag.filtering.objective import DEFAULT_OBJECTIVE, parse_objective
+    from nbce_rag.filtering.objective import parse_objective
 
-    obj = args.objective or DEFAULT_OBJECTIVE
+    if not args.objective:
+        return None
     try:
-        return parse_objective(obj).name
+        return parse_objective(args.objective).name
     except CalibrationError as e:
         raise ConfigError(f"--objective: {e}") from None
+
+
+def decision_kwargs(args: argparse.Namespace) -> dict:
+    """The keep and support options as :meth:`MarginThreshold.calibrate` keywords (checked)."""
+    from nbce_rag.errors import ConfigError
+
+    for name in ("keep_recall", "flag_target", "supported_target"):
+        v = getattr(args, name)
+        if not 0 < v <= 1:  # also rejects nan
+            raise ConfigError(f"--{name.replace('_', '-')} must be in (0, 1], got {v}")
+    obj = objective_arg(args)
+    return dict(objective=obj, keep_recall_target=None if obj else args.keep_recall, flag_target=args.flag_target,
+                supported_target=args.supported_target)
+
+
+def off_topic_scores(index: Any, path: str, k: int) -> list:
+    """Best-candidate scores of the off-topic questions in ``path`` (``--off-topic``)."""
+    from nbce_rag.retrieval.readers import load_queries
+
+    texts = list(load_queries(path).values())
+    return [max((float(h.score) for h in hs), default=float("nan")) for hs in index.search_many(texts, k=k)
+            if hs]
+
+
+def write_plot(args: argparse.Namespace, th: Any, written: Path, title: str) -> Any:
+    """The PNG of the calibration (``--plot`` / next to it), or ``None`` with a note when
+    ``--no-plot`` or matplotlib is not installed (the plot is optional)."""
+    from nbce_rag.filtering.plot import can_plot, plot_distributions
+
+    if args.no_plot:
+        return None
+    if not can_plot():
+        print("note:       no plot written: matplotlib is not installed (pip install matplotlib; --no-plot "
+              "silences this note)", file=sys.stderr)
+        return None
+    plot_path = Path(args.plot) if args.plot else written.with_suffix(".png")
+    return plot_distributions(th, plot_path, title=title)

@@ -39,7 +39,6 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import numpy as np
 
 from nbce_rag.errors import CalibrationError, CorruptFileError
-from nbce_rag.filtering.objective import DEFAULT_OBJECTIVE
 from nbce_rag.retrieval.encoder import identities_match as _identities_match
 from nbce_rag.filtering.threshold import CALIBRATION_FILENAME, MarginThreshold, _identity_of
 
@@ -334,6 +333,7 @@ def build_prior(
     encode: Optional[Encode] = None,
     seed: int = 0,
     show_progress: bool = False,
+    off_topic: bool = True,
     **calibrate_kwargs: Any,
 ) -> MarginThreshold:
     """The prior recipe: calibrate ``encoder`` on the calibration splits of several data sets.
@@ -341,14 +341,23 @@ def build_prior(
     ``encoder``: anything with ``encode(texts) -> (n, dim)`` and an ``identity`` (e.g.
     :class:`~nbce_rag.retrieval.encoder.CoSENTEncoder`); ``encode`` overrides how texts are embedded
     (e.g. a cache). Up to ``queries_per_dataset`` queries per data set, top-``k`` candidates
-    each. Other keyword arguments go to :meth:`MarginThreshold.calibrate` (``objective``,
-    ``n_bootstrap``, ...). The result records the recipe in ``stats["prior"]``.
+    each. ``keep``: recall first at ``keep_recall_target`` (default
+    :data:`~nbce_rag.filtering.decisions.DEFAULT_KEEP_RECALL_TARGET`) unless an ``objective`` is
+    given (then the single best-objective scan). ``support``: with ``off_topic`` (default), every
+    data set's questions are also asked against every other data set's passages and their
+    best-candidate scores are the off-topic questions of
+    :func:`~nbce_rag.filtering.decisions.calibrate_support`. Other keyword arguments go to
+    :meth:`MarginThreshold.calibrate` (``n_bootstrap``, ``flag_target``, ...). The result
+    records the recipe in ``stats["prior"]``.
     """
+    from nbce_rag.filtering.decisions import DEFAULT_KEEP_RECALL_TARGET
+
     if not datasets:
         raise CalibrationError("a prior needs at least one data set")
     enc_fn: Encode = encode or (lambda texts: np.asarray(encoder.encode(list(texts)), dtype=np.float32))
     S_all, Y_all, G_all = [], [], []
     per: Dict[str, Any] = {}
+    sets: Dict[str, Tuple[LabelledSet, np.ndarray]] = {}
     it: Iterable[str] = datasets
     if show_progress:
         from tqdm.auto import tqdm
@@ -357,6 +366,7 @@ def build_prior(
     for name in it:
         ls = load_labelled(data_dir, name, "cal", seed=seed)
         c = candidates(ls, enc_fn, k, n_queries=queries_per_dataset, seed=seed)
+        sets[name] = (ls, c["P"])
         S_all.append(c["S"].ravel())
         Y_all.append(c["Y"].ravel())
         G_all.append(np.repeat([f"{name}:{q}" for q in c["qids"]], c["S"].shape[1]))
@@ -365,15 +375,29 @@ def build_prior(
                      "queries_with_relevant": int((c["Y"].sum(1) > 0).sum())}
         logger.info("prior: %s: %d queries, %d passages, %d relevant candidates", name, len(c["qids"]),
                     len(ls.passages), int(c["Y"].sum()))
+    off: List[float] = []
+    pairs: Dict[str, int] = {}
+    if off_topic and len(sets) > 1:
+        for qa, (lq, _) in sets.items():
+            for pb, (lp, P) in sets.items():
+                if qa == pb:
+                    continue
+                c = candidates(lp, enc_fn, k, n_queries=queries_per_dataset, seed=seed, passage_vectors=P,
+                               queries_from=lq)
+                off.extend(c["S"].max(axis=1).tolist())
+                pairs[f"{qa}->{pb}"] = len(c["qids"])
     calibrate_kwargs.setdefault("seed", seed)
-    if calibrate_kwargs.get("objective") is None:
-        calibrate_kwargs["objective"] = DEFAULT_OBJECTIVE
+    if calibrate_kwargs.get("objective") is None and calibrate_kwargs.get("keep_recall_target") is None:
+        calibrate_kwargs["keep_recall_target"] = DEFAULT_KEEP_RECALL_TARGET
+    if off:
+        extra = calibrate_kwargs.pop("off_topic_max", None)
+        calibrate_kwargs["off_topic_max"] = off + list(extra if extra is not None else [])
     th = MarginThreshold.calibrate(np.concatenate(S_all), np.concatenate(Y_all), np.concatenate(G_all),
                                    encoder_identity=_identity_of(encoder), **calibrate_kwargs)
     th.stats["k"] = int(k)
     th.stats["source"] = "prior"
     th.stats["prior"] = {"datasets": list(datasets), "split": "cal", "queries_per_dataset": int(queries_per_dataset),
-                         "per_dataset": per, "seed": int(seed),
+                         "per_dataset": per, "seed": int(seed), "off_topic_pairs": pairs,
                          "recipe": "nbce-rag calibrate --prior --data DIR (nbce_rag.filtering.prior.build_prior)"}
     return th
 

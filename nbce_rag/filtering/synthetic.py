@@ -13,6 +13,15 @@ candidates as for labelled queries.
 The result records what it did in ``stats["synthetic"]`` (chunks sampled, questions written,
 kept, the rank filter, the prompt, a few examples). Generation is greedy, so with a fixed
 ``seed`` (which chunks are sampled) the result is deterministic for a given model.
+
+Both decisions are calibrated: ``keep`` recall first (every kept question's source chunk is its
+relevant candidate), ``support`` from the questions' best-candidate scores (in-domain only: no
+off-topic questions are written, so the support rule keeps a share of them supported; pass
+``off_topic_max`` to calibrate it against off-topic questions).
+
+**Small corpora** (tens of chunks): there are at most as many questions as chunks. The
+minimum of relevant pairs drops to :data:`MIN_SMALL_QUESTIONS` kept questions, the intervals
+are wider, and ``stats["synthetic"]["note"]`` (printed by ``nbce-rag calibrate``) says so.
 """
 
 from __future__ import annotations
@@ -24,12 +33,17 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from nbce_rag.errors import CalibrationError
-from nbce_rag.filtering.objective import DEFAULT_OBJECTIVE
+from nbce_rag.filtering.decisions import DEFAULT_KEEP_RECALL_TARGET
 from nbce_rag.filtering.prior import SYNTHETIC_FILENAME
 from nbce_rag.filtering.threshold import MarginThreshold, _identity_of
 from nbce_rag.types import Passage
 
 logger = logging.getLogger(__name__)
+
+#: Fewest kept questions a synthetic calibration accepts (a small corpus gives few).
+MIN_SMALL_QUESTIONS = 3
+#: Below this many kept questions the calibration is marked as a small-corpus one.
+SMALL_QUESTIONS = 30
 
 __all__ = ["QUESTION_PROMPT", "SYNTHETIC_FILENAME", "clean_question", "generate_questions", "synthetic_calibration"]
 
@@ -147,8 +161,15 @@ def synthetic_calibration(
             if len(chunks) >= n:
                 break
     if not chunks:
-        raise CalibrationError(f"no chunk has {min_chunk_words}+ words to write a question about; "
-                               "lower min_chunk_words")
+        short = [index.get(ids[i]) for i in range(len(ids))]
+        longest = max((len(p.text.split()) for p in short), default=0)
+        if longest >= 5:  # a small corpus of short chunks: use what there is
+            min_chunk_words = min(min_chunk_words, max(5, longest // 2))
+            chunks = [p for p in (short[int(i)] for i in rng.permutation(len(short)))
+                      if len(p.text.split()) >= min_chunk_words][:n]
+        if not chunks:
+            raise CalibrationError(f"no chunk of the index has {min_chunk_words}+ words to write a question about "
+                                   f"(the longest has {longest}); index longer documents, or lower min_chunk_words")
     questions = generate_questions(decoder, [c.text for c in chunks], max_new_tokens=max_new_tokens,
                                    prompt=prompt, show_progress=show_progress)
     pairs = [(c, q) for c, q in zip(chunks, questions) if q]
@@ -186,19 +207,41 @@ def synthetic_calibration(
     }
     logger.info("synthetic calibration: %d chunks sampled, %d questions written, %d kept (source in top-%d)",
                 len(chunks), len(pairs), kept, filter_top)
-    if kept == 0:
-        raise CalibrationError(
-            f"none of the {len(pairs)} generated questions ranks its source chunk in the top {filter_top} "
-            f"({len(chunks) - len(pairs)} replies were not questions): the model or the encoder does not fit "
-            "these documents; raise --n, raise filter_top, or calibrate with labelled queries")
     calibrate_kwargs.setdefault("seed", seed)
-    if calibrate_kwargs.get("objective") is None:
-        calibrate_kwargs["objective"] = DEFAULT_OBJECTIVE
+    if calibrate_kwargs.get("objective") is None and calibrate_kwargs.get("keep_recall_target") is None:
+        calibrate_kwargs["keep_recall_target"] = DEFAULT_KEEP_RECALL_TARGET
+    small = kept < SMALL_QUESTIONS
+    if small:
+        if kept < MIN_SMALL_QUESTIONS:
+            raise CalibrationError(
+                f"only {kept} of {len(pairs)} generated questions ranked their source chunk in the top {filter_top} "
+                f"({len(chunks)} chunks sampled of {len(ids)} in the index); a calibration needs at least "
+                f"{MIN_SMALL_QUESTIONS}. "
+                + ("raise --n (up to the number of chunks), " if len(chunks) < len(ids) and len(chunks) >= n else "")
+                + "raise --filter-top, or index more documents; until then the index filters with the prior of "
+                f"its encoder ({len(chunks) - len(pairs)} replies were not questions)")
+        calibrate_kwargs.setdefault("min_positives", MIN_SMALL_QUESTIONS)
+        calibrate_kwargs.setdefault("min_negatives", MIN_SMALL_QUESTIONS)
+        report["note"] = (f"small corpus: {kept} questions from {len(ids)} chunks (fewer than {SMALL_QUESTIONS}); "
+                          "the thresholds are rough and their intervals wide. Recalibrate as the index grows, "
+                          "or label a few queries (nbce-rag calibrate --queries --qrels)")
+    import warnings as _warnings
+
     try:
-        th = MarginThreshold.calibrate(scores, labels, groups, encoder_identity=_identity_of(index), **calibrate_kwargs)
+        with _warnings.catch_warnings():
+            if small:  # the thin-data warnings are summed up in the note
+                _warnings.simplefilter("ignore")
+            th = MarginThreshold.calibrate(scores, labels, groups, encoder_identity=_identity_of(index),
+                                           **calibrate_kwargs)
+        if small:
+            from nbce_rag.filtering.calibration import CalibrationWarning
+
+            _warnings.warn(report["note"], CalibrationWarning, stacklevel=2)
     except CalibrationError as e:
+        more = ("raise --n" if len(chunks) >= n and len(chunks) < len(ids)
+                else f"the index has {len(ids)} chunks: index more documents, or label a few queries")
         raise CalibrationError(f"{e} (synthetic: {kept} of {len(pairs)} generated questions kept from "
-                               f"{len(chunks)} chunks; raise --n)") from None
+                               f"{len(chunks)} chunks; {more})") from None
     th.stats["k"] = int(k)
     th.stats["source"] = "synthetic"
     th.stats["synthetic"] = report

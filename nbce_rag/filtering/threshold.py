@@ -1,38 +1,46 @@
-"""Margin-calibrated passage filter: which retrieved candidates reach the NBCE decoder.
+"""Margin-calibrated passage filter: which retrieved candidates reach the NBCE decoder, and
+whether the index supports the question at all.
 
 Retrieval always returns ``k`` hits, relevant or not, and NBCE fuses whatever it is given.
-:class:`MarginThreshold` decides, per query, which candidates to keep, with every number
-*calibrated from labelled data* (a hand-picked cut-off is all LangChain's
-``EmbeddingsFilter`` and LlamaIndex's ``SimilarityPostprocessor`` offer).
+:class:`MarginThreshold` makes two decisions per query, with every number *calibrated from
+data* (a hand-picked cut-off is all LangChain's ``EmbeddingsFilter`` and LlamaIndex's
+``SimilarityPostprocessor`` offer):
+
+* ``keep`` -- which candidates become NBCE rows (recall first)::
+
+      keep i  iff  s_i >= threshold  and  s_i >= s_max - margin        (no margin: m = +inf)
+
+* ``support`` -- whether the question is answerable from the index (precision first)::
+
+      supported  iff  s_max >= support.threshold
 
 Scores are the canonical cosine of the CoSENT encoder, ``s = cos(E(q), E(p))``. Candidates
 from an external store (which may report a distance or a transformed "relevance") are
 re-scored with :meth:`MarginThreshold.rescore` first.
 
-Calibration (:meth:`MarginThreshold.calibrate`, :meth:`MarginThreshold.calibrate_from_qrels`)
-is computed by :mod:`nbce_rag.filtering.calibration` (pure NumPy), whose docstring gives every number's
-derivation: the best-F1 threshold ``t*``, the uncertainty band ``[lower, upper]``, the margin
-``m`` (triangle-inequality argument, chosen by the F1 of the whole rule) and the bootstrap
-over queries. File formats of queries and qrels: :mod:`nbce_rag.retrieval.readers`.
+Calibration (:meth:`MarginThreshold.calibrate`, :meth:`MarginThreshold.calibrate_from_qrels`):
+with ``keep_recall_target`` the keep rule is the recall-first fit of
+:func:`nbce_rag.filtering.decisions.calibrate_keep` (macro keep-recall over answerable queries,
+fewest rows); without it, the single best-objective scan of :mod:`nbce_rag.filtering.calibration`
+(best-F1 threshold ``t*``, margin chosen by the F1 of the whole rule). The support rule is
+:func:`nbce_rag.filtering.decisions.calibrate_support` on the best-candidate scores of
+in-domain and off-topic questions. Both carry bootstrap intervals over queries. The band
+``[lower, upper]`` does not change a decision: it labels kept and dropped hits
+``confident`` / ``uncertain`` (what a reranker or a monitor consumes).
 
-The filter rule, for one query's candidates ``s_1..s_k`` with ``s_max = max_j s_j``::
-
-    keep i  iff  s_i >= threshold  and  s_i >= s_max - margin        (no margin: m = +inf)
-
-``threshold`` equals ``t*`` when no margin is used. The band does not change the decision:
-it labels kept and dropped hits ``confident`` / ``uncertain`` (what a reranker or a monitor
-consumes) and is reported with the calibration.
-
-When nothing passes the result is empty (``FilterResult.kept == []``): the pipeline answers
-closed-book and flags the answer as unsupported; there is no fall-back to top-k.
+When nothing passes ``keep`` the result is empty (``FilterResult.kept == []``); the pipeline
+then abstains (or answers closed-book when asked), flagged unsupported: there is no
+fall-back to top-k. A question whose best candidate fails ``support`` while some candidates
+pass ``keep`` is answered from them and flagged unsupported.
 
 The calibration records the encoder identity; :meth:`MarginThreshold.filter`,
 :meth:`MarginThreshold.check_encoder` and :meth:`MarginThreshold.for_index` refuse another
 encoder with :class:`~nbce_rag.errors.EncoderMismatchError`. It is saved as
 ``calibration.json`` (:data:`CALIBRATION_FILENAME`) inside an index directory, where the
-pipeline picks it up.
+pipeline picks it up; the file format (version 2; version-1 files still load, as one rule for
+both decisions): :mod:`nbce_rag.filtering.calibration_file`.
 
-The plot (``plot_distributions``) imports matplotlib lazily.
+The plot (``plot_distributions``, :mod:`nbce_rag.filtering.plot`) needs matplotlib (optional).
 """
 
 from __future__ import annotations
@@ -46,7 +54,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from nbce_rag.files import atomic_write, read_json, write_json
+from nbce_rag.files import read_json, write_json
 from nbce_rag.filtering.calibration import (  # noqa: F401 - re-exported: the maths used to live here
     DEFAULT_MARGIN_QUANTILES,
     CalibrationWarning,
@@ -63,6 +71,22 @@ from nbce_rag.filtering.calibration import (  # noqa: F401 - re-exported: the ma
     recall_target_threshold,
     within_query_spreads,
 )
+from nbce_rag.filtering.calibration_file import (  # noqa: F401 - FORMAT_* re-exported
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    calibration_dict,
+    check_calibration_dict,
+    single_rule_support,
+)
+from nbce_rag.filtering.decisions import (
+    DEFAULT_FLAG_TARGET,
+    DEFAULT_SUPPORTED_TARGET,
+    KeepDecision,
+    SupportDecision,
+    calibrate_keep,
+    calibrate_support,
+)
+from nbce_rag.filtering.plot import plot_distributions  # noqa: F401 - re-exported
 from nbce_rag.retrieval.encoder import identities_match
 from nbce_rag.errors import CalibrationError, CorruptFileError, EncoderMismatchError
 from nbce_rag.retrieval.selection import identity_of
@@ -73,14 +97,14 @@ logger = logging.getLogger(__name__)
 
 #: File name of a calibration inside an index directory (found by :meth:`MarginThreshold.for_index`).
 CALIBRATION_FILENAME = "calibration.json"
-FORMAT_NAME = "nbce-rag/margin-threshold"
-FORMAT_VERSION = 1
 
 PathLike = Union[str, "os.PathLike[str]"]
 
 __all__ = [
     "CALIBRATION_FILENAME",
     "MarginThreshold",
+    "KeepDecision",
+    "SupportDecision",
     "FilterResult",
     "DroppedHit",
     "CalibrationWarning",
@@ -112,22 +136,42 @@ def _identity_of(obj: Any) -> Optional[str]:
 
 @dataclass
 class MarginThreshold:
-    """A calibrated filter: global best-F1 threshold + relative margin, with an uncertainty band.
+    """A calibrated filter with two decisions: ``keep`` (``threshold`` + relative ``margin``:
+    which candidates become rows) and ``support`` (a threshold on the best candidate's score:
+    is the question answerable), with an uncertainty band.
 
     Build it with :meth:`calibrate` (scores + labels + query ids) or
     :meth:`calibrate_from_qrels` (an index + labelled queries); apply it with :meth:`filter`.
-    See the module docstring for the rule and how each number is derived.
+    Made by hand (``MarginThreshold(threshold=..., lower=..., upper=..., margin=...)``) or read
+    from a version-1 file, ``support`` is the single rule ``s_max >= threshold``.
+    See the module docstring for the rules and how each number is derived.
     """
 
-    threshold: float  #: t*: best-F1 global cosine threshold (keep iff s >= t*)
+    threshold: float  #: the keep threshold (keep iff s >= threshold and within the margin)
     lower: float  #: below: irrelevant with confidence (recall target met above it)
     upper: float  #: at/above: relevant with confidence (precision target met)
     margin: Optional[float]  #: m: drop s < s_max(query) - m; None disables the margin
     encoder_identity: Optional[str] = None
     ci: Dict[str, Optional[Tuple[float, float]]] = field(default_factory=dict)
-    stats: Dict[str, Any] = field(default_factory=dict)  #: counts, targets, in-sample metrics
+    stats: Dict[str, Any] = field(default_factory=dict)  #: counts, targets, in-sample metrics; keep's under "keep"
+    #: the support decision (None: the single rule ``s_max >= threshold``, filled in on creation)
+    support: Optional[SupportDecision] = None
     #: calibration data (scores, labels, group ids) of the last calibrate(); not saved
     data: Optional[Dict[str, np.ndarray]] = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.support is None:
+            self.support = single_rule_support(self.threshold, self.ci)
+
+    @property
+    def keep(self) -> KeepDecision:
+        """The keep rule (a read-only view of ``threshold``, ``margin``, their intervals and
+        ``stats["keep"]``)."""
+        from nbce_rag.filtering.decisions import KEEP_CI_KEYS
+
+        return KeepDecision(threshold=self.threshold, margin=self.margin,
+                            ci={k: self.ci[k] for k in KEEP_CI_KEYS if k in self.ci},
+                            stats=dict(self.stats.get("keep") or {"method": "single_rule"}))
 
     # ---------------- confidence intervals ----------------
     @property
@@ -166,30 +210,78 @@ class MarginThreshold:
         min_margin_queries: int = 5,
         seed: int = 0,
         objective: Any = None,
+        keep_recall_target: Optional[float] = None,
+        off_topic_max: Any = None,
+        flag_target: float = DEFAULT_FLAG_TARGET,
+        supported_target: float = DEFAULT_SUPPORTED_TARGET,
     ) -> "MarginThreshold":
         """Calibrate from cosine ``scores``, 0/1 relevance ``labels`` and the query id of every
         score (``groups``; the candidates of one query share an id).
 
-        ``margin``: ``"auto"`` (default) picks ``m`` among 0 and the ``margin_quantiles``
-        quantiles of the within-query spread of relevant scores -- or no margin -- by the F1 of
-        the whole rule, the threshold being re-scanned exactly for each candidate; a number
-        fixes ``m`` (the threshold is still scanned given it); ``None`` disables the margin.
+        **keep.** With ``keep_recall_target`` (e.g. 0.95, what the label-free recipes and
+        ``nbce-rag calibrate`` use) the keep rule is recall first
+        (:func:`~nbce_rag.filtering.decisions.calibrate_keep`): the fewest rows whose macro
+        keep-recall over answerable queries reaches the target, the margin chosen among
+        quantiles of the gaps to the best candidate (``margin="auto"``), fixed, or ``None``.
+        Without it the keep rule is the single best-``objective`` scan (this method's
+        historical behaviour): ``margin="auto"`` picks ``m`` among 0 and the
+        ``margin_quantiles`` quantiles of the within-query spread of relevant scores -- or no
+        margin -- by the objective of the whole rule; ``objective``: ``None`` / ``"f1"``,
+        ``"f0.5"`` (F-beta) or ``"coverage0.9"`` (:mod:`nbce_rag.filtering.objective`).
+
+        **support.** :func:`~nbce_rag.filtering.decisions.calibrate_support` on the best
+        candidate's score of every query: in-domain = queries with a relevant candidate,
+        off-topic = queries without one, plus ``off_topic_max`` (the best-candidate scores of
+        off-topic questions asked against this index, e.g. another data set's questions).
+        ``flag_target``: share of off-topic questions flagged; ``supported_target``: share of
+        in-domain ones to keep supported (the fit when there are fewer than 5 off-topic ones).
+
         Without ``groups`` every score is its own query: no margin, and the bootstrap
         resamples single scores. ``encoder_identity`` may be an identity string, an encoder or
         an index. Raises :class:`CalibrationError` when the data cannot support a calibration
         (NaN scores, too few positives/negatives, all scores equal) and warns
-        (:class:`CalibrationWarning`) when it is thin. ``objective``: what the margin and the
-        threshold maximise -- ``None`` / ``"f1"`` (this method's default), ``"f0.5"`` (F-beta) or
-        ``"coverage0.9"`` (highest precision keeping a relevant passage for 90% of answerable
-        queries); see :mod:`nbce_rag.filtering.objective`.
+        (:class:`CalibrationWarning`) when it is thin.
         """
         c = calibrate_rule(scores, labels, groups, margin=margin, margin_quantiles=margin_quantiles,
                            precision_target=precision_target, recall_target=recall_target, n_bootstrap=n_bootstrap,
                            ci_level=ci_level, min_positives=min_positives, min_negatives=min_negatives,
                            min_margin_queries=min_margin_queries, seed=seed, objective=objective)
-        th = cls(threshold=c["threshold"], lower=c["lower"], upper=c["upper"], margin=c["margin"],
-                 encoder_identity=_identity_of(encoder_identity), ci=c["ci"], stats=c["stats"])
-        th.data = c["data"]
+        d = c["data"]
+        s, y = d["scores"], d["labels"]
+        gi = d["groups"]
+        gid = gi if groups is not None else np.arange(s.size)
+        t, m, lower, upper = c["threshold"], c["margin"], c["lower"], c["upper"]
+        ci, stats = dict(c["ci"]), dict(c["stats"])
+        if keep_recall_target is not None:
+            k = calibrate_keep(s, y, gid, recall_target=keep_recall_target,
+                               margin=margin if groups is not None else None,
+                               n_bootstrap=n_bootstrap, ci_level=ci_level, seed=seed)
+            # the single-rule scan stays as a description; the keep rule replaces its numbers
+            stats["objective_rule"] = {"threshold": t, "margin": m, "objective": stats.get("objective"),
+                                       "ci": {q: (list(v) if v else None) for q, v in ci.items()
+                                              if q in ("threshold", "margin", "precision", "recall", "f1")}}
+            for q in ("threshold", "margin", "precision", "recall", "f1"):
+                ci.pop(q, None)
+            t, m = k["threshold"], k["margin"]
+            ci.update(k["ci"])
+            lower, upper = min(lower, t), max(upper, t)
+            stats["keep"] = k["stats"]
+            gmax = _group_max(s, gid, int(gid.max()) + 1 if gid.size else 0)[gid]
+            p, r, f = prf(apply_rule(s, gmax, t, m), y)
+            stats["rule"] = {"precision": p, "recall": r, "f1": f}
+        else:
+            from nbce_rag.filtering.decisions import keep_mask, keep_recall
+
+            kr, n_ans = keep_recall(keep_mask(s, gid, t, m), y, gid)
+            stats["keep"] = {"method": "objective", "objective": stats.get("objective"),
+                             "keep_recall": None if n_ans == 0 else kr, "n_answerable": n_ans,
+                             "rows": float(keep_mask(s, gid, t, m).sum()) / max(int(np.unique(gid).size), 1)}
+        sup = SupportDecision.fit(*_question_maxima(s, y, gid, off_topic_max), flag_target=flag_target,
+                                  supported_target=supported_target, n_bootstrap=n_bootstrap,
+                                  ci_level=ci_level, seed=seed)
+        th = cls(threshold=t, lower=lower, upper=upper, margin=m, encoder_identity=_identity_of(encoder_identity),
+                 ci=ci, stats=stats, support=sup)
+        th.data = d
         return th
 
     @classmethod
@@ -201,6 +293,7 @@ class MarginThreshold:
         k: int = 20,
         *,
         show_progress: bool = False,
+        off_topic: Any = None,
         **kwargs: Any,
     ) -> "MarginThreshold":
         """Calibrate on an index's own top-``k`` candidates of labelled queries.
@@ -212,7 +305,10 @@ class MarginThreshold:
         ``"<doc id>#<n>"`` chunk id) -- has relevance > 0. Queries whose relevant passages were not retrieved
         stay in (all their candidates are negatives), so "nothing relevant" is calibrated too.
         ``index.search(text, k)`` must return hits scored with the canonical cosine (as
-        :class:`~nbce_rag.retrieval.index.VectorIndex` does). Other keyword arguments go to :meth:`calibrate`.
+        :class:`~nbce_rag.retrieval.index.VectorIndex` does). ``off_topic``: questions this index
+        should *not* support (texts, ``{id: text}`` or a queries file), searched like the others;
+        their best-candidate scores calibrate the ``support`` decision (``off_topic_max``). Other
+        keyword arguments go to :meth:`calibrate`.
         """
         qmap, rmap = load_queries(queries), load_qrels(qrels)
         qids = [q for q in rmap if q in qmap]
@@ -237,6 +333,13 @@ class MarginThreshold:
                 labels.append(1 if _relevance(rel, h) > 0 else 0)
                 groups.append(qid)
         kwargs.setdefault("encoder_identity", _identity_of(index))
+        if off_topic is not None:
+            texts = (list(off_topic) if isinstance(off_topic, (list, tuple))
+                     else list(load_queries(off_topic).values()))
+            off = [max((float(h.score) for h in hs if h.score is not None), default=float("nan"))
+                   for hs in _search_all(index, texts, k, show_progress)]
+            extra = kwargs.pop("off_topic_max", None)
+            kwargs["off_topic_max"] = [x for x in off if math.isfinite(x)] + list(extra if extra is not None else [])
         th = cls.calibrate(scores, labels, groups, **kwargs)
         th.stats["k"] = int(k)
         return th
@@ -301,8 +404,10 @@ class MarginThreshold:
             else:
                 kept.append(p)
                 confident.append(s >= self.upper)
+        sup = self.support or single_rule_support(self.threshold, self.ci)
         return FilterResult(kept=kept, dropped=dropped, threshold=self.threshold, margin=self.margin,
-                            best_score=best, confident=confident)
+                            best_score=best, confident=confident, supported=sup.supported(best),
+                            support_threshold=sup.threshold, calibration=self.stats.get("source"))
 
     def keep_mask(self, scores: Any, groups: Any = None) -> np.ndarray:
         """Vectorised rule over many queries' scores (``groups``: query id per score)."""
@@ -320,31 +425,23 @@ class MarginThreshold:
 
     # ---------------- persistence ----------------
     def to_dict(self) -> Dict[str, Any]:
-        return {
-            "format": FORMAT_NAME,
-            "version": FORMAT_VERSION,
-            "encoder_identity": self.encoder_identity,
-            "threshold": self.threshold,
-            "lower": self.lower,
-            "upper": self.upper,
-            "margin": self.margin,
-            "rule": "keep iff s >= threshold and s >= s_max - margin",
-            "ci": {k: (list(v) if v is not None else None) for k, v in self.ci.items()},
-            "stats": self.stats,
-        }
+        """The calibration as a version-2 dict (:mod:`nbce_rag.filtering.calibration_file`)."""
+        return calibration_dict(self)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], *, source: str = "calibration") -> "MarginThreshold":
         """Rebuild a calibration from :meth:`to_dict`'s output. Every field is checked (type,
         finite, cosine range, ``lower <= threshold <= upper``, ``0 <= margin``, an encoder
-        identity present): any problem raises :class:`CorruptFileError` naming the field."""
+        identity present, the keep and support objects of version 2): any problem raises
+        :class:`CorruptFileError` naming the field. Version-1 dicts load as one rule for both
+        decisions."""
         if not isinstance(d, Mapping) or d.get("format") != FORMAT_NAME:
             raise CorruptFileError(f"{source} is not an nbce-rag calibration (format {FORMAT_NAME!r} expected)")
         version = d.get("version")
         if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
             raise CorruptFileError(f"{source} has calibration format version {version}, newer than "
                                    f"this nbce-rag supports ({FORMAT_VERSION}); upgrade nbce-rag")
-        v = _check_calibration_fields(
+        v = check_calibration_dict(
             d, lambda msg: CorruptFileError(f"{source} is malformed: {msg}; recalibrate (nbce-rag calibrate)"))
         return cls(**v)
 
@@ -357,7 +454,7 @@ class MarginThreshold:
         if p.is_dir():
             p = p / CALIBRATION_FILENAME
         d = self.to_dict()
-        _check_calibration_fields(d, lambda msg: CalibrationError(f"cannot save this calibration: {msg}"))
+        check_calibration_dict(d, lambda msg: CalibrationError(f"cannot save this calibration: {msg}"))
         write_json(p, d)
         return p
 
@@ -383,6 +480,47 @@ class MarginThreshold:
         return cls.load(p, encoder=encoder)
 
     # ---------------- reporting ----------------
+    def _report_decisions(self, f: Any) -> List[str]:
+        """The keep and support lines of :meth:`report` (stats are informational: any value that
+        is not a number prints as n/a)."""
+
+        def n(x: Any, spec: str = ".4f") -> str:
+            ok = isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+            return format(x, spec) if ok else "n/a"
+
+        def iv(ci: Mapping[str, Any], key: str, spec: str = ".4f") -> str:
+            v = ci.get(key)
+            return f" [{n(v[0], spec)}, {n(v[1], spec)}]" if v else ""
+
+        out: List[str] = []
+        kp = self.keep
+        ks = kp.stats
+        if kp.method == "recall_first":
+            out.append(f"keep:       macro keep-recall {n(ks.get('keep_recall'), '.1%')}{iv(kp.ci, 'keep_recall', '.1%')} "
+                       f"(target {n(ks.get('recall_target'), '.0%')}, {ks.get('n_answerable')} answerable queries), "
+                       f"{n(ks.get('rows'), '.2f')}{iv(kp.ci, 'rows', '.2f')} rows per query")
+        elif ks.get("keep_recall") is not None:
+            out.append(f"keep:       single {ks.get('objective', '')} rule: macro keep-recall {n(ks.get('keep_recall'), '.1%')}, "
+                       f"{n(ks.get('rows'), '.2f')} rows per query")
+        sp = self.support
+        ss = sp.stats if sp is not None else {}
+        if sp is None or sp.method == "single_rule":
+            out.append(f"support:    s_max >= {f(self.threshold if sp is None else sp.threshold)} (one rule: "
+                       "supported when some candidate is kept)")
+        else:
+            how = (f"flags {n(ss.get('off_topic_flagged'), '.1%')}{iv(sp.ci, 'off_topic_flagged', '.1%')} of "
+                   f"{ss.get('n_off_topic')} off-topic questions (target {n(ss.get('flag_target'), '.0%')})"
+                   if sp.method == "off_topic" else
+                   f"no off-topic questions to measure precision on ({ss.get('n_off_topic', 0)}): the highest cut "
+                   f"keeping {n(ss.get('supported_target'), '.0%')} of in-domain questions supported")
+            out.append(f"support:    s_max >= {f(sp.threshold)}{iv(sp.ci, 'threshold')}   {how}; "
+                       f"in-domain supported {n(ss.get('in_domain_supported'), '.1%')}"
+                       f"{iv(sp.ci, 'in_domain_supported', '.1%')} of {ss.get('n_in_domain')}")
+            if sp.method == "off_topic" and ss.get("supported_target_met") is False:
+                out.append(f"            (below the in-domain target {n(ss.get('supported_target'), '.0%')}: the "
+                           "off-topic target wins; lower flag_target to support more in-domain questions)")
+        return out
+
     def report(self) -> str:
         """A plain-text summary: numbers, band, margin, metrics with confidence intervals."""
 
@@ -395,7 +533,12 @@ class MarginThreshold:
 
         st = self.stats
         lvl = st.get("ci_level", 0.95)
-        if self.margin is None:
+        ks = self.keep.stats
+        if self.keep.method == "recall_first":
+            mdesc = ("no margin (fewest rows without one)" if self.margin is None else
+                     f"q{ks['margin_quantile']} of the gaps s_max - s_relevant, fewest rows at the recall target"
+                     if ks.get("margin_quantile") is not None else "fixed")
+        elif self.margin is None:
             mdesc = "no margin (none improved F1)" if st.get("margin_mode") == "auto" else "no margin"
         elif st.get("margin_quantile") is not None:
             mdesc = (f"q{st['margin_quantile']:g} of the within-query spread of relevant scores "
@@ -409,17 +552,22 @@ class MarginThreshold:
             f"data:       {st.get('n_scores')} scores, {st.get('n_positives')} relevant, "
             f"{st.get('n_negatives')} irrelevant, {st.get('n_queries')} queries"
             + (f" (top-{st['k']} candidates)" if st.get("k") else ""),
-            "rule:       keep iff s >= threshold and s >= s_max(query) - margin",
+            "rule:       keep iff s >= threshold and s >= s_max(query) - margin; "
+            "supported iff s_max(query) >= support threshold",
             f"            [intervals: {int(round(lvl * 100))}% bootstrap over queries, "
             f"{st.get('n_bootstrap_used', st.get('n_bootstrap'))} resamples]",
-            f"threshold:  {f(self.threshold)}{c('threshold')}   best {st.get('objective', 'f1')} of the rule (exact scan given the margin)",
+            f"threshold:  {f(self.threshold)}{c('threshold')}   "
+            + ("keep: recall first (see keep below)" if self.keep.method == "recall_first" else
+               f"best {st.get('objective', 'f1')} of the rule (exact scan given the margin)"),
             f"margin:     {f(self.margin)}{c('margin')}   {mdesc}"
-            + (f"; no margin in {st['margin_none_fraction']:.0%} of resamples" if st.get("margin_none_fraction") else ""),
+            + (f"; no margin in {nf:.0%} of resamples" if (nf := (ks if self.keep.method == "recall_first" else st)
+                                                            .get("margin_none_fraction")) else ""),
             f"band:       [{f(self.lower)}, {f(self.upper)}]   lower: recall >= {st.get('recall_target')} above it"
             f" {c('lower').strip()}; upper: precision >= {st.get('precision_target')} above it {c('upper').strip()}"
             + ("" if st.get("precision_at_upper_reached", True) else " (target never reached: upper is above every score)"),
             f"global t*:  {f(st.get('global_threshold'))}{c('global_threshold')}   best-F1 threshold without margin",
         ]
+        lines += self._report_decisions(f)
         r = st.get("rule") or {}
         g = st.get("global_threshold_metrics") or {}
         if r:
@@ -436,77 +584,21 @@ class MarginThreshold:
 # helpers
 # --------------------------------------------------------------------------------------------
 
-#: how far a stored threshold may lie outside [-1, 1] (float32 cosines of equal texts exceed 1
-#: by rounding, and "above every score" is the next float above the highest one)
-_COSINE_SLACK = 1e-3
-#: stats keys that report() formats as numbers
-_NUMERIC_STATS = ("ci_level", "margin_quantile", "margin_none_fraction", "recall_target", "precision_target",
-                  "global_threshold", "k", "n_scores", "n_positives", "n_negatives", "n_queries",
-                  "n_bootstrap", "n_bootstrap_used", "n_margin_spreads")
-
-
-def _check_calibration_fields(d: Mapping[str, Any], bad: Any) -> Dict[str, Any]:
-    """Check every field of a calibration dict; return ``MarginThreshold`` keyword arguments.
-    ``bad(message)`` makes the exception to raise (CorruptFileError on load, CalibrationError
-    on save)."""
-
-    def number(key: str, value: Any) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise bad(f"{key} must be a finite number (got {value!r})")
-        return float(value)
-
-    def cosine(key: str) -> float:
-        if key not in d:
-            raise bad(f"field {key!r} is missing")
-        x = number(key, d[key])
-        if abs(x) > 1.0 + _COSINE_SLACK:
-            raise bad(f"{key} {x!r} is outside the cosine range [-1, 1]")
-        return x
-
-    version = d.get("version")
-    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
-        raise bad(f"field 'version' must be an integer in [1, {FORMAT_VERSION}] (got {version!r})")
-    ident = d.get("encoder_identity")
-    if not isinstance(ident, str) or not ident.strip():
-        raise bad(f"field 'encoder_identity' must name the encoder the scores came from (got {ident!r}); "
-                  "without it the encoder check is impossible")
-    t, lo, up = cosine("threshold"), cosine("lower"), cosine("upper")
-    if not lo <= t <= up:
-        raise bad(f"the band is inconsistent: need lower <= threshold <= upper, got {lo!r}, {t!r}, {up!r}")
-    m = d.get("margin")
-    if m is not None:
-        m = number("margin", m)
-        if not 0.0 <= m <= 2.0 + _COSINE_SLACK:
-            raise bad(f"margin {m!r} must be in [0, 2] (a difference of cosines), or null for no margin")
-    ci_raw = d.get("ci") or {}
-    if not isinstance(ci_raw, Mapping):
-        raise bad(f"field 'ci' must be an object (got {ci_raw!r})")
-    ci: Dict[str, Optional[Tuple[float, float]]] = {}
-    for k, v in ci_raw.items():
-        if v is None:
-            ci[str(k)] = None
-            continue
-        if not isinstance(v, (list, tuple)) or len(v) != 2:
-            raise bad(f"ci.{k} must be a [low, high] pair or null (got {v!r})")
-        a, b = number(f"ci.{k}[0]", v[0]), number(f"ci.{k}[1]", v[1])
-        if a > b:
-            raise bad(f"ci.{k} has low {a!r} > high {b!r}")
-        ci[str(k)] = (a, b)
-    stats = d.get("stats") or {}
-    if not isinstance(stats, Mapping):
-        raise bad(f"field 'stats' must be an object (got {stats!r})")
-    for k in _NUMERIC_STATS:
-        if stats.get(k) is not None or (k == "ci_level" and k in stats):
-            number(f"stats.{k}", stats[k])
-    for k in ("rule", "global_threshold_metrics"):
-        sub = stats.get(k)
-        if sub is None:
-            continue
-        if not isinstance(sub, Mapping):
-            raise bad(f"stats.{k} must be an object (got {sub!r})")
-        for key in ("precision", "recall", "f1") if sub else ():
-            number(f"stats.{k}.{key}", sub.get(key))
-    return dict(threshold=t, lower=lo, upper=up, margin=m, encoder_identity=ident, ci=ci, stats=dict(stats))
+def _question_maxima(s: np.ndarray, y: np.ndarray, gid: np.ndarray, off_topic_max: Any) -> Tuple[np.ndarray, np.ndarray]:
+    """Best-candidate scores of the queries with a relevant candidate (in-domain) and of those
+    without (off-topic), the latter extended by ``off_topic_max``."""
+    G = int(gid.max()) + 1 if gid.size else 0
+    best = _group_max(s, gid, G)
+    has_rel = np.bincount(gid[y > 0], minlength=G) > 0
+    seen = np.bincount(gid, minlength=G) > 0
+    off = best[seen & ~has_rel]
+    if off_topic_max is not None:
+        extra = np.asarray(off_topic_max, dtype=np.float64).ravel()
+        if extra.size and not np.all(np.isfinite(extra)):
+            raise CalibrationError("off_topic_max holds NaN or infinite scores; give each off-topic question's "
+                                   "best candidate cosine")
+        off = np.concatenate([off, extra])
+    return best[seen & has_rel], off
 
 
 def _search_all(index: Any, texts: List[str], k: int, show_progress: bool) -> List[List[Passage]]:
@@ -536,51 +628,3 @@ def _relevance(rel: Mapping[str, float], hit: Passage) -> float:
     return float(rel.get(key, 0) or 0) if key is not None else 0.0
 
 
-def plot_distributions(
-    th: MarginThreshold,
-    path: PathLike,
-    scores: Any = None,
-    labels: Any = None,
-    *,
-    title: Optional[str] = None,
-) -> Path:
-    """Write a PNG of the relevant and irrelevant score distributions with ``lower``,
-    ``threshold`` and ``upper`` drawn (and the margin below the median best candidate)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if scores is None:
-        if th.data is None:
-            raise CalibrationError("no calibration data to plot: pass scores and labels")
-        scores, labels = th.data["scores"], th.data["labels"]
-    s, y = _as_arrays(scores, labels)
-    fig, ax = plt.subplots(figsize=(7.5, 4.2), dpi=120)
-    bins = np.linspace(float(s.min()), float(s.max()), 50)
-    ax.hist(s[y == 0], bins=bins, density=True, alpha=0.55, color="tab:gray",
-            label=f"irrelevant (n={int((y == 0).sum())})")
-    ax.hist(s[y > 0], bins=bins, density=True, alpha=0.55, color="tab:green",
-            label=f"relevant (n={int((y > 0).sum())})")
-    ax.axvspan(th.lower, th.upper, color="tab:orange", alpha=0.12, label="uncertainty band")
-    ax.axvline(th.lower, color="tab:orange", ls="--", lw=1.2, label=f"lower {th.lower:.3f}")
-    ax.axvline(th.threshold, color="tab:red", lw=1.8, label=f"threshold {th.threshold:.3f}")
-    gt = th.stats.get("global_threshold")
-    if gt is not None and abs(gt - th.threshold) > 1e-9:
-        ax.axvline(gt, color="tab:purple", lw=1.2, label=f"global t* (no margin) {gt:.3f}")
-    ax.axvline(th.upper, color="tab:orange", ls="-.", lw=1.2, label=f"upper {th.upper:.3f}")
-    if th.threshold_ci:
-        ax.axvspan(*th.threshold_ci, color="tab:red", alpha=0.15, label="threshold 95% CI")
-    ax.set_xlabel("cosine score")
-    ax.set_ylabel("density")
-    m = "none" if th.margin is None else f"{th.margin:.3f}"
-    rule = f"rule: keep iff s >= {th.threshold:.3f} and s >= s_max - {m}"
-    ax.set_title(f"{title or 'Calibration: relevant vs irrelevant scores'}\n{rule}", fontsize=9.5)
-    ax.legend(fontsize=7.5, loc="upper left")
-    fig.tight_layout()
-    out = Path(path)
-    try:
-        atomic_write(out, lambda tmp: fig.savefig(tmp, format="png"))
-    finally:
-        plt.close(fig)
-    return out
