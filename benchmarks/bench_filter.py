@@ -427,14 +427,32 @@ def stage_hotpot(args) -> Dict[str, Any]:
 
 
 def _stage_prior(args) -> Dict[str, Any]:
-    """Write the shipped prior (nbce_rag/filtering/priors/) with the package recipe on cached embeddings."""
+    """Write the shipped prior (nbce_rag/filtering/priors/) with the package recipe on cached
+    embeddings. ``--objective``: the one-rule prior of issue 15; otherwise both decisions (issue
+    23), their targets chosen by bench_filter_decisions.choose_targets on the calibration splits."""
     import bench_filter_labelfree as lf
 
-    th = lf.build_shipped_prior(args)
     out = ROOT / "nbce_rag" / "filtering" / "priors" / "all-MiniLM-L6-v2.json"
+    if args.objective:
+        th = lf.build_shipped_prior(args)
+        th.save(out)
+        print(th.report())
+        return {"stage": "labelfree-prior", "written": str(out.relative_to(ROOT)), "calibration": th.to_dict()}
+    import bench_filter_decisions as bd
+    from nbce_rag.filtering.prior import build_prior
+
+    choice = bd.choose_targets(args)
+    enc = lf.load_encoder(args.encoder)
+    cache = lf._cache(args, enc)
+    th = build_prior(enc, args.data, k=args.k, encode=cache.encode, n_bootstrap=args.bootstrap,
+                     keep_recall_target=choice["keep_recall_target"], flag_target=choice["flag_target"])
+    th.stats["prior"]["targets_chosen_by"] = ("benchmarks/bench_filter.py labelfree-prior: highest keep-recall target "
+                                              "with rows <= 60% of k, highest flag target with >= 95% in-domain "
+                                              "supported (calibration splits)")
     th.save(out)
     print(th.report())
-    return {"stage": "labelfree-prior", "written": str(out.relative_to(ROOT)), "calibration": th.to_dict()}
+    return {"stage": "labelfree-prior", "written": str(out.relative_to(ROOT)), "choice": choice,
+            "calibration": th.to_dict()}
 
 
 def _labelfree(name: str):

@@ -200,6 +200,7 @@ def stage_decisions(args) -> Dict[str, Any]:
                   + "; ".join(f"{ds} R {r['datasets'][ds]['prior']['keep_recall']:.3f} rows {r['datasets'][ds]['prior']['rows']:.2f}"
                               f" LODO-lab {r['datasets'][ds].get('lodo_minus_labelled_recall', float('nan')):+.3f}"
                               for ds in DATASETS), flush=True)
+    res["api_check"] = api_check(cand)
     # ---- support: in-domain vs off-topic best-candidate scores
     sup: Dict[str, Any] = {}
     for sp in ("cal", "eval"):
@@ -243,6 +244,36 @@ def stage_decisions(args) -> Dict[str, Any]:
     res["seconds"] = time.time() - t0
     plot_decisions(res, RESULTS / "filter_decisions.png")
     return res
+
+
+def api_check(cand) -> Dict[str, Any]:
+    """The package's keep calibration (``nbce_rag.filtering.decisions.calibrate_keep``) against
+    the NumPy reference above, on the pooled calibration splits: same keep masks on every
+    evaluation split?"""
+    try:
+        from nbce_rag.filtering.decisions import calibrate_keep as api_calibrate_keep
+        from nbce_rag.filtering.decisions import keep_mask as api_keep_mask
+    except ImportError as e:
+        return {"available": False, "why": str(e)}
+    S, Y = _pool(cand, DATASETS, "cal")
+    G = np.repeat(np.arange(S.shape[0]), S.shape[1])
+    out: Dict[str, Any] = {"available": True, "targets": {}}
+    for target in KEEP_TARGETS:
+        api = api_calibrate_keep(S.ravel(), Y.ravel(), G, recall_target=target, n_bootstrap=0)
+        ref = calibrate_keep(S, Y, target)
+        same = {}
+        for ds in DATASETS:
+            Se = cand[ds, "eval"]["S"]
+            ka = api_keep_mask(Se.ravel(), np.repeat(np.arange(Se.shape[0]), Se.shape[1]), api["threshold"],
+                               api["margin"]).reshape(Se.shape)
+            same[ds] = float((ka == keep_mask(Se, ref[0], ref[1])).all(1).mean())
+        out["targets"][str(target)] = {"api": {"threshold": api["threshold"], "margin": api["margin"],
+                                               "rows_cal": api["stats"]["rows"]},
+                                       "reference": {"threshold": ref[0], "margin": ref[1], "rows_cal": ref[2]},
+                                       "questions_with_identical_keep_mask": same}
+        print(f"api check {target}: api t={api['threshold']:.4f} m={api['margin']} ref t={ref[0]:.4f} m={ref[1]} "
+              f"identical masks {same}", flush=True)
+    return out
 
 
 def plot_decisions(res: Dict[str, Any], path: Path) -> None:
@@ -452,3 +483,67 @@ def stage_repetition(args) -> Dict[str, Any]:
     return {"stage": "repetition", "dtype": args.dtype, "max_new_tokens": args.max_new_tokens,
             "n_distractors": args.n_distractors, "n_questions_per_set": args.n_questions, "datasets": dss,
             "decoder": dec.name, "machine": machine(), "summary": summ, "answers": per, "seconds": time.time() - t0}
+
+
+# ============================================================================ stage: labelfree-prior (item 3)
+
+
+def choose_targets(args, rows_share: float = 0.6) -> Dict[str, Any]:
+    """Issue 23's rule for the defaults, on the calibration splits only (top ``--k``), through the
+    package's own calibration (:mod:`nbce_rag.filtering.decisions`):
+
+    * ``keep``: the highest macro keep-recall target of :data:`KEEP_TARGETS` whose rows per
+      question stay <= ``rows_share`` of no filter's (``k``);
+    * ``support``: the highest ``flag_target`` (0.90 ... 0.99) whose fit keeps >= 95% of the
+      in-domain (answerable) questions supported; off-topic = every data set's questions against
+      every other data set's passages (as ``build_prior``)."""
+    from nbce_rag.filtering.decisions import calibrate_keep as api_keep
+    from nbce_rag.filtering.decisions import calibrate_support
+
+    enc = load_encoder(args.encoder)
+    cache = _cache(args, enc)
+    k = args.k
+    sets = {ds: load_labelled(Path(args.data), ds, "cal") for ds in DATASETS}
+    cand = {ds: candidates(sets[ds], cache.encode, k, n_queries=QUERIES, seed=args.seed) for ds in DATASETS}
+    S = np.concatenate([cand[d]["S"] for d in DATASETS])
+    Y = np.concatenate([cand[d]["Y"] for d in DATASETS])
+    G = np.repeat(np.arange(S.shape[0]), k)
+    keep_rows = []
+    for t in KEEP_TARGETS:
+        r = api_keep(S.ravel(), Y.ravel(), G, recall_target=t, n_bootstrap=0)
+        per = {}
+        for d in DATASETS:
+            km = keep_mask(cand[d]["S"], r["threshold"], r["margin"])
+            per[d] = {"keep_recall": macro_recall(km, cand[d]["Y"]), "rows": float(km.sum(1).mean())}
+        keep_rows.append({"target": t, "threshold": r["threshold"], "margin": r["margin"], "rows": r["stats"]["rows"],
+                          "keep_recall": r["stats"]["keep_recall"], "per_dataset": per,
+                          "rows_ok": r["stats"]["rows"] <= rows_share * k})
+    ok = [r for r in keep_rows if r["rows_ok"]]
+    keep_choice = max(ok, key=lambda r: r["target"])["target"] if ok else min(KEEP_TARGETS)
+    ind = np.concatenate([cand[d]["S"][:, 0][cand[d]["Y"].sum(1) > 0] for d in DATASETS])
+    unans = np.concatenate([cand[d]["S"][:, 0][cand[d]["Y"].sum(1) == 0] for d in DATASETS])
+    off = [unans]
+    for a in DATASETS:
+        for b in DATASETS:
+            if a != b:
+                off.append(candidates(sets[b], cache.encode, k, n_queries=QUERIES, seed=args.seed,
+                                      passage_vectors=cand[b]["P"], queries_from=sets[a])["S"][:, 0])
+    off_all = np.concatenate(off)
+    sup_rows = []
+    for f in np.round(np.arange(0.90, 0.995, 0.01), 2):
+        r = calibrate_support(ind, off_all, flag_target=float(f), n_bootstrap=0)
+        sup_rows.append({"flag_target": float(f), "threshold": r["threshold"],
+                         "in_domain_supported": r["stats"]["in_domain_supported"],
+                         "off_topic_flagged": r["stats"]["off_topic_flagged"]})
+    good = [r for r in sup_rows if r["in_domain_supported"] >= 0.95]
+    flag_choice = max(good, key=lambda r: r["flag_target"])["flag_target"] if good else 0.9
+    for r in keep_rows:
+        print(f"keep target {r['target']}: t={r['threshold']:.3f} m={r['margin']} rows(cal) {r['rows']:.2f} "
+              f"recall {r['keep_recall']:.3f} " + " ".join(f"{d} {v['keep_recall']:.2f}/{v['rows']:.1f}"
+                                                           for d, v in r["per_dataset"].items()), flush=True)
+    for r in sup_rows:
+        print(f"flag target {r['flag_target']}: t={r['threshold']:.3f} supported {r['in_domain_supported']:.3f} "
+              f"flagged {r['off_topic_flagged']:.3f}", flush=True)
+    print(f"chosen: keep_recall_target {keep_choice}, flag_target {flag_choice}", flush=True)
+    return {"k": k, "rows_share_bound": rows_share, "keep": keep_rows, "support": sup_rows,
+            "keep_recall_target": keep_choice, "flag_target": flag_choice}

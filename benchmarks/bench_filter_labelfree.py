@@ -50,7 +50,10 @@ def _sets(data: Path) -> Dict[str, Dict[str, LabelledSet]]:
 
 def _cache(args, enc, part: str = ""):
     """The embedding cache; ``part`` names a second file a parallel encode job writes (read too)."""
+    import os
+
     key = hashlib.sha1(enc.identity.encode()).hexdigest()[:12]
+    part = part or os.environ.get("LABELFREE_CACHE_PART", "")  # a job running beside another writes its own file
     c = EmbCache(enc, Path(args.cache) / f"labelfree_emb_{key}{part}.npz")
     for extra in sorted(Path(args.cache).glob(f"labelfree_emb_{key}_*.npz")):
         if extra != c.path:
@@ -284,11 +287,13 @@ def answer_memo(args, dec):
             o = json.loads(line)
             memo[o["key"]] = o["text"]
 
-    def gen(q: str, texts: List[str]) -> str:
+    def gen(q: str, texts: List[str], scores: Optional[List[float]] = None) -> str:
+        """``scores``: the retriever's cosines (what the pipeline passes); ``None``: the decoder scores them."""
         key = hashlib.sha1(json.dumps([q, texts, opts]).encode()).hexdigest()
         if key not in memo:
+            sc = [None] * len(texts) if scores is None else [float(x) for x in scores]
             with torch.inference_mode():
-                memo[key] = dec.generate(q, [Passage(text=t) for t in texts], **opts).text
+                memo[key] = dec.generate(q, [Passage(text=t, score=x) for t, x in zip(texts, sc)], **opts).text
             with open(memo_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps({"key": key, "text": memo[key]}) + "\n")
         return memo[key]
@@ -372,7 +377,9 @@ def stage_e2e(args) -> Dict[str, Any]:
                     if name == "new default" and not sel:
                         a = ""  # nothing kept: the new default abstains (counted wrong), never closed-book
                     else:
-                        a = gen(ls.queries[q], [ls.passages[r] for r in sel])
+                        qv = cache.encode([ls.queries[q]])[0]
+                        qv = qv / np.linalg.norm(qv)
+                        a = gen(ls.queries[q], [ls.passages[r] for r in sel], [float(c["P"][r] @ qv) for r in sel])
                     per[q] = {"correct": bool(correct(a, ls.answers[q])), "rows": len(sel),
                               "gold_kept": bool(any(r in ls.qrels[q] for r in sel)), "answer": a}
                 done = list(per.values())
