@@ -13,6 +13,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 from nbce_rag.errors import ConfigError
 
 DEFAULT_PROMPT_TEMPLATE = "{passage}\n\nAnswer briefly: {question}"
+#: What the pipeline answers when no passage passes the filter (:attr:`NBCEConfig.on_unsupported`).
+ON_UNSUPPORTED = ("abstain", "closed_book")
 
 
 @dataclass
@@ -68,6 +70,14 @@ class NBCEConfig:
             each). None = as much as the model's window leaves after the prompt and answer.
         window_overlap: tokens shared by consecutive windows of a split passage.
 
+    Unsupported questions (read by :class:`~nbce_rag.pipeline.RAGPipeline`; the decoder ignores it):
+        on_unsupported: what to answer when no candidate passes the filter's ``keep`` rule:
+            ``"abstain"`` (default: a plain answer saying nothing in the documents answers the
+            question; no decoding, no invented answer) or ``"closed_book"`` (the model answers
+            alone). Either way the answer is flagged ``supported=False``. Questions some
+            candidates pass ``keep`` for are answered from them, flagged unsupported when the
+            best one fails ``support``.
+
     Speed:
         compile: the decode steps over a static KV cache bucketed in rows and length, under
             ``torch.compile(mode="reduce-overhead")`` (CUDA graphs on a GPU; see
@@ -102,6 +112,7 @@ class NBCEConfig:
     max_passage_tokens: Optional[int] = None
     window_overlap: int = 32
     compile: Any = False
+    on_unsupported: str = "abstain"
 
     def validate(self) -> "NBCEConfig":
         """Check every option (types, finite numbers in range: see :data:`NUMERIC_OPTIONS`) and
@@ -129,6 +140,9 @@ class NBCEConfig:
             self.suppress_tokens = validate_token_lists("suppress_tokens", self.suppress_tokens, nested=False)
         except ValueError as e:
             raise bad(str(e)) from None
+        if self.on_unsupported not in ON_UNSUPPORTED:
+            raise bad(f"on_unsupported must be one of {', '.join(map(repr, ON_UNSUPPORTED))} "
+                      f"(got {_show(self.on_unsupported)})")
         if self.compile not in (False, True, "auto", "static"):
             raise bad(f"compile must be False, True, 'auto' (CUDA only) or 'static' (got {_show(self.compile)})")
         if isinstance(self.stop, str):

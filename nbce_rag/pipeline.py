@@ -1,29 +1,77 @@
 """RAGPipeline: retrieve -> filter -> decode, in one direction.
 
     question ──> index.search (top-k candidates, canonical cosine)
-             ──> MarginThreshold.filter (kept passages, or none)   [nbce_rag.retrieval.selection.select]
+             ──> MarginThreshold.filter: keep (the rows) and support (is it answerable)
+                                                                 [nbce_rag.retrieval.selection.select]
              ──> NBCEDecoder.stream (one row per kept passage)
              ──> Answer(text, per-token sources, sources with scores and shares, supported)
 
-When the filter keeps nothing, the question is answered closed-book and the answer is flagged
-``supported=False``; there is never a silent fall-back to the top-k candidates.
+The two decisions of the filter reach the answer apart:
+
+* some candidates pass ``keep``: they are decoded; ``Answer.supported`` is the ``support``
+  decision (the best candidate's score against the support threshold), so a question with a
+  weak best candidate is still answered from it, flagged unsupported;
+* nothing passes ``keep``: with ``on_unsupported="abstain"`` (the default,
+  :attr:`NBCEConfig.on_unsupported`) the answer says plainly that nothing in the documents
+  answers the question (:data:`ABSTAIN_TEXT`; no decoding, ``answered_from="abstained"``); with
+  ``"closed_book"`` the model answers alone (``answered_from="closed_book"``). Both are
+  flagged ``supported=False``; there is never a silent fall-back to the top-k candidates;
+* passages the caller gives (``ask(q, passages=...)``, a request's ``documents``) are never all
+  dropped in silence: when none passes ``keep``, the best-scoring one is decoded anyway, the
+  answer is flagged unsupported and ``Answer.notes`` says so.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, List, Optional, Sequence
 
+from nbce_rag.config import ON_UNSUPPORTED
 from nbce_rag.decoding.decoder import NBCEDecoder
+from nbce_rag.errors import ConfigError
 from nbce_rag.retrieval.selection import Selection, check_k, select
-from nbce_rag.types import Answer, Passage, StreamEvent, as_passage
+from nbce_rag.types import Answer, DroppedHit, Passage, StreamEvent, as_passage
 
 if TYPE_CHECKING:  # pragma: no cover
     from nbce_rag.decoding.decoder import DecodeState
     from nbce_rag.decoding.scheduler import SchedulerConfig
 
 logger = logging.getLogger(__name__)
+
+#: The answer when nothing in the index passes the filter and ``on_unsupported="abstain"``.
+ABSTAIN_TEXT = "Nothing in the documents answers this question."
+
+
+@dataclass
+class Plan:
+    """What the pipeline will do for one question: the rows, the filter's decisions and how
+    the answer is made (see the module docstring). Made by :meth:`RAGPipeline.plan`."""
+
+    kept: List[Passage]
+    dropped: List[DroppedHit]
+    supported: bool
+    support_score: Optional[float] = None
+    support_threshold: Optional[float] = None
+    answered_from: str = "passages"  #: "passages" | "abstained" | "closed_book"
+    notes: List[str] = field(default_factory=list)
+    calibration: Optional[str] = None
+
+    def apply(self, answer: Answer) -> Answer:
+        """Set the plan's flags on the final answer."""
+        answer.supported = self.supported
+        answer.dropped = list(self.dropped)
+        answer.calibration = self.calibration
+        answer.support_score, answer.support_threshold = self.support_score, self.support_threshold
+        answer.answered_from, answer.notes = self.answered_from, list(self.notes)
+        return answer
+
+    def abstention(self) -> StreamEvent:
+        """The final event of an abstained question (no decoding)."""
+        ans = self.apply(Answer(text=ABSTAIN_TEXT, token_ids=[], token_sources=[], sources=[], finish_reason="stop",
+                                supported=False))
+        return StreamEvent(ABSTAIN_TEXT, None, None, "stop", ans)
 
 
 class RAGPipeline:
@@ -146,19 +194,68 @@ class RAGPipeline:
                       rescore=self.threshold is not None and self.index is not None)
 
     # ------------------------------------------------------------------ answering
+    def plan(self, question: str, passages: Optional[Iterable[Any]] = None, k: Optional[int] = None, *,
+             on_unsupported: Optional[str] = None) -> Plan:
+        """Retrieve (or take ``passages``), filter, and decide how the answer is made: the
+        rows, ``supported`` (the filter's support decision, and some passage kept),
+        ``answered_from`` and notes. No model call. See the module docstring."""
+        mode = on_unsupported or self.decoder.config.on_unsupported
+        if mode not in ON_UNSUPPORTED:
+            raise ConfigError(f"on_unsupported must be one of {', '.join(map(repr, ON_UNSUPPORTED))} (got {mode!r})")
+        given = passages is not None
+        sel = self.select(question, passages, k)
+        kept, dropped, res = list(sel.kept), list(sel.dropped), sel.result
+        plan = Plan(list(kept), list(dropped), bool(kept), calibration=self.calibration)
+        if res is not None:
+            plan.supported = bool(res.supported) and bool(kept)
+            plan.support_score, plan.support_threshold = res.support_score, res.support_threshold
+        if given and not kept and dropped:
+            # passages the caller sent are never all dropped in silence: decode the best one, flagged
+            best = max(dropped, key=lambda d: float("-inf") if d.score is None else d.score)
+            plan.dropped.remove(best)
+            plan.kept = [best.hit]
+            plan.supported = False
+            plan.notes.append(
+                f"none of the {len(dropped)} passages given passed the filter's keep rule ({best.reason}); "
+                "the best-scoring one was decoded anyway and the answer is flagged unsupported")
+        elif kept and res is not None and not res.supported:
+            plan.notes.append(
+                f"the best candidate scores {_num(res.support_score)}, below the support threshold "
+                f"{_num(res.support_threshold)}: answered from the {len(kept)} passage(s) that passed the keep rule, "
+                "flagged unsupported")
+        if not plan.kept:
+            plan.supported = False
+            if given and not dropped:
+                plan.answered_from = "closed_book"
+                plan.notes.append("no passage was given: the model answered alone")
+            elif mode == "abstain":
+                plan.answered_from = "abstained"
+                plan.notes.append("no candidate passed the filter's keep rule: nothing in the documents answers this "
+                                  "question (on_unsupported='closed_book' lets the model answer alone, flagged)")
+            else:
+                plan.answered_from = "closed_book"
+                plan.notes.append("no candidate passed the filter's keep rule: the model answered alone "
+                                  "(on_unsupported='closed_book'); this answer is not from the documents")
+        return plan
+
     def stream(self, question: str, passages: Optional[Iterable[Any]] = None, *, k: Optional[int] = None,
                **options: Any) -> Iterator[StreamEvent]:
         """Retrieve, filter and decode, streaming. The last event's ``answer`` has
-        ``supported`` and ``dropped`` set. ``options`` are :class:`NBCEConfig` fields."""
+        ``supported``, ``dropped``, ``calibration``, ``support_score`` / ``support_threshold``,
+        ``answered_from`` and ``notes`` set. ``options`` are :class:`NBCEConfig` fields
+        (``on_unsupported`` included)."""
         NBCEDecoder._check_question(question)
-        kept, dropped = self.select(question, passages, k)
-        if not kept:
+        plan = self.plan(question, passages, k, on_unsupported=options.get("on_unsupported"))
+        if plan.answered_from == "abstained":
+            self.decoder.config.update(**options)  # the options are checked as when decoding
+            logger.info("no passage passed the filter: abstaining (unsupported)")
+            yield plan.abstention()
+            return
+        if not plan.kept:
             logger.info("no passage passed the filter: answering closed-book (unsupported)")
-        for ev in self.decoder.stream(question, kept, **options):
+        for ev in self.decoder.stream(question, plan.kept, **options):
             if ev.answer is not None:
-                ev.answer.supported = bool(kept)
-                ev.answer.dropped = dropped
-                ev.answer.calibration = self.calibration
+                plan.apply(ev.answer)
             yield ev
 
     def answer_stream(self, question: str, passages: Optional[Iterable[Any]] = None, *, retrieve: bool = False,
@@ -196,16 +293,15 @@ class RAGPipeline:
               **options: Any) -> "DecodeState":
         """Retrieve and filter now, and return the decoder's :class:`DecodeState` for the kept
         passages (nothing is run on the model yet): the unit a :class:`StepScheduler` decodes.
-        Its final answer gets ``supported`` and ``dropped`` as in :meth:`stream`."""
+        Its final answer gets the flags of :meth:`stream`. An abstained question is a state
+        with its answer preset (``state.preset``): the scheduler emits it without a model call."""
         NBCEDecoder._check_question(question)
-        kept, dropped = self.select(question, passages, k)
-        state = self.decoder.start(question, kept, **options)
-
-        def finalize(answer: Answer) -> None:
-            answer.supported = bool(kept)
-            answer.dropped = dropped
-
-        state.finalize = finalize
+        plan = self.plan(question, passages, k, on_unsupported=options.get("on_unsupported"))
+        abstain = plan.answered_from == "abstained"
+        state = self.decoder.start(question, [] if abstain else plan.kept, **options)
+        if abstain:
+            state.preset = plan.abstention()
+        state.finalize = plan.apply
         return state
 
     def batch(self, questions: Sequence[str], passages: Optional[Sequence[Optional[Iterable[Any]]]] = None, *,
@@ -265,6 +361,10 @@ def _log_once(level: int, msg: str, *args: Any) -> None:
     if key not in _LOGGED:
         _LOGGED.add(key)
         logger.log(level, msg, *args)
+
+
+def _num(x: Optional[float]) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
 
 
 def _describe(threshold: Any) -> str:

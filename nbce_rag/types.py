@@ -260,10 +260,18 @@ class Answer:
     prompt_tokens: int = 0  #: tokens prefilled over all rows
     cached_tokens: int = 0  #: of prompt_tokens, those taken from the passage KV cache (not recomputed)
     completion_tokens: int = 0
-    supported: bool = True  #: False when no passage backed the answer (closed-book)
+    #: the filter's ``support`` decision (the best candidate's score ``support_score`` >=
+    #: ``support_threshold``) and some passage was decoded; without a filter: some passage was given
+    supported: bool = True
     dropped: List[DroppedHit] = field(default_factory=list)  #: filter decisions, set by the pipeline
     #: which calibration filtered (labelled / synthetic / prior / none), set by the pipeline
     calibration: Optional[str] = None
+    support_score: Optional[float] = None  #: s_max, the score the support decision read (None: no filter ran)
+    support_threshold: Optional[float] = None  #: the support rule's threshold (None: no filter ran)
+    #: "passages" (decoded from passages), "abstained" (nothing passed the filter: no decoding, the
+    #: answer says so) or "closed_book" (the model alone: nothing passed, or no passage was given)
+    answered_from: str = "passages"
+    notes: List[str] = field(default_factory=list)  #: what the pipeline did that the caller should know
 
     @property
     def cited(self) -> List[SourceInfo]:
@@ -282,16 +290,31 @@ class Answer:
             "prompt_tokens_details": {"cached_tokens": int(self.cached_tokens)},
         }
 
-    def metadata(self) -> Dict[str, Any]:
-        """What the answer says about its grounding, as plain JSON-able data: ``supported``,
-        ``sources`` (score, tokens, share, initial and final pooling weight per passage), ``dropped``
-        (the filter's decisions), ``token_sources`` and ``calibration`` (which calibration filtered)."""
+    def grounding(self) -> Dict[str, Any]:
+        """The filter's decisions for this answer, as plain data: ``supported``,
+        ``support_score`` / ``support_threshold`` (the support rule), ``calibration`` (which
+        calibration decided), ``answered_from``, ``kept`` (passages decoded), ``dropped`` (how many)
+        and ``notes``."""
         return {
-            "supported": self.supported,
+            "supported": bool(self.supported),
+            "support_score": self.support_score,
+            "support_threshold": self.support_threshold,
+            "calibration": self.calibration,
+            "answered_from": self.answered_from,
+            "kept": len(self.sources),
+            "dropped": len(self.dropped),
+            "notes": list(self.notes),
+        }
+
+    def metadata(self) -> Dict[str, Any]:
+        """What the answer says about its grounding, as plain JSON-able data: :meth:`grounding`'s
+        fields, with ``sources`` (score, tokens, share, initial and final pooling weight per
+        passage), ``dropped`` (the filter's decisions, one per candidate) and ``token_sources``."""
+        return {
+            **self.grounding(),
             "sources": [s.to_dict() for s in self.sources],
             "dropped": [_dropped_dict(x) for x in self.dropped],
             "token_sources": list(self.token_sources),
-            "calibration": self.calibration,
         }
 
     def to_dict(self) -> Dict[str, Any]:

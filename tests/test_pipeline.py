@@ -8,6 +8,8 @@ import pytest
 
 from nbce_rag import EncoderMismatchError, MarginThreshold, Passage, RAGPipeline, VectorIndex
 from nbce_rag.cli import main
+from nbce_rag.errors import ConfigError
+from nbce_rag.pipeline import ABSTAIN_TEXT
 
 from conftest import DOCS, N, Q, Q_NONE  # noqa: E402
 
@@ -62,15 +64,23 @@ def test_outside_margin_reason(tiny_chat_decoder, index, encoder):
     assert all(best - d.score > 0.1 and "margin 0.1000" in d.reason for d in dropped)
 
 
-def test_closed_book_unsupported_when_filter_keeps_nothing(rag):
+def test_abstains_or_closed_book_when_filter_keeps_nothing(rag):
     kept, dropped = rag.select(Q_NONE)
     assert kept == [] and len(dropped) == 5
+    # default: abstain -- a plain answer, no decoding, no invented answer
     ans = rag.ask(Q_NONE, max_new_tokens=N)
-    assert ans.supported is False
-    assert ans.sources == [] and set(ans.token_sources) == {-1}
-    assert len(ans.dropped) == 5
-    # closed-book: exactly the no-passage answer, never the top-k candidates
-    assert ans.text == rag.decoder.generate(Q_NONE, [], max_new_tokens=N).text
+    assert ans.supported is False and ans.answered_from == "abstained"
+    assert ans.text == ABSTAIN_TEXT and ans.token_ids == [] and ans.sources == [] and ans.completion_tokens == 0
+    assert len(ans.dropped) == 5 and ans.notes and ans.calibration == rag.calibration
+    assert ans.support_score == max(d.score for d in dropped) and ans.support_threshold == 0.35
+    assert ans.grounding()["answered_from"] == "abstained" and ans.metadata()["dropped"][0]["code"]
+    # closed-book when asked: exactly the no-passage answer, never the top-k candidates, flagged
+    cb = rag.ask(Q_NONE, max_new_tokens=N, on_unsupported="closed_book")
+    assert cb.supported is False and cb.answered_from == "closed_book" and "not from the documents" in cb.notes[0]
+    assert cb.sources == [] and set(cb.token_sources) == {-1} and len(cb.dropped) == 5
+    assert cb.text == rag.decoder.generate(Q_NONE, [], max_new_tokens=N).text
+    with pytest.raises(ConfigError, match="on_unsupported"):
+        rag.ask(Q_NONE, on_unsupported="guess")
 
 
 def test_stream_text_equals_ask(rag):
@@ -103,9 +113,16 @@ def test_passages_path_rescores_and_filters(rag, encoder):
     assert [p.id for p in kept3] == ["a"]
     with pytest.raises(TypeError, match="list of passages"):
         rag.select(Q, passages=DOCS[0])
-    # nothing relevant among the given passages -> closed-book
-    none = rag.ask(Q, passages=[DOCS[3], DOCS[5]], max_new_tokens=N)
-    assert none.supported is False and len(none.dropped) == 2
+    # nothing relevant among the given passages: they are not all dropped in silence -- the best
+    # one is decoded, the answer is flagged unsupported and says why
+    given2 = [DOCS[3], DOCS[5]]
+    _, dropped2 = rag.select(Q, passages=given2)
+    best = max(dropped2, key=lambda d: d.score)
+    none = rag.ask(Q, passages=given2, max_new_tokens=N)
+    assert none.supported is False and none.answered_from == "passages"
+    assert [s.text for s in none.sources] == [best.hit.text] and len(none.dropped) == 1
+    assert "none of the 2 passages given passed" in none.notes[0]
+    assert none.text == rag.decoder.generate(Q, [best.hit], max_new_tokens=N).text
 
 
 def test_passages_without_filter_go_through(tiny_chat_decoder, index):
@@ -227,3 +244,17 @@ def test_langchain_style_document_score_in_metadata_is_read():
         metadata = {"score": 0.42}
 
     assert as_passage(Doc()).score == 0.42
+
+
+def test_batch_and_step_api_carry_both_decisions(rag):
+    """An abstained question in a batch is answered without a model call (its state is preset);
+    the others decode as with ask; every answer carries the filter's flags."""
+    got = rag.batch([Q, Q_NONE, Q], max_new_tokens=N)
+    alone = [rag.ask(q, max_new_tokens=N) for q in (Q, Q_NONE)]
+    assert [a.text for a in got] == [alone[0].text, alone[1].text, alone[0].text]
+    assert got[1].answered_from == "abstained" and got[1].text == ABSTAIN_TEXT and not got[1].supported
+    assert got[0].supported and got[0].support_score == alone[0].support_score and got[0].calibration == rag.calibration
+    state = rag.start(Q_NONE)
+    assert state.preset is not None and state.n_rows == 1  # nothing to decode but the prompt row
+    cb = rag.batch([Q_NONE], max_new_tokens=N, on_unsupported="closed_book")[0]
+    assert cb.answered_from == "closed_book" and cb.text == rag.decoder.generate(Q_NONE, [], max_new_tokens=N).text

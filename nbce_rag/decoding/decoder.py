@@ -75,6 +75,9 @@ class DecodeState:
     done: bool = False
     answer: Optional[Answer] = None
     finalize: Optional[Callable[[Answer], None]] = None  #: called on the final Answer (e.g. the pipeline's flags)
+    #: a final event decided before decoding (the pipeline's abstention): no row is run, a
+    #: scheduler emits it as it is (:meth:`NBCEDecoder.settle`)
+    preset: Optional[StreamEvent] = None
     tokens: List[int] = field(default_factory=list)
     sources: List[int] = field(default_factory=list)
     emitted: int = 0
@@ -586,6 +589,17 @@ class NBCEDecoder:
             return events
         events.append(self.finish(state, finish))
         return events
+
+    def settle(self, state: DecodeState) -> StreamEvent:
+        """End a state whose answer was decided before decoding (``state.preset``) and return
+        that final event; no model call."""
+        ev = state.preset
+        if ev is None or ev.answer is None:
+            raise ValueError("settle() needs a state with a preset final event (an Answer)")
+        if state.finalize is not None:
+            state.finalize(ev.answer)
+        state.done, state.answer, state.token, state.logits, state.groups = True, ev.answer, None, None, []
+        return ev
 
     def finish(self, state: DecodeState, reason: str) -> StreamEvent:
         """End ``state`` now (``reason``: "stop", "length", or e.g. "cancelled") and return its

@@ -261,6 +261,7 @@ class StepScheduler:
         self.batch = DecodeBatch(decoder, self.config.lane_rows)
         self.waiting: Deque[DecodeState] = deque()
         self.prefilling: Deque[DecodeState] = deque()
+        self.settled: Deque[DecodeState] = deque()  #: states with a preset answer (no row to run)
         self.steps = 0
         self._served: Dict[int, int] = {}  # iteration of each prefilling state's last chunk
         self._admitted: Dict[int, int] = {}
@@ -272,7 +273,7 @@ class StepScheduler:
 
     @property
     def busy(self) -> bool:
-        return bool(self.waiting or self.prefilling or len(self.batch))
+        return bool(self.waiting or self.prefilling or self.settled or len(self.batch))
 
     @property
     def free(self) -> int:
@@ -283,12 +284,15 @@ class StepScheduler:
         """Queue a state from :meth:`NBCEDecoder.start` for admission at the next step."""
         if state.done:
             raise ValueError("this state is already done")
+        if state.preset is not None:  # answered before decoding (the pipeline's abstention)
+            self.settled.append(state)
+            return
         self.waiting.append(state)
 
     def remove(self, state: DecodeState, reason: Optional[str] = None) -> Optional[StreamEvent]:
         """Take ``state`` out now, wherever it is, and free its rows. With ``reason`` (e.g.
         ``"cancelled"``) it is finished and its final event is returned."""
-        for q in (self.waiting, self.prefilling):
+        for q in (self.waiting, self.prefilling, self.settled):
             try:
                 q.remove(state)
             except ValueError:
@@ -311,6 +315,9 @@ class StepScheduler:
             self._admitted[id(state)] = self.steps
             self.prefilling.append(state)
         results: List[StepResult] = []
+        while self.settled:  # preset answers: no model call
+            state = self.settled.popleft()
+            results.append(StepResult(state, [self.decoder.settle(state)]))
         budget = cfg.prefill_tokens
         ready: List[DecodeState] = []
         for state in self._prefill_order():
