@@ -509,6 +509,7 @@ def main(argv=None) -> int:
     ap.add_argument("--new-prior", default=None, help="labelfree-e2e: the two-decision prior file of method 'new default'")
     ap.add_argument("--qlik-top", type=int, default=3, help="qlik: candidates per question scored by the LM")
     ap.add_argument("--n-distractors", type=int, default=4, help="repetition: distractors next to the gold passage")
+    ap.add_argument("--block", type=int, default=10, help="labelfree-e2e: questions per data set in each round-robin block")
     ap.add_argument("--resume", action="store_true", help="labelfree-e2e: keep the per-question results of the partial file")
     ap.add_argument("--objective", default=None, help="labelfree-prior: objective of the shipped prior")
     ap.add_argument("--results", default=str(RESULTS))

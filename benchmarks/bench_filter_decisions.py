@@ -241,9 +241,38 @@ def stage_decisions(args) -> Dict[str, Any]:
     res["support"]["curve_cal"] = [{"threshold": float(t), "off_topic_flagged": float((off_cal < t).mean()),
                                     "in_domain_supported": float((in_cal >= t).mean())} for t in grid]
     res["support"]["scores"] = sup
+    res["shipped_prior"] = shipped_prior_check(cand, off)
     res["seconds"] = time.time() - t0
     plot_decisions(res, RESULTS / "filter_decisions.png")
     return res
+
+
+def shipped_prior_check(cand, off) -> Dict[str, Any]:
+    """The shipped prior file (both decisions) on every split: keep-recall and rows per data set,
+    off-topic flagged and in-domain supported by its support rule."""
+    from nbce_rag.filtering.prior import PRIOR_DIR
+    from nbce_rag.filtering.threshold import MarginThreshold
+
+    th = MarginThreshold.load(PRIOR_DIR / "all-MiniLM-L6-v2.json")
+    t_keep, m_keep, t_sup = th.keep.threshold, th.keep.margin, th.support.threshold
+    out: Dict[str, Any] = {"keep": {"threshold": t_keep, "margin": m_keep}, "support": {"threshold": t_sup}}
+    for sp in ("cal", "eval"):
+        r: Dict[str, Any] = {}
+        for ds in DATASETS:
+            S, Y = cand[ds, sp]["S"], cand[ds, sp]["Y"]
+            km = keep_mask(S, t_keep, m_keep)
+            r[ds] = {"keep_recall": macro_recall(km, Y), "any_relevant_kept": any_recall(km, Y),
+                     "rows": float(km.sum(1).mean()), "in_domain_supported": float((S[:, 0] >= t_sup).mean()),
+                     "answerable_supported": float((S[:, 0] >= t_sup)[Y.sum(1) > 0].mean())}
+        pairs = {f"{a}->{b}": float((off[a, b, sp]["S"][:, 0] < t_sup).mean()) for (a, b, s_) in off if s_ == sp}
+        out[sp] = {"datasets": r, "off_topic_pairs": pairs, "off_topic_flagged_mean": float(np.mean(list(pairs.values()))),
+                   "off_topic_flagged_worst": float(min(pairs.values())),
+                   "in_domain_supported_mean": float(np.mean([v["in_domain_supported"] for v in r.values()]))}
+        print(f"shipped prior, {sp}: " + "; ".join(f"{ds} R {v['keep_recall']:.3f} rows {v['rows']:.1f} supported "
+                                                  f"{v['in_domain_supported']:.3f}" for ds, v in r.items())
+              + f" | off-topic flagged mean {out[sp]['off_topic_flagged_mean']:.3f} worst {out[sp]['off_topic_flagged_worst']:.3f}",
+              flush=True)
+    return out
 
 
 def api_check(cand) -> Dict[str, Any]:
@@ -461,10 +490,16 @@ def stage_repetition(args) -> Dict[str, Any]:
             gold = sorted(ls.qrels[q])
             others = [int(r) for r in c["rows"][i] if int(r) not in ls.qrels[q]][: args.n_distractors]
             texts = [ls.passages[r] for r in gold + others]
-            for g, opts in GUARDS.items():
-                with torch.inference_mode():
-                    a = dec.generate(ls.queries[q], [Passage(text=t) for t in texts],
-                                     max_new_tokens=args.max_new_tokens, **opts).text
+            qv = cache.encode([ls.queries[q]])[0]
+            sc = [float(c["P"][r] @ (qv / np.linalg.norm(qv))) for r in gold + others]
+            # every guard acts after the prefill: one shared prefill (NBCEDecoder.compare), explicit
+            # options (the benchmark does not depend on the library's defaults)
+            base = {"no_repeat_ngram_size": 0, "repetition_penalty": 1.0}
+            with torch.inference_mode():
+                answers = dec.compare(ls.queries[q], [Passage(text=t, score=x) for t, x in zip(texts, sc)],
+                                      [{**base, **o} for o in GUARDS.values()], max_new_tokens=args.max_new_tokens)
+            for g, ans in zip(GUARDS, answers):
+                a = ans.text
                 per[g][f"{ds}:{q}"] = {"correct": bool(correct(a, ls.answers[q])), "loops": loops(a),
                                        "words": len(a.split()), "answer": a}
             if i % 5 == 4:

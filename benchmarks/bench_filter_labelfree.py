@@ -350,9 +350,9 @@ def stage_e2e(args) -> Dict[str, Any]:
     cands = {(sp, ds): candidates(sets[ds][sp], cache.encode, 20, n_queries=args.n_questions, seed=args.seed + 1)
              for sp in splits for ds in dss}
     n_max = max(len(c["qids"]) for c in cands.values())
-    # round robin over blocks of 10 questions, so that a run cut short has the same share of
-    # every data set and method (paired)
-    for b0 in range(0, n_max, 10):
+    # round robin over blocks of --block questions, so that a run cut short has the same share
+    # of every data set and method (paired)
+    for b0 in range(0, n_max, args.block):
         for (sp, ds), c in cands.items():
             ls = sets[ds][sp]
             row = out["rows"].setdefault(f"{sp}:{ds}", {"per_question": {}})
@@ -360,7 +360,7 @@ def stage_e2e(args) -> Dict[str, Any]:
             row["gold_in_top20"] = float((c["Y"].sum(1) > 0).mean())
             for name in methods:
                 per = row["per_question"].setdefault(name, {})
-                for i in range(b0, min(b0 + 10, len(c["qids"]))):
+                for i in range(b0, min(b0 + args.block, len(c["qids"]))):
                     q = c["qids"][i]
                     if q in per:
                         continue
