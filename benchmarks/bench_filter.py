@@ -460,11 +460,13 @@ def _labelfree(name: str):
         import bench_filter_labelfree as lf
 
         return {"labelfree-encode": lf.stage_encode, "labelfree-synth": lf.stage_synth,
-                "labelfree": lf.stage_labelfree, "labelfree-e2e": lf.stage_e2e}[name](args)
+                "labelfree": lf.stage_labelfree, "labelfree-e2e": lf.stage_e2e,
+                "labelfree-e2e-report": lf.stage_e2e_report}[name](args)
     return run
 
 
-LABELFREE = {n: _labelfree(n) for n in ("labelfree-encode", "labelfree-synth", "labelfree", "labelfree-e2e")}
+LABELFREE = {n: _labelfree(n) for n in ("labelfree-encode", "labelfree-synth", "labelfree", "labelfree-e2e",
+                                        "labelfree-e2e-report")}
 LABELFREE["labelfree-prior"] = _stage_prior
 
 

@@ -467,3 +467,43 @@ def markdown(res: Dict[str, Any]) -> str:
             lines.append(f"- in-domain recall / labelled recall, {name}: "
                          + ", ".join(f"{k} {v:.2f}" for k, v in d.items() if v is not None))
     return "\n".join(lines)
+
+
+def e2e_markdown(out: Dict[str, Any]) -> str:
+    """The RESULTS_filter.md table of an end-to-end result: accuracy (correct / questions), rows
+    per question, gold kept, and the paired difference to no filter with its 95% interval."""
+    summ = out.get("summary") or e2e_summary(out)
+    methods = out.get("methods") or sorted({m for s in summ.values() for m in s})
+    lines = ["| split:data set | " + " | ".join(methods) + " |", "|---|" + "---:|" * len(methods)]
+    for key, s in summ.items():
+        cells = []
+        for m in methods:
+            r = s.get(m)
+            if not r or not r["n"]:
+                cells.append("—")
+                continue
+            c = f"{r['accuracy']:.1%} of {r['n']} ({r['rows_per_question']:.1f} rows; gold {r['gold_kept']:.0%})"
+            if r.get("delta_ci95"):
+                lo, hi = r["delta_ci95"]
+                c += f"; Δ {r['delta_vs_no_filter']:+.1%} [{lo:+.1%}, {hi:+.1%}] on {r['paired_n']}"
+            cells.append(c)
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def stage_e2e_report(args) -> Dict[str, Any]:
+    """Summarise a (possibly unfinished) end-to-end run from its partial file: what finished,
+    paired on the questions every method answered."""
+    part = Path(args.results) / f"filter_labelfree-e2e{args.tag}.partial.json"
+    out = json.loads(part.read_text())
+    # pair on the questions every method finished (a run cut short leaves ragged ends)
+    for key, row in out["rows"].items():
+        per = row["per_question"]
+        common = set.intersection(*[set(d) for d in per.values()]) if per else set()
+        row["per_question"] = {m: {q: d[q] for q in sorted(common)} for m, d in per.items()}
+        row["n_finished_all_methods"] = len(common)
+    out["summary"] = e2e_summary(out)
+    out["markdown"] = e2e_markdown(out)
+    out["partial_file"] = str(part)
+    print(out["markdown"])
+    return out
