@@ -32,6 +32,7 @@ from nbce_rag.integrations.llama_index import (  # noqa: E402
 )
 
 from conftest import DOCS, N, Q, Q_NONE  # noqa: E402
+from nbce_rag.pipeline import ABSTAIN_TEXT  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -253,10 +254,14 @@ def test_synthesizer_nodes_as_separate_passages(dec):
     # decoder's answer for the bare texts
     texts = [n.node.get_content() for n in nodes]
     assert synth.get_response(Q, texts) == dec.generate(Q, texts, max_new_tokens=N).text
-    # no nodes: closed-book, flagged unsupported (not "Empty Response")
+    # no nodes: abstain by default (no decoding), closed-book when asked; flagged unsupported
+    # either way (never "Empty Response")
     empty = synth.synthesize(Q, [])
-    assert empty.response == dec.generate(Q, [], max_new_tokens=N).text
+    assert empty.response == ABSTAIN_TEXT and empty.metadata["nbce"]["answered_from"] == "abstained"
     assert empty.metadata["nbce"]["supported"] is False
+    cb = synth.synthesize(Q, [], on_unsupported="closed_book")
+    assert cb.response == dec.generate(Q, [], max_new_tokens=N).text and cb.metadata["nbce"]["supported"] is False
+    assert "".join(NBCESynthesizer(llm=llm, streaming=True).synthesize(Q, []).response_gen) == ABSTAIN_TEXT
     streaming = NBCESynthesizer(llm=llm, streaming=True)
     s = streaming.synthesize(Q, nodes)
     assert isinstance(s, StreamingResponse)
@@ -308,7 +313,36 @@ def test_nbce_query_engine_equals_pipeline(rag):
             return "".join([t async for t in resp.async_response_gen()])
 
         assert asyncio.run(astream()) == ref.text
-    assert engine.query(Q_NONE).metadata["nbce"]["supported"] is False
+    none = engine.query(Q_NONE)
+    assert none.metadata["nbce"]["supported"] is False and none.metadata["nbce"]["answered_from"] == "abstained"
+
+
+def test_query_engine_reports_the_filter_decisions(rag):
+    """The query engine's metadata says which calibration ran and what it dropped (it said
+    ``calibration: None, dropped: []`` after the retriever had dropped candidates)."""
+    engine = rag.as_query_engine(max_new_tokens=N)
+    s_engine = rag.as_query_engine(streaming=True, max_new_tokens=N)
+    for q in (Q, Q_NONE):
+        ref = rag.ask(q, max_new_tokens=N)
+        nb = engine.query(q).metadata["nbce"]
+        assert ref.dropped and len(nb["dropped"]) == len(ref.dropped)
+        assert [d["code"] for d in nb["dropped"]] == [d.code for d in ref.dropped]
+        assert nb["calibration"] == rag.calibration and nb["supported"] is ref.supported
+        assert nb["support_score"] == pytest.approx(ref.support_score) and nb["support_threshold"] == 0.35
+        sr = s_engine.query(q)
+        assert "".join(sr.response_gen) == ref.text
+        assert sr.metadata["nbce"]["calibration"] == rag.calibration and len(sr.metadata["nbce"]["dropped"]) == len(ref.dropped)
+
+        async def astream():
+            resp = await s_engine.aquery(q)
+            text = "".join([t async for t in resp.async_response_gen()])
+            return text, resp.metadata["nbce"]
+
+        text, anb = asyncio.run(astream())
+        assert text == ref.text and anb["calibration"] == rag.calibration
+    cb = rag.as_query_engine(max_new_tokens=N, on_unsupported="closed_book").query(Q_NONE)
+    assert cb.response == rag.ask(Q_NONE, max_new_tokens=N, on_unsupported="closed_book").text
+    assert cb.metadata["nbce"]["supported"] is False and cb.metadata["nbce"]["calibration"] == rag.calibration
 
 
 def test_query_engine_with_postprocessor(rag):

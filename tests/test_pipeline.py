@@ -186,7 +186,13 @@ def test_ask_command(ask_setup, capsys):
     assert main(["ask", *Q_NONE.split(), "--index", idx, "--model", model, "--max-new-tokens", str(N),
                  "--device", "cpu"]) == 0
     out = capsys.readouterr().out
+    assert out.startswith(ABSTAIN_TEXT) and "Supported: no -- nothing in the documents answers" in out
+    assert "Sources:" not in out and "KV cache" not in out and "support threshold 0.350" in out
+    assert main(["ask", *Q_NONE.split(), "--index", idx, "--model", model, "--max-new-tokens", str(N),
+                 "--device", "cpu", "--on-unsupported", "closed_book"]) == 0
+    out = capsys.readouterr().out
     assert "Supported: no" in out and "closed-book" in out and "Sources:" not in out
+    assert not out.startswith(ABSTAIN_TEXT)
 
     assert main(["ask", Q_NONE, "--index", idx, "--model", model, "--max-new-tokens", str(N), "-k", "2",
                  "--no-filter", "--json", "--device", "cpu"]) == 0

@@ -113,7 +113,7 @@ def test_precedence_labelled_synthetic_prior_none(tmp_path, prior_dir, index, en
 # ------------------------------------------------------------------------------ off-topic end to end
 
 
-def test_off_topic_question_with_prior_is_closed_book_and_unsupported(tmp_path, prior_dir, index, encoder,
+def test_off_topic_question_with_prior_abstains_unsupported(tmp_path, prior_dir, index, encoder,
                                                                       tiny_chat_decoder, monkeypatch, caplog):
     import nbce_rag.filtering.prior as prior_mod
     from nbce_rag.commands.ask import print_sources
@@ -131,18 +131,24 @@ def test_off_topic_question_with_prior_is_closed_book_and_unsupported(tmp_path, 
     assert rag.threshold.threshold == 0.35 and rag.calibration.startswith("prior for")
     on = rag.ask(Q, max_new_tokens=N)
     assert on.supported is True and on.calibration == rag.calibration
-    off = rag.ask(Q_NONE, max_new_tokens=N)
+    off = rag.ask(Q_NONE, max_new_tokens=N)  # default: abstain, no invented answer
     assert off.supported is False and off.sources == [] and len(off.dropped) == 5
-    assert off.text == tiny_chat_decoder.generate(Q_NONE, [], max_new_tokens=N).text  # closed-book
+    assert off.answered_from == "abstained" and off.token_ids == []
     assert off.to_dict()["calibration"].startswith("prior for")
+    cb = rag.ask(Q_NONE, max_new_tokens=N, on_unsupported="closed_book")
+    assert cb.text == tiny_chat_decoder.generate(Q_NONE, [], max_new_tokens=N).text  # closed-book, flagged
+    assert cb.supported is False and cb.answered_from == "closed_book"
 
     import io
 
     buf = io.StringIO()
     print_sources(off, out=buf)
     out = buf.getvalue()
-    assert "Supported: no -- nothing in the index answers this question" in out and "closed-book" in out
-    assert "Filter: prior for" in out
+    assert "Supported: no -- nothing in the documents answers this question" in out and "nothing decoded" in out
+    assert "Filter: prior for" in out and "support threshold 0.350" in out
+    buf = io.StringIO()
+    print_sources(cb, out=buf)
+    assert "closed-book" in buf.getvalue()
 
     from nbce_rag.integrations.server import nbce_info
 

@@ -300,7 +300,10 @@ def test_closed_book_without_documents_or_index(served, pipe):
     info = dict(r.model_extra["nbce"])
     assert "calibration" in info  # which calibration filtered (none here)
     info.pop("calibration")
-    assert info == {"supported": False, "retrieved": False, "sources": [], "dropped": []}
+    notes = info.pop("notes")
+    assert info == {"supported": False, "retrieved": False, "sources": [], "dropped": [], "support_score": None,
+                    "support_threshold": None, "answered_from": "closed_book"}
+    assert notes == ["no passage was given: the model answered alone"]
 
 
 # ----------------------------------------------------------------------------- LangChain
@@ -359,6 +362,45 @@ def test_server_side_retrieval_and_filter(tiny_chat_decoder, tiny_encoder):
         # the server's embeddings default to the index's encoder
         e = s.client().embeddings.create(model="x", input="hello")
         np.testing.assert_allclose(e.data[0].embedding, tiny_encoder.encode(["hello"])[0], atol=1e-5)
+        assert nb["support_threshold"] == cut and nb["support_score"] is not None
+    finally:
+        s.close()
+
+
+def test_server_reports_both_decisions_and_never_drops_all_documents(tiny_chat_decoder, tiny_encoder):
+    """Nothing passes keep: the server abstains (or answers closed-book when asked), flagged;
+    the client's own documents are never all dropped in silence."""
+    from nbce_rag.filtering.threshold import MarginThreshold
+    from nbce_rag.pipeline import ABSTAIN_TEXT
+    from nbce_rag.retrieval.index import VectorIndex
+
+    index = VectorIndex.build(tiny_encoder, [{"id": f"d{i}", "text": d["text"]} for i, d in enumerate(DOCS)])
+    strict = MarginThreshold(threshold=0.999, lower=0.999, upper=0.999, margin=None,
+                             encoder_identity=tiny_encoder.identity)
+    rag = RAGPipeline(tiny_chat_decoder, index, strict, k=3)
+    s = Served(create_app(rag, limits=LIMITS, model_name=MODEL))
+    try:
+        r = chat(s, docs=None, max_tokens=8)
+        nb = r.model_extra["nbce"]
+        assert r.choices[0].message.content == ABSTAIN_TEXT and r.choices[0].finish_reason == "stop"
+        assert nb["supported"] is False and nb["answered_from"] == "abstained" and len(nb["dropped"]) == 3
+        assert nb["support_threshold"] == 0.999 and nb["support_score"] < 0.999 and nb["notes"]
+        assert all(x["reason"] and x["code"] == "below_threshold" for x in nb["dropped"])
+        streamed = "".join(ch.choices[0].delta.content or "" for ch in s.client().chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": Q}], max_tokens=8, stream=True) if ch.choices)
+        assert streamed == ABSTAIN_TEXT
+        cb = chat(s, docs=None, max_tokens=8, extra_body={"nbce": {"on_unsupported": "closed_book"}})
+        assert cb.choices[0].message.content == rag.ask(Q, max_new_tokens=8, on_unsupported="closed_book").text
+        assert cb.model_extra["nbce"]["answered_from"] == "closed_book"
+        # the client's documents: the best-scoring one is decoded, flagged unsupported, with a note
+        exp = rag.ask(Q, PASSAGES, max_new_tokens=8)
+        r = chat(s, max_tokens=8)
+        nb = r.model_extra["nbce"]
+        assert r.choices[0].message.content == exp.text and len(exp.sources) == 1
+        assert nb["supported"] is False and len(nb["sources"]) == 1 and len(nb["dropped"]) == 2
+        assert "none of the 3 passages given passed" in nb["notes"][0]
+        bad = httpx.post(s.base + "/v1/chat/completions", json=_body(nbce={"on_unsupported": "guess"}))
+        assert assert_openai_error(bad, 400)["param"] == "nbce.on_unsupported"
     finally:
         s.close()
 

@@ -3,9 +3,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
-from llama_index.core.base.response.schema import RESPONSE_TYPE
+from llama_index.core.base.response.schema import RESPONSE_TYPE, AsyncStreamingResponse, StreamingResponse
 from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.query_engine import CustomQueryEngine
 from llama_index.core.schema import NodeWithScore, QueryBundle
@@ -21,8 +21,11 @@ class NBCEQueryEngine(CustomQueryEngine):
     ``query(q)`` returns a ``Response`` (``StreamingResponse`` with ``streaming=True``) whose
     ``source_nodes`` are the passages the decoder saw and ``metadata["nbce"]`` says whether
     the answer is supported and what each passage contributed; ``aquery`` is the async twin
-    (``AsyncStreamingResponse`` when streaming). When nothing survives retrieval and
-    filtering, the answer is closed-book with ``supported=False``.
+    (``AsyncStreamingResponse`` when streaming). With a :class:`CoSENTRetriever` that filters,
+    ``metadata["nbce"]`` reports the filter's decisions as :meth:`RAGPipeline.ask` does:
+    ``supported`` (the support decision), ``support_score`` / ``support_threshold``,
+    ``calibration`` and ``dropped``. When nothing survives retrieval and filtering, the answer
+    abstains (``on_unsupported="closed_book"``: closed-book), ``supported=False``.
 
     ``NBCEQueryEngine.from_pipeline(rag)`` (or ``rag.as_query_engine()``) answers exactly as
     ``rag.ask``. Pass ``decode_kwargs`` (e.g. ``max_new_tokens=32``) for per-engine options.
@@ -33,6 +36,7 @@ class NBCEQueryEngine(CustomQueryEngine):
     node_postprocessors: List[Any] = Field(default_factory=list)
     streaming: bool = False
     decode_kwargs: Dict[str, Any] = Field(default_factory=dict)
+    calibration: Optional[str] = Field(default=None, description="which calibration filters (set by from_pipeline)")
 
     _synth: Any = PrivateAttr(default=None)
 
@@ -47,11 +51,12 @@ class NBCEQueryEngine(CustomQueryEngine):
         """A query engine that retrieves, filters and decodes like ``pipeline.ask``. Keywords
         other than the engine's fields (``retriever``, ``llm``, ``node_postprocessors``,
         ``decode_kwargs``) are decoding options (e.g. ``max_new_tokens=32``)."""
-        fields = {k: kwargs.pop(k) for k in ("retriever", "llm", "node_postprocessors", "decode_kwargs", "callback_manager")
-                  if k in kwargs}
+        fields = {k: kwargs.pop(k) for k in ("retriever", "llm", "node_postprocessors", "decode_kwargs", "callback_manager",
+                                             "calibration") if k in kwargs}
         decode = {**fields.pop("decode_kwargs", {}), **kwargs}
         retriever = fields.pop("retriever", None) or CoSENTRetriever.from_pipeline(pipeline)
         llm = fields.pop("llm", None) or NBCELLM.from_pipeline(pipeline)
+        fields.setdefault("calibration", getattr(pipeline, "calibration", None))
         return cls(retriever=retriever, llm=llm, streaming=streaming, decode_kwargs=decode, **fields)
 
     @property
@@ -73,7 +78,60 @@ class NBCEQueryEngine(CustomQueryEngine):
         return nodes
 
     def custom_query(self, query_str: str) -> RESPONSE_TYPE:
-        return self._synth.synthesize(query_str, self._nodes(query_str))
+        nodes = self._nodes(query_str)
+        return self._ground(self._synth.synthesize(query_str, nodes), nodes)
 
     async def acustom_query(self, query_str: str) -> RESPONSE_TYPE:
-        return await self._synth.asynthesize(query_str, await self._anodes(query_str))
+        nodes = await self._anodes(query_str)
+        return self._ground(await self._synth.asynthesize(query_str, nodes), nodes)
+
+    def _grounding(self, nodes: List[NodeWithScore]) -> Optional[Dict[str, Any]]:
+        """The retriever's filter decisions for the answer's ``nbce`` metadata (None: no filter ran)."""
+        sel = getattr(self.retriever, "last_selection", None)
+        res = getattr(sel, "result", None)
+        if res is None:
+            return None
+        th = getattr(self.retriever, "threshold", None)
+        calibration = self.calibration or (f"{(getattr(th, 'stats', None) or {}).get('source', 'given')} "
+                                           f"(threshold {res.threshold:.3f})")
+        g: Dict[str, Any] = {"supported": bool(res.supported) and bool(nodes), "support_score": res.support_score,
+                             "support_threshold": res.support_threshold, "calibration": calibration,
+                             "dropped": list(getattr(self.retriever, "last_dropped", []))}
+        if nodes and not res.supported:
+            g["notes"] = [f"the best candidate scores {res.support_score:.3f}, below the support threshold "
+                          f"{res.support_threshold:.3f}: answered from the {len(nodes)} passage(s) that passed the "
+                          "keep rule, flagged unsupported"]
+        return g
+
+    def _ground(self, response: Any, nodes: List[NodeWithScore]) -> Any:
+        """Set the filter's decisions on ``response.metadata["nbce"]`` (when a stream ends, for
+        streaming responses: the synthesizer fills that entry at the end)."""
+        g = self._grounding(nodes)
+        if g is None:
+            return response
+
+        def apply() -> None:
+            if response.metadata is None:
+                response.metadata = {}
+            response.metadata.setdefault("nbce", {}).update(g)
+
+        if isinstance(response, StreamingResponse):
+            gen = response.response_gen
+
+            def wrapped():
+                yield from gen
+                apply()
+
+            response.response_gen = wrapped()
+        elif isinstance(response, AsyncStreamingResponse):
+            agen = response.response_gen
+
+            async def awrapped():
+                async for t in agen:
+                    yield t
+                apply()
+
+            response.response_gen = awrapped()
+        else:
+            apply()
+        return response

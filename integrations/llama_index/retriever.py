@@ -114,7 +114,8 @@ class CoSENTRetriever(BaseRetriever):
     and cut to ``similarity_top_k`` before the filter: stores report scores their own way
     (``exp(-d)``, ``1 - d``, inner products), a threshold only holds on the cosine. Nodes are
     returned unchanged with ``score`` = cosine. :attr:`last_dropped` holds the filter's
-    decisions of the last call (per instance; not meant for concurrent use).
+    decisions of the last call and :attr:`last_selection` its :class:`Selection` (with the
+    support decision in ``result``; per instance; not meant for concurrent use).
     """
 
     def __init__(self, index: Any = None, vector_store: Any = None, *, encoder: Any = None, threshold: Any = None,
@@ -130,6 +131,8 @@ class CoSENTRetriever(BaseRetriever):
         self.fetch_k = fetch_k
         self.embed_model = embed_model
         self.last_dropped: List[Any] = []
+        #: the last call's Selection (``result``: the filter's keep and support decisions), or None
+        self.last_selection: Any = None
         super().__init__(callback_manager=callback_manager, verbose=verbose)
 
     @classmethod
@@ -196,6 +199,7 @@ class CoSENTRetriever(BaseRetriever):
                             k=self.similarity_top_k if from_store else None)
         self.last_dropped = [dict(d.to_dict(), node_id=nodes[i].node.node_id)
                              for d, i in zip(sel.dropped, sel.dropped_index)]
+        self.last_selection = sel
         return _kept_nodes(nodes, sel)
 
     def _retrieve(self, query_bundle: QueryBundle) -> List[NodeWithScore]:

@@ -13,7 +13,7 @@ from llama_index.core.instrumentation.events.synthesis import SynthesizeEndEvent
 from llama_index.core.response_synthesizers.base import BaseSynthesizer
 from llama_index.core.schema import NodeWithScore, QueryBundle
 
-from nbce_rag.integrations.llama_index.convert import node_to_passage
+from nbce_rag.integrations.llama_index.convert import answer_info, node_to_passage
 from nbce_rag.integrations.llama_index.llm import NBCELLM
 
 #: the package's instrumentation dispatcher (named after the package, as before the split)
@@ -23,8 +23,11 @@ dispatcher = get_dispatcher("nbce_rag.integrations.llama_index")
 class NBCESynthesizer(BaseSynthesizer):
     """A response synthesizer that hands every node to :class:`NBCELLM` as a separate
     passage (text as the LLM sees it, the node's score and id), instead of stuffing or
-    refining them into one prompt. No nodes (e.g. the filter kept nothing) -> a closed-book
-    answer flagged unsupported, not LlamaIndex's "Empty Response".
+    refining them into one prompt. No nodes (e.g. the filter kept nothing) -> as
+    :class:`~nbce_rag.RAGPipeline`: with ``on_unsupported="abstain"`` (the default) the answer
+    says that nothing in the documents answers the question (no decoding), with
+    ``"closed_book"`` the model answers alone; flagged unsupported either way, never
+    LlamaIndex's "Empty Response".
 
     ``Response.metadata["nbce"]`` holds :func:`answer_info` (for streaming responses it is
     filled in when the stream ends). ``llm=None`` builds the default :class:`NBCELLM`
@@ -78,6 +81,35 @@ class NBCESynthesizer(BaseSynthesizer):
         meta = self._get_metadata_for_response([n.node for n in source_nodes]) or {}
         return qb, passages, source_nodes, meta
 
+    def _abstains(self, passages: List[Any], kw: Dict[str, Any]) -> bool:
+        """No node and ``on_unsupported="abstain"`` (this call's, the LLM's, else its pipeline's)."""
+        if passages:
+            return False
+        mode = self._llm._options(dict(kw)).get("on_unsupported")
+        if mode is None:
+            mode = self._llm.get_pipeline().decoder.config.on_unsupported
+        return mode == "abstain"
+
+    @staticmethod
+    def _abstention(source_nodes: List[NodeWithScore], meta: Dict[str, Any], streaming: Optional[str] = None):
+        """The abstained response (no decoding), with its ``nbce`` metadata."""
+        from nbce_rag.pipeline import ABSTAIN_TEXT
+        from nbce_rag.types import Answer
+
+        ans = Answer(text=ABSTAIN_TEXT, token_ids=[], token_sources=[], sources=[], finish_reason="stop",
+                     supported=False, answered_from="abstained",
+                     notes=["no passage reached the synthesizer: nothing in the documents answers this question "
+                            "(on_unsupported='closed_book' lets the model answer alone, flagged)"])
+        meta["nbce"] = answer_info(ans)
+        if streaming == "sync":
+            return StreamingResponse(iter([ABSTAIN_TEXT]), source_nodes=source_nodes, metadata=meta)
+        if streaming == "async":
+            async def one() -> AsyncGenerator[str, None]:
+                yield ABSTAIN_TEXT
+
+            return AsyncStreamingResponse(one(), source_nodes=source_nodes, metadata=meta)
+        return Response(ABSTAIN_TEXT, source_nodes=source_nodes, metadata=meta)
+
     @dispatcher.span
     def synthesize(self, query: Any, nodes: List[NodeWithScore],
                    additional_source_nodes: Optional[Sequence[NodeWithScore]] = None, **response_kwargs: Any) -> RESPONSE_TYPE:
@@ -85,7 +117,9 @@ class NBCESynthesizer(BaseSynthesizer):
         dispatcher.event(SynthesizeStartEvent(query=qb))
         kw = {**self._decode_kwargs, **response_kwargs}
         with self._callback_manager.event(CBEventType.SYNTHESIZE, payload={EventPayload.QUERY_STR: qb.query_str}) as event:
-            if self._streaming:
+            if self._abstains(passages, kw):
+                response = self._abstention(source_nodes, meta, "sync" if self._streaming else None)
+            elif self._streaming:
                 stream = self._llm.stream_complete(qb.query_str, contexts=passages, **kw)
 
                 def deltas() -> Generator[str, None, None]:
@@ -112,7 +146,9 @@ class NBCESynthesizer(BaseSynthesizer):
         dispatcher.event(SynthesizeStartEvent(query=qb))
         kw = {**self._decode_kwargs, **response_kwargs}
         with self._callback_manager.event(CBEventType.SYNTHESIZE, payload={EventPayload.QUERY_STR: qb.query_str}) as event:
-            if self._streaming:
+            if self._abstains(passages, kw):
+                response = self._abstention(source_nodes, meta, "async" if self._streaming else None)
+            elif self._streaming:
                 stream = await self._llm.astream_complete(qb.query_str, contexts=passages, **kw)
 
                 async def deltas() -> AsyncGenerator[str, None]:

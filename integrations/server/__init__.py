@@ -48,12 +48,19 @@ Passages (request extension fields, sent by the ``openai`` client through ``extr
   ``"id"``, ``"score"``, or a plain string). The model reads ``title + "\\n" + text`` (just
   ``text`` without a title), one NBCE row per document. ``contexts: [str]`` is an alias.
 * When neither field is sent and the pipeline has an index, the server retrieves ``k``
-  candidates and filters them with the pipeline's calibration; with no index the question
-  is answered closed-book. ``"documents": []`` means "no passages" (no retrieval).
-* With a calibration, given documents are re-scored and filtered too (as ``RAGPipeline``).
+  candidates and filters them with the pipeline's calibration (``keep``: the rows;
+  ``support``: the ``supported`` flag). When no candidate passes, the answer says that nothing
+  in the documents answers the question (no decoding; ``nbce.answered_from: "abstained"``), or,
+  with ``nbce.on_unsupported: "closed_book"``, the model answers alone (flagged). With no
+  index the question is answered closed-book. ``"documents": []`` means "no passages" (no
+  retrieval).
+* With a calibration, given documents are re-scored and filtered too (as ``RAGPipeline``);
+  they are never all dropped in silence: when none passes, the best-scoring one is decoded,
+  ``supported`` is false and ``nbce.notes`` says so.
 * ``nbce``: optional NBCE settings, ``{"pooling": "auto"|"min_entropy"|"mean"|"max"|"replug"|
-  "scored_entropy", "beta": 0.25, "eta": 0.1, "nbce_top_p": 0.95, "k": 10}`` (``k``: how
-  many candidates to retrieve from the index). Unknown keys are a 400.
+  "scored_entropy", "beta": 0.25, "eta": 0.1, "nbce_top_p": 0.95, "k": 10,
+  "on_unsupported": "abstain"|"closed_book"}`` (``k``: how many candidates to retrieve from the
+  index). Unknown keys are a 400.
 
 Responses (extension field)
 ---------------------------
@@ -61,14 +68,18 @@ Non-streaming responses, and the last chunk of a stream (the one with ``finish_r
 carry a top-level ``nbce`` object (the ``openai`` client exposes it as
 ``response.model_extra["nbce"]``)::
 
-    "nbce": {"supported": true,          # false: no passage backed the answer (closed-book)
+    "nbce": {"supported": true,          # the filter's support decision (and some passage decoded)
+             "support_score": 0.71,      # the best candidate's cosine (null: no filter ran)
+             "support_threshold": 0.48,  # the calibration's support threshold
+             "answered_from": "passages",  # or "abstained" (nothing passed) / "closed_book"
+             "notes": [],                # what the pipeline did that the client should know
              "retrieved": false,         # true: passages came from the server's index
              "sources": [{"index": 0,    # position in the request's documents (null if retrieved)
                           "id": "...", "title": "...", "score": 0.71,   # score: cosine, if known
                           "n_tokens": 12, "share": 0.75,                # tokens drawn from it
                           "weight_initial": 0.9, "weight_final": 1.0,   # pooling weight, first/last token
                           "text": "..."}],                               # only for retrieved passages
-             "dropped": [{"id", "title", "score", "code"}],             # what the filter removed
+             "dropped": [{"index", "id", "title", "score", "code", "reason"}],  # what the filter removed
              "calibration": "prior for ... (...)"}                     # which calibration filtered
 
 ``usage`` (``prompt_tokens`` = tokens prefilled over all NBCE rows) is on every non-streaming

@@ -103,6 +103,9 @@ class NBCEOptions(BaseModel):
     eta: Optional[float] = Field(None, description="Stickiness of the selected passage between tokens.")
     nbce_top_p: Optional[float] = Field(None, description="Nucleus each row is truncated to before fusion.")
     k: Optional[int] = Field(None, description="Candidates retrieved from the server's index (no `documents`).")
+    on_unsupported: Optional[str] = Field(None, description="When no candidate passes the filter: \"abstain\" "
+                                          "(default: say nothing in the documents answers it) or \"closed_book\" "
+                                          "(the model answers alone, flagged unsupported).")
 
 
 class StreamOptions(_Open):

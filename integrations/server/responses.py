@@ -57,9 +57,13 @@ def nbce_info(answer: Answer, retrieved: bool) -> Dict[str, Any]:
         meta = getattr(hit, "metadata", None) or {}
         dropped.append({"index": None if retrieved else meta.get("request_index"), "id": getattr(hit, "id", None),
                         "title": _title(meta), "score": getattr(hit, "score", None),
-                        "code": getattr(d, "code", None)})
+                        "code": getattr(d, "code", None), "reason": getattr(d, "reason", None)})
     return {"supported": bool(answer.supported), "retrieved": bool(retrieved), "sources": sources, "dropped": dropped,
-            "calibration": getattr(answer, "calibration", None)}
+            "calibration": getattr(answer, "calibration", None),
+            "support_score": getattr(answer, "support_score", None),
+            "support_threshold": getattr(answer, "support_threshold", None),
+            "answered_from": getattr(answer, "answered_from", "passages"),
+            "notes": list(getattr(answer, "notes", None) or [])}
 
 
 class EventStream(StreamingResponse):

@@ -205,7 +205,8 @@ class ServerState:
         # every parameter of the one mapping (OPENAI_PARAMS) the request carries; max_tokens is set above
         params = {name: getattr(req, name, None) for name in OPENAI_PARAMS}
         params.update(max_tokens=None, max_completion_tokens=None)
-        nbce = {key: getattr(req.nbce, key) for key in ("pooling", "beta", "eta", "nbce_top_p")} if req.nbce else {}
+        nbce = ({key: getattr(req.nbce, key) for key in ("pooling", "beta", "eta", "nbce_top_p", "on_unsupported")}
+                if req.nbce else {})
         row = lim.max_row_tokens
         current = self.pipeline.decoder.config.max_passage_tokens
         if row is not None and (current is None or current > row):
@@ -216,8 +217,9 @@ class ServerState:
         except (ConfigError, TypeError, ValueError) as e:
             msg = str(e)
             key = msg.split(" ", 1)[0]
-            if key in ("pooling", "beta", "eta", "nbce_top_p") or msg.lower().startswith(("unknown pooling", "pooling")):
-                param = f"nbce.{key}" if key in ("beta", "eta", "nbce_top_p") else "nbce.pooling"
+            if key in ("pooling", "beta", "eta", "nbce_top_p", "on_unsupported") or msg.lower().startswith(
+                    ("unknown pooling", "pooling")):
+                param = f"nbce.{key}" if key in ("beta", "eta", "nbce_top_p", "on_unsupported") else "nbce.pooling"
             else:
                 param = {"max_new_tokens": "max_tokens"}.get(key, key if key in opts else None)
             raise bad_request(msg, param=param) from None

@@ -27,8 +27,10 @@ _QUIT = {"exit", "quit", ":q"}
 def register(subparsers: "argparse._SubParsersAction") -> None:
     desc = ("Retrieve the top-k chunks of the index for each question, keep those that pass the calibrated "
             "filter (calibration.json in the index directory, from `nbce-rag calibrate`), and answer with NBCE "
-            "decoding, one row per kept passage. When no passage passes, the answer is closed-book and marked "
-            "unsupported. Options are checked before anything loads.")
+            "decoding, one row per kept passage. The answer is marked supported when the best candidate passes "
+            "the calibration's support threshold; when no passage passes the filter, the answer says that nothing "
+            "in the documents answers the question (--on-unsupported closed_book: the model answers alone, "
+            "marked unsupported). Options are checked before anything loads.")
     p = subparsers.add_parser(
         "ask",
         help="answer a question from an index (retrieve -> filter -> NBCE), with sources",
@@ -68,6 +70,9 @@ def _add_options(p: argparse.ArgumentParser) -> None:
                    help="query encoder directory or id (default: the one recorded in the index; must match it)")
     p.add_argument("--no-filter", action="store_true",
                    help="no calibrated filter: every top-k candidate reaches the decoder")
+    p.add_argument("--on-unsupported", choices=("abstain", "closed_book"), default=None,
+                   help="when no candidate passes the filter: 'abstain' (default: say that nothing in the documents "
+                   "answers it, no decoding) or 'closed_book' (the model answers alone, marked unsupported)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps or auto (default)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto (default: by device)")
     add_decoding_options(p)
@@ -79,18 +84,27 @@ def _add_options(p: argparse.ArgumentParser) -> None:
 
 
 def print_sources(ans: Any, out: Optional[TextIO] = None, width: int = 100) -> None:
-    """The supported/unsupported verdict and the numbered passages that reached the decoder."""
+    """The supported/unsupported verdict (the filter's support decision, with its score and
+    threshold) and the numbered passages that reached the decoder."""
     out = out or sys.stdout  # looked up at call time: sys.stdout may be replaced after import
     n_dropped = len(ans.dropped)
+    dropped = f", {n_dropped} candidate(s) dropped by the filter" if n_dropped else ""
+    score, thr = getattr(ans, "support_score", None), getattr(ans, "support_threshold", None)
+    how = getattr(ans, "answered_from", "passages")
+    vs = (f"best candidate {score:.3f} {'>=' if ans.supported else '<'} support threshold {thr:.3f}; "
+          if score is not None and thr is not None else "")
     if ans.supported:
-        note = f"{len(ans.sources)} passage(s) reached the decoder"
-        if n_dropped:
-            note += f", {n_dropped} candidate(s) dropped by the filter"
-        print(f"Supported: yes ({note})", file=out)
+        print(f"Supported: yes ({vs}{len(ans.sources)} passage(s) reached the decoder{dropped})", file=out)
+    elif how == "abstained":
+        print(f"Supported: no -- nothing in the documents answers this question: no candidate passed the filter "
+              f"({vs}nothing decoded{dropped}); --on-unsupported closed_book lets the model answer alone", file=out)
+    elif how == "closed_book" or not ans.sources:
+        extra = f" ({vs.rstrip('; ')})" if vs else ""
+        print("Supported: no -- no passage passed the filter, so the answer above comes from the model alone "
+              f"(closed-book) and may be wrong{extra}{dropped}", file=out)
     else:
-        print("Supported: no -- nothing in the index answers this question: no passage passed the filter, "
-              "so the answer above comes from the model alone (closed-book) and may be wrong"
-              f"{f' ({n_dropped} candidate(s) dropped)' if n_dropped else ''}", file=out)
+        print(f"Supported: no -- weak evidence ({vs}{len(ans.sources)} passage(s) passed the keep rule and were "
+              f"decoded{dropped}): check the answer against the sources", file=out)
     if getattr(ans, "calibration", None):
         print(f"Filter: {ans.calibration}", file=out)
     if not ans.sources:
@@ -110,6 +124,8 @@ def run(args: argparse.Namespace) -> int:
     # everything the user gave is checked before the index and the models load
     question = question_of(args)
     options = decoding_options(args)
+    if args.on_unsupported:
+        options["on_unsupported"] = args.on_unsupported
     check_device(args.device, args.dtype)
 
     from nbce_rag.pipeline import RAGPipeline
@@ -159,7 +175,7 @@ def answer_one(rag: Any, question: str, options: dict, args: argparse.Namespace,
         print(ans.text.strip() + "\n", file=out)
     print_sources(ans, out=out, width=args.width)
     last = getattr(getattr(rag.decoder, "kv_cache", None), "last", None)  # passage KV cache of this answer
-    if last is not None:
+    if last is not None and getattr(ans, "answered_from", None) != "abstained":  # abstained: nothing decoded
         print(last.summary(), file=out)
 
 
