@@ -427,14 +427,32 @@ def stage_hotpot(args) -> Dict[str, Any]:
 
 
 def _stage_prior(args) -> Dict[str, Any]:
-    """Write the shipped prior (nbce_rag/filtering/priors/) with the package recipe on cached embeddings."""
+    """Write the shipped prior (nbce_rag/filtering/priors/) with the package recipe on cached
+    embeddings. ``--objective``: the one-rule prior of issue 15; otherwise both decisions (issue
+    23), their targets chosen by bench_filter_decisions.choose_targets on the calibration splits."""
     import bench_filter_labelfree as lf
 
-    th = lf.build_shipped_prior(args)
     out = ROOT / "nbce_rag" / "filtering" / "priors" / "all-MiniLM-L6-v2.json"
+    if args.objective:
+        th = lf.build_shipped_prior(args)
+        th.save(out)
+        print(th.report())
+        return {"stage": "labelfree-prior", "written": str(out.relative_to(ROOT)), "calibration": th.to_dict()}
+    import bench_filter_decisions as bd
+    from nbce_rag.filtering.prior import build_prior
+
+    choice = bd.choose_targets(args)
+    enc = lf.load_encoder(args.encoder)
+    cache = lf._cache(args, enc)
+    th = build_prior(enc, args.data, k=args.k, encode=cache.encode, n_bootstrap=args.bootstrap,
+                     keep_recall_target=choice["keep_recall_target"], flag_target=choice["flag_target"])
+    th.stats["prior"]["targets_chosen_by"] = ("benchmarks/bench_filter.py labelfree-prior: highest keep-recall target "
+                                              "with rows <= 60% of k, highest flag target with >= 95% in-domain "
+                                              "supported (calibration splits)")
     th.save(out)
     print(th.report())
-    return {"stage": "labelfree-prior", "written": str(out.relative_to(ROOT)), "calibration": th.to_dict()}
+    return {"stage": "labelfree-prior", "written": str(out.relative_to(ROOT)), "choice": choice,
+            "calibration": th.to_dict()}
 
 
 def _labelfree(name: str):
@@ -442,17 +460,30 @@ def _labelfree(name: str):
         import bench_filter_labelfree as lf
 
         return {"labelfree-encode": lf.stage_encode, "labelfree-synth": lf.stage_synth,
-                "labelfree": lf.stage_labelfree, "labelfree-e2e": lf.stage_e2e}[name](args)
+                "labelfree": lf.stage_labelfree, "labelfree-e2e": lf.stage_e2e,
+                "labelfree-e2e-report": lf.stage_e2e_report}[name](args)
     return run
 
 
-LABELFREE = {n: _labelfree(n) for n in ("labelfree-encode", "labelfree-synth", "labelfree", "labelfree-e2e")}
+LABELFREE = {n: _labelfree(n) for n in ("labelfree-encode", "labelfree-synth", "labelfree", "labelfree-e2e",
+                                        "labelfree-e2e-report")}
 LABELFREE["labelfree-prior"] = _stage_prior
+
+
+def _decisions(name: str):
+    def run(args):
+        import bench_filter_decisions as bd
+
+        return {"decisions": bd.stage_decisions, "qlik": bd.stage_qlik, "repetition": bd.stage_repetition}[name](args)
+    return run
+
+
+DECISIONS = {n: _decisions(n) for n in ("decisions", "qlik", "repetition")}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=["design", "scifact", "hotpot", "e2e", *LABELFREE])
+    ap.add_argument("stage", choices=["design", "scifact", "hotpot", "e2e", *LABELFREE, *DECISIONS])
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
     ap.add_argument("--cache", default="/tmp/nbce_bench")
     ap.add_argument("--encoder", default="auto", choices=["auto", "nbce", "st"])
@@ -470,9 +501,21 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--n-synth", type=int, default=100, help="labelfree: chunks per data set for synthetic questions")
-    ap.add_argument("--skip-all", action="store_true", help="labelfree-e2e: skip the no-filter (20 passages) baseline")
+    ap.add_argument("--e2e-datasets", nargs="+", default=["squad", "nq", "hotpotqa"], help="labelfree-e2e: data sets")
+    ap.add_argument("--splits", nargs="+", default=["eval"], help="labelfree-e2e: cal and/or eval")
+    ap.add_argument("--methods", nargs="+", default=["gold only", "prior f0.5 (v1 default)", "no filter (20)"],
+                    help="labelfree-e2e: methods (see bench_filter_labelfree.E2E_METHODS)")
+    ap.add_argument("--dtype", default="float32", help="labelfree-e2e / decisions: the LM's dtype (bfloat16 is ~3x faster on AVX512-BF16 CPUs)")
+    ap.add_argument("--no-repeat-ngram-size", type=int, default=0, help="labelfree-e2e: decode option (explicit)")
+    ap.add_argument("--repetition-penalty", type=float, default=1.0, help="labelfree-e2e: decode option (explicit)")
+    ap.add_argument("--new-prior", default=None, help="labelfree-e2e: the two-decision prior file of method 'new default'")
+    ap.add_argument("--qlik-top", type=int, default=3, help="qlik: candidates per question scored by the LM")
+    ap.add_argument("--n-distractors", type=int, default=4, help="repetition: distractors next to the gold passage")
+    ap.add_argument("--block", type=int, default=10, help="labelfree-e2e: questions per data set in each round-robin block")
+    ap.add_argument("--resume", action="store_true", help="labelfree-e2e: keep the per-question results of the partial file")
     ap.add_argument("--objective", default=None, help="labelfree-prior: objective of the shipped prior")
     ap.add_argument("--results", default=str(RESULTS))
+    ap.add_argument("--tag", default="", help="suffix of the result file name (filter_<stage><tag>.json)")
     args = ap.parse_args(argv)
     if not Path(args.data).exists():
         print(f"skip: data folder {args.data} not found (see ../shared/data/README.md)")
@@ -483,10 +526,10 @@ def main(argv=None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     res = {"design": stage_design, "scifact": stage_scifact, "hotpot": stage_hotpot,
-           "e2e": stage_e2e, **LABELFREE}[args.stage](args)
+           "e2e": stage_e2e, **LABELFREE, **DECISIONS}[args.stage](args)
     res["command"] = "python benchmarks/bench_filter.py " + " ".join(argv if argv is not None else sys.argv[1:])
     res["wall_seconds"] = time.time() - t0
-    out = RESULTS / f"filter_{args.stage}.json"
+    out = RESULTS / f"filter_{args.stage}{args.tag}.json"
     from nbce_rag.files import write_json
 
     write_json(out, res)

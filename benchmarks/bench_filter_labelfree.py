@@ -37,7 +37,7 @@ import numpy as np
 from nbce_rag.filtering.prior import DATASETS, LabelledSet, build_prior, candidates, load_labelled, quiet_calibrate
 from nbce_rag.filtering.threshold import MarginThreshold, prf
 
-from filter_common import EmbCache, correct, load_encoder
+from filter_common import RESULTS, EmbCache, correct, load_encoder
 
 OBJECTIVES = ("f1", "f0.5", "coverage0.9")
 FIXED = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
@@ -50,7 +50,10 @@ def _sets(data: Path) -> Dict[str, Dict[str, LabelledSet]]:
 
 def _cache(args, enc, part: str = ""):
     """The embedding cache; ``part`` names a second file a parallel encode job writes (read too)."""
+    import os
+
     key = hashlib.sha1(enc.identity.encode()).hexdigest()[:12]
+    part = part or os.environ.get("LABELFREE_CACHE_PART", "")  # a job running beside another writes its own file
     c = EmbCache(enc, Path(args.cache) / f"labelfree_emb_{key}{part}.npz")
     for extra in sorted(Path(args.cache).glob(f"labelfree_emb_{key}_*.npz")):
         if extra != c.path:
@@ -250,84 +253,181 @@ def _print(obj, rows, off, indomain) -> None:
         print(f"in-domain recall / labelled, {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in d.items() if v is not None))
 
 
-def stage_e2e(args) -> Dict[str, Any]:
-    """Answer accuracy with 20 candidates, per objective's prior (and no filter, gold only)."""
+E2E_METHODS = ("gold only", "no filter (20)", "prior f0.5 (v1 default)", "new default", "closed-book")
+
+
+def _e2e_gen_options(args) -> Dict[str, Any]:
+    """Decode options of the end-to-end runs, explicit (so a later change of a default does not
+    mix two settings in one memo) and part of every memo key."""
+    return {"max_new_tokens": args.max_new_tokens, "no_repeat_ngram_size": int(args.no_repeat_ngram_size),
+            "repetition_penalty": float(args.repetition_penalty)}
+
+
+def load_decoder(args):
+    from nbce_rag import NBCEDecoder
+
+    return NBCEDecoder.from_pretrained(device="cpu", dtype=args.dtype)
+
+
+def answer_memo(args, dec):
+    """``gen(question, texts) -> answer text``, memoised on disk (outside the repository) by the
+    question, the passages, the decoder, its dtype and the decode options: runs resume, and the
+    methods of one run share the answers they have in common (gold only = new default when both
+    keep the gold passage alone)."""
     import torch
 
-    from nbce_rag import NBCEDecoder
-    from nbce_rag.files import write_json
     from nbce_rag.types import Passage
 
-    enc = load_encoder(args.encoder)
-    cache = _cache(args, enc)
-    sets = {ds: {sp: load_labelled(Path(args.data), ds, sp) for sp in ("cal", "eval")} for ds in DATASETS}
-    k_cal = 10
-    cand_cal = {ds: candidates(sets[ds]["cal"], cache.encode, k_cal, n_queries=QUERIES, seed=args.seed) for ds in DATASETS}
-    priors = {}
-    for obj in OBJECTIVES:
-        S = np.concatenate([cand_cal[d]["S"].ravel() for d in DATASETS])
-        Y = np.concatenate([cand_cal[d]["Y"].ravel() for d in DATASETS])
-        G = np.concatenate([np.repeat([f"{d}:{q}" for q in cand_cal[d]["qids"]], k_cal) for d in DATASETS])
-        priors[obj] = quiet_calibrate(S, Y, G, n_bootstrap=0, objective=obj, encoder_identity=enc.identity)
-    dec = NBCEDecoder.from_pretrained(device="cpu")
-    memo_path = Path(args.cache) / "labelfree_answers.jsonl"
+    opts = _e2e_gen_options(args)
+    tag = hashlib.sha1(json.dumps([dec.name, args.dtype]).encode()).hexdigest()[:10]
+    memo_path = Path(args.cache) / f"labelfree_answers_{tag}.jsonl"
     memo: Dict[str, str] = {}
     if memo_path.exists():
         for line in open(memo_path, encoding="utf-8"):
             o = json.loads(line)
             memo[o["key"]] = o["text"]
 
-    def gen(q: str, texts: List[str]) -> str:
-        key = hashlib.sha1(json.dumps([q, texts, args.max_new_tokens]).encode()).hexdigest()
+    def gen(q: str, texts: List[str], scores: Optional[List[float]] = None) -> str:
+        """``scores``: the retriever's cosines (what the pipeline passes); ``None``: the decoder scores them."""
+        key = hashlib.sha1(json.dumps([q, texts, opts]).encode()).hexdigest()
         if key not in memo:
+            sc = [None] * len(texts) if scores is None else [float(x) for x in scores]
             with torch.inference_mode():
-                memo[key] = dec.generate(q, [Passage(text=t) for t in texts], max_new_tokens=args.max_new_tokens).text
+                memo[key] = dec.generate(q, [Passage(text=t, score=x) for t, x in zip(texts, sc)], **opts).text
             with open(memo_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps({"key": key, "text": memo[key]}) + "\n")
         return memo[key]
 
+    return gen
+
+
+def new_default_selector(path: str):
+    """``select(S_row) -> keep mask`` of a prior file, through the package's filter (its rows rule)."""
+    th = MarginThreshold.load(path)
+
+    def select(s: np.ndarray) -> np.ndarray:
+        return th.keep_mask(np.asarray(s, float), np.zeros(len(s)))
+
+    select.threshold = th  # type: ignore[attr-defined]
+    return select
+
+
+def e2e_selectors(args) -> Dict[str, Any]:
+    """Method name -> ``select(S_row) -> keep mask`` (over one question's candidates, best first).
+
+    ``prior f0.5 (v1 default)``: the prior shipped before issue 23 (f0.5 objective, threshold
+    0.4966, margin 0; a copy in ``results/filter_prior_v1.json``). ``new default``: the rows
+    rule (``keep``) of the two-decision prior file ``--new-prior``, through the package's filter."""
+    sel: Dict[str, Any] = {"prior f0.5 (v1 default)": new_default_selector(str(RESULTS / "filter_prior_v1.json"))}
+    if getattr(args, "new_prior", None):
+        sel["new default"] = new_default_selector(args.new_prior)
+    return sel
+
+
+def stage_e2e(args) -> Dict[str, Any]:
+    """Answer accuracy with 20 candidates (issue 15 §5b; issue 23 §4): per method, the same
+    seeded questions of each data set (paired), contains-gold accuracy, rows per question."""
+    from nbce_rag.files import write_json
+
+    enc = load_encoder(args.encoder)
+    cache = _cache(args, enc)
+    dss = args.e2e_datasets
+    splits = args.splits
+    sets = {ds: {sp: load_labelled(Path(args.data), ds, sp) for sp in splits} for ds in dss}
+    selectors = e2e_selectors(args)
+    methods = [m for m in args.methods]
+    dec = load_decoder(args)
+    gen = answer_memo(args, dec)
+    out_path = Path(args.results) / f"filter_labelfree-e2e{args.tag}.partial.json"
     out: Dict[str, Any] = {"stage": "labelfree-e2e", "candidates": 20, "n_questions": args.n_questions,
-                           "max_new_tokens": args.max_new_tokens, "decoder": dec.name, "encoder": enc.identity,
+                           "decode_options": _e2e_gen_options(args), "dtype": args.dtype, "decoder": dec.name,
+                           "encoder": enc.identity, "methods": methods,
                            "metric": "normalised gold answer contained in the normalised answer", "rows": {}}
+    if out_path.exists() and args.resume:
+        old = json.loads(out_path.read_text())
+        out["rows"].update(old.get("rows", {}))
     t0 = time.time()
-    for sp in ("cal", "eval"):
-        for ds in ("squad", "nq"):
-            c = candidates(sets[ds][sp], cache.encode, 20, n_queries=args.n_questions, seed=args.seed + 1)
+    cands = {(sp, ds): candidates(sets[ds][sp], cache.encode, 20, n_queries=args.n_questions, seed=args.seed + 1)
+             for sp in splits for ds in dss}
+    n_max = max(len(c["qids"]) for c in cands.values())
+    # round robin over blocks of --block questions, so that a run cut short has the same share
+    # of every data set and method (paired)
+    for b0 in range(0, n_max, args.block):
+        for (sp, ds), c in cands.items():
             ls = sets[ds][sp]
-            acc: Dict[str, float] = {}
-            stats: Dict[str, Any] = {}
-            for name in ("gold only", *[f"prior {o}" for o in OBJECTIVES], "no filter (20)", "closed-book"):
-                n_ok, kept, gold = 0, 0, 0
-                for i, q in enumerate(c["qids"]):
+            row = out["rows"].setdefault(f"{sp}:{ds}", {"per_question": {}})
+            row["n"] = len(c["qids"])
+            row["gold_in_top20"] = float((c["Y"].sum(1) > 0).mean())
+            for name in methods:
+                per = row["per_question"].setdefault(name, {})
+                for i in range(b0, min(b0 + args.block, len(c["qids"]))):
+                    q = c["qids"][i]
+                    if q in per:
+                        continue
                     rows = [int(r) for r in c["rows"][i]]
                     if name == "gold only":
                         sel = sorted(ls.qrels[q])
                     elif name == "closed-book":
                         sel = []
-                    elif name.startswith("prior"):
-                        th = priors[name.split()[1]]
-                        keep = th.keep_mask(c["S"][i], np.zeros(len(rows)))
-                        sel = [r for r, kk in zip(rows, keep) if kk]
-                    else:
-                        if args.skip_all:
-                            break
+                    elif name.startswith("no filter"):
                         sel = rows
-                    kept += len(sel)
-                    gold += any(r in ls.qrels[q] for r in sel)
-                    n_ok += correct(gen(ls.queries[q], [ls.passages[r] for r in sel]), ls.answers[q])
-                else:
-                    nq = len(c["qids"])
-                    acc[name] = n_ok / nq
-                    stats[name] = {"kept_per_question": kept / nq, "gold_kept": gold / nq}
-                print(f"{sp} {ds} {name:20s} acc {acc.get(name, float('nan')):.3f} "
-                      f"kept/q {stats.get(name, {}).get('kept_per_question', float('nan')):.2f} ({time.time() - t0:.0f}s)",
-                      flush=True)
-            out["rows"][f"{sp}:{ds}"] = {"accuracy": acc, "filter": stats, "n": len(c["qids"]),
-                                         "gold_in_top20": float((c["Y"].sum(1) > 0).mean())}
-            write_json(Path(args.results) / "filter_labelfree-e2e.partial.json", out)
-    out["priors"] = {o: p.to_dict() for o, p in priors.items()}
+                    else:
+                        keep = selectors[name](c["S"][i])
+                        sel = [r for r, kk in zip(rows, keep) if kk]
+                    if name == "new default" and not sel:
+                        a = ""  # nothing kept: the new default abstains (counted wrong), never closed-book
+                    else:
+                        qv = cache.encode([ls.queries[q]])[0]
+                        qv = qv / np.linalg.norm(qv)
+                        a = gen(ls.queries[q], [ls.passages[r] for r in sel], [float(c["P"][r] @ qv) for r in sel])
+                    per[q] = {"correct": bool(correct(a, ls.answers[q])), "rows": len(sel),
+                              "gold_kept": bool(any(r in ls.qrels[q] for r in sel)), "answer": a}
+                done = list(per.values())
+                if done:
+                    print(f"{sp} {ds} {name:26s} acc {np.mean([d['correct'] for d in done]):.3f} "
+                          f"rows/q {np.mean([d['rows'] for d in done]):.2f} n {len(done)} ({time.time() - t0:.0f}s)",
+                          flush=True)
+                write_json(out_path, out)
+    out["summary"] = e2e_summary(out)
+    out["priors"] = {n: f.threshold.to_dict() for n, f in selectors.items() if hasattr(f, "threshold")}
     out["seconds"] = time.time() - t0
     return out
+
+
+def paired_bootstrap(a: np.ndarray, b: np.ndarray, n: int = 2000, seed: int = 0):
+    """95% percentile interval of mean(a - b) over questions resampled with replacement."""
+    rng = np.random.default_rng(seed)
+    d = np.asarray(a, float) - np.asarray(b, float)
+    if len(d) == 0:
+        return None
+    idx = rng.integers(0, len(d), size=(n, len(d)))
+    m = d[idx].mean(1)
+    return [float(np.percentile(m, 2.5)), float(np.percentile(m, 97.5))]
+
+
+def e2e_summary(out: Dict[str, Any], ref: str = "no filter (20)") -> Dict[str, Any]:
+    """Per split:data set and method: accuracy, rows per question, gold kept, and the paired
+    bootstrap interval of (method - ``ref``) over the questions both answered."""
+    summ: Dict[str, Any] = {}
+    for key, row in out["rows"].items():
+        per = row["per_question"]
+        s: Dict[str, Any] = {}
+        for name, d in per.items():
+            qs = sorted(d)
+            r = {"n": len(qs), "accuracy": float(np.mean([d[q]["correct"] for q in qs])) if qs else None,
+                 "rows_per_question": float(np.mean([d[q]["rows"] for q in qs])) if qs else None,
+                 "gold_kept": float(np.mean([d[q]["gold_kept"] for q in qs])) if qs else None}
+            if ref in per and name != ref:
+                both = sorted(set(qs) & set(per[ref]))
+                r["paired_n"] = len(both)
+                r["delta_vs_no_filter"] = (float(np.mean([d[q]["correct"] for q in both]) -
+                                           np.mean([per[ref][q]["correct"] for q in both])) if both else None)
+                r["delta_ci95"] = paired_bootstrap([d[q]["correct"] for q in both], [per[ref][q]["correct"] for q in both])
+                r["rows_vs_no_filter"] = (float(np.sum([d[q]["rows"] for q in both]) /
+                                          max(1, np.sum([per[ref][q]["rows"] for q in both]))) if both else None)
+            s[name] = r
+        summ[key] = s
+    return summ
 
 
 def build_shipped_prior(args) -> MarginThreshold:
@@ -367,3 +467,43 @@ def markdown(res: Dict[str, Any]) -> str:
             lines.append(f"- in-domain recall / labelled recall, {name}: "
                          + ", ".join(f"{k} {v:.2f}" for k, v in d.items() if v is not None))
     return "\n".join(lines)
+
+
+def e2e_markdown(out: Dict[str, Any]) -> str:
+    """The RESULTS_filter.md table of an end-to-end result: accuracy (correct / questions), rows
+    per question, gold kept, and the paired difference to no filter with its 95% interval."""
+    summ = out.get("summary") or e2e_summary(out)
+    methods = out.get("methods") or sorted({m for s in summ.values() for m in s})
+    lines = ["| split:data set | " + " | ".join(methods) + " |", "|---|" + "---:|" * len(methods)]
+    for key, s in summ.items():
+        cells = []
+        for m in methods:
+            r = s.get(m)
+            if not r or not r["n"]:
+                cells.append("—")
+                continue
+            c = f"{r['accuracy']:.1%} of {r['n']} ({r['rows_per_question']:.1f} rows; gold {r['gold_kept']:.0%})"
+            if r.get("delta_ci95"):
+                lo, hi = r["delta_ci95"]
+                c += f"; Δ {r['delta_vs_no_filter']:+.1%} [{lo:+.1%}, {hi:+.1%}] on {r['paired_n']}"
+            cells.append(c)
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def stage_e2e_report(args) -> Dict[str, Any]:
+    """Summarise a (possibly unfinished) end-to-end run from its partial file: what finished,
+    paired on the questions every method answered."""
+    part = Path(args.results) / f"filter_labelfree-e2e{args.tag}.partial.json"
+    out = json.loads(part.read_text())
+    # pair on the questions every method finished (a run cut short leaves ragged ends)
+    for key, row in out["rows"].items():
+        per = row["per_question"]
+        common = set.intersection(*[set(d) for d in per.values()]) if per else set()
+        row["per_question"] = {m: {q: d[q] for q in sorted(common)} for m, d in per.items()}
+        row["n_finished_all_methods"] = len(common)
+    out["summary"] = e2e_summary(out)
+    out["markdown"] = e2e_markdown(out)
+    out["partial_file"] = str(part)
+    print(out["markdown"])
+    return out
