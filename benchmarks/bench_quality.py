@@ -230,6 +230,10 @@ def main():
     ap.add_argument("--summary-only", action="store_true", help="only rewrite the JSON/PNG/markdown from the cache")
     ap.add_argument("--device", default="cpu", help="cpu, cuda, mps")
     ap.add_argument("--dtype", default="float32", help="model dtype (fp32 by default on every device: comparable runs)")
+    ap.add_argument("--dtypes", default=None, metavar="DT,DT",
+                    help="compare model dtypes on the same questions (e.g. 'float32,bfloat16', issue 28): every NBCE "
+                         "method runs once per dtype as METHOD@DTYPE (one decoder per dtype); the paired summary "
+                         "compares each against the first dtype")
     ap.add_argument("--export-items", metavar="PATH", help="write the items (passages + retrieval scores) and exit")
     ap.add_argument("--items", metavar="PATH", help="read items written by --export-items instead of --data")
     ap.add_argument("--shard", default="0/1", help="i/k: run the questions with index %% k == i (parallel workers)")
@@ -268,24 +272,28 @@ def main():
     from nbce_rag import CoSENTEncoder, MarginThreshold, NBCEDecoder, Passage
     from nbce_rag.errors import PromptTooLongError
 
-    dec = NBCEDecoder.from_pretrained(device=args.device, dtype=args.dtype)
+    dtypes = args.dtypes.split(",") if args.dtypes else None
+    decs = {dt: NBCEDecoder.from_pretrained(device=args.device, dtype=dt) for dt in (dtypes or [args.dtype])}
+    dec = decs[(dtypes or [args.dtype])[0]]
     enc = None if args.items else CoSENTEncoder.from_pretrained()
     shard_i, shard_k = map(int, args.shard.split("/"))
     work.mkdir(parents=True, exist_ok=True)
     cache = load_cache(work)
     cache_file = work / ("quality_cache.jsonl" if shard_k == 1 else f"quality_cache.shard{shard_i}of{shard_k}.jsonl")
-    label = f"{dec.name}, {str(next(dec.model.parameters()).dtype).replace('torch.', '')}, {dec.device.type}"
+    labels = {dt: f"{d.name}, {str(next(d.model.parameters()).dtype).replace('torch.', '')}, {d.device.type}" for dt, d in decs.items()}
     t_start = time.monotonic()
     methods = (RELEVANCE if args.methods == "relevance" else RELEVANCE_CPU if args.methods == "relevance-cpu" else args.methods.split(";" if ";" in args.methods else ","))
     variants = parse_variants(args.decode_variants)
     if variants:  # every pooling once per decode variant: "replug+base", "replug+rp1.2", ...
         methods = [f"{m}+{v}" for m in methods if m not in NOT_POOLINGS for v in variants] + [m for m in methods if m in NOT_POOLINGS]
+    if dtypes:  # every pooling once per dtype: "replug@float32", "replug@bfloat16", ...
+        methods = [f"{m}@{dt}" for m in methods if m not in NOT_POOLINGS for dt in dtypes] + [m for m in methods if m in NOT_POOLINGS]
 
     def key_of(ds, qi, n, pos, method):
         return f"{ds}|{qi}|{n}|{pos}|{method}|{args.max_new_tokens}"
 
     def record(rec, ans, item, ps, method, seconds):
-        rec.update(model=label, text=ans.text, correct=contains(ans.text, item["answers"]), f1=f1(ans.text, item["answers"]))
+        rec.update(model=labels[dtype_of(method) or (dtypes or [args.dtype])[0]], text=ans.text, correct=contains(ans.text, item["answers"]), f1=f1(ans.text, item["answers"]))
         if method not in ("closed", "concat") and ps:
             gold_idx = [i for i, t in enumerate(ps) if t in item["gold"]]
             rec["gold_share"] = sum(s.share for s in ans.sources if s.index in gold_idx)
@@ -354,11 +362,14 @@ def main():
                 with open(cache_file, "a") as f:
                     f.write(json.dumps(rec) + "\n")
                 cache[rec["key"]] = rec
-        pools = [m for m in todo if m.split("+")[0] not in NOT_POOLINGS]
-        if pools:
+        all_pools = [m for m in todo if base_method(m) not in NOT_POOLINGS]
+        for dt in (dtypes or [None]):  # one shared prefill per dtype
+            pools = [m for m in all_pools if dtype_of(m) == dt]
+            if not pools:
+                continue
             t0 = time.perf_counter()
-            opts = [dict({"pooling": pooling_for(m.split("+")[0])}, **(variants[m.split("+")[1]] if "+" in m else {})) for m in pools]
-            answers = dec.compare(item["question"], scored(item, ps), opts, max_new_tokens=args.max_new_tokens)
+            opts = [dict({"pooling": pooling_for(base_method(m))}, **(variants[variant_of(m)] if variant_of(m) else {})) for m in pools]
+            answers = decs[dt or args.dtype].compare(item["question"], scored(item, ps), opts, max_new_tokens=args.max_new_tokens)
             secs = (time.perf_counter() - t0) / len(pools)
             for m, ans in zip(pools, answers):
                 rec = {"key": key_of(ds, qi, n, pos, m), "dataset": ds, "q": qi, "n": n, "pos": pos, "method": m}
@@ -391,6 +402,22 @@ def main():
     if shard_k == 1:
         summarize(cache, args)
     return 0
+
+
+def base_method(method: str) -> str:
+    """``"replug+rp1.2@bfloat16"`` -> ``"replug"`` (the pooling or method without variant and dtype)."""
+    return method.split("@")[0].split("+")[0]
+
+
+def variant_of(method: str):
+    """The decode variant of a method name (``None`` without ``+``)."""
+    m = method.split("@")[0]
+    return m.split("+", 1)[1] if "+" in m else None
+
+
+def dtype_of(method: str):
+    """The dtype of a method name of a ``--dtypes`` run (``None`` without ``@``)."""
+    return method.split("@", 1)[1] if "@" in method else None
 
 
 def parse_variants(spec):
@@ -484,7 +511,8 @@ def summarize(cache, args):
     groups = collections.defaultdict(list)
     for n, ms in sorted(methods_at.items()):
         groups[frozenset(ms)].append(n)
-    sections = [paired_markdown(cache, args.max_new_tokens, ns=ns) for ns in groups.values()]
+    baseline = f"replug@{args.dtypes.split(',')[0]}" if getattr(args, "dtypes", None) else "replug"
+    sections = [paired_markdown(cache, args.max_new_tokens, baseline=baseline, ns=ns) for ns in groups.values()]
     if any(sections):
         out.with_name(out.stem + "_paired.md").write_text("\n".join(x for x in sections if x))
 

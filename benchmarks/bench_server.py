@@ -338,6 +338,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--passages", type=int, default=3, help="documents per request (default 3)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the server and the baseline (default 1)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default=None,
+                    help="the server's --dtype (default: auto = bf16 on a CPU with bf16 units, else fp32; issue 28)")
     ap.add_argument("--no-baseline", action="store_true", help="skip the in-process RAGPipeline baseline")
     ap.add_argument("--out", default=str(RESULTS / "server_load.json"))
     ap.add_argument("--in-process", action="store_true",
@@ -361,7 +363,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     base = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "nbce_rag.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
            "--device", args.device, "--max-queue", "64", "--timeout", "600", "--log-level", "warning",
-           "--threads", str(args.threads)]
+           "--threads", str(args.threads)] + (["--dtype", args.dtype] if args.dtype else [])
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     t_start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=str(ROOT), env=env)

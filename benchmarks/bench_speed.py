@@ -21,6 +21,15 @@ CUDA memory. Each (method, n) runs in its own subprocess so peak memory is clean
     python benchmarks/bench_speed.py --device cuda      # GPU
     python benchmarks/bench_speed.py --profile --ns 32 --threads 1   # a decode step's split
 
+``--dtypes float32,auto`` (issue 28): the LM's dtype compared in one run, interleaved (for each
+method and n, one process per dtype, one after the other, so a busy machine slows both alike);
+``auto`` is what the library picks (bf16 on a CPU with AMX / AVX512-BF16). Method ``index``
+times indexing (the encoder's compute dtype: chunks/s through ``VectorIndex.build``).
+Writes ``speed_{device}_dtype.{json,png,md}``::
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_speed.py --dtypes float32,auto --threads 1 \
+        --methods nbce_kv,index --ns 1,8,32
+
 ``--profile`` runs one NBCE decode at each n under ``torch.profiler`` and splits a decode step
 into forward (the batched decode forward of all rows), fusion (``nbce_step``: log-softmax,
 the per-row nucleus, entropy, pooling; the nucleus is also reported alone), attribution,
@@ -44,6 +53,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from speed_dtype import levers, markdown_dtypes, measure_index, plot_dtypes, run_dtypes  # noqa: E402
 WORDS = ("river city tower museum bridge harbour engine garden market castle library station "
          "theatre festival mountain valley forest island desert canal palace factory school "
          "hospital railway airport stadium cathedral temple village province republic empire").split()
@@ -92,6 +103,11 @@ def worker(args) -> list:
 
         keep_freed_memory()  # as the CLI does (nbce_rag/runtime.py)
     torch.manual_seed(0)
+    if args.method == "index":
+        out = [measure_index(args, n, make_passages) for n in map(int, args.worker_ns.split(","))]
+        for r in out:
+            print("RESULT " + json.dumps(r), flush=True)
+        return out
     # no passage KV cache except where measured (nbce_kv): a warm-up must not warm the timed run
     dec = NBCEDecoder.from_pretrained(device=args.device, dtype=args.dtype, kv_cache=None)
     out = []
@@ -187,14 +203,20 @@ def measure(dec, args, n) -> dict:
 
 
 def _timed_stream(dec, question, passages, N, sync):
-    t0 = time.perf_counter()
-    times, answer = [], None
+    """Wall times, and this thread's CPU times (``time.thread_time``: with one torch thread the
+    compute runs in the calling thread, so on a shared, oversubscribed CPU this is the work done,
+    without the time spent waiting for a core)."""
+    t0, c0 = time.perf_counter(), time.thread_time()
+    times, cpu, answer = [], [], None
     for ev in dec.stream(question, passages, max_new_tokens=N):
         if ev.token_id is not None:
             sync()
             times.append(time.perf_counter() - t0)
+            cpu.append(time.thread_time() - c0)
         answer = ev.answer or answer
-    return {"ttft_s": times[0], "decode_s_per_token": (times[-1] - times[0]) / max(1, len(times) - 1),
+    steps = max(1, len(times) - 1)
+    return {"ttft_s": times[0], "decode_s_per_token": (times[-1] - times[0]) / steps,
+            "ttft_cpu_s": cpu[0], "decode_cpu_s_per_token": (cpu[-1] - cpu[0]) / steps,
             "tokens": len(times), "cached_tokens": answer.cached_tokens, "prompt_tokens": answer.prompt_tokens}, answer
 
 
@@ -536,7 +558,9 @@ def markdown_kv(results) -> str:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default=None, help="model dtype (default: fp32 on CPU, bf16 on CUDA)")
+    ap.add_argument("--dtype", default=None, help="model dtype (default: auto, what the library picks)")
+    ap.add_argument("--dtypes", default=None, metavar="DT,DT",
+                    help="compare dtypes in one run, interleaved (e.g. float32,auto): speed_{device}_dtype.json")
     ap.add_argument("--ns", default="1,2,4,8,16,32,64")
     ap.add_argument("--methods", default="nbce,nbce_unbatched,naive,concat")
     ap.add_argument("--max-new-tokens", type=int, default=16)
@@ -547,6 +571,10 @@ def main():
                     help="leave glibc's malloc as it is (by default the runs recycle freed memory as the CLI does: "
                     "nbce_rag/runtime.py)")
     ap.add_argument("--concat-max-n", type=int, default=64)
+    ap.add_argument("--index-ns", default="128", help="--dtypes: passages indexed by method index")
+    ap.add_argument("--levers", action="store_true",
+                    help="time the CPU levers (fp32/bf16, SDPA/eager, int8 dynamic) on a 9x180 prefill + a decode step")
+    ap.add_argument("--lever-repeats", type=int, default=5)
     ap.add_argument("--unbatched-ns", default="8,32,64", help="ns for the no-micro-batching memory comparison")
     ap.add_argument("--warm-repeats", type=int, default=1, metavar="R",
                     help="nbce_kv: repeat the warm (other question) run R times, report the median (noisy machines)")
@@ -571,14 +599,27 @@ def main():
     if args.worker:
         worker(args)
         return
+    if args.levers:
+        res = levers(args)
+        res.update(machine=machine(args.device), command=" ".join(sys.argv))
+        path = Path(args.out or HERE / "results" / "cpu_levers.json")
+        path.write_text(json.dumps(res, indent=2))
+        print(f"wrote {path}")
+        return
     if args.profile:
         res = profile(args)
         path = Path(args.out or HERE / "results" / f"profile_{args.device}.json")
         path.write_text(json.dumps(res, indent=2))
         print(f"wrote {path}")
         return
-    out = Path(args.out or HERE / "results" / f"speed_{args.device}.json")
+    out = Path(args.out or HERE / "results" / f"speed_{args.device}{'_dtype' if args.dtypes else ''}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.table_only and args.dtypes:
+        results = json.loads(out.read_text())["results"]
+        plot_dtypes(results, out.with_suffix(".png"))
+        out.with_suffix(".md").write_text(markdown_dtypes(results))
+        print(markdown_dtypes(results))
+        return
     if args.table_only:
         results = json.loads(out.read_text())["results"]
         plot(results, out.with_suffix(".png"))
@@ -593,6 +634,13 @@ def main():
         out.write_text(json.dumps({"machine": machine(args.device), "device": args.device, "threads": args.threads,
                                    "command": " ".join(sys.argv), "results": results}, indent=2))
 
+    if args.dtypes:
+        run_dtypes(args, results, save)
+        plot_dtypes(results, out.with_suffix(".png"))
+        out.with_suffix(".md").write_text(markdown_dtypes(results))
+        print(markdown_dtypes(results))
+        print(f"wrote {out}, {out.with_suffix('.png')} and {out.with_suffix('.md')}")
+        return
     for method in args.methods.split(","):
         ns = [n for n in map(int, args.ns.split(","))
               if not ((method == "naive" and n > args.naive_max_n) or (method == "concat" and n > args.concat_max_n)

@@ -69,8 +69,25 @@ def resolve_device(device: Optional[str] = None) -> "torch.device":
         raise ModelLoadError(f"unknown device {device!r} ({e}); use 'cpu', 'cuda', 'cuda:1', 'mps' or 'auto'") from None
 
 
-def resolve_dtype(dtype, device) -> "torch.dtype":
-    """``None``/``"auto"``: bf16 on CUDA when supported (else fp16), fp16 on MPS, fp32 on CPU."""
+_DTYPE_NAMES = ("float32", "fp32", "float16", "fp16", "half", "bfloat16", "bf16")
+
+
+def _dtype_by_name(dtype) -> "torch.dtype":
+    import torch
+
+    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    key = dtype.lower() if isinstance(dtype, str) else dtype
+    if key not in names:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; use one of {sorted(names)} or 'auto'")
+    return names[key]
+
+
+def resolve_dtype(dtype, device, *, what: str = "the LM") -> "torch.dtype":
+    """``None``/``"auto"``: bf16 on CUDA when supported (else fp16), fp16 on MPS; on a CPU bf16
+    when it has bf16 units (AMX / AVX512-BF16), else fp32 (:func:`nbce_rag.runtime.cpu_auto_dtype`;
+    ``$NBCE_RAG_CPU_DTYPE`` overrides; one INFO line says which and why). A name or a
+    ``torch.dtype`` is taken as given."""
     import torch
 
     if isinstance(dtype, torch.dtype):
@@ -80,12 +97,27 @@ def resolve_dtype(dtype, device) -> "torch.dtype":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         if device.type == "mps":
             return torch.float16
+        return _cpu_auto(what)
+    return _dtype_by_name(dtype)
+
+
+def resolve_encoder_dtype(dtype, device) -> "torch.dtype":
+    """The encoder's compute dtype: as :func:`resolve_dtype` on a CPU; ``auto`` stays fp32 on
+    CUDA / MPS (as before; the encoder is small next to the LM there). The weights and the
+    vectors it returns stay fp32 whatever this is."""
+    import torch
+
+    if dtype in (None, "auto") and device.type != "cpu":
         return torch.float32
-    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-             "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-    if dtype not in names:
-        raise ModelLoadError(f"unknown dtype {dtype!r}; use one of {sorted(names)} or 'auto'")
-    return names[dtype]
+    return resolve_dtype(dtype, device, what="the encoder")
+
+
+def _cpu_auto(what: str) -> "torch.dtype":
+    from nbce_rag.runtime import cpu_auto_dtype, log_dtype_choice
+
+    name, why = cpu_auto_dtype()
+    log_dtype_choice(what, name, why)
+    return _dtype_by_name(name)
 
 
 def _gguf_cache_path(gguf: Path) -> Path:

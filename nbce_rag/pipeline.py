@@ -109,6 +109,7 @@ class RAGPipeline:
         k: int = 10,
         device: Optional[str] = None,
         dtype=None,
+        encoder_dtype=None,
         decoder: Optional[NBCEDecoder] = None,
         **decoder_options: Any,
     ) -> "RAGPipeline":
@@ -120,7 +121,9 @@ class RAGPipeline:
         (``nbce-rag calibrate --synthetic``), the shipped prior of the index's encoder
         (:mod:`nbce_rag.filtering.prior`), else no filter; a path, a :class:`MarginThreshold`, or ``None``
         (no filter: all top-k reach the decoder). ``"no-prior"``: ``"auto"`` without the prior.
-        ``decoder_options`` are :class:`NBCEConfig` fields.
+        ``decoder_options`` are :class:`NBCEConfig` fields. ``dtype``: the LM's (``auto``: bf16 on
+        CUDA and on a CPU with bf16 units, else fp32); ``encoder_dtype``: the query encoder's
+        compute dtype (``CoSENTEncoder.dtype``; ``None`` leaves the encoder as it is).
         """
         from nbce_rag.filtering.threshold import MarginThreshold
 
@@ -133,6 +136,8 @@ class RAGPipeline:
             idx = VectorIndex.load(index, encoder=encoder)
         elif index is not None and encoder is not None:
             idx.encoder = encoder
+        if encoder_dtype is not None and idx is not None:
+            idx.encoder.dtype = encoder_dtype
         th = threshold
         calibration = None
         if isinstance(threshold, str) and threshold in ("auto", "no-prior"):

@@ -75,3 +75,71 @@ def env_setting(name: str, parse: Callable[[str], T]) -> Optional[T]:
         return parse(raw)
     except ValueError as e:
         raise ConfigError(f"environment variable {name}={raw!r}: {e}; fix or unset it") from None
+
+
+# ------------------------------------------------------------------ the CPU's compute dtype
+#: ``fp32`` / ``bf16`` / ``auto`` (default): what ``dtype="auto"`` means on a CPU, for the LM and
+#: the encoder alike (an explicit ``dtype=`` / ``--dtype`` still wins)
+CPU_DTYPE_ENV = "NBCE_RAG_CPU_DTYPE"
+#: CPU features that run bf16 matrix products in hardware (Intel since Cooper Lake / Sapphire
+#: Rapids, AMD since Zen 4). Without one, bf16 is emulated and slower than fp32.
+BF16_FEATURES = {"amx_bf16": "AMX-BF16", "avx512_bf16": "AVX512-BF16"}
+_CPU_DTYPE_NAMES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16", "auto": "auto"}
+_logged_choices: set = set()
+
+
+def cpu_features() -> frozenset:
+    """The CPU features that matter for the dtype choice, as lower-case ``/proc/cpuinfo`` flag
+    names: what torch's own dispatcher reports (``torch.cpu._is_amx_tile_supported`` and co.;
+    the oneDNN ISA check), united with the kernel's flags where readable (Linux)."""
+    found = set()
+    try:
+        import torch
+
+        probes = {"amx_bf16": "_is_amx_tile_supported", "avx512_bf16": "_is_avx512_bf16_supported"}
+        for flag, fn in probes.items():
+            probe = getattr(torch.cpu, fn, None)
+            if probe is not None and probe():
+                found.add(flag)
+    except Exception:  # noqa: BLE001 - an old torch without the probes: fall back to cpuinfo
+        pass
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    found.update(f for f in line.split(":", 1)[1].split() if f in BF16_FEATURES)
+                    break
+    except OSError:
+        pass
+    return frozenset(found)
+
+
+def bf16_units(features) -> list:
+    """The bf16 hardware among ``features`` (pure: for tests), e.g. ``["AMX-BF16", "AVX512-BF16"]``."""
+    return [name for flag, name in BF16_FEATURES.items() if flag in set(features)]
+
+
+def cpu_auto_dtype(features=None, env=None) -> "tuple[str, str]":
+    """``(dtype name, why)`` for ``dtype="auto"`` on a CPU: ``$NBCE_RAG_CPU_DTYPE`` when set to
+    fp32/bf16, else ``bfloat16`` when the CPU has bf16 units (:data:`BF16_FEATURES`), else
+    ``float32``. ``features`` / ``env`` replace the detection and the environment (tests)."""
+    from nbce_rag.errors import ConfigError
+
+    raw = (os.environ if env is None else env).get(CPU_DTYPE_ENV, "auto").strip().lower() or "auto"
+    if raw not in _CPU_DTYPE_NAMES:
+        raise ConfigError(f"{CPU_DTYPE_ENV}={raw!r} is not a CPU dtype; use fp32, bf16 or auto (or unset it)")
+    if _CPU_DTYPE_NAMES[raw] != "auto":
+        return _CPU_DTYPE_NAMES[raw], f"{CPU_DTYPE_ENV}={raw}"
+    units = bf16_units(cpu_features() if features is None else features)
+    if units:
+        return "bfloat16", f"the CPU has {' and '.join(units)}"
+    return "float32", "the CPU has no bf16 units (AMX-BF16 / AVX512-BF16), where bf16 is slower than fp32"
+
+
+def log_dtype_choice(what: str, dtype_name: str, why: str) -> None:
+    """One INFO line per process and choice: which dtype ``auto`` gave on the CPU, and why."""
+    key = (what, dtype_name, why)
+    if key not in _logged_choices:
+        _logged_choices.add(key)
+        logger.info("%s runs in %s on the CPU: %s (dtype= / --dtype or %s=fp32|bf16 override)",
+                    what, dtype_name, why, CPU_DTYPE_ENV)

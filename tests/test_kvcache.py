@@ -1,5 +1,6 @@
 """The passage KV cache (nbce_rag/decoding/kvcache.py): every answer is token-for-token the answer of
-the same decoder without a cache (fp32), whether the passages are all cached, partly cached
+the same decoder without a cache, in fp32 and in bf16 (each test runs in both: the model of
+``model_tok`` is cast to each dtype; issue 28), whether the passages are all cached, partly cached
 (a cropped prefix), not cached, mixed in one batch, split into windows, asked about with
 other questions, evicted, reloaded from disk, written by another model, or damaged on disk."""
 
@@ -39,9 +40,10 @@ QUESTIONS = ["When was it completed?", "How high is the mountain?", "Who designe
 N = 10
 
 
-@pytest.fixture(scope="module")
-def model_tok(tiny_chat_tokenizer):
-    return make_tiny_llama(len(tiny_chat_tokenizer), seed=3), tiny_chat_tokenizer
+@pytest.fixture(scope="module", params=[torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def model_tok(tiny_chat_tokenizer, request):
+    """The tiny model in each dtype: cached vs uncached must agree token for token within each."""
+    return make_tiny_llama(len(tiny_chat_tokenizer), seed=3).to(request.param), tiny_chat_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +185,10 @@ def _p(text):
     return as_passage(text)
 
 
-def test_question_before_passage_runs_uncached_and_says_so(model_tok, ref, caplog):
+def test_question_before_passage_runs_uncached_and_says_so(model_tok, ref, caplog, monkeypatch):
+    from nbce_rag.decoding import kvstore
+
+    monkeypatch.setattr(kvstore, "_WARNED", set())  # said once per process: once per dtype here
     dec = cached(model_tok)
     tpl = "Question: {question}\n\nContext: {passage}"
     with caplog.at_level(logging.WARNING, logger="nbce_rag.decoding.kvcache"):

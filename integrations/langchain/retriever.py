@@ -23,7 +23,8 @@ from nbce_rag.integrations.langchain.convert import document_to_passage, passage
 class CoSENTEmbeddings(BaseModel, Embeddings):
     """LangChain ``Embeddings`` over a :class:`CoSENTEncoder` (L2-normalised vectors, so
     inner product = cosine). ``model``: the encoder to load (``None`` = the bundled
-    all-MiniLM-L6-v2, a directory, or a sentence-transformers id); or pass ``encoder=``."""
+    all-MiniLM-L6-v2, a directory, or a sentence-transformers id); or pass ``encoder=``.
+    ``dtype``: the encoder's compute dtype (``CoSENTEncoder.dtype``; default auto)."""
 
     model_config = ConfigDict(populate_by_name=True, arbitrary_types_allowed=True, protected_namespaces=(),
                               extra="forbid")
@@ -31,6 +32,7 @@ class CoSENTEmbeddings(BaseModel, Embeddings):
     model_name: Optional[str] = Field(default=None, alias="model")
     encoder: Any = Field(default=None, exclude=True)
     device: Optional[str] = None
+    dtype: Optional[str] = None
     batch_size: int = 32
 
     _lock: Any = PrivateAttr(default_factory=threading.Lock)
@@ -45,7 +47,7 @@ class CoSENTEmbeddings(BaseModel, Embeddings):
                 if self.encoder is None:
                     from nbce_rag.retrieval.encoder import CoSENTEncoder
 
-                    self.encoder = CoSENTEncoder.from_pretrained(self.model_name, device=self.device)
+                    self.encoder = CoSENTEncoder.from_pretrained(self.model_name, device=self.device, dtype=self.dtype)
         return self.encoder
 
     def embed_documents(self, texts: List[str]) -> List[List[float]]:

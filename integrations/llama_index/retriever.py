@@ -30,6 +30,7 @@ class CoSENTEmbedding(BaseEmbedding):
     model_config = ConfigDict(arbitrary_types_allowed=True, protected_namespaces=())
 
     device: Optional[str] = None
+    dtype: Optional[str] = Field(default=None, description="the encoder's compute dtype: float32, bfloat16 or auto (default)")
     _encoder: Any = PrivateAttr(default=None)
     _source: Optional[str] = PrivateAttr(default=None)
     _lock: Any = PrivateAttr(default_factory=threading.Lock)
@@ -57,7 +58,7 @@ class CoSENTEmbedding(BaseEmbedding):
                 if self._encoder is None:
                     from nbce_rag.retrieval.encoder import CoSENTEncoder
 
-                    self._encoder = CoSENTEncoder.from_pretrained(self._source, device=self.device)
+                    self._encoder = CoSENTEncoder.from_pretrained(self._source, device=self.device, dtype=self.dtype)
         return self._encoder
 
     def _get_text_embeddings(self, texts: List[str]) -> List[List[float]]:

@@ -299,9 +299,10 @@ class IngressReplica:
         if spec.get("encoder"):
             from nbce_rag.retrieval.encoder import CoSENTEncoder
 
-            encoder = CoSENTEncoder.from_pretrained(spec["encoder"])
+            encoder = CoSENTEncoder.from_pretrained(spec["encoder"], dtype=spec.get("encoder_dtype"))
         self.encoder = encoder
         rag = RAGPipeline.from_pretrained(index=spec.get("index"), encoder=encoder,
+                                          encoder_dtype=spec.get("encoder_dtype"),
                                           threshold=spec.get("threshold", "auto"), k=int(spec.get("k", 10)),
                                           decoder=DecoderInfo(info["config"], info["name"]))
         scorer = spec.get("scorer", "auto")
@@ -333,6 +334,7 @@ NBCEIngress = serve.ingress()(IngressReplica)
 # ---------------------------------------------------------------------------------- the application
 def build_app(*, model: Optional[str] = None, index: Optional[str] = None, encoder: Optional[str] = None,
               threshold: Optional[str] = "auto", k: int = 10, device: Optional[str] = None,
+              dtype: Optional[str] = None, encoder_dtype: Optional[str] = None,
               decoder_options: Optional[Dict[str, Any]] = None, kv_cache: Any = "auto",
               limits: ServerLimits = ServerLimits(), api_key: Optional[str] = None,
               model_name: Sequence[str] = (DEFAULT_MODEL_NAME,), allowed_hosts: Optional[Sequence[str]] = None,
@@ -346,9 +348,11 @@ def build_app(*, model: Optional[str] = None, index: Optional[str] = None, encod
         raise ConfigError(f"index {index!r} is not a directory (build one with `nbce-rag index`)")
     lim = dataclasses.asdict(limits)
     threads = options.threads or (max(1, int(-(-options.decoder_cpus // 1))) if options.decoder_gpus == 0 else None)
-    dec_spec = {"model": model, "device": device, "threads": threads, "index": index, "kv_cache": kv_cache,
+    dec_spec = {"model": model, "device": device, "dtype": dtype, "threads": threads, "index": index,
+                "kv_cache": kv_cache,
                 "decoder_options": dict(decoder_options or {}), "limits": lim}
-    ing_spec = {"index": index, "encoder": encoder, "threshold": threshold, "k": int(k), "scorer": scorer,
+    ing_spec = {"index": index, "encoder": encoder, "encoder_dtype": encoder_dtype, "threshold": threshold,
+                "k": int(k), "scorer": scorer,
                 "limits": lim, "api_key": api_key, "model_name": list(model_name),
                 "allowed_hosts": None if allowed_hosts is None else list(allowed_hosts), "retries": options.retries,
                 "index_refresh_s": options.index_refresh_s}

@@ -175,12 +175,32 @@ def bad_words_options(args: argparse.Namespace, tokenizer: Any) -> Dict[str, Any
     return {"bad_words_ids": bad_words_ids(tokenizer, words)}
 
 
-def check_device(device: Optional[str], dtype: Optional[str] = None) -> None:
-    """Reject an unknown ``--device``/``--dtype`` before any model loads (ConfigError)."""
+#: help of every ``--dtype`` (the LM's)
+DTYPE_HELP = ("float32, bfloat16, float16 or auto (default: bf16 on CUDA and on a CPU with bf16 units (AMX / "
+              "AVX512-BF16), fp16 on MPS, else fp32; $NBCE_RAG_CPU_DTYPE=fp32|bf16 sets the CPU's auto)")
+ENCODER_DTYPE_HELP = ("compute dtype of the encoder: float32, bfloat16 or auto (default: bf16 on a CPU with bf16 "
+                      "units, else fp32); the index stores float32 vectors either way")
+
+
+def add_encoder_dtype(p: argparse.ArgumentParser) -> None:
+    """``--encoder-dtype`` (see :attr:`nbce_rag.retrieval.encoder.CoSENTEncoder.dtype`)."""
+    p.add_argument("--encoder-dtype", default=None, metavar="T", help=ENCODER_DTYPE_HELP)
+
+
+def encoder_options(args: argparse.Namespace) -> dict:
+    """``{"dtype": ...}`` for ``CoSENTEncoder.from_pretrained`` when ``--encoder-dtype`` was given."""
+    dt = getattr(args, "encoder_dtype", None)
+    return {} if dt is None else {"dtype": dt}
+
+
+def check_device(device: Optional[str], dtype: Optional[str] = None, encoder_dtype: Optional[str] = None) -> None:
+    """Reject an unknown ``--device``/``--dtype``/``--encoder-dtype`` before any model loads (ConfigError)."""
     from nbce_rag.errors import ConfigError, ModelLoadError
-    from nbce_rag.models import resolve_device, resolve_dtype
+    from nbce_rag.models import resolve_device, resolve_dtype, resolve_encoder_dtype
 
     try:
-        resolve_dtype(dtype, resolve_device(device))
+        dev = resolve_device(device)
+        resolve_dtype(dtype, dev)
+        resolve_encoder_dtype(encoder_dtype, dev)
     except ModelLoadError as e:
         raise ConfigError(str(e)) from None

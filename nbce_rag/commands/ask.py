@@ -18,8 +18,8 @@ import argparse
 import sys
 from typing import Optional, Any, TextIO
 
-from nbce_rag.commands.arguments import (add_decoding_options, bad_words_options, add_question, check_device, decoding_options, examples, positive_int,
-                      question_of)
+from nbce_rag.commands.arguments import (DTYPE_HELP, add_decoding_options, add_encoder_dtype, bad_words_options, add_question,
+                                        check_device, decoding_options, encoder_options, examples, positive_int, question_of)
 
 _QUIT = {"exit", "quit", ":q"}
 
@@ -74,7 +74,8 @@ def _add_options(p: argparse.ArgumentParser) -> None:
                    help="when no candidate passes the filter: 'abstain' (default: say that nothing in the documents "
                    "answers it, no decoding) or 'closed_book' (the model answers alone, marked unsupported)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps or auto (default)")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto (default: by device)")
+    p.add_argument("--dtype", default=None, help=DTYPE_HELP)
+    add_encoder_dtype(p)
     add_decoding_options(p)
     p.add_argument("--stream", action="store_true", help="print the answer token by token as it is decoded")
     p.add_argument("--json", action="store_true",
@@ -126,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
     options = decoding_options(args)
     if args.on_unsupported:
         options["on_unsupported"] = args.on_unsupported
-    check_device(args.device, args.dtype)
+    check_device(args.device, args.dtype, args.encoder_dtype)
 
     from nbce_rag.pipeline import RAGPipeline
 
@@ -134,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
     if args.encoder:
         from nbce_rag.retrieval.encoder import CoSENTEncoder
 
-        encoder = CoSENTEncoder.from_pretrained(args.encoder, device=args.device)
+        encoder = CoSENTEncoder.from_pretrained(args.encoder, device=args.device, **encoder_options(args))
     rag = RAGPipeline.from_pretrained(
         index=args.index,
         model=args.model,
@@ -143,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
         k=args.k,
         device=args.device,
         dtype=args.dtype,
+        encoder_dtype=args.encoder_dtype,
     )
     options.update(bad_words_options(args, rag.decoder.tokenizer))
     if question is not None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 
-from nbce_rag.commands.arguments import examples
+from nbce_rag.commands.arguments import DTYPE_HELP, examples
 
 
 def register(subparsers: "argparse._SubParsersAction") -> None:
@@ -36,7 +36,7 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     p.add_argument("--model", default=None, metavar="M",
                    help="LLM: HF id, local path or .gguf file (default: bundled SmolLM2-135M-Instruct)")
     p.add_argument("--device", default=None, help="cpu, cuda, mps or auto (default); must match the one that answers")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto (default)")
+    p.add_argument("--dtype", default=None, help=DTYPE_HELP + "; must match the one that answers")
     p.add_argument("--batch", type=int, default=32, metavar="N", help="chunks per shard (default 32)")
     p.set_defaults(func=run)
 

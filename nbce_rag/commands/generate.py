@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from nbce_rag.commands.arguments import add_decoding_options, bad_words_options, add_question, check_device, decoding_options, examples, question_of
+from nbce_rag.commands.arguments import DTYPE_HELP, add_decoding_options, bad_words_options, add_question, check_device, decoding_options, examples, question_of
 
 
 def register(sub: "argparse._SubParsersAction") -> None:
@@ -28,7 +28,7 @@ def register(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("--model", default=None, metavar="M",
                    help="LLM: HF id, local path or .gguf file (default: bundled SmolLM2-135M-Instruct)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps or auto (default)")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto (default: by device)")
+    p.add_argument("--dtype", default=None, help=DTYPE_HELP)
     add_decoding_options(p, max_new_tokens=64)
     p.add_argument("--stream", action="store_true", help="print tokens as they come")
     p.add_argument("--json", action="store_true", help="print the whole answer (text, sources, usage) as JSON")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from nbce_rag.commands.arguments import examples, nonnegative_int, positive_int
+from nbce_rag.commands.arguments import add_encoder_dtype, encoder_options, examples, nonnegative_int, positive_int
 
 
 def accepted_file_types() -> str:
@@ -50,6 +50,7 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     p.add_argument("--encoder", default=None, metavar="E",
                    help="encoder: a directory (e.g. from nbce-rag train) or model id "
                    "(default: the bundled all-MiniLM-L6-v2; with --append: the index's own)")
+    add_encoder_dtype(p)
     p.add_argument("--chunk-tokens", type=positive_int, default=DEFAULT_CHUNK_TOKENS,
                    help=f"chunk size in encoder tokens (default {DEFAULT_CHUNK_TOKENS})")
     p.add_argument("--overlap", type=nonnegative_int, default=DEFAULT_OVERLAP,
@@ -104,8 +105,10 @@ def run(args: argparse.Namespace) -> int:
     if args.append or args.delete:
         if not existing:
             raise ConfigError(f"--append/--delete need an index at {out}, and there is none")
-        enc = CoSENTEncoder.from_pretrained(args.encoder) if args.encoder else None
+        enc = CoSENTEncoder.from_pretrained(args.encoder, **encoder_options(args)) if args.encoder else None
         index = VectorIndex.load(out, enc)
+        if args.encoder_dtype is not None and enc is None:
+            index.encoder.dtype = args.encoder_dtype
         before = len(index)
         if args.delete:
             n = index.delete(args.delete)
@@ -114,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
             index.add(docs, on_duplicate="replace", batch_size=args.batch_size, show_progress_bar=progress)
         action = f"updated ({before} -> {len(index)} chunks)"
     else:
-        enc = CoSENTEncoder.from_pretrained(args.encoder)
+        enc = CoSENTEncoder.from_pretrained(args.encoder, **encoder_options(args))
         index = VectorIndex.build(
             enc,
             docs,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from nbce_rag.commands.arguments import add_question, examples, positive_int, question_of
+from nbce_rag.commands.arguments import add_encoder_dtype, add_question, encoder_options, examples, positive_int, question_of
 
 
 def register(subparsers: "argparse._SubParsersAction") -> None:
@@ -28,6 +28,7 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     p.add_argument("--json", action="store_true", help="print the hits as a JSON list")
     p.add_argument("--encoder", default=None, metavar="E",
                    help="encoder directory or id (default: the one recorded in the index; must match it)")
+    add_encoder_dtype(p)
     p.add_argument("--backend", choices=["exact", "faiss"], default=None,
                    help="override the index's search backend")
     p.add_argument("--width", type=positive_int, default=200, help="characters of each hit to print (default 200)")
@@ -42,8 +43,10 @@ def run(args: argparse.Namespace) -> int:
     from nbce_rag.retrieval.encoder import CoSENTEncoder
     from nbce_rag.retrieval.index import VectorIndex
 
-    enc = CoSENTEncoder.from_pretrained(args.encoder) if args.encoder else None
+    enc = CoSENTEncoder.from_pretrained(args.encoder, **encoder_options(args)) if args.encoder else None
     index = VectorIndex.load(args.index, enc, backend=args.backend)
+    if args.encoder_dtype is not None and enc is None:
+        index.encoder.dtype = args.encoder_dtype
     hits = index.search(query, k=args.k)
     if args.json:
         print(json.dumps([h.to_dict() for h in hits], indent=2, ensure_ascii=False))

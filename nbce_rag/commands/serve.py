@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from nbce_rag.commands.arguments import examples
+from nbce_rag.commands.arguments import DTYPE_HELP, add_encoder_dtype, check_device, encoder_options, examples
 
 _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
@@ -55,6 +55,8 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
                    "--api-key, only 127.0.0.1/localhost/::1 (a web page cannot reach the server by DNS rebinding); "
                    "otherwise not checked")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
+    p.add_argument("--dtype", default=None, help=DTYPE_HELP)
+    add_encoder_dtype(p)
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="torch CPU threads (default: torch's choice; 1 is best on a busy or small machine)")
     p.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
@@ -149,6 +151,7 @@ def run(args: argparse.Namespace) -> int:
     from nbce_rag.pipeline import RAGPipeline
 
     log = logging.getLogger("nbce_rag.serve")
+    check_device(args.device, args.dtype, args.encoder_dtype)
     scale = scale_options(args) if args.replicas is not None else None
     if args.threads and scale is None:
         import torch
@@ -169,7 +172,8 @@ def run(args: argparse.Namespace) -> int:
         options = {} if args.max_new_tokens is None else {"max_new_tokens": args.max_new_tokens}
         app = build_app(model=args.model, index=args.index, encoder=args.encoder,
                         threshold=None if args.no_filter else "auto", k=args.k, device=args.device,
-                        decoder_options=options, limits=limits, api_key=args.api_key, model_name=names,
+                        dtype=args.dtype, encoder_dtype=args.encoder_dtype, decoder_options=options,
+                        limits=limits, api_key=args.api_key, model_name=names,
                         allowed_hosts=allowed, options=scale)
         print(f"nbce-rag: serving {names[0]} on http://{args.host}:{args.port}/v1 with {scale.replicas} decoder "
               f"replica(s) on Ray Serve (router: {scale.router}; index: {args.index or 'none'})", flush=True)
@@ -179,11 +183,11 @@ def run(args: argparse.Namespace) -> int:
     if args.encoder:
         from nbce_rag.retrieval.encoder import CoSENTEncoder
 
-        encoder = CoSENTEncoder.from_pretrained(args.encoder, device=args.device)
+        encoder = CoSENTEncoder.from_pretrained(args.encoder, device=args.device, **encoder_options(args))
     options = {} if args.max_new_tokens is None else {"max_new_tokens": args.max_new_tokens}
     pipeline = RAGPipeline.from_pretrained(
         index=args.index, model=args.model, encoder=encoder, threshold=None if args.no_filter else "auto",
-        k=args.k, device=args.device, **options,
+        k=args.k, device=args.device, dtype=args.dtype, encoder_dtype=args.encoder_dtype, **options,
     )
     if args.host not in _LOOPBACK and not args.api_key:
         log.warning("serving on %s without an API key: anyone who can reach it can use it (set --api-key)", args.host)

@@ -81,7 +81,8 @@ class CoSENTEncoder:
     sentence-transformers model id or directory), or wrap an existing ``SentenceTransformer``.
     """
 
-    def __init__(self, model: "SentenceTransformer", *, name: Optional[str] = None, source: Optional[str] = None):
+    def __init__(self, model: "SentenceTransformer", *, name: Optional[str] = None, source: Optional[str] = None,
+                 dtype: Any = None):
         self.model = model
         self.name = name or _guess_name(model)
         #: where the weights came from (a path, a hub id, ``"bundled"``), ``None`` after fit
@@ -90,6 +91,8 @@ class CoSENTEncoder:
         #: incremented whenever :meth:`fit` changes the weights (indexes use it to notice)
         self.weights_version = 0
         self.model.eval()
+        self._dtype: Any = None
+        self.dtype = dtype
 
     # ------------------------------------------------------------------ construction
 
@@ -101,12 +104,14 @@ class CoSENTEncoder:
         device: Optional[str] = None,
         max_seq_length: Optional[int] = None,
         local_files_only: Optional[bool] = None,
+        dtype: Any = None,
     ) -> "CoSENTEncoder":
         """Load an encoder.
 
         ``name_or_path``: ``None``/``"bundled"``/``"all-MiniLM-L6-v2"`` for the bundled copy; a
         directory (e.g. one written by :meth:`save_pretrained`); or a Hugging Face model id,
-        which is downloaded only then (set ``local_files_only=True`` to forbid it).
+        which is downloaded only then (set ``local_files_only=True`` to forbid it). ``dtype``:
+        the compute dtype (see :attr:`dtype`).
         """
         from sentence_transformers import SentenceTransformer
 
@@ -140,9 +145,24 @@ class CoSENTEncoder:
             raise ModelLoadError(f"could not load the encoder {key or 'bundled'!r}: {e}") from e
         if max_seq_length is not None:
             model.max_seq_length = int(max_seq_length)
-        return cls(model, name=name, source=source)
+        return cls(model, name=name, source=source, dtype=dtype)
 
     # ------------------------------------------------------------------ properties
+
+    @property
+    def dtype(self) -> Any:
+        """The compute dtype of :meth:`encode` (a ``torch.dtype``). Set it to a name, a
+        ``torch.dtype`` or ``None``/``"auto"``: bf16 on a CPU with bf16 units, else fp32
+        (:func:`nbce_rag.models.resolve_encoder_dtype`). Only the matrix products run in it
+        (``torch.autocast``): the weights stay as loaded, so :attr:`identity` does not change,
+        pooling and normalisation run in fp32, and the vectors are float32."""
+        return self._dtype
+
+    @dtype.setter
+    def dtype(self, value: Any) -> None:
+        from nbce_rag.models import resolve_encoder_dtype
+
+        self._dtype = resolve_encoder_dtype(value, self.model.device)
 
     @property
     def dim(self) -> int:
@@ -230,14 +250,28 @@ class CoSENTEncoder:
                 raise TypeError(f"encode() expects strings; item {i} is {type(t).__name__}")
         if show_progress_bar is None:
             show_progress_bar = len(texts) > 16 * batch_size
-        vecs = self.model.encode(
-            texts,
-            batch_size=batch_size,
-            show_progress_bar=show_progress_bar,
-            convert_to_numpy=True,
-            normalize_embeddings=normalize,
-        )
+        with self.autocast():
+            vecs = self.model.encode(
+                texts,
+                batch_size=batch_size,
+                show_progress_bar=show_progress_bar,
+                convert_to_numpy=True,
+                normalize_embeddings=normalize,
+            )
         return np.ascontiguousarray(vecs, dtype=np.float32)
+
+    def autocast(self) -> Any:
+        """The context :meth:`encode` runs in: ``torch.autocast`` to :attr:`dtype` when that is
+        not the weights' dtype (CPU autocast keeps layer norms, softmax and reductions in fp32),
+        else a no-op."""
+        import contextlib
+
+        import torch
+
+        weights = next(self.model.parameters()).dtype
+        if self._dtype == weights or self.model.device.type not in ("cpu", "cuda"):
+            return contextlib.nullcontext()
+        return torch.autocast(self.model.device.type, dtype=self._dtype)
 
     # ------------------------------------------------------------------ evaluate
 
