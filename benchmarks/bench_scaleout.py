@@ -138,7 +138,7 @@ def run_config(name: str, args, workload, order) -> Dict[str, Any]:
     rows = []
     for (s, q, rep), r in zip(jobs, results):
         u = r["usage"] or {}
-        rows.append({"set": s, "question": q, "repeat": rep, "status": r["status"], "error": r["error"],
+        rows.append({"set": s, "repeat": rep,  # no data text in the results (the data is not ours to copy) "status": r["status"], "error": r["error"],
                      "ttft": r["ttft"], "latency": r["latency"], "prompt_tokens": u.get("prompt_tokens"),
                      "cached_tokens": (u.get("prompt_tokens_details") or {}).get("cached_tokens")})
     ok = [x for x in rows if x["status"] == 200 and x["error"] is None and x["prompt_tokens"]]
@@ -159,8 +159,7 @@ def run_config(name: str, args, workload, order) -> Dict[str, Any]:
         "ttft_p50": p50(x["ttft"] for x in ok), "ttft_p50_repeats": p50(x["ttft"] for x in ok if x["repeat"]),
         "ttft_p50_first": p50(x["ttft"] for x in ok if not x["repeat"]),
         "latency_p50": p50(x["latency"] for x in ok),
-        "per_replica": [{"replica": s["replica"], "requests": s["requests"], "kv": s["kv"],
-                         "sets": sorted({x["set"] for x in rows})} for s in stats],
+        "per_replica": [{"replica": s["replica"], "requests": s["requests"], "kv": s["kv"]} for s in stats],
         "sets_per_replica": _sets_per_replica(stats, workload),
         "load_avg_before": load0, "load_avg_after": load1, "rows": rows,
     }
@@ -249,7 +248,7 @@ def main() -> None:
     out = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "machine": platform.platform(),
            "cpus": os.cpu_count(), "python": platform.python_version(), "settings": {
                k: v for k, v in vars(args).items() if k not in ("base",)},
-           "workload": [{"title": w["title"], "questions": w["questions"]} for w in workload],
+           "workload": [{"set": i, "questions": len(w["questions"])} for i, w in enumerate(workload)],
            "summary": summary, "results": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))
