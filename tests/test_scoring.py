@@ -174,6 +174,49 @@ def test_posterior_online_update_matches_numpy(prior, update):
         assert final is None
 
 
+@pytest.mark.parametrize("pooling", ["posterior:product,online", "posterior:question,online"])
+def test_decoder_posterior_equals_a_numpy_replay_of_its_rows(tiny_decoder, pooling):
+    """The decoder's use of the posterior (``begin`` with every row's log p(question | passage),
+    ``observe`` after each token, the fusion) against a NumPy replay: each row run alone through
+    the model (no batch, no cache) on the decoder's own tokens gives the per-step log-probs and
+    the question likelihood; the replay's greedy tokens, sources and weights must be the
+    decoder's."""
+    dec = tiny_decoder
+    cfg = dec.config
+    ps = [{"text": f"Note {i}. {p}", "score": 0.15 + 0.2 * i} for i, p in enumerate(PASSAGES)]
+    ans = dec.generate(Q, ps, pooling=pooling, max_new_tokens=10)
+    assert len(ans.token_ids) > 0
+    chat = bool(getattr(dec.tokenizer, "chat_template", None))
+    prep = dec._prepare(Q, dec._check_passages(ps), cfg.update(pooling=pooling), question_spans=True)
+    assert len(prep.rows) == len(ps) + 1  # one row per passage (no windows)
+    rows = [dec.tokenizer(dec.build_prompt(Q, p), add_special_tokens=not chat)["input_ids"]
+            for p in [None] + [p["text"] for p in ps]]
+    assert [r.ids for r in prep.rows] == rows
+    qll = [_reference_loglik(dec, r.ids, r.q_span) for r in prep.rows[1:]]
+    forced = list(ans.token_ids) + ([] if ans.finish_reason == "length" else [None])  # None: the EOS step
+    steps = []
+    with torch.inference_mode():
+        for t in range(len(forced)):
+            out = [int(x) for x in ans.token_ids[:t]]
+            steps.append(np.stack([dec.model(torch.tensor([r + out], device=dec.device)).logits[0, -1].float().cpu().numpy()
+                                   for r in rows]))
+    prior = pooling.split(":")[1].split(",")[0]
+    tokens, weights, final = _np_posterior(steps, [p["score"] for p in ps], qll, prior, update=True,
+                                           beta=cfg.beta, top_p=cfg.nbce_top_p)
+    assert tokens[: len(ans.token_ids)] == ans.token_ids
+    if ans.finish_reason != "length":
+        assert tokens[-1] in dec._eos_ids
+    # the source of each token: the row with the largest weighted probability of it
+    want_src = [int(np.argmax(np.log(weights[t]) + np_top_p(np_log_softmax(steps[t]), cfg.nbce_top_p)[1:, tok]))
+                for t, tok in enumerate(ans.token_ids)]
+    assert ans.token_sources == want_src
+    np.testing.assert_allclose([s.weight_initial for s in ans.sources], weights[0], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose([s.weight_final for s in ans.sources], final, rtol=1e-4, atol=1e-6)
+    logw0, logw1 = (np.log(np.maximum(w, 1e-300)) for w in (weights[0], final))
+    assert np.abs(logw1 - logw0).max() > 1.0  # the update moved the weights
+    assert not np.allclose(weights[0], 1 / len(ps), atol=1e-3)  # and the prior is not uniform
+
+
 def test_posterior_static_scores_prior_is_replug():
     torch.manual_seed(0)
     logits = torch.randn(6, 30) * 3
