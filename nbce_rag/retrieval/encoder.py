@@ -8,8 +8,10 @@ Fine-tuning (:meth:`CoSENTEncoder.fit`) is CoSENT's loss in the loop of
 
 Identity: :attr:`CoSENTEncoder.identity` is ``"<name>@sha256:<16 hex>"`` where the digest
 covers every weight tensor (name, dtype, shape, bytes), the module stack and
-``max_seq_length``. Two encoders give the same vectors iff their digests are equal; the name
-is informational (use :func:`identities_match` to compare).
+``max_seq_length``. Two encoders give the same vectors iff their digests are equal (at the
+same compute dtype: :attr:`CoSENTEncoder.dtype` is not part of it, since bf16 compute moves a
+cosine by ~1e-3 and an index built in one dtype searches correctly in the other); the name is
+informational (use :func:`identities_match` to compare).
 """
 
 from __future__ import annotations
