@@ -389,7 +389,9 @@ def stage_qlik(args) -> Dict[str, Any]:
     dec = NBCEDecoder.from_pretrained(device="cpu", dtype=args.dtype, kv_cache=None)
     top = args.qlik_top
     rows: List[Dict[str, Any]] = []
-    for sp in ("cal", "eval"):
+    from nbce_rag.files import write_json
+
+    for sp in args.splits:
         for i, ds in enumerate(dss):
             other = dss[(i + 1) % len(dss)]
             own = candidates(sets[ds][sp], cache.encode, top, n_queries=args.n_questions, seed=args.seed + 2)
@@ -403,6 +405,7 @@ def stage_qlik(args) -> Dict[str, Any]:
                                  "kind": kind, "qid": q, "cos": c["S"][j].tolist(), "evidence": ev.tolist(),
                                  "answerable": bool(c["Y"][j].sum() > 0) if kind == "in-domain" else False})
                 print(f"qlik {sp} {ds} {kind}: {len(c['qids'])} questions ({time.time() - t0:.0f}s)", flush=True)
+                write_json(Path(args.results) / f"filter_qlik{args.tag}.partial.json", {"questions": rows})
     res: Dict[str, Any] = {"stage": "qlik", "dtype": args.dtype, "top": top, "n_questions": args.n_questions,
                            "decoder": dec.name, "encoder": enc.identity, "machine": machine(), "questions": rows}
     res["summary"] = qlik_summary(rows)
@@ -419,11 +422,12 @@ def qlik_summary(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
         return {"cos top-1": cos[0], "evidence top-1": ev[0], "evidence max top-k": ev.max()}
 
     names = ["cos top-1", "evidence top-1", "evidence max top-k"]
+    splits = sorted({r["split"] for r in rows})
     data = {sp: (np.array([[feats(r)[n] for n in names] for r in rows if r["split"] == sp]),
                  np.array([r["kind"] == "in-domain" for r in rows if r["split"] == sp], dtype=float))
-            for sp in ("cal", "eval")}
-    Xc, yc = data["cal"]
-    Xe, ye = data["eval"]
+            for sp in splits}
+    Xc, yc = data["cal"] if "cal" in data else data[splits[0]]
+    Xe, ye = data["eval"] if "eval" in data else (Xc, yc)  # one split only: in-sample, said in the result
     mu, sd = Xc.mean(0), Xc.std(0) + 1e-12
     cols = {"cosine alone (s_max)": [0], "evidence alone (top-1)": [1], "evidence alone (max top-k)": [2],
             "cosine + evidence top-1 (logistic)": [0, 1], "cosine + evidence max (logistic)": [0, 2]}
@@ -442,8 +446,8 @@ def qlik_summary(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
                      "eval_flagged": float((fe[ye == 0] < t).mean()), "eval_supported": float((fe[ye > 0] >= t).mean()),
                      "logistic_weights": None if w is None else w.tolist(),
                      "standardisation": None if w is None else {"mean": mu[cs].tolist(), "sd": sd[cs].tolist()}}
-    return {"features": out, "n": {sp: {"in_domain": int(data[sp][1].sum()), "off_topic": int((1 - data[sp][1]).sum())}
-                                   for sp in data}}
+    return {"features": out, "in_sample_only": "eval" not in data or "cal" not in data,
+            "n": {sp: {"in_domain": int(data[sp][1].sum()), "off_topic": int((1 - data[sp][1]).sum())} for sp in data}}
 
 
 # ============================================================================ stage: repetition (item 5)
