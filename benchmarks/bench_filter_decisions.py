@@ -391,6 +391,10 @@ def stage_qlik(args) -> Dict[str, Any]:
     rows: List[Dict[str, Any]] = []
     from nbce_rag.files import write_json
 
+    part = Path(args.results) / f"filter_qlik{args.tag}.partial.json"
+    if args.resume and part.exists():  # groups measured by an earlier run are kept, not redone
+        rows = [r for r in json.loads(part.read_text())["questions"] if r["split"] in args.splits]
+    done = {(r["split"], r["dataset"], r["kind"]) for r in rows}
     for sp in args.splits:
         for i, ds in enumerate(dss):
             other = dss[(i + 1) % len(dss)]
@@ -398,6 +402,8 @@ def stage_qlik(args) -> Dict[str, Any]:
             off = candidates(sets[other][sp], cache.encode, top, n_queries=args.n_questions, seed=args.seed + 2,
                              queries_from=sets[ds][sp])
             for kind, c, ls in (("in-domain", own, sets[ds][sp]), ("off-topic", off, sets[other][sp])):
+                if (sp, ds, kind) in done:
+                    continue
                 for j, q in enumerate(c["qids"]):
                     ev = question_evidence(dec, sets[ds][sp].queries[q], [ls.passages[int(r)] for r in c["rows"][j]],
                                            c["S"][j])
@@ -405,7 +411,7 @@ def stage_qlik(args) -> Dict[str, Any]:
                                  "kind": kind, "qid": q, "cos": c["S"][j].tolist(), "evidence": ev.tolist(),
                                  "answerable": bool(c["Y"][j].sum() > 0) if kind == "in-domain" else False})
                 print(f"qlik {sp} {ds} {kind}: {len(c['qids'])} questions ({time.time() - t0:.0f}s)", flush=True)
-                write_json(Path(args.results) / f"filter_qlik{args.tag}.partial.json", {"questions": rows})
+                write_json(part, {"questions": rows})
     res: Dict[str, Any] = {"stage": "qlik", "dtype": args.dtype, "top": top, "n_questions": args.n_questions,
                            "decoder": dec.name, "encoder": enc.identity, "machine": machine(), "questions": rows}
     res["summary"] = qlik_summary(rows)
