@@ -268,3 +268,30 @@ def test_shipped_prior_loads_with_both_decisions(encoder):
     else:
         assert th.support.threshold == raw["support"]["threshold"]
     assert -1 < th.support.threshold < 1
+
+
+def test_cli_synthetic_small_corpus_without_matplotlib(tmp_path, tiny_chat_tokenizer, encoder, capsys, monkeypatch):
+    """`calibrate --synthetic` on a small index ends in a calibration with a note, or in one clear
+    error line -- never a traceback; without matplotlib no plot is written and a note says so."""
+    import nbce_rag.filtering.plot as plot_mod
+    from conftest import make_tiny_llama
+    from nbce_rag.cli import main
+
+    model = make_tiny_llama(len(tiny_chat_tokenizer), seed=1)
+    model.save_pretrained(tmp_path / "model")
+    tiny_chat_tokenizer.save_pretrained(tmp_path / "model")
+    docs = [f"Passage {i}: " + " ".join(f"word{(i * 7 + j) % 50}" for j in range(30)) for i in range(24)]
+    VectorIndex.build(encoder, [{"id": f"p{i}", "text": t} for i, t in enumerate(docs)]).save(tmp_path / "idx")
+    monkeypatch.setattr(plot_mod, "can_plot", lambda: False)
+    rc = main(["calibrate", "--synthetic", "--index", str(tmp_path / "idx"), "--model", str(tmp_path / "model"),
+               "--n", "12", "-k", "6", "--filter-top", "6", "--bootstrap", "20", "--seed", "3"])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    if rc == 0:
+        assert "no plot written: matplotlib is not installed" in err
+        assert "note:       small corpus" in out and "support:" in out and "keep:" in out
+        th = MarginThreshold.load(tmp_path / "idx" / SYNTHETIC_FILENAME)
+        assert th.keep.method == "recall_first" and th.support.method == "in_domain_quantile"
+        assert not list((tmp_path / "idx").glob("*.png"))
+    else:
+        assert rc in (1, 2) and "error:" in err and "generated questions" in err
