@@ -154,8 +154,8 @@ class CoSENTEncoder:
     @property
     def dtype(self) -> Any:
         """The compute dtype of :meth:`encode` (a ``torch.dtype``). Set it to a name, a
-        ``torch.dtype`` or ``None``/``"auto"``: bf16 on a CPU with bf16 units, else fp32
-        (:func:`nbce_rag.models.resolve_encoder_dtype`). Only the matrix products run in it
+        ``torch.dtype`` or ``None``/``"auto"`` (fp32: bf16 measured slower for queries on the
+        CPU; :func:`nbce_rag.models.resolve_encoder_dtype`). Only the matrix products run in it
         (``torch.autocast``): the weights stay as loaded, so :attr:`identity` does not change,
         pooling and normalisation run in fp32, and the vectors are float32."""
         return self._dtype
