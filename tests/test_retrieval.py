@@ -84,8 +84,14 @@ def test_answer_usage_and_metadata_are_the_core_s():
                dropped=[d])
     assert a.usage() == {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9,
                          "prompt_tokens_details": {"cached_tokens": 0}}
-    assert a.metadata() == {"supported": True, "sources": [], "dropped": [d.to_dict()], "token_sources": [0, -1],
-                            "calibration": None}
+    assert a.metadata() == {"supported": True, "support_score": None, "support_threshold": None,
+                            "calibration": None, "answered_from": "passages", "kept": 0, "notes": [],
+                            "sources": [], "dropped": [d.to_dict()], "token_sources": [0, -1]}
+    a.support_score, a.support_threshold, a.supported, a.calibration = 0.31, 0.43, False, "prior"
+    assert {k: a.grounding()[k] for k in ("supported", "support_score", "support_threshold", "calibration",
+                                          "dropped")} == {"supported": False, "support_score": 0.31,
+                                                          "support_threshold": 0.43, "calibration": "prior",
+                                                          "dropped": 1}
 
 
 # ------------------------------------------------------------------------------------ options mapping
