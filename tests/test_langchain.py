@@ -512,8 +512,10 @@ def _same_as_answer(out, ref, question):
         assert out["support_threshold"] == ref.support_threshold and len(out["dropped"]) == len(ref.dropped)
         assert out["answered_from"] == ref.answered_from
     assert [d.page_content for d in out["context"]] == [s.text for s in ref.sources]
-    keys = ("index", "id", "text", "score", "n_tokens", "share")
+    keys = ("index", "id", "text", "n_tokens", "share")
     assert [{k: s[k] for k in keys} for s in out["sources"]] == [{k: getattr(s, k) for k in keys} for s in ref.sources]
+    # a separate filter re-encodes the passages: the same cosine to float32 precision, not bit for bit
+    assert [s["score"] for s in out["sources"]] == pytest.approx([s.score for s in ref.sources], rel=1e-5, abs=1e-6)
     if ref.sources:
         assert sum(s["share"] for s in out["sources"]) == pytest.approx(1.0, abs=1e-6)
 
