@@ -232,12 +232,7 @@ class RemoteWorker(ModelWorker):
             self._running += 1
         _current.job = job
         try:
-            if job.cancel.is_set():
-                job.outcome = job.reason or CANCELLED
-            elif time.monotonic() >= job.deadline:
-                job.outcome = "timed_out"
-                job.push("timeout")
-            else:
+            if not job.over():
                 self._run_alone(job)
         except Exception as e:  # noqa: BLE001  # pragma: no cover - _run_alone hands errors to the job
             job.outcome = "failed"

@@ -60,6 +60,18 @@ class Job:
             self.reason = reason
         self.cancel.set()
 
+    def over(self) -> bool:
+        """Whether the job was cancelled or ran past its deadline; if so its outcome is set
+        (and a timeout is pushed to its client), and nothing more should run for it."""
+        if self.cancel.is_set():
+            self.outcome = self.reason or CANCELLED
+            return True
+        if time.monotonic() >= self.deadline:
+            self.outcome = "timed_out"
+            self.push("timeout")
+            return True
+        return False
+
     def push(self, kind: str, value: Any = None) -> None:
         try:
             self.loop.call_soon_threadsafe(self.out.put_nowait, (kind, value))
@@ -225,11 +237,8 @@ class ModelWorker:
     def _admit(self, job: Job) -> None:
         self._exclusive = True  # busy from the moment the job leaves the queue
         try:
-            if job.cancel.is_set():
-                job.outcome = job.reason or CANCELLED
-            elif time.monotonic() >= job.deadline:
-                job.outcome = "timed_out"
-                job.push("timeout")
+            if job.over():
+                pass
             elif job.start is None or self.scheduler is None:
                 self._run_alone(job)
             else:
@@ -265,12 +274,7 @@ class ModelWorker:
                 self._observe(job, ev)
                 if not job.final_only or ev.answer is not None:
                     job.push("event", ev)
-                if job.cancel.is_set():
-                    job.outcome = job.reason or CANCELLED
-                    return
-                if time.monotonic() >= job.deadline:
-                    job.outcome = "timed_out"
-                    job.push("timeout")
+                if job.over():
                     return
             job.outcome = "completed"
             job.push("done")
