@@ -86,3 +86,37 @@ def test_made_up_facts_support_and_keep_decide_apart(facts_index, bundled_decode
     assert off.text == ABSTAIN_TEXT and off.supported is False and off.sources == []
     cb = rag.ask(OFF_TOPIC, max_new_tokens=16, on_unsupported="closed_book")
     assert cb.answered_from == "closed_book" and cb.supported is False and cb.text != ABSTAIN_TEXT
+
+
+def test_shipped_prior_keeps_the_right_low_scoring_passage(facts_index, encoder):
+    """With no calibration of its own, an index filters with the shipped prior: its keep rule
+    keeps the right chunk of the made-up-facts corpus (ranked first, scored well below the v1
+    prior's 0.497) and the score the issue reported for it (0.339), and drops the unrelated chunks."""
+    import numpy as np
+
+    from nbce_rag.filtering.prior import find_prior
+
+    th = find_prior(encoder)
+    hits = facts_index.search(QUESTION, 8)
+    s = np.array([h.score for h in hits])
+    keep = th.keep_mask(s, np.zeros(len(s)))
+    assert hits[0].id.startswith("library") and s[0] < 0.497
+    assert keep.tolist() == [True] + [False] * 7
+    reported = np.array([0.339, 0.165, 0.148])  # the issue's corpus: right chunk first at 0.339
+    assert th.keep_mask(reported, np.zeros(3)).tolist() == [True, False, False]
+    off = np.array([h.score for h in facts_index.search(OFF_TOPIC, 8)])
+    assert not th.keep_mask(off, np.zeros(8)).any() and not th.support.supported(off.max())
+
+
+@pytest.mark.slow
+def test_made_up_facts_default_pipeline_answers_from_the_top_passage(facts_index, bundled_decoder, tmp_path):
+    """The issue's case end to end with every default (no calibration file: the shipped prior):
+    the question is answered from its top passage, not closed-book with an invented name."""
+    d = tmp_path / "idx"
+    facts_index.save(d)
+    rag = RAGPipeline.from_pretrained(d, decoder=bundled_decoder, k=8)
+    assert rag.calibration.startswith("prior")
+    ans = rag.ask(QUESTION, max_new_tokens=16)
+    assert [s.id for s in ans.sources][:1] == [facts_index.search(QUESTION, 1)[0].id]
+    assert ans.answered_from == "passages"
+    assert "okoro" in ans.text.lower()  # an invented fact: only the passage knows it

@@ -258,22 +258,21 @@ def test_index_calibrate_runs_the_synthetic_recipe(tmp_path, tiny_chat_tokenizer
 
 
 def test_shipped_prior_loads_with_both_decisions(encoder):
-    """The shipped prior (version 1 until it is refitted, version 2 after) gives a keep rule and
-    a support rule; a version-1 prior reads as one rule for both."""
+    """The shipped prior is a version-2 file: a keep rule and a support rule of its own."""
     th = find_prior(encoder)
     raw = json.loads(open(th.stats["prior_file"], encoding="utf-8").read())
     assert (th.keep.threshold, th.keep.margin) == (raw["threshold"], raw["margin"])
-    if raw["version"] == 1:
-        assert th.support.method == "single_rule" and th.support.threshold == raw["threshold"]
-    else:
-        assert th.support.threshold == raw["support"]["threshold"]
+    assert raw["version"] == 2  # refitted for issue 23 (a version-1 file: test_threshold's v1 test)
+    assert th.support.threshold == raw["support"]["threshold"] and th.support.stats["method"] == "off_topic"
+    assert th.keep.threshold < th.support.threshold  # recall first for rows, precision first for the flag
     assert -1 < th.support.threshold < 1
 
 
-def test_cli_synthetic_small_corpus_without_matplotlib(tmp_path, tiny_chat_tokenizer, encoder, capsys, monkeypatch):
-    """`calibrate --synthetic` on a small index ends in a calibration with a note, or in one clear
-    error line -- never a traceback; without matplotlib no plot is written and a note says so."""
+def _small_corpus_cli(tmp_path, tiny_chat_tokenizer, encoder, monkeypatch, questions):
+    """`calibrate --synthetic` on a 24-chunk index with the tiny random model, its question writer
+    replaced by ``questions(chunk_texts)`` (a random model's replies are not questions)."""
     import nbce_rag.filtering.plot as plot_mod
+    import nbce_rag.filtering.synthetic as synth_mod
     from conftest import make_tiny_llama
     from nbce_rag.cli import main
 
@@ -283,15 +282,33 @@ def test_cli_synthetic_small_corpus_without_matplotlib(tmp_path, tiny_chat_token
     docs = [f"Passage {i}: " + " ".join(f"word{(i * 7 + j) % 50}" for j in range(30)) for i in range(24)]
     VectorIndex.build(encoder, [{"id": f"p{i}", "text": t} for i, t in enumerate(docs)]).save(tmp_path / "idx")
     monkeypatch.setattr(plot_mod, "can_plot", lambda: False)
-    rc = main(["calibrate", "--synthetic", "--index", str(tmp_path / "idx"), "--model", str(tmp_path / "model"),
-               "--n", "12", "-k", "6", "--filter-top", "6", "--bootstrap", "20", "--seed", "3"])
+    monkeypatch.setattr(synth_mod, "generate_questions", lambda decoder, texts, **kw: questions(texts))
+    return main(["calibrate", "--synthetic", "--index", str(tmp_path / "idx"), "--model", str(tmp_path / "model"),
+                 "--n", "12", "-k", "6", "--filter-top", "6", "--bootstrap", "20", "--seed", "3"])
+
+
+def test_cli_synthetic_small_corpus_without_matplotlib(tmp_path, tiny_chat_tokenizer, encoder, capsys, monkeypatch):
+    """`calibrate --synthetic` on a small index ends in a calibration with a note, no traceback;
+    without matplotlib no plot is written and a note says so. (Each question repeats its chunk, so
+    the source ranks first and all 12 questions count: fewer than a full calibration needs.)"""
+    rc = _small_corpus_cli(tmp_path, tiny_chat_tokenizer, encoder, monkeypatch, lambda texts: list(texts))
     out, err = capsys.readouterr()
-    assert "Traceback" not in err
-    if rc == 0:
-        assert "no plot written: matplotlib is not installed" in err
-        assert "note:       small corpus" in out and "support:" in out and "keep:" in out
-        th = MarginThreshold.load(tmp_path / "idx" / SYNTHETIC_FILENAME)
-        assert th.keep.method == "recall_first" and th.support.method == "in_domain_quantile"
-        assert not list((tmp_path / "idx").glob("*.png"))
-    else:
-        assert rc in (1, 2) and "error:" in err and "generated questions" in err
+    assert rc == 0 and "Traceback" not in err
+    assert "no plot written: matplotlib is not installed" in err
+    assert "note:       small corpus" in out and "support:" in out and "keep:" in out
+    th = MarginThreshold.load(tmp_path / "idx" / SYNTHETIC_FILENAME)
+    assert th.keep.method == "recall_first" and th.support.method == "in_domain_quantile"
+    assert th.stats["synthetic"]["n_kept"] == 12
+    assert not list((tmp_path / "idx").glob("*.png"))
+
+
+def test_cli_synthetic_small_corpus_too_few_questions_is_one_error_line(tmp_path, tiny_chat_tokenizer, encoder,
+                                                                         capsys, monkeypatch):
+    """When the model writes too few usable questions (here: two), the calibration stops with one
+    clear error line that says what to do, never a traceback, and writes no file."""
+    rc = _small_corpus_cli(tmp_path, tiny_chat_tokenizer, encoder, monkeypatch,
+                           lambda texts: [t if i < 2 else "" for i, t in enumerate(texts)])
+    out, err = capsys.readouterr()
+    assert rc in (1, 2) and "Traceback" not in err
+    assert "error:" in err and "only 2 of 2 generated questions" in err and "--filter-top" in err
+    assert not (tmp_path / "idx" / SYNTHETIC_FILENAME).exists()
