@@ -54,7 +54,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from speed_dtype import levers, markdown_dtypes, measure_index, plot_dtypes, run_dtypes  # noqa: E402
+from speed_dtype import compile_levers, levers, markdown_dtypes, measure_index, plot_dtypes, run_dtypes  # noqa: E402
 WORDS = ("river city tower museum bridge harbour engine garden market castle library station "
          "theatre festival mountain valley forest island desert canal palace factory school "
          "hospital railway airport stadium cathedral temple village province republic empire").split()
@@ -575,6 +575,9 @@ def main():
     ap.add_argument("--levers", action="store_true",
                     help="time the CPU levers (fp32/bf16, SDPA/eager, int8 dynamic) on a 9x180 prefill + a decode step")
     ap.add_argument("--lever-repeats", type=int, default=5)
+    ap.add_argument("--compile-levers", action="store_true",
+                    help="time the decode step of generate() per dtype: dynamic cache, static cache eager, "
+                    "static cache under torch.compile (n = the last of --ns, --max-new-tokens tokens)")
     ap.add_argument("--unbatched-ns", default="8,32,64", help="ns for the no-micro-batching memory comparison")
     ap.add_argument("--warm-repeats", type=int, default=1, metavar="R",
                     help="nbce_kv: repeat the warm (other question) run R times, report the median (noisy machines)")
@@ -603,6 +606,13 @@ def main():
         res = levers(args)
         res.update(machine=machine(args.device), command=" ".join(sys.argv))
         path = Path(args.out or HERE / "results" / "cpu_levers.json")
+        path.write_text(json.dumps(res, indent=2))
+        print(f"wrote {path}")
+        return
+    if args.compile_levers:
+        res = compile_levers(args, make_passages)
+        res.update(machine=machine(args.device), command=" ".join(sys.argv))
+        path = Path(args.out or HERE / "results" / "cpu_compile.json")
         path.write_text(json.dumps(res, indent=2))
         print(f"wrote {path}")
         return

@@ -220,3 +220,57 @@ def levers(args) -> dict:
         print(k, tables[k], flush=True)
     return {"rows": rows, "tokens": length, "threads": args.threads or 1, "repeats": args.lever_repeats,
             "load_avg": os.getloadavg(), "results": res, "profiler_top_ops": tables}
+
+
+def compile_levers(args, make_passages) -> dict:
+    """Issue 28's ``torch.compile`` lever: the decode step of the real ``generate`` path on the CPU,
+    per dtype, with the dynamic cache (the default, ``compile=False``), the static cache run
+    eagerly (``compile="static"``) and the static cache under ``torch.compile`` (``compile=True``,
+    inductor's C++ kernels). n passages + the no-context row, EOS suppressed so every run decodes
+    the same number of tokens; decode per token = (time(T tokens) - time(1 token)) / (T - 1),
+    thread CPU time (one torch thread) and wall, median of ``--lever-repeats``, the variants
+    interleaved after one warm-up each (the compile happens there and is reported apart)."""
+    import statistics
+
+    import torch
+
+    from nbce_rag import NBCEDecoder
+
+    torch.set_num_threads(args.threads or 1)
+    n, T = int(args.ns.split(",")[-1]), max(2, args.max_new_tokens)
+    decs = {dt: NBCEDecoder.from_pretrained(device="cpu", dtype=dt, kv_cache=None) for dt in ("float32", "bfloat16")}
+    tok = decs["float32"].tokenizer
+    passages = make_passages(n, tok)
+    q = "What is the main subject of these passages?"
+    eos = sorted({int(t) for t in [tok.eos_token_id, *(getattr(decs["float32"], "stop_token_ids", None) or [])]
+                  if t is not None})
+    variants = [(dt, c) for dt in decs for c in (False, "static", True)]
+
+    def run(dt, c, tokens):
+        t0, w0 = time.thread_time(), time.perf_counter()
+        with torch.inference_mode():
+            a = decs[dt].generate(q, passages, max_new_tokens=tokens, compile=c, suppress_tokens=eos)
+        return time.thread_time() - t0, time.perf_counter() - w0, a
+
+    warm, texts, rec = {}, {}, {v: {"cpu": [], "wall": []} for v in variants}
+    for v in variants:
+        cpu, wall, a = run(*v, T)
+        warm[v] = {"first_call_cpu_s": cpu, "first_call_wall_s": wall}
+        texts[v] = a.token_ids
+        print("WARM", v, json.dumps(warm[v]), flush=True)
+    for _ in range(max(1, args.lever_repeats)):
+        for v in variants:
+            c1, w1, _ = run(*v, 1)
+            cT, wT, a = run(*v, T)
+            assert len(a.token_ids) == T, (v, len(a.token_ids))
+            rec[v]["cpu"].append((cT - c1) / (T - 1))
+            rec[v]["wall"].append((wT - w1) / (T - 1))
+    res = {}
+    for (dt, c), r in rec.items():
+        name = f"{_short('torch.' + dt)} {'dynamic' if c is False else ('static eager' if c == 'static' else 'compiled')}"
+        res[name] = {"decode_ms_cpu": 1000 * statistics.median(r["cpu"]), "decode_ms_wall": 1000 * statistics.median(r["wall"]),
+                     "all_ms_cpu": [1000 * x for x in r["cpu"]], **warm[(dt, c)],
+                     "same_tokens_as_dynamic": texts[(dt, c)] == texts[(dt, False)]}
+        print("LEVER", name, json.dumps({k: v for k, v in res[name].items() if not k.startswith("all")}), flush=True)
+    return {"n_passages": n, "rows": n + 1, "new_tokens": T, "threads": args.threads or 1,
+            "repeats": args.lever_repeats, "load_avg": os.getloadavg(), "results": res}
