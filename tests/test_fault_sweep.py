@@ -63,6 +63,29 @@ def test_calibrate_options_are_refused_before_anything_loads(argv, says, no_load
     assert len(err.strip().splitlines()) == 1 and says in err and "Traceback" not in err, err
 
 
+def test_library_calibrations_refuse_a_bad_objective_before_searching(tmp_path):
+    """calibrate_from_qrels and build_prior (library calls) check the objective first: an index
+    whose search fails the test and a data folder that does not exist are never touched."""
+    from nbce_rag import MarginThreshold
+    from nbce_rag.filtering.prior import build_prior
+
+    class NoSearch:
+        def search(self, *a, **k):
+            raise AssertionError("searched before the objective was checked")
+
+        search_many = search
+
+    with pytest.raises(CalibrationError, match="coverage"):
+        MarginThreshold.calibrate_from_qrels(NoSearch(), {"q": "text"}, {"q": {"d": 1}}, objective="coverage90")
+    with pytest.raises(CalibrationError, match="coverage"):
+        build_prior(NoSearch(), tmp_path / "no-such-data", objective="coverage1.5")
+    ok = {"objective": "f0.5"}
+    from nbce_rag.filtering.objective import check_objective_option
+
+    check_objective_option(ok)
+    assert ok == {"objective": "f0.5"}  # canonical names pass unchanged
+
+
 def test_synthetic_calibration_on_an_exhausted_index_says_add_documents(tmp_path, tiny_chat_tokenizer, capsys):
     """--n far above the index's chunks: 'raise --n' cannot help; the message says what can, and
     names no internal parameter."""
@@ -378,6 +401,18 @@ def test_cli_refuses_invalid_text_with_one_line_exit_2(no_loading, capsys, monke
         assert _rc(argv) == 2, argv
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and says in err and "TextEncodeInput" not in err, (argv, err)
+
+
+def test_cli_passage_file_that_is_not_utf8_is_refused_never_replaced(no_loading, capsys, tmp_path):
+    (tmp_path / "ok.txt").write_bytes("\ufeffThe caf\u00e9 opened in 1910.".encode("utf-8"))
+    (tmp_path / "latin1.txt").write_bytes("The caf\u00e9 opened in 1910.".encode("latin-1"))
+    from nbce_rag.commands.generate import _read_passages
+
+    assert _read_passages(["@" + str(tmp_path / "ok.txt")]) == ["The caf\u00e9 opened in 1910."]  # BOM dropped
+    assert _rc(["generate", "When?", "-p", "fine", "-p", "@" + str(tmp_path / "latin1.txt")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert "--passage 2" in err and "not valid UTF-8: byte 0xE9 at offset 7" in err and "iconv" in err
 
 
 def test_cli_invalid_utf8_argument_in_a_real_process():

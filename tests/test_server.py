@@ -437,6 +437,10 @@ def test_embeddings(served, tiny_encoder):
     assert_openai_error(served.post("/v1/embeddings", {"input": "x" * 2001}), 400, "input_too_long")
     assert_openai_error(served.post("/v1/embeddings", {"input": "x", "dimensions": 7}), 400)
     assert_openai_error(served.post("/v1/embeddings", {"input": "x", "encoding_format": "int8"}), 400)
+    for raw, param in ((b'{"input": "caf\\ud800"}', "input"), (b'{"input": ["ok", "caf\xe9"]}', "input[1]")):
+        r = httpx.post(served.base + "/v1/embeddings", content=raw, headers={"content-type": "application/json"})
+        err = assert_openai_error(r, 400, "invalid_text")
+        assert err["param"] == param and "not valid text" in err["message"], err
 
 
 def test_embeddings_default_bundled_encoder(pipe):

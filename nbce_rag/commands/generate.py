@@ -41,8 +41,16 @@ def _read_passages(items):
     out = []
     for i, item in enumerate(items, 1):
         if item.startswith("@"):
-            with open(item[1:], "r", encoding="utf-8", errors="replace") as f:
-                out.append(f.read())
+            with open(item[1:], "rb") as f:
+                raw = f.read()
+            try:
+                out.append(raw.decode("utf-8").lstrip("\ufeff"))
+            except UnicodeDecodeError as e:  # never replaced silently: the passage would not be what the file says
+                from nbce_rag.errors import InvalidTextError
+
+                raise InvalidTextError(f"--passage {i} ({item[1:]}) is not valid UTF-8: byte 0x{raw[e.start]:02X} at "
+                                       f"offset {e.start}; convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8)",
+                                       field=f"--passage {i}") from None
         else:
             out.append(check_text(item, f"--passage {i}"))
     return out

@@ -26,7 +26,7 @@ import numpy as np
 
 from nbce_rag.errors import CalibrationError
 
-__all__ = ["DEFAULT_OBJECTIVE", "Objective", "cut_threshold", "parse_objective"]
+__all__ = ["DEFAULT_OBJECTIVE", "Objective", "check_objective_option", "cut_threshold", "parse_objective"]
 
 #: The objective of the label-free recipes (prior, synthetic) and of ``nbce-rag calibrate`` when
 #: none is given. Chosen on the calibration splits only (benchmarks/RESULTS_filter.md §5): the
@@ -98,6 +98,14 @@ class Objective:
 
 _F = re.compile(r"^f(?:beta)?[-_:=]?(\d+(?:\.\d+)?)$")
 _C = re.compile(r"^coverage[-_:=@]?(\d*(?:\.\d+)?)(%?)$")
+
+
+def check_objective_option(kwargs: dict) -> None:
+    """Parse ``kwargs["objective"]`` in place (to its canonical name) when one is given, so that a
+    calibration entry point (from qrels, a prior, synthetic questions) rejects a bad objective
+    before it searches or generates anything."""
+    if kwargs.get("objective"):
+        kwargs["objective"] = parse_objective(kwargs["objective"]).name
 
 
 def parse_objective(obj: "str | Objective | None") -> Objective:

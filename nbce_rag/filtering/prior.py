@@ -41,6 +41,7 @@ import numpy as np
 from nbce_rag.errors import CalibrationError, CorruptFileError
 from nbce_rag.retrieval.encoder import identities_match as _identities_match
 from nbce_rag.filtering.threshold import CALIBRATION_FILENAME, MarginThreshold, _identity_of
+from nbce_rag.filtering.objective import check_objective_option
 
 logger = logging.getLogger(__name__)
 
@@ -352,6 +353,7 @@ def build_prior(
     """
     from nbce_rag.filtering.decisions import DEFAULT_KEEP_RECALL_TARGET
 
+    check_objective_option(calibrate_kwargs)  # before encoding the data sets
     if not datasets:
         raise CalibrationError("a prior needs at least one data set")
     enc_fn: Encode = encode or (lambda texts: np.asarray(encoder.encode(list(texts)), dtype=np.float32))

@@ -34,7 +34,7 @@ import numpy as np
 
 from nbce_rag.errors import CalibrationError
 from nbce_rag.filtering.decisions import DEFAULT_KEEP_RECALL_TARGET
-from nbce_rag.filtering.objective import parse_objective
+from nbce_rag.filtering.objective import check_objective_option
 from nbce_rag.filtering.prior import SYNTHETIC_FILENAME
 from nbce_rag.filtering.threshold import MarginThreshold, _identity_of
 from nbce_rag.types import Passage
@@ -150,8 +150,7 @@ def synthetic_calibration(
     """
     if n < 1:
         raise CalibrationError(f"n must be >= 1 (got {n})")
-    if calibrate_kwargs.get("objective"):  # checked before any work; None: the keep rule is recall first
-        calibrate_kwargs["objective"] = parse_objective(calibrate_kwargs["objective"]).name
+    check_objective_option(calibrate_kwargs)  # before any work; None: the keep rule is recall first
     if not 1 <= filter_top <= k:
         raise CalibrationError(f"filter_top must be in [1, k={k}] (got {filter_top})")
     ids = list(index.ids)

@@ -87,6 +87,7 @@ from nbce_rag.filtering.decisions import (
     calibrate_support,
 )
 from nbce_rag.filtering.plot import plot_distributions  # noqa: F401 - re-exported
+from nbce_rag.filtering.objective import check_objective_option
 from nbce_rag.retrieval.encoder import identities_match
 from nbce_rag.errors import CalibrationError, CorruptFileError, EncoderMismatchError
 from nbce_rag.retrieval.selection import identity_of
@@ -310,6 +311,7 @@ class MarginThreshold:
         their best-candidate scores calibrate the ``support`` decision (``off_topic_max``). Other
         keyword arguments go to :meth:`calibrate`.
         """
+        check_objective_option(kwargs)  # before searching
         qmap, rmap = load_queries(queries), load_qrels(qrels)
         qids = [q for q in rmap if q in qmap]
         if not qids:
