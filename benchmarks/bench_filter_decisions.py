@@ -533,6 +533,33 @@ def stage_repetition(args) -> Dict[str, Any]:
 # ============================================================================ stage: labelfree-prior (item 3)
 
 
+def keep_rules(args, targets: Sequence[float], k: int = 20, rows_share: float = 0.6):
+    """The ``keep`` rule :func:`~nbce_rag.filtering.decisions.calibrate_keep` fits for each macro
+    keep-recall target on the pooled calibration splits (top ``k``, :data:`QUERIES` per data set,
+    as ``build_prior``): ``(rows, sets, candidates, cache)``, one row per target with its
+    threshold, margin, rows and per-data-set keep-recall."""
+    from nbce_rag.filtering.decisions import calibrate_keep as api_keep
+
+    enc = load_encoder(args.encoder)
+    cache = _cache(args, enc)
+    sets = {ds: load_labelled(Path(args.data), ds, "cal") for ds in DATASETS}
+    cand = {ds: candidates(sets[ds], cache.encode, k, n_queries=QUERIES, seed=args.seed) for ds in DATASETS}
+    S = np.concatenate([cand[d]["S"] for d in DATASETS])
+    Y = np.concatenate([cand[d]["Y"] for d in DATASETS])
+    G = np.repeat(np.arange(S.shape[0]), k)
+    rows = []
+    for t in targets:
+        r = api_keep(S.ravel(), Y.ravel(), G, recall_target=t, n_bootstrap=0)
+        per = {}
+        for d in DATASETS:
+            km = keep_mask(cand[d]["S"], r["threshold"], r["margin"])
+            per[d] = {"keep_recall": macro_recall(km, cand[d]["Y"]), "rows": float(km.sum(1).mean())}
+        rows.append({"target": t, "threshold": r["threshold"], "margin": r["margin"], "rows": r["stats"]["rows"],
+                     "keep_recall": r["stats"]["keep_recall"], "per_dataset": per,
+                     "rows_ok": r["stats"]["rows"] <= rows_share * k})
+    return rows, sets, cand, cache
+
+
 def choose_targets(args, rows_share: float = 0.6) -> Dict[str, Any]:
     """Issue 23's rule for the defaults, on the calibration splits only (top ``--k``), through the
     package's own calibration (:mod:`nbce_rag.filtering.decisions`):
@@ -542,27 +569,10 @@ def choose_targets(args, rows_share: float = 0.6) -> Dict[str, Any]:
     * ``support``: the highest ``flag_target`` (0.90 ... 0.99) whose fit keeps >= 95% of the
       in-domain (answerable) questions supported; off-topic = every data set's questions against
       every other data set's passages (as ``build_prior``)."""
-    from nbce_rag.filtering.decisions import calibrate_keep as api_keep
     from nbce_rag.filtering.decisions import calibrate_support
 
-    enc = load_encoder(args.encoder)
-    cache = _cache(args, enc)
     k = args.k
-    sets = {ds: load_labelled(Path(args.data), ds, "cal") for ds in DATASETS}
-    cand = {ds: candidates(sets[ds], cache.encode, k, n_queries=QUERIES, seed=args.seed) for ds in DATASETS}
-    S = np.concatenate([cand[d]["S"] for d in DATASETS])
-    Y = np.concatenate([cand[d]["Y"] for d in DATASETS])
-    G = np.repeat(np.arange(S.shape[0]), k)
-    keep_rows = []
-    for t in KEEP_TARGETS:
-        r = api_keep(S.ravel(), Y.ravel(), G, recall_target=t, n_bootstrap=0)
-        per = {}
-        for d in DATASETS:
-            km = keep_mask(cand[d]["S"], r["threshold"], r["margin"])
-            per[d] = {"keep_recall": macro_recall(km, cand[d]["Y"]), "rows": float(km.sum(1).mean())}
-        keep_rows.append({"target": t, "threshold": r["threshold"], "margin": r["margin"], "rows": r["stats"]["rows"],
-                          "keep_recall": r["stats"]["keep_recall"], "per_dataset": per,
-                          "rows_ok": r["stats"]["rows"] <= rows_share * k})
+    keep_rows, sets, cand, cache = keep_rules(args, KEEP_TARGETS, k=k, rows_share=rows_share)
     ok = [r for r in keep_rows if r["rows_ok"]]
     keep_choice = max(ok, key=lambda r: r["target"])["target"] if ok else min(KEEP_TARGETS)
     ind = np.concatenate([cand[d]["S"][:, 0][cand[d]["Y"].sum(1) > 0] for d in DATASETS])

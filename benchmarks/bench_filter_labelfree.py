@@ -253,7 +253,7 @@ def _print(obj, rows, off, indomain) -> None:
         print(f"in-domain recall / labelled, {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in d.items() if v is not None))
 
 
-E2E_METHODS = ("gold only", "no filter (20)", "prior f0.5 (v1 default)", "new default", "closed-book")
+E2E_METHODS = ("gold only", "no filter (20)", "prior f0.5 (v1 default)", "new default", "closed-book", "keep@<target>")
 
 
 def _e2e_gen_options(args) -> Dict[str, Any]:
@@ -321,6 +321,17 @@ def e2e_selectors(args) -> Dict[str, Any]:
     sel: Dict[str, Any] = {"prior f0.5 (v1 default)": new_default_selector(str(RESULTS / "filter_prior_v1.json"))}
     if getattr(args, "new_prior", None):
         sel["new default"] = new_default_selector(args.new_prior)
+    targets = [float(m.split("@", 1)[1]) for m in args.methods if m.startswith("keep@")]
+    if targets:  # issue 23 item 6: the keep rule of each target, fitted on the calibration splits
+        import bench_filter_decisions as bd
+        from nbce_rag.filtering.decisions import keep_mask
+
+        for r in bd.keep_rules(args, targets)[0]:
+            def select(s: np.ndarray, t=r["threshold"], m=r["margin"]) -> np.ndarray:
+                return keep_mask(np.asarray(s, float), np.zeros(len(s)), t, m)
+
+            select.rule = {k: r[k] for k in ("target", "threshold", "margin", "rows", "keep_recall")}  # type: ignore[attr-defined]
+            sel[f"keep@{r['target']:g}"] = select
     return sel
 
 
@@ -390,6 +401,7 @@ def stage_e2e(args) -> Dict[str, Any]:
                 write_json(out_path, out)
     out["summary"] = e2e_summary(out)
     out["priors"] = {n: f.threshold.to_dict() for n, f in selectors.items() if hasattr(f, "threshold")}
+    out["keep_rules"] = {n: f.rule for n, f in selectors.items() if hasattr(f, "rule")}
     out["seconds"] = time.time() - t0
     return out
 
