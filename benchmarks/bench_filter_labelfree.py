@@ -253,7 +253,8 @@ def _print(obj, rows, off, indomain) -> None:
         print(f"in-domain recall / labelled, {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in d.items() if v is not None))
 
 
-E2E_METHODS = ("gold only", "no filter (20)", "prior f0.5 (v1 default)", "new default", "closed-book", "keep@<target>")
+E2E_METHODS = ("gold only", "no filter (20)", "prior f0.5 (v1 default)", "new default", "closed-book", "keep@<target>",
+               "labelled (cal split)", "synthetic (own index)")
 
 
 def _e2e_gen_options(args) -> Dict[str, Any]:
@@ -312,7 +313,7 @@ def new_default_selector(path: str):
     return select
 
 
-def e2e_selectors(args) -> Dict[str, Any]:
+def e2e_selectors(args, dec: Any = None) -> Dict[str, Any]:
     """Method name -> ``select(S_row) -> keep mask`` (over one question's candidates, best first).
 
     ``prior f0.5 (v1 default)``: the prior shipped before issue 23 (f0.5 objective, threshold
@@ -332,7 +333,57 @@ def e2e_selectors(args) -> Dict[str, Any]:
 
             select.rule = {k: r[k] for k in ("target", "threshold", "margin", "rows", "keep_recall")}  # type: ignore[attr-defined]
             sel[f"keep@{r['target']:g}"] = select
+    if "labelled (cal split)" in args.methods:
+        sel["labelled (cal split)"] = {ds: _labelled_keep(args, ds) for ds in args.e2e_datasets}
+    if "synthetic (own index)" in args.methods:
+        sel["synthetic (own index)"] = {(sp, ds): _synthetic_keep(args, ds, sp, dec)
+                                        for ds in args.e2e_datasets for sp in args.splits}
     return sel
+
+
+def _labelled_keep(args, ds: str):
+    """The labelled recipe's rows rule for data set ``ds``: ``calibrate_keep`` (the default macro
+    keep-recall target) on its own calibration split's top-20 candidates (qrels as labels)."""
+    from nbce_rag.filtering.decisions import DEFAULT_KEEP_RECALL_TARGET, calibrate_keep, keep_mask
+
+    enc = load_encoder(args.encoder)
+    c = candidates(load_labelled(Path(args.data), ds, "cal"), _cache(args, enc).encode, 20, n_queries=QUERIES,
+                   seed=args.seed)
+    G = np.repeat(np.arange(c["S"].shape[0]), c["S"].shape[1])
+    r = calibrate_keep(c["S"].ravel(), c["Y"].ravel(), G, recall_target=DEFAULT_KEEP_RECALL_TARGET, n_bootstrap=0)
+
+    def select(s: np.ndarray, t=r["threshold"], m=r["margin"]) -> np.ndarray:
+        return keep_mask(np.asarray(s, float), np.zeros(len(s)), t, m)
+
+    select.rule = {"dataset": ds, "threshold": r["threshold"], "margin": r["margin"],  # type: ignore[attr-defined]
+                   "rows_cal": r["stats"]["rows"], "keep_recall_cal": r["stats"]["keep_recall"]}
+    return select
+
+
+def _synthetic_keep(args, ds: str, split: str, dec):
+    """The synthetic recipe as a user runs it (``nbce-rag calibrate --synthetic`` on their index):
+    ``synthetic_calibration`` over an index of the split's own passages, the decoder writing
+    questions about 200 sampled chunks (k = 20, filter_top 3, no bootstrap); the calibration is
+    kept in ``--cache`` so a rerun does not write the questions again."""
+    from nbce_rag import MarginThreshold, VectorIndex
+    from nbce_rag.filtering.synthetic import synthetic_calibration
+
+    path = Path(args.cache) / f"synthetic_keep_{ds}_{split}_{dec.name.split()[0]}.json"
+    if path.exists():
+        th = MarginThreshold.load(path)
+    else:
+        ls = load_labelled(Path(args.data), ds, split)
+        index = VectorIndex.build(load_encoder(args.encoder), [{"id": str(i), "text": t} for i, t in enumerate(ls.passages)],
+                                  show_progress_bar=False)
+        th = synthetic_calibration(index, dec, n=200, k=20, filter_top=3, seed=args.seed, n_bootstrap=0)
+        th.save(path)
+
+    def select(s: np.ndarray) -> np.ndarray:
+        return th.keep_mask(np.asarray(s, float), np.zeros(len(s)))
+
+    select.rule = {"dataset": ds, "split": split, "threshold": th.keep.threshold, "margin": th.keep.margin,  # type: ignore[attr-defined]
+                   "n_questions_kept": th.stats.get("synthetic", {}).get("n_kept")}
+    return select
 
 
 def stage_e2e(args) -> Dict[str, Any]:
@@ -345,9 +396,9 @@ def stage_e2e(args) -> Dict[str, Any]:
     dss = args.e2e_datasets
     splits = args.splits
     sets = {ds: {sp: load_labelled(Path(args.data), ds, sp) for sp in splits} for ds in dss}
-    selectors = e2e_selectors(args)
-    methods = [m for m in args.methods]
     dec = load_decoder(args)
+    selectors = e2e_selectors(args, dec)
+    methods = [m for m in args.methods]
     gen = answer_memo(args, dec)
     out_path = Path(args.results) / f"filter_labelfree-e2e{args.tag}.partial.json"
     out: Dict[str, Any] = {"stage": "labelfree-e2e", "candidates": 20, "n_questions": args.n_questions,
@@ -383,10 +434,13 @@ def stage_e2e(args) -> Dict[str, Any]:
                     elif name.startswith("no filter"):
                         sel = rows
                     else:
-                        keep = selectors[name](c["S"][i])
+                        fn = selectors[name]
+                        if isinstance(fn, dict):  # a rule per data set (labelled) or per split and set (synthetic)
+                            fn = fn[(sp, ds)] if (sp, ds) in fn else fn[ds]
+                        keep = fn(c["S"][i])
                         sel = [r for r, kk in zip(rows, keep) if kk]
-                    if name == "new default" and not sel:
-                        a = ""  # nothing kept: the new default abstains (counted wrong), never closed-book
+                    if not sel and name not in ("closed-book", "prior f0.5 (v1 default)"):
+                        a = ""  # nothing kept: the two-decision rules abstain (counted wrong), never closed-book
                     else:
                         qv = cache.encode([ls.queries[q]])[0]
                         qv = qv / np.linalg.norm(qv)
@@ -401,7 +455,8 @@ def stage_e2e(args) -> Dict[str, Any]:
                 write_json(out_path, out)
     out["summary"] = e2e_summary(out)
     out["priors"] = {n: f.threshold.to_dict() for n, f in selectors.items() if hasattr(f, "threshold")}
-    out["keep_rules"] = {n: f.rule for n, f in selectors.items() if hasattr(f, "rule")}
+    out["keep_rules"] = {n: (f.rule if hasattr(f, "rule") else [g.rule for g in f.values()])
+                         for n, f in selectors.items() if hasattr(f, "rule") or isinstance(f, dict)}
     out["seconds"] = time.time() - t0
     return out
 
