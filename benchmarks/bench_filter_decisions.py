@@ -37,22 +37,14 @@ import numpy as np
 
 from nbce_rag.filtering.prior import DATASETS, candidates, load_labelled
 
-from bench_filter_labelfree import QUERIES, _cache
-from filter_common import RESULTS, load_encoder, machine
+from bench_filter_labelfree import QUERIES, _cache, keep_rules
+from filter_common import RESULTS, load_encoder, machine, macro_recall
 
 K = 20
 KEEP_TARGETS = (0.8, 0.9, 0.95, 0.98, 0.99)
 
 
 # ============================================================================ the rules (NumPy reference)
-
-
-def macro_recall(keep: np.ndarray, Y: np.ndarray) -> float:
-    """Mean over questions with a relevant candidate of the share of their relevant candidates kept."""
-    ans = Y.sum(1) > 0
-    if not ans.any():
-        return float("nan")
-    return float(((keep & (Y > 0)).sum(1)[ans] / Y.sum(1)[ans]).mean())
 
 
 def any_recall(keep: np.ndarray, Y: np.ndarray) -> float:
@@ -531,33 +523,6 @@ def stage_repetition(args) -> Dict[str, Any]:
 
 
 # ============================================================================ stage: labelfree-prior (item 3)
-
-
-def keep_rules(args, targets: Sequence[float], k: int = 20, rows_share: float = 0.6):
-    """The ``keep`` rule :func:`~nbce_rag.filtering.decisions.calibrate_keep` fits for each macro
-    keep-recall target on the pooled calibration splits (top ``k``, :data:`QUERIES` per data set,
-    as ``build_prior``): ``(rows, sets, candidates, cache)``, one row per target with its
-    threshold, margin, rows and per-data-set keep-recall."""
-    from nbce_rag.filtering.decisions import calibrate_keep as api_keep
-
-    enc = load_encoder(args.encoder)
-    cache = _cache(args, enc)
-    sets = {ds: load_labelled(Path(args.data), ds, "cal") for ds in DATASETS}
-    cand = {ds: candidates(sets[ds], cache.encode, k, n_queries=QUERIES, seed=args.seed) for ds in DATASETS}
-    S = np.concatenate([cand[d]["S"] for d in DATASETS])
-    Y = np.concatenate([cand[d]["Y"] for d in DATASETS])
-    G = np.repeat(np.arange(S.shape[0]), k)
-    rows = []
-    for t in targets:
-        r = api_keep(S.ravel(), Y.ravel(), G, recall_target=t, n_bootstrap=0)
-        per = {}
-        for d in DATASETS:
-            km = keep_mask(cand[d]["S"], r["threshold"], r["margin"])
-            per[d] = {"keep_recall": macro_recall(km, cand[d]["Y"]), "rows": float(km.sum(1).mean())}
-        rows.append({"target": t, "threshold": r["threshold"], "margin": r["margin"], "rows": r["stats"]["rows"],
-                     "keep_recall": r["stats"]["keep_recall"], "per_dataset": per,
-                     "rows_ok": r["stats"]["rows"] <= rows_share * k})
-    return rows, sets, cand, cache
 
 
 def choose_targets(args, rows_share: float = 0.6) -> Dict[str, Any]:

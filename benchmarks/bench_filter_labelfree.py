@@ -30,14 +30,14 @@ import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
 from nbce_rag.filtering.prior import DATASETS, LabelledSet, build_prior, candidates, load_labelled, quiet_calibrate
 from nbce_rag.filtering.threshold import MarginThreshold, prf
 
-from filter_common import RESULTS, EmbCache, correct, load_encoder
+from filter_common import RESULTS, EmbCache, correct, load_encoder, macro_recall
 
 OBJECTIVES = ("f1", "f0.5", "coverage0.9")
 FIXED = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
@@ -302,6 +302,36 @@ def answer_memo(args, dec):
     return gen
 
 
+def keep_rules(args, targets: Sequence[float], k: int = 20, rows_share: float = 0.6):
+    """The ``keep`` rule :func:`~nbce_rag.filtering.decisions.calibrate_keep` fits for each macro
+    keep-recall target on the pooled calibration splits (top ``k``, :data:`QUERIES` per data set,
+    as ``build_prior``): ``(rows, sets, candidates, cache)``, one row per target with its
+    threshold, margin, rows and per-data-set keep-recall."""
+    from nbce_rag.filtering.decisions import calibrate_keep as api_keep
+    from nbce_rag.filtering.decisions import keep_mask
+
+    enc = load_encoder(args.encoder)
+    cache = _cache(args, enc)
+    sets = {ds: load_labelled(Path(args.data), ds, "cal") for ds in DATASETS}
+    cand = {ds: candidates(sets[ds], cache.encode, k, n_queries=QUERIES, seed=args.seed) for ds in DATASETS}
+    S = np.concatenate([cand[d]["S"] for d in DATASETS])
+    Y = np.concatenate([cand[d]["Y"] for d in DATASETS])
+    G = np.repeat(np.arange(S.shape[0]), k)
+    rows = []
+    for t in targets:
+        r = api_keep(S.ravel(), Y.ravel(), G, recall_target=t, n_bootstrap=0)
+        per = {}
+        for d in DATASETS:
+            Sd = cand[d]["S"]
+            km = keep_mask(Sd.ravel(), np.repeat(np.arange(Sd.shape[0]), Sd.shape[1]), r["threshold"],
+                           r["margin"]).reshape(Sd.shape)
+            per[d] = {"keep_recall": macro_recall(km, cand[d]["Y"]), "rows": float(km.sum(1).mean())}
+        rows.append({"target": t, "threshold": r["threshold"], "margin": r["margin"], "rows": r["stats"]["rows"],
+                     "keep_recall": r["stats"]["keep_recall"], "per_dataset": per,
+                     "rows_ok": r["stats"]["rows"] <= rows_share * k})
+    return rows, sets, cand, cache
+
+
 def new_default_selector(path: str):
     """``select(S_row) -> keep mask`` of a prior file, through the package's filter (its rows rule)."""
     th = MarginThreshold.load(path)
@@ -324,10 +354,9 @@ def e2e_selectors(args, dec: Any = None) -> Dict[str, Any]:
         sel["new default"] = new_default_selector(args.new_prior)
     targets = [float(m.split("@", 1)[1]) for m in args.methods if m.startswith("keep@")]
     if targets:  # issue 23 item 6: the keep rule of each target, fitted on the calibration splits
-        import bench_filter_decisions as bd
         from nbce_rag.filtering.decisions import keep_mask
 
-        for r in bd.keep_rules(args, targets)[0]:
+        for r in keep_rules(args, targets)[0]:
             def select(s: np.ndarray, t=r["threshold"], m=r["margin"]) -> np.ndarray:
                 return keep_mask(np.asarray(s, float), np.zeros(len(s)), t, m)
 

@@ -115,3 +115,11 @@ def _norm(s: str) -> str:
 def correct(pred: str, answers: List[str]) -> bool:
     p = _norm(pred)
     return any(_norm(a) and _norm(a) in p for a in answers)
+
+
+def macro_recall(keep: np.ndarray, Y: np.ndarray) -> float:
+    """Mean over questions with a relevant candidate of the share of their relevant candidates kept."""
+    ans = Y.sum(1) > 0
+    if not ans.any():
+        return float("nan")
+    return float(((keep & (Y > 0)).sum(1)[ans] / Y.sum(1)[ans]).mean())
