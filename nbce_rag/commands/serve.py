@@ -58,7 +58,8 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     p.add_argument("--dtype", default=None, help=DTYPE_HELP)
     add_encoder_dtype(p)
     p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="torch CPU threads (default: torch's choice; all cores, best when the server runs alone; 1 when the machine is shared with other work)")
+                   help="torch CPU threads (default: torch's choice, all cores: best when the server runs alone; "
+                   "1 when the machine is shared with other work)")
     p.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
                    help="answer length when a request gives no max_tokens (default 64)")
     g = p.add_argument_group("limits")
