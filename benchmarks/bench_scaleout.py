@@ -138,7 +138,8 @@ def run_config(name: str, args, workload, order) -> Dict[str, Any]:
     rows = []
     for (s, q, rep), r in zip(jobs, results):
         u = r["usage"] or {}
-        rows.append({"set": s, "repeat": rep,  # no data text in the results (the data is not ours to copy) "status": r["status"], "error": r["error"],
+        # no data text in the results (the data is not ours to copy)
+        rows.append({"set": s, "repeat": rep, "status": r["status"], "error": r["error"],
                      "ttft": r["ttft"], "latency": r["latency"], "prompt_tokens": u.get("prompt_tokens"),
                      "cached_tokens": (u.get("prompt_tokens_details") or {}).get("cached_tokens")})
     ok = [x for x in rows if x["status"] == 200 and x["error"] is None and x["prompt_tokens"]]
