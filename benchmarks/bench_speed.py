@@ -54,7 +54,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from speed_dtype import compile_levers, levers, markdown_dtypes, measure_index, plot_dtypes, run_dtypes  # noqa: E402
+from speed_dtype import (compile_levers, levers, markdown_dtypes, measure_index, plot_dtypes,  # noqa: E402
+                         run_dtypes, style_axes)
 WORDS = ("river city tower museum bridge harbour engine garden market castle library station "
          "theatre festival mountain valley forest island desert canal palace factory school "
          "hospital railway airport stadium cathedral temple village province republic empire").split()
@@ -494,11 +495,7 @@ def plot(results, path):
         axes[0].plot(ns, [r["ttft_s"] for r in rs], "o-", label=method)
         axes[1].plot(ns, [1000 * (r["decode_s_per_token"] or float("nan")) for r in rs], "o-", label=method)
         axes[2].plot(ns, [r["peak_mem_mib"] for r in rs], "o-", label=method)
-    for ax, t in zip(axes, ("time to first token (s)", "decode ms / token", "peak memory (MiB)")):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("passages (~150 tokens each)")
-        ax.set_title(t)
-        ax.grid(alpha=0.3)
+    style_axes(axes, ("time to first token (s)", "decode ms / token", "peak memory (MiB)"))
     axes[0].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -602,25 +599,20 @@ def main():
     if args.worker:
         worker(args)
         return
-    if args.levers:
-        res = levers(args)
-        res.update(machine=machine(args.device), command=" ".join(sys.argv))
-        path = Path(args.out or HERE / "results" / "cpu_levers.json")
+    def write(res: dict, name: str) -> None:  # one measurement's JSON: --out, else results/NAME
+        path = Path(args.out or HERE / "results" / name)
         path.write_text(json.dumps(res, indent=2))
         print(f"wrote {path}")
+
+    if args.levers:
+        write(dict(levers(args), machine=machine(args.device), command=" ".join(sys.argv)), "cpu_levers.json")
         return
     if args.compile_levers:
-        res = compile_levers(args, make_passages)
-        res.update(machine=machine(args.device), command=" ".join(sys.argv))
-        path = Path(args.out or HERE / "results" / "cpu_compile.json")
-        path.write_text(json.dumps(res, indent=2))
-        print(f"wrote {path}")
+        write(dict(compile_levers(args, make_passages), machine=machine(args.device), command=" ".join(sys.argv)),
+              "cpu_compile.json")
         return
     if args.profile:
-        res = profile(args)
-        path = Path(args.out or HERE / "results" / f"profile_{args.device}.json")
-        path.write_text(json.dumps(res, indent=2))
-        print(f"wrote {path}")
+        write(profile(args), f"profile_{args.device}.json")
         return
     out = Path(args.out or HERE / "results" / f"speed_{args.device}{'_dtype' if args.dtypes else ''}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -114,6 +114,15 @@ def markdown_dtypes(results) -> str:
     return "\n".join(lines) + "\n"
 
 
+def style_axes(axes, titles) -> None:
+    """The speed plots' panels: passages on a log2 x axis, a title each, a light grid."""
+    for ax, t in zip(axes, titles):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("passages (~150 tokens each)")
+        ax.set_title(t)
+        ax.grid(alpha=0.3)
+
+
 def plot_dtypes(results, path):
     import matplotlib
 
@@ -133,11 +142,8 @@ def plot_dtypes(results, path):
         axes[1].plot(ns, [1000 * r["cold"]["decode_cpu_s_per_token"] for r in rs], "o-", label=f"{label} cold")
         axes[1].plot(ns, [1000 * r["warm_q2"]["decode_cpu_s_per_token"] for r in rs], "s--", label=f"{label} KV cache")
         axes[2].plot(ns, [r["peak_mem_mib"] for r in rs], "o-", label=label)
-    for ax, t in zip(axes, ("time to first token (CPU s)", "decode CPU ms / token", "peak RSS (MiB)")):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("passages (~150 tokens each)")
-        ax.set_title(t)
-        ax.grid(alpha=0.3)
+    style_axes(axes, ("time to first token (CPU s)", "decode CPU ms / token", "peak RSS (MiB)"))
+    for ax in axes:
         ax.legend(fontsize=7)
     fig.suptitle("SmolLM2-135M on the CPU, 1 thread: fp32 vs the library's auto dtype")
     fig.tight_layout()
