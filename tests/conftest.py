@@ -134,6 +134,14 @@ def encoder():
 # ------------------------------------------------------------------ a tiny CoSENT encoder
 
 
+def save_tiny_llama(path, tokenizer, seed: int = 0):
+    """A tiny random Llama for ``tokenizer`` (:func:`make_tiny_llama`) saved with it in ``path``,
+    as ``--model`` / ``from_pretrained`` load a model folder; returns ``path``."""
+    make_tiny_llama(len(tokenizer), seed=seed).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def make_tiny_encoder(
     path,
     *,

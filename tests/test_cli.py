@@ -16,7 +16,7 @@ import pytest
 
 from nbce_rag.cli import build_parser, main
 
-from conftest import N, make_tiny_llama  # noqa: E402
+from conftest import N, save_tiny_llama  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -194,9 +194,7 @@ def setup(tmp_path_factory, tiny_chat_tokenizer):
     (docs / "tower.md").write_text("# Tower\n\nThe Eiffel Tower is in Paris and was completed in 1889.", encoding="utf-8")
     (docs / "guide.rst").write_text("Mountains\n=========\n\nMount Everest is the highest mountain.", encoding="utf-8")
     (docs / "fruit.txt").write_text("Bananas are rich in potassium.\n" * 60, encoding="utf-8")
-    model = make_tiny_llama(len(tiny_chat_tokenizer), seed=1)
-    model.save_pretrained(root / "model")
-    tiny_chat_tokenizer.save_pretrained(root / "model")
+    save_tiny_llama(root / "model", tiny_chat_tokenizer, seed=1)
     return root
 
 

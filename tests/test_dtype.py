@@ -20,7 +20,7 @@ from nbce_rag import runtime
 from nbce_rag.errors import ConfigError, ModelLoadError
 from nbce_rag.models import resolve_dtype, resolve_encoder_dtype
 
-from conftest import DOCS, make_tiny_encoder, make_tiny_llama
+from conftest import DOCS, make_tiny_encoder, make_tiny_llama, save_tiny_llama
 
 CPU = torch.device("cpu")
 PASSAGES = ["The Eiffel Tower is in Paris and was completed in 1889.", "Mount Everest is the highest mountain above sea level.",
@@ -44,9 +44,7 @@ def plain_cpu(monkeypatch):
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, tiny_chat_tokenizer):
     root = tmp_path_factory.mktemp("dtype_model")
-    make_tiny_llama(len(tiny_chat_tokenizer), seed=1).save_pretrained(root)
-    tiny_chat_tokenizer.save_pretrained(root)
-    return root
+    return save_tiny_llama(root, tiny_chat_tokenizer, seed=1)
 
 
 @pytest.fixture(scope="module")

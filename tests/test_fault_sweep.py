@@ -11,7 +11,7 @@ from nbce_rag.cli import main
 from nbce_rag.errors import CalibrationError
 from nbce_rag.filtering.objective import parse_objective
 
-from conftest import N, make_tiny_llama  # noqa: E402,F401
+from conftest import N, save_tiny_llama  # noqa: E402,F401
 
 
 def _rc(argv) -> int:
@@ -98,9 +98,7 @@ def test_synthetic_calibration_on_an_exhausted_index_says_add_documents(tmp_path
     make_tiny_encoder(tmp_path / "enc", seed=0)
     assert main(["index", str(docs), "--out", str(tmp_path / "idx"), "--encoder", str(tmp_path / "enc" / "model"),
                  "--no-progress"]) == 0
-    model = make_tiny_llama(len(tiny_chat_tokenizer), seed=1)
-    model.save_pretrained(tmp_path / "model")
-    tiny_chat_tokenizer.save_pretrained(tmp_path / "model")
+    save_tiny_llama(tmp_path / "model", tiny_chat_tokenizer, seed=1)
     capsys.readouterr()
     rc = main(["calibrate", "--synthetic", "--index", str(tmp_path / "idx"), "--n", "1000000",
                "--model", str(tmp_path / "model"), "--no-plot"])
@@ -126,9 +124,7 @@ def kv_setup(tmp_path_factory, tiny_chat_tokenizer, encoder):
     from nbce_rag import VectorIndex
 
     root = tmp_path_factory.mktemp("kv")
-    model = make_tiny_llama(len(tiny_chat_tokenizer), seed=3)
-    model.save_pretrained(root / "model")
-    tiny_chat_tokenizer.save_pretrained(root / "model")
+    save_tiny_llama(root / "model", tiny_chat_tokenizer, seed=3)
     VectorIndex.build(encoder, KV_DOCS).save(root / "idx")
     return root
 

@@ -302,12 +302,10 @@ def test_chat_lazy_model_name_and_ls_params(dec):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, tiny_chat_tokenizer):
-    from conftest import make_tiny_llama
+    from conftest import save_tiny_llama
 
     d = tmp_path_factory.mktemp("lc_model")
-    make_tiny_llama(len(tiny_chat_tokenizer), seed=1).save_pretrained(d)
-    tiny_chat_tokenizer.save_pretrained(d)
-    return d
+    return save_tiny_llama(d, tiny_chat_tokenizer, seed=1)
 
 
 def test_from_model_id_like_langchain_huggingface(model_dir):

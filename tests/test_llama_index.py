@@ -61,10 +61,9 @@ def _nodes() -> List[TextNode]:
 def test_from_model_id_and_loading_arguments(tmp_path, tiny_chat_tokenizer):
     """The loading arguments of HuggingFaceLLM / HuggingFacePipeline.from_model_id reach the model."""
     import torch
-    from conftest import make_tiny_llama
+    from conftest import save_tiny_llama
 
-    make_tiny_llama(len(tiny_chat_tokenizer), seed=1).save_pretrained(tmp_path)
-    tiny_chat_tokenizer.save_pretrained(tmp_path)
+    save_tiny_llama(tmp_path, tiny_chat_tokenizer, seed=1)
     llm = NBCELLM.from_model_id(str(tmp_path), device=-1, dtype="bfloat16", model_kwargs={"attn_implementation": "eager"},
                                 generate_kwargs={"max_new_tokens": 2})
     assert llm.nbce_options == {"max_new_tokens": 2} and llm.device == "cpu"

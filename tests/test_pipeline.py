@@ -165,14 +165,12 @@ def test_from_pretrained_loads_calibration(tmp_path, tiny_chat_decoder, index, t
 @pytest.fixture(scope="module")
 def ask_setup(tmp_path_factory, tiny_chat_tokenizer, index, threshold):
     """An index directory with a calibration, and the tiny model saved as a model directory."""
-    from conftest import make_tiny_llama
+    from conftest import save_tiny_llama
 
     root = tmp_path_factory.mktemp("ask")
     index.save(root / "idx")
     threshold.save(root / "idx")
-    model = make_tiny_llama(len(tiny_chat_tokenizer), seed=1)
-    model.save_pretrained(root / "model")
-    tiny_chat_tokenizer.save_pretrained(root / "model")
+    save_tiny_llama(root / "model", tiny_chat_tokenizer, seed=1)
     return root
 
 

@@ -239,12 +239,10 @@ def test_calibrate_command_needs_a_mode(capsys):
 def test_index_calibrate_runs_the_synthetic_recipe(tmp_path, tiny_chat_tokenizer, capsys):
     """`nbce-rag index ... --calibrate`: the index is written, then the synthetic recipe runs with
     --model; too few kept questions for a calibration is a clear error that says what to do."""
-    from conftest import make_tiny_llama
+    from conftest import save_tiny_llama
     from nbce_rag.cli import main
 
-    model = make_tiny_llama(len(tiny_chat_tokenizer), seed=1)
-    model.save_pretrained(tmp_path / "model")
-    tiny_chat_tokenizer.save_pretrained(tmp_path / "model")
+    save_tiny_llama(tmp_path / "model", tiny_chat_tokenizer, seed=1)
     docs = tmp_path / "docs"
     docs.mkdir()
     for i in range(6):
@@ -273,12 +271,10 @@ def _small_corpus_cli(tmp_path, tiny_chat_tokenizer, encoder, monkeypatch, quest
     replaced by ``questions(chunk_texts)`` (a random model's replies are not questions)."""
     import nbce_rag.filtering.plot as plot_mod
     import nbce_rag.filtering.synthetic as synth_mod
-    from conftest import make_tiny_llama
+    from conftest import save_tiny_llama
     from nbce_rag.cli import main
 
-    model = make_tiny_llama(len(tiny_chat_tokenizer), seed=1)
-    model.save_pretrained(tmp_path / "model")
-    tiny_chat_tokenizer.save_pretrained(tmp_path / "model")
+    save_tiny_llama(tmp_path / "model", tiny_chat_tokenizer, seed=1)
     docs = [f"Passage {i}: " + " ".join(f"word{(i * 7 + j) % 50}" for j in range(30)) for i in range(24)]
     VectorIndex.build(encoder, [{"id": f"p{i}", "text": t} for i, t in enumerate(docs)]).save(tmp_path / "idx")
     monkeypatch.setattr(plot_mod, "can_plot", lambda: False)

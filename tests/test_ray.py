@@ -57,13 +57,12 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     """A saved tiny chat model and a saved index over CORPUS (a tiny CoSENT encoder)."""
-    from conftest import make_tiny_encoder, make_tiny_llama, make_tokenizer
+    from conftest import make_tiny_encoder, make_tokenizer, save_tiny_llama
     from nbce_rag.retrieval.index import VectorIndex
 
     root = tmp_path_factory.mktemp("ray_assets")
     tok = make_tokenizer(chat=True)
-    make_tiny_llama(len(tok), seed=1).save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
+    save_tiny_llama(root / "model", tok, seed=1)
     enc = make_tiny_encoder(root / "encoder", seed=0)
     idx = VectorIndex.build(enc, [{"id": f"d{i}", "text": t} for i, t in enumerate(CORPUS)], chunk_tokens=32, overlap=4)
     idx.save(root / "index")

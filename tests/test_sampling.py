@@ -178,12 +178,10 @@ def test_stream_with_processors_equals_generate(tiny_decoder):
 # ------------------------------------------------------------------ the CLI flags
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, tiny_tokenizer):
-    from conftest import make_tiny_llama
+    from conftest import save_tiny_llama
 
     d = tmp_path_factory.mktemp("model")
-    make_tiny_llama(len(tiny_tokenizer)).save_pretrained(d)
-    tiny_tokenizer.save_pretrained(d)
-    return d
+    return save_tiny_llama(d, tiny_tokenizer)
 
 
 def _generate_cli(model_dir, capsys, *flags):
